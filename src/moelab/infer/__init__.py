@@ -1,0 +1,1 @@
+"""Inference: KV caches, generation, offloaded experts, serving."""

@@ -1,0 +1,307 @@
+"""The transformer: one block design, dense or MoE per layer, three mask kinds.
+
+Pre-norm blocks (RMSNorm or LayerNorm), attention with RoPE and grouped-query attention
+through ``F.scaled_dot_product_attention``, SwiGLU/GELU feed-forward or an :class:`MoELayer`,
+final norm and a (tied) LM head.
+
+Masks, chosen by ``ModelConfig.attention``:
+- ``causal``: position i sees j ≤ i (GPT).
+- ``bidirectional``: every position sees every other (BERT-style encoder).
+- ``prefix``: bidirectional inside a per-sample prefix of length ``prefix_len[b]``, causal after it.
+
+Legend: B batch, S query length, L key length (S plus cached tokens), D model dim, H heads,
+G key/value heads, Dh head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.config import ModelConfig
+from moelab.model.mlp import DenseMLP
+from moelab.moe.decision import RoutingDecision
+from moelab.moe.layer import MoELayer, MoEOutput
+
+IGNORE_INDEX = -100
+
+
+class LayerCache(Protocol):
+    """Per-layer key/value cache used by :class:`Attention` (see ``moelab.infer.kv_cache``)."""
+
+    def update(self, k_BGSDh: Tensor, v_BGSDh: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new keys/values and return all of them, ``[B, G, L, Dh]``."""
+        ...
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021) in the rotate-half convention (Llama/transformers layout).
+
+    cos/sin are computed on the fly for the positions asked for, so any position works and
+    nothing in the state dict depends on ``max_seq_len``.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_BS: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, S]`` positions → cos, sin ``[B, 1, S, Dh]`` (fp32)."""
+        angles = positions_BS.float().unsqueeze(-1) * self.inv_freq  # [B, S, Dh/2]
+        emb = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x_BHSDh: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x_BHSDh.shape[-1] // 2
+    rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
+    return (x_BHSDh.float() * cos + rotated.float() * sin).to(x_BHSDh.dtype)
+
+
+def build_attention_mask(
+    kind: str,
+    query_pos_BS: Tensor,
+    key_pos_BL: Tensor,
+    key_valid_BL: Tensor | None,
+    prefix_len_B: Tensor | None,
+) -> Tensor | None:
+    """Boolean mask ``[B, 1, S, L]`` (True = may attend), or None when nothing is masked.
+
+    Positions are absolute, so the same function serves full passes and cached decoding.
+    Every query may always see its own key, so padded rows never become all-masked (NaN).
+    """
+    q = query_pos_BS.unsqueeze(-1)  # [B, S, 1]
+    k = key_pos_BL.unsqueeze(-2)  # [B, 1, L]
+    if kind == "bidirectional":
+        allowed = torch.ones(q.shape[0], q.shape[1], k.shape[-1], dtype=torch.bool, device=q.device)
+    else:
+        allowed = k <= q
+        if kind == "prefix":
+            if prefix_len_B is None:
+                raise ValueError("attention='prefix' needs prefix_len (one prefix length per sample)")
+            allowed = allowed | (k < prefix_len_B.view(-1, 1, 1))
+    if key_valid_BL is not None:
+        allowed = allowed & key_valid_BL.bool().unsqueeze(-2)
+    allowed = allowed | (k == q)
+    return allowed.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RoPE and grouped-query attention (G key/value heads)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask_B1SL: Tensor | None,
+        is_causal: bool,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask_B1SL,
+            is_causal=is_causal and mask_B1SL is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``+ ffn(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.ffn: nn.Module
+        if self.is_moe:
+            assert cfg.moe is not None
+            self.ffn = MoELayer(cfg.d_model, cfg.moe, cfg.activation)
+        else:
+            self.ffn = DenseMLP(cfg.d_model, cfg.ffn_hidden_at(layer), cfg.activation)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask_B1SL: Tensor | None,
+        is_causal: bool,
+        token_ids_BS: Tensor,
+        token_mask_BS: Tensor | None,
+        cache: LayerCache | None = None,
+    ) -> tuple[Tensor, MoEOutput | None]:
+        x_BSD = x_BSD + self.drop(self.attn(self.attn_norm(x_BSD), rope, mask_B1SL, is_causal, cache))
+        h_BSD = self.ffn_norm(x_BSD)
+        if self.is_moe:
+            moe_out = self.ffn(h_BSD, token_ids_BS, token_mask_BS)
+            return x_BSD + self.drop(moe_out.y), moe_out
+        return x_BSD + self.drop(self.ffn(h_BSD)), None
+
+
+
+@dataclass
+class ModelOutput:
+    """What :meth:`Transformer.forward` returns.
+
+    ``loss`` is the LM cross-entropy over labelled positions; ``aux_loss`` the weighted sum of
+    router losses (each averaged over MoE layers, then times its coefficient): train on
+    ``total_loss``. ``aux`` holds each unweighted loss averaged over MoE layers and
+    ``aux_by_layer`` the per-layer values; ``routing`` maps layer index → RoutingDecision when
+    ``return_routing=True``.
+    """
+
+    logits: Tensor
+    loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    aux_by_layer: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    routing: dict[int, RoutingDecision] | None = None
+
+    @property
+    def total_loss(self) -> Tensor:
+        if self.loss is None:
+            raise ValueError("no LM loss: call the model with labels=...")
+        return self.loss if self.aux_loss is None else self.loss + self.aux_loss
+
+
+class Transformer(nn.Module):
+    """Decoder, encoder or prefix-LM transformer with dense or MoE feed-forward layers."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; output projections scaled by 1/sqrt(2·n_layers) (GPT-2)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                if name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "w_down.weight", "experts.w_down")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        prefix_len: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+        past_mask: Tensor | None = None,
+        return_routing: bool = False,
+    ) -> ModelOutput:
+        """Run the model.
+
+        Args:
+            input_ids: ``[B, S]`` token ids.
+            labels: ``[B, S]`` target of each position (already shifted for next-token
+                prediction), ``-100`` to ignore.
+            prefix_len: ``[B]`` prefix lengths (``attention='prefix'`` only).
+            attention_mask: ``[B, S]`` 1 for real tokens, 0 for padding; padding is not attended
+                to and is ignored by router losses.
+            position_ids: ``[B, S]`` absolute positions; default ``past + arange(S)``.
+            cache: one :class:`LayerCache` per layer for incremental decoding.
+            past_mask: ``[B, P]`` validity of the P cached keys (with ``cache``).
+            return_routing: put every MoE layer's RoutingDecision in the output.
+        """
+        B, S = input_ids.shape
+        cfg = self.cfg
+        past = 0 if past_mask is None else past_mask.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
+        key_valid = attention_mask
+        if past_mask is not None:
+            cur = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            key_valid = torch.cat([past_mask.to(cur.dtype), cur], dim=1)
+        key_pos = torch.arange(past + S, device=input_ids.device).expand(B, past + S)
+        query_pos = key_pos[:, past:]
+        simple_causal = cfg.attention == "causal" and key_valid is None and past == 0
+        if (cfg.attention == "bidirectional" and key_valid is None) or simple_causal:
+            mask = None
+        else:
+            mask = build_attention_mask(cfg.attention, query_pos, key_pos, key_valid, prefix_len)
+        rope = self.rope(position_ids)
+
+        x = self.drop(self.embed(input_ids))
+        aux_by_layer: dict[int, dict[str, Tensor]] = {}
+        routing: dict[int, RoutingDecision] = {}
+        weights: dict[str, float] = {}
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache[i]
+            x, moe_out = block(x, rope, mask, cfg.attention == "causal", input_ids, attention_mask, layer_cache)
+            if moe_out is not None:
+                aux_by_layer[i] = moe_out.losses
+                weights.update(block.ffn.loss_weights())
+                if return_routing:
+                    routing[i] = moe_out.decision
+        logits = self.lm_head(self.norm(x))
+
+        out = ModelOutput(logits=logits, aux_by_layer=aux_by_layer, routing=routing if return_routing else None)
+        if aux_by_layer:
+            names = next(iter(aux_by_layer.values())).keys()
+            out.aux = {n: torch.stack([v[n] for v in aux_by_layer.values()]).mean() for n in names}
+            out.aux_loss = sum(weights[n] * out.aux[n] for n in names)  # type: ignore[assignment]
+        if labels is not None:
+            out.loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return out

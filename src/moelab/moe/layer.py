@@ -1,0 +1,69 @@
+"""MoELayer: router → capacity policy → dispatch backend → (+ shared experts).
+
+Legend: B batch, S sequence, T = B·S tokens, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from moelab.config import MoEConfig
+from moelab.model.mlp import DenseMLP
+from moelab.moe.capacity import apply_capacity
+from moelab.moe.decision import RoutingDecision
+from moelab.moe.dispatch import DISPATCHERS
+from moelab.moe.experts import Experts
+from moelab.moe.losses import BALANCE_LOSSES, z_loss
+from moelab.moe.routers import build_router
+
+
+@dataclass
+class MoEOutput:
+    """What one MoE layer returns besides its output: the decision and its raw aux losses."""
+
+    y: Tensor  # [B, S, D]
+    decision: RoutingDecision
+    losses: dict[str, Tensor]  # unweighted, by name (e.g. "load_balance", "z_loss")
+
+
+class MoELayer(nn.Module):
+    """A mixture-of-experts feed-forward block with optional always-on shared experts."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, activation: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = build_router(d_model, cfg)
+        self.experts = Experts(cfg.num_experts, d_model, cfg.expert_hidden, activation)
+        self.shared = (
+            DenseMLP(d_model, cfg.num_shared_experts * cfg.shared_expert_hidden, activation)
+            if cfg.num_shared_experts > 0
+            else None
+        )
+        self.dispatch = DISPATCHERS[cfg.dispatch]
+
+    def loss_weights(self) -> dict[str, float]:
+        """Coefficient of each aux loss this layer reports."""
+        return {self.cfg.aux_loss: self.cfg.aux_loss_coef, "z_loss": self.cfg.z_loss_coef}
+
+    def route(
+        self, x_TD: Tensor, batch_shape: tuple[int, int], token_ids_T: Tensor | None, token_mask_T: Tensor | None
+    ) -> RoutingDecision:
+        """Router decision with capacity drops applied."""
+        decision = self.router(x_TD, batch_shape, token_ids_T=token_ids_T, token_mask_T=token_mask_T)
+        return apply_capacity(decision, self.cfg.capacity_factor, self.cfg.drop_policy, self.cfg.top_k)
+
+    def forward(
+        self, x_BSD: Tensor, token_ids_BS: Tensor | None = None, token_mask_BS: Tensor | None = None
+    ) -> MoEOutput:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        token_ids_T = None if token_ids_BS is None else token_ids_BS.reshape(-1)
+        token_mask_T = None if token_mask_BS is None else token_mask_BS.reshape(-1).bool()
+        decision = self.route(x_TD, (B, S), token_ids_T, token_mask_T)
+        y_TD = self.dispatch(x_TD, decision, self.experts)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        losses = {self.cfg.aux_loss: BALANCE_LOSSES[self.cfg.aux_loss](decision), "z_loss": z_loss(decision)}
+        return MoEOutput(y=y_TD.view(B, S, D), decision=decision, losses=losses)

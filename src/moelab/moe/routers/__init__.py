@@ -1,0 +1,12 @@
+"""Router registry. One file per router family; adding one is one file plus one import line.
+
+Every router maps ``x_TD`` (and optionally token ids) to a :class:`RoutingDecision`, computing
+its math in fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from moelab.moe.routers import topk as _topk  # noqa: F401  (registers "topk")
+from moelab.moe.routers.base import ROUTERS, Router, build_router
+
+__all__ = ["ROUTERS", "Router", "build_router"]

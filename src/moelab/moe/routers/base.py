@@ -1,0 +1,73 @@
+"""The router interface and registry.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.moe.decision import RoutingDecision
+from moelab.registry import Registry
+
+if TYPE_CHECKING:
+    from moelab.config import MoEConfig
+
+
+class Router(nn.Module):
+    """Base class: ``forward(x_TD, ...) -> RoutingDecision``.
+
+    Class attributes describe the family for docs and config checks:
+    ``needs_token_ids`` (hash routing), ``causal_safe`` (decision for token t uses no later
+    token), ``learned`` (has trainable parameters).
+    """
+
+    needs_token_ids: ClassVar[bool] = False
+    causal_safe: ClassVar[bool] = True
+    learned: ClassVar[bool] = True
+    paper: ClassVar[str] = ""
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
+
+    @classmethod
+    def validate(cls, cfg: MoEConfig) -> None:
+        """Raise ConfigError for options this router cannot honour. Default: nothing to check."""
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """``[T, E]`` fp32 router logits (router math stays fp32 under autocast)."""
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return F.linear(x_TD.float(), self.gate.weight.float())
+
+    def forward(
+        self,
+        x_TD: Tensor,
+        batch_shape: tuple[int, int],
+        token_ids_T: Tensor | None = None,
+        token_mask_T: Tensor | None = None,
+    ) -> RoutingDecision:
+        raise NotImplementedError
+
+
+ROUTERS: Registry[type[Router]] = Registry("router")
+
+
+def build_router(d_model: int, cfg: MoEConfig) -> Router:
+    return ROUTERS[cfg.router.name](d_model, cfg)
+
+
+def round_robin_experts(num_tokens: int, num_experts: int, top_k: int, device: torch.device) -> Tensor:
+    """``[T, K]`` perfectly balanced assignment: token t takes experts (t·K + j) mod E.
+
+    The K experts of a token are distinct because K <= E. Used by ``force_balanced``.
+    """
+    idx = torch.arange(num_tokens * top_k, device=device).view(num_tokens, top_k)
+    return idx % num_experts

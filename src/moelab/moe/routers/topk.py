@@ -1,0 +1,50 @@
+"""Softmax top-k router (Shazeer et al. 2017 without noise; Mixtral, Qwen-MoE; k=1 is Switch).
+
+scores = softmax(x·W_g) over all E experts; each token keeps its K best experts. Combine
+weights are the kept probabilities, renormalised to sum to 1 when ``renormalize`` (Mixtral),
+or a softmax over the K kept logits when ``softmax_after_topk`` (identical to renormalising,
+offered for configs that spell it that way).
+
+Legend: T tokens, D model dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moelab.moe.decision import RoutingDecision, token_choice_decision
+from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+
+
+@ROUTERS.register("topk")
+class TopKRouter(Router):
+    """Softmax over E experts, keep the K best per token (k=1: Switch-style top-1)."""
+
+    paper = "Shazeer et al. 2017; Jiang et al. 2024 (Mixtral)"
+
+    def forward(
+        self,
+        x_TD: Tensor,
+        batch_shape: tuple[int, int],
+        token_ids_T: Tensor | None = None,
+        token_mask_T: Tensor | None = None,
+    ) -> RoutingDecision:
+        rcfg = self.cfg.router
+        if self.training and rcfg.jitter_eps > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - rcfg.jitter_eps, 1.0 + rcfg.jitter_eps)
+            x_TD = x_TD * noise
+        logits_TE = self.logits(x_TD)
+        scores_TE = logits_TE.softmax(dim=-1)
+        if rcfg.force_balanced:
+            expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
+            kept_logits_TK = logits_TE.gather(1, expert_TK)
+        else:
+            kept_logits_TK, expert_TK = logits_TE.topk(self.top_k, dim=-1)
+        if rcfg.softmax_after_topk:
+            weight_TK = kept_logits_TK.softmax(dim=-1)
+        else:
+            weight_TK = scores_TE.gather(1, expert_TK)
+            if rcfg.renormalize:
+                weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)
