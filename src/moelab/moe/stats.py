@@ -1,0 +1,95 @@
+"""RoutingStats: per-layer load statistics of one step, for logging, health checks and balancing.
+
+Computed once from the model output's routing decisions (no re-derivation from logits), on
+valid (non-padding) tokens, without gradient.
+
+Legend: E experts, T tokens, A assignments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moelab.moe.decision import RoutingDecision
+from moelab.moe.losses import valid_tokens
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One MoE layer's routing in one step.
+
+    ``load`` counts the router's choices before drops (what balancing acts on);
+    ``kept_load`` what experts actually received.
+    """
+
+    load: Tensor  # [E] long, assignments per expert before drops (valid tokens only)
+    kept_load: Tensor  # [E] long, after capacity drops
+    drop_rate: float  # dropped / all valid assignments
+    mean_top1_prob: float  # mean over valid tokens of the largest router score
+
+    @property
+    def load_fraction(self) -> Tensor:
+        """``[E]`` share of assignments per expert (sums to 1)."""
+        total = self.load.sum().clamp_min(1)
+        return self.load.double() / total
+
+    @property
+    def max_load(self) -> float:
+        """Largest expert share (1/E at perfect balance, 1 at collapse)."""
+        return float(self.load_fraction.max())
+
+    @property
+    def max_over_mean(self) -> float:
+        return self.max_load * self.load.numel()
+
+    @property
+    def load_entropy(self) -> float:
+        """Entropy of the load distribution normalised by log E: 1 = balanced, 0 = one expert."""
+        p = self.load_fraction
+        E = p.numel()
+        if E <= 1:
+            return 1.0
+        h = -(p[p > 0] * p[p > 0].log()).sum()
+        return float(h / math.log(E))
+
+    @classmethod
+    def from_decision(cls, decision: RoutingDecision) -> LayerStats:
+        with torch.no_grad():
+            valid_A = valid_tokens(decision)[decision.token]
+            E = decision.num_experts
+            load = torch.bincount(decision.expert[valid_A], minlength=E)
+            kept = valid_A & decision.kept
+            kept_load = torch.bincount(decision.expert[kept], minlength=E)
+            n = int(valid_A.sum())
+            drop = 0.0 if n == 0 else 1.0 - int(kept.sum()) / n
+            top1 = decision.scores.max(dim=-1).values[valid_tokens(decision)]
+            mean_top1 = float(top1.mean()) if top1.numel() else 0.0
+        return cls(load=load.cpu(), kept_load=kept_load.cpu(), drop_rate=drop, mean_top1_prob=mean_top1)
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Stats of every MoE layer in one step, keyed by layer index."""
+
+    layers: dict[int, LayerStats]
+
+    @classmethod
+    def from_routing(cls, routing: dict[int, RoutingDecision] | None) -> RoutingStats:
+        return cls({i: LayerStats.from_decision(d) for i, d in (routing or {}).items()})
+
+    def summary(self) -> dict[str, float]:
+        """Scalars to log: drop rate, max expert share and load entropy averaged over layers."""
+        if not self.layers:
+            return {}
+        layers = list(self.layers.values())
+        n = len(layers)
+        return {
+            "drop_rate": sum(s.drop_rate for s in layers) / n,
+            "max_expert_load": max(s.max_load for s in layers),
+            "load_entropy": sum(s.load_entropy for s in layers) / n,
+            "mean_top1_prob": sum(s.mean_top1_prob for s in layers) / n,
+        }
