@@ -280,6 +280,163 @@ def preset(name: str) -> ModelConfig:
     return from_dict(ModelConfig, _PRESETS[name])
 
 
+# ----------------------------------------------------------------------------- data, training, runs
+
+PRECISIONS = ("fp32", "bf16", "auto")
+TOKENIZERS = ("bpe", "bytes")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it becomes token blocks (see ``moelab.data``).
+
+    ``corpus`` is a registered name (``builtin``, ``synthetic``), a path (``.txt``, a folder,
+    ``.jsonl``/``.jsonl.gz``) or ``hf:NAME[:CONFIG]``. ``tokenizer`` is ``bpe`` (byte-level BPE
+    trained on the training split with ``model.vocab_size`` entries), ``bytes`` (256 bytes + 3
+    specials) or a path to a ``tokenizer.json``. The model's vocab size is set to the
+    tokenizer's when a run starts.
+    """
+
+    corpus: str = "builtin"
+    tokenizer: str = "bpe"
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    max_bytes_per_domain: int = 2_000_000  # cap per domain label: bounds corpus build and tokenising time
+    synthetic_docs: int = 400  # documents per synthetic domain (builtin and synthetic corpora)
+    tokenizer_train_bytes: int = 4_000_000  # text used to train the BPE tokenizer
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.corpus, str) and bool(self.corpus), "data.corpus", self.corpus, "must be a name or path")
+        _require(bool(self.tokenizer), "data.tokenizer", self.tokenizer, "bpe, bytes or a tokenizer.json path")
+        _require(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
+        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _require(self.max_bytes_per_domain >= 1, "data.max_bytes_per_domain", self.max_bytes_per_domain, "must be >= 1")
+        _require(self.synthetic_docs >= 1, "data.synthetic_docs", self.synthetic_docs, "must be >= 1")
+        _require(
+            self.tokenizer_train_bytes >= 1, "data.tokenizer_train_bytes", self.tokenizer_train_bytes, "must be >= 1"
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, evaluation, logging and checkpointing of one training run."""
+
+    steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 autocast where moelab.hardware.bf16_is_fast)
+    eval_every: int = 100  # steps; 0 = only at the end
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    seed: int = 0
+    device: str = "cpu"
+    tensorboard: bool = False
+    progress: bool = True  # rich progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last", "max_bad_steps"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"train.{name}", value, "must be a positive integer")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"train.{name}", value, "must be an integer >= 0")
+        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _require(0.0 <= self.beta1 < 1.0, "train.beta1", self.beta1, "must be in [0, 1)")
+        _require(0.0 <= self.beta2 < 1.0, "train.beta2", self.beta2, "must be in [0, 1)")
+        _require(self.eps > 0, "train.eps", self.eps, "must be > 0")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _one_of("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment: a model, its data and how it is trained. Saved as ``config.yaml`` in checkpoints."""
+
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            self.data.seq_len,
+            f"must be <= model.max_seq_len={self.model.max_seq_len}",
+        )
+
+
+_RUN_PRESETS: dict[str, dict[str, Any]] = {
+    # Well under a minute on 2 CPU cores: the test suite runs `moelab compare --preset smoke`.
+    "smoke": dict(
+        data=dict(tokenizer="bytes", seq_len=64, max_bytes_per_domain=60_000, synthetic_docs=60),
+        train=dict(steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=15, eval_batches=4, log_every=5),
+    ),
+    # The default of `moelab compare`: a few minutes per model on 2 CPU cores.
+    "tiny": dict(
+        data=dict(seq_len=128, max_bytes_per_domain=1_500_000, synthetic_docs=600),
+        train=dict(steps=600, batch_size=16, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=16),
+    ),
+    # A model worth a GPU hour.
+    "small": dict(
+        data=dict(seq_len=512, max_bytes_per_domain=20_000_000, synthetic_docs=5000, tokenizer_train_bytes=20_000_000),
+        train=dict(steps=5000, batch_size=32, lr=1e-3, warmup_steps=200, eval_every=500, eval_batches=32),
+    ),
+}
+
+
+def run_preset(name: str) -> RunConfig:
+    """A named run (``smoke``, ``tiny``, ``small``): the model preset of the same name plus data and training."""
+    if name not in _RUN_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(map(repr, sorted(_RUN_PRESETS)))}")
+    data = {"name": name, "model": _PRESETS[name], **_RUN_PRESETS[name]}
+    return from_dict(RunConfig, data)
+
+
+def normalize_run_overrides(overrides: Iterable[str]) -> list[str]:
+    """Let run-level ``--set`` keys omit ``model.``: ``moe.top_k=1`` means ``model.moe.top_k=1``."""
+    run_fields = {f.name for f in fields(RunConfig)}
+    model_fields = {f.name for f in fields(ModelConfig)}
+    out = []
+    for item in overrides:
+        head = item.split("=", 1)[0].strip().split(".", 1)[0]
+        out.append(f"model.{item.strip()}" if head not in run_fields and head in model_fields else item)
+    return out
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a run config; a file holding only model fields is taken as ``model:`` of a default run."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid: {exc}") from None
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(data).__name__}")
+    run_fields = {f.name for f in fields(RunConfig)}
+    if data and not set(data) & run_fields:
+        data = {"model": data}
+    return from_dict(RunConfig, data)
+
+
 # ----------------------------------------------------------------------------- generic (de)serialisation
 
 T = TypeVar("T")
@@ -351,7 +508,13 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
 
 
 def _section_prefix(cls: type) -> str:
-    return {"ModelConfig": "model.", "MoEConfig": "moe.", "RouterConfig": "moe.router."}.get(cls.__name__, "")
+    return {
+        "ModelConfig": "model.",
+        "MoEConfig": "moe.",
+        "RouterConfig": "moe.router.",
+        "DataConfig": "data.",
+        "TrainConfig": "train.",
+    }.get(cls.__name__, "")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
@@ -443,15 +606,21 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 __all__ = [
     "ConfigError",
+    "DataConfig",
     "MoEConfig",
     "ModelConfig",
     "RouterConfig",
+    "RunConfig",
+    "TrainConfig",
     "apply_overrides",
     "from_dict",
     "load_config",
+    "load_run_config",
+    "normalize_run_overrides",
     "preset",
     "preset_names",
     "replace",
+    "run_preset",
     "save_config",
     "to_dict",
 ]

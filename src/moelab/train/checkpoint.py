@@ -1,0 +1,330 @@
+"""Checkpoints: safetensors + JSON + YAML, written atomically, never unpickled.
+
+A checkpoint is a folder (``RUN/checkpoints/step_00000100/``):
+- ``model.safetensors``: the weights (tied weights stored once);
+- ``config.yaml``: the run config (``model``, ``data``, ``train``);
+- ``tokenizer.json``: the tokenizer (HF format for BPE, a moelab JSON for bytes);
+- ``state.safetensors``: optimizer moments and RNG states (tensors);
+- ``state.json``: step, sampler position, optimizer hyper-parameters, counters (the rest);
+- ``COMPLETE``: the completion marker, written last: size and SHA-256 of every file above.
+
+Why this shape: pickle runs code on load, so nothing here is a pickle, and a file that looks
+like one is refused. The folder is written under a temporary name, every file fsync'd, then
+renamed into place, so a crash leaves either a whole checkpoint or an ignorable ``.tmp-`` folder;
+the marker's sizes and hashes catch a file truncated or damaged later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as _st_load_model
+from safetensors.torch import save_model as _st_save_model
+from torch import nn
+
+from moelab.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
+from moelab.data.tokenizer import Tokenizer, load_tokenizer
+from moelab.errors import UserError
+
+MARKER = "COMPLETE"
+FILES = ("model.safetensors", "config.yaml", "tokenizer.json", "state.safetensors", "state.json")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+CKPT_PREFIX = "step_"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CKPT_PREFIX}{step:08d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- optimizer/RNG state without pickle
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if not name.startswith("optimizer."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(extra)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    config: RunConfig | ModelConfig,
+    tokenizer: Tokenizer,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint folder at ``path`` atomically and return it.
+
+    ``train_state`` is JSON-able data (step, sampler state, counters); the optimizer's tensors
+    and the RNG states go to ``state.safetensors``. An existing folder at ``path`` is replaced.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _st_save_model(model, str(tmp / "model.safetensors"))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    tokenizer.save(tmp / "tokenizer.json")
+    tensors = rng_state()
+    meta: dict[str, Any] = {"train_state": train_state or {}}
+    if optimizer is not None:
+        opt_tensors, opt_meta = _optimizer_state(optimizer)
+        tensors.update(opt_tensors)
+        meta["optimizer"] = opt_meta
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    for name in FILES:
+        _fsync_file(tmp / name)
+    marker = {"files": {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+    _fsync_file(tmp / MARKER)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+# ----------------------------------------------------------------------------- find and verify
+
+
+def refuse_pickles(folder: Path) -> None:
+    """Raise when ``folder`` holds pickle-bearing files: moelab never unpickles."""
+    bad = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if bad:
+        raise UserError(
+            f"{folder} holds pickle files ({', '.join(bad)}); moelab never loads pickles because they can run "
+            "code: convert the weights to safetensors first"
+        )
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse a file that is not safetensors (e.g. a pickle renamed ``.safetensors``)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        raise UserError(f"{path} is not a safetensors file (pickles and other formats are refused)")
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why ``path`` is not a usable checkpoint, or None when it is complete and intact."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return "no completion marker (half-written?)"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "damaged completion marker"
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info["size"]:
+            return f"{name} has {f.stat().st_size} bytes, expected {info['size']} (truncated?)"
+        if _sha256(f) != info["sha256"]:
+            return f"{name} does not match its checksum (damaged)"
+    return None
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name[len(CKPT_PREFIX) :])
+    except ValueError:
+        return -1
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders of a run (complete or not), oldest first; temporaries excluded."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX) and _step_of(p) >= 0]
+    return sorted(found, key=_step_of)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete, intact checkpoint of a run; damaged ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {reason}", UserWarning, stacklevel=2)
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (and stale temporaries)."""
+    complete = [p for p in list_checkpoints(run_dir) if (p / MARKER).is_file()]
+    for p in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.glob(".tmp-*"):
+            if not p.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the newest complete one of a run folder."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {str(p)!r} does not exist")
+    if (p / MARKER).exists() or (p / "model.safetensors").exists():
+        reason = verify_checkpoint(p)
+        if reason is not None:
+            raise UserError(f"checkpoint {p} is not usable: {reason}")
+        return p
+    found = latest_checkpoint(p)
+    if found is None:
+        refuse_pickles(p)
+        raise UserError(f"{p} holds no complete checkpoint (expected model.safetensors + {MARKER}, or checkpoints/)")
+    return found
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def read_run_config(ckpt: Path) -> RunConfig:
+    """The run config in a checkpoint; a model-only config becomes the ``model`` of a default run."""
+    try:
+        data = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read {ckpt / 'config.yaml'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{ckpt / 'config.yaml'} does not hold a mapping")
+    try:
+        if "model" in data:
+            return from_dict(RunConfig, data)
+        return RunConfig(model=from_dict(ModelConfig, data))
+    except ConfigError as exc:
+        raise UserError(f"{ckpt / 'config.yaml'}: {exc}") from None
+
+
+def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
+    refuse_pickles(ckpt)
+    f = ckpt / "model.safetensors"
+    _check_safetensors(f)
+    try:
+        missing, unexpected = _st_load_model(model, str(f), strict=False, device=str(device))
+    except (SafetensorError, RuntimeError) as exc:
+        raise UserError(f"cannot load weights from {f}: {exc}") from None
+    if missing or unexpected:
+        raise UserError(
+            f"{f} does not match its config.yaml: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """``(Transformer, Tokenizer)`` from a checkpoint folder or a run folder (newest complete checkpoint).
+
+    The model is in eval mode on ``device``. Raises UserError for a missing, damaged or
+    pickle-bearing checkpoint.
+    """
+    from moelab.model.transformer import Transformer
+
+    ckpt = resolve_checkpoint(path)
+    cfg = read_run_config(ckpt)
+    model = Transformer(cfg.model)
+    load_weights(model, ckpt, device)
+    model.to(device).eval()
+    return model, load_tokenizer(ckpt / "tokenizer.json")
+
+
+def load_training_state(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG from ``ckpt``; return the JSON ``train_state``."""
+    load_weights(model, ckpt)
+    _check_safetensors(ckpt / "state.safetensors")
+    try:
+        tensors = load_file(str(ckpt / "state.safetensors"))
+        meta = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read the training state in {ckpt}: {exc}") from None
+    if optimizer is not None:
+        if "optimizer" not in meta:
+            raise UserError(f"{ckpt} has no optimizer state: it cannot be resumed")
+        _load_optimizer_state(optimizer, tensors, meta["optimizer"])
+    set_rng_state(tensors)
+    return meta.get("train_state", {})

@@ -1,0 +1,105 @@
+"""Checkpoints: exact round trip, atomic layout, damaged ones skipped, pickles refused."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from moelab.config import DataConfig, RunConfig
+from moelab.data.tokenizer import BytesTokenizer
+from moelab.errors import UserError
+from moelab.model.transformer import Transformer
+from moelab.train.checkpoint import (
+    MARKER,
+    checkpoint_name,
+    latest_checkpoint,
+    load_model,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
+
+from helpers import tiny_config, tiny_moe
+
+
+def _setup(tmp_path, steps=(1, 2)):
+    cfg = RunConfig(model=tiny_config(vocab_size=259, moe=tiny_moe()), data=DataConfig(seq_len=32))
+    model = Transformer(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 259, (2, 8))
+    paths = []
+    for step in steps:
+        model(ids, labels=ids).total_loss.backward()
+        opt.step()
+        opt.zero_grad()
+        paths.append(
+            save_checkpoint(tmp_path / "checkpoints" / checkpoint_name(step), model, cfg, BytesTokenizer(), opt, {"step": step})
+        )
+    return cfg, model, opt, paths
+
+
+def test_round_trip_is_exact(tmp_path) -> None:
+    cfg, model, opt, (_p1, p2) = _setup(tmp_path)
+    assert sorted(f.name for f in p2.iterdir()) == sorted(
+        [MARKER, "model.safetensors", "config.yaml", "tokenizer.json", "state.safetensors", "state.json"]
+    )
+    loaded, tok = load_model(tmp_path)  # a run folder → newest complete checkpoint
+    assert tok.vocab_size == 259 and not loaded.training
+    assert loaded.cfg == cfg.model
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert loaded.lm_head.weight is loaded.embed.weight  # tying survives
+    model2 = Transformer(cfg.model)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    torch.manual_seed(123)
+    expected_rng = torch.get_rng_state()
+    torch.manual_seed(0)
+    state = load_training_state(p2, model2, opt2)
+    assert state == {"step": 2}
+    a, b = opt.state_dict(), opt2.state_dict()
+    for idx in a["state"]:
+        for key in a["state"][idx]:
+            assert torch.equal(a["state"][idx][key], b["state"][idx][key])
+    assert a["param_groups"] == b["param_groups"]
+    assert not torch.equal(torch.get_rng_state(), expected_rng)  # restored the saved state, not this one
+
+
+def test_truncated_or_unmarked_checkpoints_are_skipped(tmp_path) -> None:
+    _, _, _, (p1, p2) = _setup(tmp_path)
+    weights = p2 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="truncated"):
+        assert latest_checkpoint(tmp_path) == p1
+    (p1 / MARKER).unlink()
+    with pytest.warns(UserWarning, match="no completion marker"):
+        assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(UserError, match="not usable"):
+        load_model(p1)
+
+
+def test_pickles_are_refused(tmp_path) -> None:
+    _, model, _, (p1,) = _setup(tmp_path, steps=(1,))
+    ckpt = tmp_path / "foreign"
+    ckpt.mkdir()
+    torch.save(model.state_dict(), ckpt / "pytorch_model.bin")
+    with pytest.raises(UserError, match="never loads pickles"):
+        load_model(ckpt)
+    # a pickle renamed to .safetensors with a forged marker is still refused, before any unpickling
+    weights = p1 / "model.safetensors"
+    weights.write_bytes(pickle.dumps({"evil": 1}))
+    (p1 / MARKER).unlink()
+    (p1 / MARKER).write_text("{}")
+    from moelab.train.checkpoint import load_weights
+
+    with pytest.raises(UserError, match="not a safetensors file"):
+        load_weights(model, p1)
+
+
+def test_prune_keeps_the_newest(tmp_path) -> None:
+    _setup(tmp_path, steps=(1, 2, 3))
+    (tmp_path / "checkpoints" / ".tmp-step_00000004-999999").mkdir()
+    prune_checkpoints(tmp_path, keep_last=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == [checkpoint_name(2), checkpoint_name(3)]
