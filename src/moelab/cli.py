@@ -93,27 +93,30 @@ def _run_config(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("routers", "list the registered routers, dispatch backends, balance losses and drop policies")
+@command("routers", "list the registered routers (one line each), dispatch backends, balance losses and drop policies")
 def _run_routers(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from moelab.moe.capacity import DROP_POLICIES
     from moelab.moe.dispatch import DISPATCHERS
     from moelab.moe.losses import BALANCE_LOSSES
     from moelab.moe.routers import ROUTERS
 
-    table = Table(title="routers")
-    for col in ("name", "learned", "causal-safe", "paper", "summary"):
-        table.add_column(col)
+    width = max(map(len, ROUTERS))
+    print("routers (moe.router.name):")
     for name, cls in ROUTERS.items():
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        table.add_row(name, str(cls.learned), str(cls.causal_safe), cls.paper, summary)
-    console = Console()
-    console.print(table)
-    console.print(f"dispatch backends: {', '.join(DISPATCHERS)}")
-    console.print(f"balance losses: {', '.join(BALANCE_LOSSES)}")
-    console.print(f"drop policies: {', '.join(DROP_POLICIES)}")
+        flags = ", ".join(
+            flag
+            for flag, on in (
+                ("learned" if cls.learned else "fixed", True),
+                ("not causal", not cls.causal_safe),
+                ("needs token ids", cls.needs_token_ids),
+            )
+            if on
+        )
+        print(f"  {name:<{width}}  {summary}  [{flags}]")
+    print(f"balance losses (moe.aux_loss): {', '.join(BALANCE_LOSSES)}; also z_loss")
+    print(f"drop policies (moe.drop_policy): {', '.join(DROP_POLICIES)}")
+    print(f"dispatch backends (moe.dispatch): {', '.join(DISPATCHERS)}")
     return 0
 
 

@@ -88,6 +88,10 @@ class RouterConfig:
         _require(self.bias_update_rate >= 0, "moe.router.bias_update_rate", self.bias_update_rate, "must be >= 0")
 
 
+# Losses beside aux_loss, by registry name; MoEConfig holds each one's weight as ``<name>_coef``.
+_EXTRA_LOSSES = ("seq_aux", "importance", "load")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """The mixture-of-experts feed-forward block, and where it replaces the dense FFN.
@@ -112,6 +116,14 @@ class MoEConfig:
     first_k_dense: int = 1  # placement=first_k_dense: the first k layers stay dense
     layers: tuple[int, ...] = ()  # placement=explicit: these layer indices are MoE
     dispatch: str = "loop"  # dispatch backend, by name in the dispatch registry
+    # Extra router losses beside aux_loss (0 = off), each by name in the loss registry:
+    seq_aux_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss ("seq_aux"), small alpha e.g. 1e-4
+    importance_coef: float = 0.0  # Shazeer et al. importance CV^2 loss ("importance")
+    load_coef: float = 0.0  # Shazeer et al. smooth load CV^2 loss ("load", noisy_topk only)
+    # Router health (moelab.moe.health.RouterHealth):
+    health_collapse_share: float = 0.9  # collapse = one expert chosen by more than this share of tokens ...
+    health_collapse_steps: int = 50  # ... for this many consecutive observed steps
+    health_dead_steps: int = 100  # an expert is dead after this many observed steps without tokens
 
     def __post_init__(self) -> None:
         # Registries are imported lazily: config stays importable without torch-heavy modules.
@@ -150,7 +162,44 @@ class MoEConfig:
         if self.placement == "explicit":
             _require(len(self.layers) > 0, "moe.layers", self.layers, "placement=explicit needs a non-empty list")
         _one_of("moe.dispatch", self.dispatch, DISPATCHERS)
+        for name in _EXTRA_LOSSES:
+            coef = getattr(self, f"{name}_coef")
+            _require(coef >= 0, f"moe.{name}_coef", coef, "must be >= 0")
+            _require(
+                coef == 0 or self.aux_loss != name,
+                f"moe.{name}_coef",
+                coef,
+                f"moe.aux_loss is already {name!r}: set its weight with moe.aux_loss_coef, or pick another aux_loss",
+            )
+        if "load" in self.loss_coefs() and not ROUTERS[self.router.name].smooth_load:
+            _fail(
+                "moe.aux_loss" if self.aux_loss == "load" else "moe.load_coef",
+                self.aux_loss if self.aux_loss == "load" else self.load_coef,
+                f"the smooth 'load' loss needs the noisy_topk router (moe.router.name={self.router.name!r}); "
+                "use 'load_balance' or 'importance' instead",
+            )
+        _require(
+            0 < self.health_collapse_share <= 1,
+            "moe.health_collapse_share",
+            self.health_collapse_share,
+            "must be in (0, 1]",
+        )
+        _require(self.health_collapse_steps >= 1, "moe.health_collapse_steps", self.health_collapse_steps, "must be >= 1")
+        _require(self.health_dead_steps >= 1, "moe.health_dead_steps", self.health_dead_steps, "must be >= 1")
         ROUTERS[self.router.name].validate(self)
+
+    def loss_coefs(self) -> dict[str, float]:
+        """Each router loss the MoE layer reports, by registry name, with its coefficient.
+
+        ``aux_loss`` and ``z_loss`` are always reported (possibly with weight 0, so they are
+        logged); the extra losses only when their coefficient is positive.
+        """
+        coefs = {self.aux_loss: self.aux_loss_coef, "z_loss": self.z_loss_coef}
+        for name in _EXTRA_LOSSES:
+            coef = getattr(self, f"{name}_coef")
+            if coef > 0:
+                coefs[name] = coef
+        return coefs
 
     @property
     def shared_expert_hidden(self) -> int:

@@ -10,6 +10,13 @@ Policies (lower priority value wins):
 - ``position``: earlier tokens in the flattened batch win (token-major order), so drops fall on
   the ends of sequences; this is what "drops towards the end" analyses measure.
 - ``score``: higher combine weight wins.
+- ``batch_priority``: batch-prioritised routing (Riquelme et al. 2021, V-MoE §3.1 "BPR"): all
+  first choices before any second choice, and within a rank the tokens with the highest top
+  router score across the whole batch first, so confident tokens survive wherever they sit.
+- ``none``: dropless; the capacity factor is ignored and nothing is dropped.
+
+Padding tokens always come last, whatever the policy, so they never take a real token's slot.
+The drop rate of a layer is ``decision.drop_rate`` (and ``LayerStats.drop_rate`` on valid tokens).
 
 Legend: T tokens, E experts, K top-k, A assignments.
 """
@@ -25,7 +32,7 @@ from torch import Tensor
 from moelab.moe.decision import RoutingDecision
 from moelab.registry import Registry
 
-PriorityFn = Callable[[RoutingDecision], Tensor]
+PriorityFn = Callable[[RoutingDecision], Tensor | None]  # None = keep everything
 DROP_POLICIES: Registry[PriorityFn] = Registry("drop policy")
 
 
@@ -44,6 +51,22 @@ def position_priority(decision: RoutingDecision) -> Tensor:
 def score_priority(decision: RoutingDecision) -> Tensor:
     """``[A]`` higher combine weight wins."""
     return -decision.weight.detach().to(torch.float64)
+
+
+@DROP_POLICIES.register("batch_priority")
+def batch_priority(decision: RoutingDecision) -> Tensor:
+    """``[A]`` rank first, then the token's top score across the batch (higher wins)."""
+    T = decision.num_tokens
+    importance_T = decision.scores.detach().max(dim=-1).values
+    place_T = torch.empty(T, dtype=torch.float64, device=importance_T.device)
+    place_T[torch.argsort(-importance_T, stable=True)] = torch.arange(T, dtype=torch.float64, device=place_T.device)
+    return decision.rank.to(torch.float64) * T + place_T[decision.token]
+
+
+@DROP_POLICIES.register("none")
+def no_drops(decision: RoutingDecision) -> None:
+    """Dropless: every assignment is kept."""
+    return None
 
 
 def keep_within_capacity(expert_A: Tensor, priority_A: Tensor, num_experts: int, capacity: int) -> Tensor:
@@ -68,6 +91,13 @@ def apply_capacity(
     """Mark assignments beyond each expert's capacity as dropped. ``None`` = dropless (unchanged)."""
     if capacity_factor is None:
         return decision
+    priority_A = DROP_POLICIES[policy](decision)
+    if priority_A is None:
+        return decision
+    if decision.token_mask is not None:  # padding after every real token
+        pad_A = ~decision.token_mask.reshape(-1).bool()[decision.token]
+        span = (priority_A.max() - priority_A.min()).abs() + 1 if priority_A.numel() else 1
+        priority_A = priority_A + pad_A.to(priority_A.dtype) * span
     capacity = expert_capacity(decision.num_tokens, decision.num_experts, top_k, capacity_factor)
-    kept = keep_within_capacity(decision.expert, DROP_POLICIES[policy](decision), decision.num_experts, capacity)
+    kept = keep_within_capacity(decision.expert, priority_A, decision.num_experts, capacity)
     return decision.with_kept(kept & decision.kept, capacity)

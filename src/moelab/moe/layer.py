@@ -15,7 +15,7 @@ from moelab.moe.capacity import apply_capacity
 from moelab.moe.decision import RoutingDecision
 from moelab.moe.dispatch import DISPATCHERS
 from moelab.moe.experts import Experts
-from moelab.moe.losses import BALANCE_LOSSES, z_loss
+from moelab.moe.losses import router_loss
 from moelab.moe.routers import build_router
 
 
@@ -44,14 +44,16 @@ class MoELayer(nn.Module):
         self.dispatch = DISPATCHERS[cfg.dispatch]
 
     def loss_weights(self) -> dict[str, float]:
-        """Coefficient of each aux loss this layer reports."""
-        return {self.cfg.aux_loss: self.cfg.aux_loss_coef, "z_loss": self.cfg.z_loss_coef}
+        """Coefficient of each aux loss this layer reports (``MoEConfig.loss_coefs``)."""
+        return self.cfg.loss_coefs()
 
     def route(
         self, x_TD: Tensor, batch_shape: tuple[int, int], token_ids_T: Tensor | None, token_mask_T: Tensor | None
     ) -> RoutingDecision:
-        """Router decision with capacity drops applied."""
+        """Router decision with capacity drops applied (unless the router bounds loads itself)."""
         decision = self.router(x_TD, batch_shape, token_ids_T=token_ids_T, token_mask_T=token_mask_T)
+        if self.router.manages_capacity:
+            return decision
         return apply_capacity(decision, self.cfg.capacity_factor, self.cfg.drop_policy, self.cfg.top_k)
 
     def forward(
@@ -65,5 +67,5 @@ class MoELayer(nn.Module):
         y_TD = self.dispatch(x_TD, decision, self.experts)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        losses = {self.cfg.aux_loss: BALANCE_LOSSES[self.cfg.aux_loss](decision), "z_loss": z_loss(decision)}
+        losses = {name: router_loss(name)(decision) for name in self.loss_weights()}
         return MoEOutput(y=y_TD.view(B, S, D), decision=decision, losses=losses)

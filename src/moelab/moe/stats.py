@@ -30,6 +30,7 @@ class LayerStats:
     kept_load: Tensor  # [E] long, after capacity drops
     drop_rate: float  # dropped / all valid assignments
     mean_top1_prob: float  # mean over valid tokens of the largest router score
+    num_tokens: int = 0  # valid tokens routed (0 = unknown)
 
     @property
     def load_fraction(self) -> Tensor:
@@ -41,6 +42,13 @@ class LayerStats:
     def max_load(self) -> float:
         """Largest expert share (1/E at perfect balance, 1 at collapse)."""
         return float(self.load_fraction.max())
+
+    @property
+    def token_share(self) -> Tensor:
+        """``[E]`` share of valid tokens that chose each expert (1 = every token; sums to K)."""
+        if self.num_tokens <= 0:
+            return self.load_fraction
+        return self.load.double() / self.num_tokens
 
     @property
     def max_over_mean(self) -> float:
@@ -68,7 +76,13 @@ class LayerStats:
             drop = 0.0 if n == 0 else 1.0 - int(kept.sum()) / n
             top1 = decision.scores.max(dim=-1).values[valid_tokens(decision)]
             mean_top1 = float(top1.mean()) if top1.numel() else 0.0
-        return cls(load=load.cpu(), kept_load=kept_load.cpu(), drop_rate=drop, mean_top1_prob=mean_top1)
+        return cls(
+            load=load.cpu(),
+            kept_load=kept_load.cpu(),
+            drop_rate=drop,
+            mean_top1_prob=mean_top1,
+            num_tokens=int(valid_tokens(decision).sum()),
+        )
 
 
 @dataclass(frozen=True)

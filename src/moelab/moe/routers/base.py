@@ -23,24 +23,43 @@ class Router(nn.Module):
 
     Class attributes describe the family for docs and config checks:
     ``needs_token_ids`` (hash routing), ``causal_safe`` (decision for token t uses no later
-    token), ``learned`` (has trainable parameters).
+    token), ``learned`` (has trainable parameters; only learned routers own a ``gate``),
+    ``manages_capacity`` (the router bounds each expert's load itself, so the layer's capacity
+    policy is not applied on top), ``smooth_load`` (the decision carries the noise evidence the
+    smooth ``load`` loss needs), ``balancing`` (one line for docs: how the router is balanced).
+
+    Token ids: every router receives ``token_ids_T`` (the model's ``input_ids`` flattened) and
+    ``token_mask_T`` (False = padding); routers that do not need ids ignore them, routers with
+    ``needs_token_ids`` raise ConfigError when they are missing.
     """
 
     needs_token_ids: ClassVar[bool] = False
     causal_safe: ClassVar[bool] = True
     learned: ClassVar[bool] = True
+    manages_capacity: ClassVar[bool] = False
+    smooth_load: ClassVar[bool] = False
     paper: ClassVar[str] = ""
+    formula: ClassVar[str] = ""
+    balancing: ClassVar[str] = "aux loss (moe.aux_loss)"
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
-        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
+        if self.learned:
+            self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
 
     @classmethod
     def validate(cls, cfg: MoEConfig) -> None:
         """Raise ConfigError for options this router cannot honour. Default: nothing to check."""
+
+    def jitter(self, x_TD: Tensor) -> Tensor:
+        """Switch-style multiplicative input noise ``x · U(1-eps, 1+eps)``, in training only."""
+        eps = self.cfg.router.jitter_eps
+        if self.training and eps > 0:
+            return x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        return x_TD
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """``[T, E]`` fp32 router logits (router math stays fp32 under autocast)."""

@@ -1,16 +1,17 @@
 """Softmax top-k router (Shazeer et al. 2017 without noise; Mixtral, Qwen-MoE; k=1 is Switch).
 
 scores = softmax(x·W_g) over all E experts; each token keeps its K best experts. Combine
-weights are the kept probabilities, renormalised to sum to 1 when ``renormalize`` (Mixtral),
-or a softmax over the K kept logits when ``softmax_after_topk`` (identical to renormalising,
-offered for configs that spell it that way).
+weights are the kept probabilities, renormalised to sum to 1 when ``renormalize`` (Mixtral,
+OLMoE) or left as probabilities (Qwen-MoE with ``norm_topk_prob=False``, DeepSeek-V2), or a
+softmax over the K kept logits when ``softmax_after_topk`` (top-k first, softmax after: equal
+to renormalising in exact arithmetic, offered for configs that spell it that way).
+``jitter_eps`` multiplies inputs by U(1-eps, 1+eps) in training (Switch).
 
 Legend: T tokens, D model dim, E experts, K top-k.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from moelab.moe.decision import RoutingDecision, token_choice_decision
@@ -22,6 +23,7 @@ class TopKRouter(Router):
     """Softmax over E experts, keep the K best per token (k=1: Switch-style top-1)."""
 
     paper = "Shazeer et al. 2017; Jiang et al. 2024 (Mixtral)"
+    formula = "p = softmax(x·W_g); experts = topk(p, K); w = p_kept / Σ p_kept (renormalize)"
 
     def forward(
         self,
@@ -31,10 +33,7 @@ class TopKRouter(Router):
         token_mask_T: Tensor | None = None,
     ) -> RoutingDecision:
         rcfg = self.cfg.router
-        if self.training and rcfg.jitter_eps > 0:
-            noise = torch.empty_like(x_TD).uniform_(1.0 - rcfg.jitter_eps, 1.0 + rcfg.jitter_eps)
-            x_TD = x_TD * noise
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.logits(self.jitter(x_TD))
         scores_TE = logits_TE.softmax(dim=-1)
         if rcfg.force_balanced:
             expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
