@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moelab.cli import main
-from moelab.config import ConfigError, MoEConfig, ModelConfig, RouterConfig, apply_overrides, preset
+from moelab.config import ConfigError, ModelConfig, MoEConfig, RouterConfig, apply_overrides, preset
 from moelab.moe.routers import ROUTERS
 from moelab.moe.routers.expert_choice import NonCausalRouterWarning
 from router_cases import router_case
@@ -63,3 +63,11 @@ def test_routers_command_prints_one_line_per_router(capsys) -> None:
         assert len(mine) == 1, name
         assert cls.__doc__.strip().splitlines()[0] in mine[0]
     assert "batch_priority" in out and "seq_aux" in out
+
+
+def test_docs_table_has_one_row_per_router() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "routers.md").read_text(encoding="utf-8")
+    for name in ROUTERS:
+        assert sum(line.startswith(f"| `{name}` |") for line in doc.splitlines()) == 1, name
