@@ -21,13 +21,13 @@ def _stats(*loads: list[int], tokens: int = 10) -> RoutingStats:
 
 def test_metrics_per_layer() -> None:
     health = RouterHealth(collapse_share=0.9, collapse_steps=3, dead_steps=5)
-    stats = _stats([5, 5, 5, 5], [20, 0, 0, 0], tokens=10)  # K = 2
+    stats = _stats([5, 5, 5, 5], [10, 10, 0, 0], tokens=10)  # K = 2; layer 1: every token picks experts 0 and 1
     health.observe(0, stats)
     m = health.metrics(stats)
     assert math.isclose(m["moe/layer0/max_load"], 0.25) and math.isclose(m["moe/layer0/load_entropy"], 1.0)
     assert math.isclose(m["moe/layer0/max_token_share"], 0.5)
-    assert math.isclose(m["moe/layer1/max_load"], 1.0) and m["moe/layer1/load_entropy"] == 0.0
-    assert math.isclose(m["moe/layer1/max_token_share"], 2.0)
+    assert math.isclose(m["moe/layer1/max_load"], 0.5) and math.isclose(m["moe/layer1/load_entropy"], 0.5)
+    assert math.isclose(m["moe/layer1/max_token_share"], 1.0)
     assert m["moe/layer0/mean_top1_prob"] == 0.5 and m["moe/layer0/drop_rate"] == 0.0
     assert m["moe/layer1/dead_experts"] == 0.0  # not yet dead after one step
 
@@ -65,3 +65,19 @@ def test_thresholds_come_from_the_moe_config() -> None:
     cfg = router_case("topk", health_collapse_share=0.7, health_collapse_steps=4, health_dead_steps=9)
     health = RouterHealth(cfg)
     assert (health.collapse_share, health.collapse_steps, health.dead_steps) == (0.7, 4, 9)
+
+
+def test_stats_of_micro_batches_add_up_to_the_stats_of_the_whole_batch() -> None:
+    from moelab.moe.routers import build_router
+
+    router = build_router(16, router_case("topk", capacity_factor=1.0))
+    x = torch.randn(24, 16)
+    mask = torch.ones(24, dtype=torch.bool)
+    mask[20:] = False
+    whole = LayerStats.from_decision(router(x, (2, 12), token_mask_T=mask))
+    a = LayerStats.from_decision(router(x[:12], (1, 12), token_mask_T=mask[:12]))
+    b = LayerStats.from_decision(router(x[12:], (1, 12), token_mask_T=mask[12:]))
+    total = (RoutingStats({0: a}) + RoutingStats({0: b, 1: b})).layers
+    assert set(total) == {0, 1} and total[1] is b
+    assert torch.equal(total[0].load, whole.load) and total[0].num_tokens == whole.num_tokens == 20
+    assert math.isclose(total[0].mean_top1_prob, whole.mean_top1_prob, rel_tol=1e-6)
