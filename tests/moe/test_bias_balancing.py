@@ -8,8 +8,9 @@ from moelab.model.transformer import Transformer
 from moelab.moe.balancing import Balancer
 from moelab.moe.routers import build_router
 from moelab.moe.stats import LayerStats, RoutingStats
-from helpers import tiny_config
 from router_cases import router_case
+
+from helpers import tiny_config
 
 D, T = 16, 512
 

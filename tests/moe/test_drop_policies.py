@@ -12,7 +12,7 @@ from router_cases import router_case
 
 
 def _decision(expert_TK, scores_TE, mask_T=None):
-    T, K = expert_TK.shape
+    T = expert_TK.shape[0]
     return token_choice_decision(
         expert_TK, scores_TE.gather(1, expert_TK), scores_TE.log(), scores_TE, (1, T), mask_T
     )
@@ -43,7 +43,7 @@ def test_batch_priority_keeps_the_most_confident_tokens_first_choices_first() ->
 
 
 def test_batch_priority_serves_all_first_choices_before_second_choices() -> None:
-    T, E = 6, 2
+    T = 6
     scores = torch.tensor([[0.9, 0.1]] * 3 + [[0.45, 0.55]] * 3)
     expert = scores.topk(2, dim=-1).indices  # tokens 0-2: (0, 1); tokens 3-5: (1, 0)
     d = apply_capacity(_decision(expert, scores), 0.5, "batch_priority", 2)  # C = 3

@@ -10,8 +10,9 @@ from moelab.model.transformer import Transformer
 from moelab.moe.layer import MoELayer
 from moelab.moe.routers import build_router
 from moelab.moe.routers.hash import hash_token_ids
-from helpers import tiny_config
 from router_cases import router_case
+
+from helpers import tiny_config
 
 D = 16
 

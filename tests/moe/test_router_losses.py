@@ -17,8 +17,9 @@ from moelab.moe.losses import (
     sequence_balance_loss,
 )
 from moelab.moe.routers import build_router
-from helpers import tiny_config
 from router_cases import ROUTER_NAMES, router_case
+
+from helpers import tiny_config
 
 D = 16
 

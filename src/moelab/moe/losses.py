@@ -152,8 +152,7 @@ def smooth_load(decision: RoutingDecision) -> Tensor:
     chosen_TE = torch.zeros_like(noisy_TE, dtype=torch.bool)
     chosen_TE[decision.token, decision.expert] = True
     threshold_TE = torch.where(chosen_TE, kth_plus_one_T1, kth_T1)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    prob_TE = normal.cdf((decision.logits - threshold_TE) / std_TE)
+    prob_TE = torch.special.ndtr((decision.logits - threshold_TE) / std_TE)  # Φ, the standard normal CDF
     return (prob_TE * valid_tokens(decision).unsqueeze(-1)).sum(0)
 
 

@@ -64,6 +64,24 @@ class LayerStats:
         h = -(p[p > 0] * p[p > 0].log()).sum()
         return float(h / math.log(E))
 
+    def __add__(self, other: LayerStats) -> LayerStats:
+        """Stats of two micro-batches together (loads add; rates are weighted by their counts)."""
+        n_self, n_other = int(self.load.sum()), int(other.load.sum())
+        n = max(n_self + n_other, 1)
+        tokens = self.num_tokens + other.num_tokens
+        top1 = (
+            (self.mean_top1_prob * self.num_tokens + other.mean_top1_prob * other.num_tokens) / tokens
+            if tokens > 0
+            else (self.mean_top1_prob + other.mean_top1_prob) / 2
+        )
+        return LayerStats(
+            load=self.load + other.load,
+            kept_load=self.kept_load + other.kept_load,
+            drop_rate=(self.drop_rate * n_self + other.drop_rate * n_other) / n,
+            mean_top1_prob=top1,
+            num_tokens=tokens,
+        )
+
     @classmethod
     def from_decision(cls, decision: RoutingDecision) -> LayerStats:
         with torch.no_grad():
@@ -94,6 +112,13 @@ class RoutingStats:
     @classmethod
     def from_routing(cls, routing: dict[int, RoutingDecision] | None) -> RoutingStats:
         return cls({i: LayerStats.from_decision(d) for i, d in (routing or {}).items()})
+
+    def __add__(self, other: RoutingStats) -> RoutingStats:
+        """Accumulate micro-batches: layers present in both are added, others kept as they are."""
+        layers = dict(self.layers)
+        for i, s in other.layers.items():
+            layers[i] = layers[i] + s if i in layers else s
+        return RoutingStats(layers)
 
     def summary(self) -> dict[str, float]:
         """Scalars to log: drop rate, max expert share and load entropy averaged over layers."""
