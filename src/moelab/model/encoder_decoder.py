@@ -121,7 +121,7 @@ class EncoderOutput:
     hidden: Tensor  # [B, L, D], after the encoder's final norm
     attention_mask: Tensor | None  # [B, L] 1 = real token
     aux_by_layer: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-    loss_weights: dict[str, float] = field(default_factory=dict)
+    loss_weights: dict[int, dict[str, float]] = field(default_factory=dict)  # layer → coefficients
     routing: dict[int, RoutingDecision] = field(default_factory=dict)
 
 
@@ -167,7 +167,10 @@ class EncoderDecoder(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if p.dim() < 2:
-                p.zero_() if name.endswith("bias") else p.fill_(1.0)
+                if name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.fill_(1.0)
             elif name.endswith(("o_proj.weight", "w_down.weight", "experts.w_down")):
                 p.normal_(0.0, out_std)
             else:
@@ -189,11 +192,17 @@ class EncoderDecoder(nn.Module):
         return f"encoder.{layer}" if layer < ne else f"decoder.{layer - ne}"
 
     # ------------------------------------------------------------------ passes
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, return_routing: bool = False) -> EncoderOutput:
+    def encode(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, return_routing: bool = False
+    ) -> EncoderOutput:
         """Run the encoder once: ``[B, L]`` ids (+ padding mask) → :class:`EncoderOutput`."""
         B, L = input_ids.shape
         pos = torch.arange(L, device=input_ids.device).expand(B, L)
-        mask = None if attention_mask is None else build_attention_mask("bidirectional", pos, pos, attention_mask, None)
+        mask = (
+            None
+            if attention_mask is None
+            else build_attention_mask("bidirectional", pos, pos, attention_mask, None)
+        )
         rope = self.encoder_rope(pos)
         x = self.drop(self.embed(input_ids))
         out = EncoderOutput(hidden=x, attention_mask=attention_mask)
@@ -210,11 +219,13 @@ class EncoderDecoder(nn.Module):
         decoder_attention_mask: Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
         return_routing: bool = False,
-    ) -> tuple[Tensor, dict[int, dict[str, Tensor]], dict[str, float], dict[int, RoutingDecision]]:
-        """Decoder pass → ``(logits [B, S, V], aux_by_layer, loss_weights, routing)`` (global layer ids)."""
+    ) -> tuple[Tensor, dict[int, dict[str, Tensor]], dict[int, dict[str, float]], dict[int, RoutingDecision]]:
+        """Decoder pass → ``(logits [B, S, V], aux_by_layer, loss_weights, routing)``, keyed by global layer."""
         B, S = decoder_input_ids.shape
         if cache is not None and decoder_attention_mask is not None:
-            raise ValueError("cached decoding takes no decoder_attention_mask (decoder inputs are never padded)")
+            raise ValueError(
+                "cached decoding takes no decoder_attention_mask (decoder inputs are never padded)"
+            )
         past = 0 if cache is None else cache.length
         dev = decoder_input_ids.device
         key_pos = torch.arange(past + S, device=dev).expand(B, past + S)
@@ -228,15 +239,19 @@ class EncoderDecoder(nn.Module):
             cache.cross = [blk.cross_attn.project_kv(encoder_out.hidden) for blk in self.decoder_blocks]
         x = self.drop(self.embed(decoder_input_ids))
         aux: dict[int, dict[str, Tensor]] = {}
-        weights: dict[str, float] = {}
+        weights: dict[int, dict[str, float]] = {}
         routing: dict[int, RoutingDecision] = {}
         ne = len(self.encoder_blocks)
         for j, block in enumerate(self.decoder_blocks):
-            kv = cache.cross[j] if cache is not None and cache.cross is not None else block.cross_attn.project_kv(
-                encoder_out.hidden
+            kv = (
+                cache.cross[j]
+                if cache is not None and cache.cross is not None
+                else block.cross_attn.project_kv(encoder_out.hidden)
             )
             layer_cache = None if cache is None else cache.self_attn[j]
-            x, moe_out = block(x, rope, mask, kv, cross_mask, decoder_input_ids, decoder_attention_mask, layer_cache)
+            x, moe_out = block(
+                x, rope, mask, kv, cross_mask, decoder_input_ids, decoder_attention_mask, layer_cache
+            )
             _record(aux, weights, routing, ne + j, block, moe_out, return_routing)
         return self.lm_head(self.decoder_norm(x)), aux, weights, routing
 
@@ -273,9 +288,15 @@ class EncoderDecoder(nn.Module):
             routing={**encoder_out.routing, **routing} if return_routing else None,
         )
         if aux_by_layer:
+            # Each loss averaged over the MoE layers that report it (both stacks); a stack's own
+            # coefficient weighs its layers, so stacks with different MoE configs add up correctly
+            # (with one coefficient per name this is exactly the decoder-only model's formula).
             names = sorted({n for v in aux_by_layer.values() for n in v})
             out.aux = {n: torch.stack([v[n] for v in aux_by_layer.values() if n in v]).mean() for n in names}
-            out.aux_loss = sum(weights[n] * out.aux[n] for n in names)  # type: ignore[assignment]
+            out.aux_loss = sum(  # type: ignore[assignment]
+                torch.stack([weights[i][n] * v[n] for i, v in aux_by_layer.items() if n in v]).mean()
+                for n in names
+            )
         if labels is not None:
             out.loss = F.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
@@ -324,7 +345,7 @@ class EncoderDecoder(nn.Module):
 
 def _record(
     aux: dict[int, dict[str, Tensor]],
-    weights: dict[str, float],
+    weights: dict[int, dict[str, float]],
     routing: dict[int, RoutingDecision],
     layer: int,
     block: nn.Module,
@@ -334,6 +355,6 @@ def _record(
     if moe_out is None:
         return
     aux[layer] = moe_out.losses
-    weights.update(block.ffn.loss_weights())
+    weights[layer] = block.ffn.loss_weights()
     if return_routing:
         routing[layer] = moe_out.decision

@@ -13,7 +13,7 @@ from moelab.objectives.base import ARCHITECTURES, IGNORE_INDEX, Objective, Objec
 from moelab.objectives.registry import OBJECTIVES
 
 # Importing the modules registers them.
-from moelab.objectives import causal, mlm, prefix, span  # noqa: E402,F401  isort: skip
+from moelab.objectives import causal, mlm, prefix, span  # noqa: F401  isort: skip
 
 
 def build_objective(name: str, **settings: Any) -> Objective:
@@ -27,7 +27,9 @@ def build_objective(name: str, **settings: Any) -> Objective:
         from moelab.config import ConfigError
 
         allowed = ", ".join(f.name for f in fields(cls)) or "none"
-        raise ConfigError(f"objective {name!r} got an unknown setting ({exc}); its settings: {allowed}") from None
+        raise ConfigError(
+            f"objective {name!r} got an unknown setting ({exc}); its settings: {allowed}"
+        ) from None
 
 
 __all__ = ["ARCHITECTURES", "IGNORE_INDEX", "OBJECTIVES", "Objective", "ObjectiveBatch", "build_objective"]

@@ -97,7 +97,11 @@ class Objective:
 
     # ---------------------------------------------------------------- batches
     def prepare(
-        self, input_ids: Tensor, labels: Tensor | None, tokenizer: Tokenizer, generator: torch.Generator | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None,
+        tokenizer: Tokenizer,
+        generator: torch.Generator | None = None,
     ) -> ObjectiveBatch:
         """Turn one packed batch (the loader's ``input_ids``/``labels``, ``[B, S]``) into model tensors.
 
@@ -109,7 +113,9 @@ class Objective:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- evaluation
-    def metric_sums(self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None) -> dict[str, float]:
+    def metric_sums(
+        self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None
+    ) -> dict[str, float]:
         """Additive sums for one batch (add them over batches, then :meth:`summarize`)."""
         return metrics.loss_sums(logits, batch.labels)
 
@@ -117,7 +123,9 @@ class Objective:
         """Sums over the evaluation set → metrics (``loss`` always, plus the objective's own)."""
         return metrics.summarize(sums)
 
-    def evaluate(self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None) -> dict[str, float]:
+    def evaluate(
+        self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None
+    ) -> dict[str, float]:
         """Metrics of a single batch: ``summarize(metric_sums(...))``."""
         return self.summarize(self.metric_sums(logits, batch, token_bytes_V))
 
@@ -126,7 +134,9 @@ def next_token_labels(input_ids: Tensor, labels: Tensor | None) -> Tensor:
     """The loader's labels, or (when None) ``input_ids`` shifted left with the last position ignored."""
     if labels is not None:
         if labels.shape != input_ids.shape:
-            raise UserError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+            raise UserError(
+                f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}"
+            )
         return labels
     out = torch.full_like(input_ids, IGNORE_INDEX)
     out[:, :-1] = input_ids[:, 1:]

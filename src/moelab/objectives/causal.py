@@ -27,11 +27,17 @@ class CausalLM(Objective):
     metric = "loss"
 
     def prepare(
-        self, input_ids: Tensor, labels: Tensor | None, tokenizer: Tokenizer, generator: torch.Generator | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None,
+        tokenizer: Tokenizer,
+        generator: torch.Generator | None = None,
     ) -> ObjectiveBatch:
         return ObjectiveBatch(input_ids=input_ids, labels=next_token_labels(input_ids, labels))
 
-    def metric_sums(self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None) -> dict[str, float]:
+    def metric_sums(
+        self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None
+    ) -> dict[str, float]:
         sums = metrics.loss_sums(logits, batch.labels)
         if token_bytes_V is not None:
             sums.update(metrics.byte_sums(batch.labels, token_bytes_V))

@@ -45,7 +45,9 @@ class MaskedLM(Objective):
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"objective.{field_name} = {v!r} is invalid: must be in [0, 1]")
         if self.mask_prob == 0.0:
-            raise ConfigError("objective.mask_prob = 0.0 is invalid: must be > 0 (nothing would be predicted)")
+            raise ConfigError(
+                "objective.mask_prob = 0.0 is invalid: must be > 0 (nothing would be predicted)"
+            )
         if self.mask_token_frac + self.random_token_frac > 1.0 + 1e-12:
             raise ConfigError(
                 f"objective.mask_token_frac + objective.random_token_frac = "
@@ -56,7 +58,11 @@ class MaskedLM(Objective):
         return [MASK]
 
     def prepare(
-        self, input_ids: Tensor, labels: Tensor | None, tokenizer: Tokenizer, generator: torch.Generator | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None,
+        tokenizer: Tokenizer,
+        generator: torch.Generator | None = None,
     ) -> ObjectiveBatch:
         mask_id = tokenizer.mask_id
         if mask_id is None:
@@ -83,8 +89,10 @@ class MaskedLM(Objective):
 
         action_BS = torch.rand(ids_cpu.shape, generator=generator)
         to_mask = chosen_BS & (action_BS < self.mask_token_frac)
-        to_random = chosen_BS & (action_BS >= self.mask_token_frac) & (
-            action_BS < self.mask_token_frac + self.random_token_frac
+        to_random = (
+            chosen_BS
+            & (action_BS >= self.mask_token_frac)
+            & (action_BS < self.mask_token_frac + self.random_token_frac)
         )
         random_BS = regular_ids[torch.randint(0, regular_ids.numel(), ids_cpu.shape, generator=generator)]
 
@@ -94,7 +102,9 @@ class MaskedLM(Objective):
         out_labels = torch.where(chosen_BS, ids_cpu, torch.full_like(ids_cpu, IGNORE_INDEX))
         return ObjectiveBatch(input_ids=inputs.to(dev), labels=out_labels.to(dev))
 
-    def metric_sums(self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None) -> dict[str, float]:
+    def metric_sums(
+        self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None
+    ) -> dict[str, float]:
         return {**metrics.loss_sums(logits, batch.labels), **metrics.accuracy_sums(logits, batch.labels)}
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:

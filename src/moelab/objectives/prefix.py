@@ -35,7 +35,9 @@ class PrefixLM(Objective):
 
     def __post_init__(self) -> None:
         if not (isinstance(self.min_prefix, int) and self.min_prefix >= 1):
-            raise ConfigError(f"objective.min_prefix = {self.min_prefix!r} is invalid: must be an integer >= 1")
+            raise ConfigError(
+                f"objective.min_prefix = {self.min_prefix!r} is invalid: must be an integer >= 1"
+            )
 
     def sample_prefix_len(self, batch: int, seq_len: int, generator: torch.Generator | None) -> Tensor:
         """``[B]`` prefix lengths, uniform in ``[min_prefix, seq_len - 1]``."""
@@ -47,7 +49,11 @@ class PrefixLM(Objective):
         return torch.randint(self.min_prefix, seq_len, (batch,), generator=generator)
 
     def prepare(
-        self, input_ids: Tensor, labels: Tensor | None, tokenizer: Tokenizer, generator: torch.Generator | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None,
+        tokenizer: Tokenizer,
+        generator: torch.Generator | None = None,
     ) -> ObjectiveBatch:
         B, S = input_ids.shape
         labels = next_token_labels(input_ids, labels).clone()
@@ -56,7 +62,9 @@ class PrefixLM(Objective):
         labels[in_prefix] = IGNORE_INDEX
         return ObjectiveBatch(input_ids=input_ids, labels=labels, prefix_len=prefix_len)
 
-    def metric_sums(self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None) -> dict[str, float]:
+    def metric_sums(
+        self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None
+    ) -> dict[str, float]:
         sums = metrics.loss_sums(logits, batch.labels)
         if token_bytes_V is not None:
             sums.update(metrics.byte_sums(batch.labels, token_bytes_V))

@@ -48,7 +48,9 @@ from moelab.objectives.registry import OBJECTIVES
 def span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
     """``(num_noise, num_spans)`` for a block of ``length`` tokens (see the module docstring)."""
     if length < 2:
-        raise UserError(f"span corruption needs blocks of at least 2 tokens, got {length}: raise data.seq_len")
+        raise UserError(
+            f"span corruption needs blocks of at least 2 tokens, got {length}: raise data.seq_len"
+        )
     num_noise = min(max(round(length * noise_density), 1), length - 1)
     num_spans = max(round(num_noise / mean_span_length), 1)
     return num_noise, min(num_spans, num_noise, length - num_noise)
@@ -73,14 +75,16 @@ def random_spans_noise_mask(
     return torch.repeat_interleave(is_noise, lengths)
 
 
-def corrupt_spans(tokens_BS: Tensor, noise_BS: Tensor, sentinel_ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
+def corrupt_spans(
+    tokens_BS: Tensor, noise_BS: Tensor, sentinel_ids: Tensor, eos_id: int
+) -> tuple[Tensor, Tensor]:
     """Apply a noise mask: ``(inputs [B, S-N+K+1], targets [B, N+K+1])`` (rows share N and K).
 
     Each position gets two slots, (sentinel, token): inputs keep the sentinel slot at a span
     start and the token slot where there is no noise; targets keep the sentinel slot at a
     span start and the token slot where there is noise.
     """
-    B, S = tokens_BS.shape
+    B = tokens_BS.shape[0]
     prev = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=noise_BS.device), noise_BS[:, :-1]], dim=1)
     start_BS = noise_BS & ~prev
     span_BS = start_BS.long().cumsum(1) - 1
@@ -131,11 +135,17 @@ class SpanCorruption(Objective):
 
     def __post_init__(self) -> None:
         if not 0.0 < self.noise_density < 1.0:
-            raise ConfigError(f"objective.noise_density = {self.noise_density!r} is invalid: must be in (0, 1)")
+            raise ConfigError(
+                f"objective.noise_density = {self.noise_density!r} is invalid: must be in (0, 1)"
+            )
         if not self.mean_span_length >= 1.0:
-            raise ConfigError(f"objective.mean_span_length = {self.mean_span_length!r} is invalid: must be >= 1")
+            raise ConfigError(
+                f"objective.mean_span_length = {self.mean_span_length!r} is invalid: must be >= 1"
+            )
         if not (isinstance(self.num_sentinels, int) and self.num_sentinels >= 1):
-            raise ConfigError(f"objective.num_sentinels = {self.num_sentinels!r} is invalid: must be an integer >= 1")
+            raise ConfigError(
+                f"objective.num_sentinels = {self.num_sentinels!r} is invalid: must be an integer >= 1"
+            )
 
     def special_tokens(self) -> list[str]:
         # Descending, so <extra_id_0> gets the highest id (T5's layout).
@@ -148,11 +158,18 @@ class SpanCorruption(Objective):
 
     def noise_mask(self, batch: int, seq_len: int, generator: torch.Generator | None = None) -> Tensor:
         """``[B, S]`` bool, one independent :func:`random_spans_noise_mask` per row."""
-        rows = [random_spans_noise_mask(seq_len, self.noise_density, self.mean_span_length, generator) for _ in range(batch)]
+        rows = [
+            random_spans_noise_mask(seq_len, self.noise_density, self.mean_span_length, generator)
+            for _ in range(batch)
+        ]
         return torch.stack(rows)
 
     def prepare(
-        self, input_ids: Tensor, labels: Tensor | None, tokenizer: Tokenizer, generator: torch.Generator | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None,
+        tokenizer: Tokenizer,
+        generator: torch.Generator | None = None,
     ) -> ObjectiveBatch:
         B, S = input_ids.shape
         _, k = span_counts(S, self.noise_density, self.mean_span_length)
@@ -168,7 +185,9 @@ class SpanCorruption(Objective):
         decoder_input_ids = torch.cat([start, targets[:, :-1]], dim=1)
         return ObjectiveBatch(input_ids=inputs, labels=targets, decoder_input_ids=decoder_input_ids)
 
-    def metric_sums(self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None) -> dict[str, float]:
+    def metric_sums(
+        self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None
+    ) -> dict[str, float]:
         return {**metrics.loss_sums(logits, batch.labels), **metrics.accuracy_sums(logits, batch.labels)}
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
