@@ -36,6 +36,7 @@ def sentinel_token(i: int) -> str:
     """The i-th span-corruption sentinel, named as in T5 (``<extra_id_0>`` is the first span)."""
     return f"<extra_id_{i}>"
 
+
 # Names other tokenizers use for the same roles, tried in order when loading a foreign tokenizer.json.
 _ROLE_ALIASES = {
     "bos": (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>", "[CLS]", "<bos>"),
