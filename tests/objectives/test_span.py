@@ -48,6 +48,10 @@ def test_inputs_and_targets_reconstruct_the_block(length, batch, density, mean, 
         assert [t for t in inputs if t in sentinels] == sentinels[:k]  # span i ↔ sentinel i, in order
         assert [t for t in targets if t in sentinels] == sentinels[:k]
         assert reconstruct_spans(inputs, targets, sentinels) == ids[row].tolist()
+        src = b.source_positions[row]
+        kept = src >= 0
+        assert torch.equal(b.input_ids[row][kept], ids[row][src[kept]])  # kept tokens map back to the block
+        assert torch.isin(b.input_ids[row][~kept], torch.tensor([*sentinels, TOK.eos_id])).all()
     assert torch.equal(b.decoder_input_ids[:, 1:], b.labels[:, :-1])
     assert (b.decoder_input_ids[:, 0] == TOK.pad_id).all()  # T5: decoder start token = pad
 

@@ -43,10 +43,18 @@ class ObjectiveBatch:
     prefix_len: Tensor | None = None  # [B] long (prefix objective)
     attention_mask: Tensor | None = None  # [B, Si] 1 = real token, 0 = padding
     decoder_input_ids: Tensor | None = None  # [B, So] long (encoder–decoder objectives)
+    # Not a model input: the block position each ``input_ids`` token came from (-1 = inserted, e.g. a
+    # sentinel), for objectives that move tokens (span); None = position i is block position i. Lets
+    # routing analysis look up the loader's per-token labels (domain, language) for encoder tokens.
+    source_positions: Tensor | None = None  # [B, Si] long
 
     def model_inputs(self) -> dict[str, Tensor]:
         """``model(**batch.model_inputs())`` runs the forward pass with the loss."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) is not None and f.name != "source_positions"
+        }
 
     @property
     def num_targets(self) -> int:

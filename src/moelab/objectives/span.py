@@ -181,9 +181,18 @@ class SpanCorruption(Objective):
             )
         noise = self.noise_mask(B, S, generator).to(input_ids.device)
         inputs, targets = corrupt_spans(input_ids, noise, torch.tensor(sentinels[:k]), tokenizer.eos_id)
+        # The same selection applied to block positions (sentinels and EOS → -1): where each input came from.
+        pos_BS = torch.arange(S, device=input_ids.device).expand(B, S)
+        no_sentinel = torch.full((k,), -1, dtype=torch.long)
+        source_positions, _ = corrupt_spans(pos_BS, noise, no_sentinel, -1)
         start = torch.full((B, 1), tokenizer.pad_id, dtype=targets.dtype, device=targets.device)
         decoder_input_ids = torch.cat([start, targets[:, :-1]], dim=1)
-        return ObjectiveBatch(input_ids=inputs, labels=targets, decoder_input_ids=decoder_input_ids)
+        return ObjectiveBatch(
+            input_ids=inputs,
+            labels=targets,
+            decoder_input_ids=decoder_input_ids,
+            source_positions=source_positions,
+        )
 
     def metric_sums(
         self, logits: Tensor, batch: ObjectiveBatch, token_bytes_V: Tensor | None = None
