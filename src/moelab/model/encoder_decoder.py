@@ -8,6 +8,9 @@
 - One embedding table shared by encoder, decoder and (``decoder.tie_embeddings``) the LM head,
   as in T5. Unlike T5 the tied head is not rescaled by d_model^-0.5, matching the decoder-only
   :class:`~moelab.model.transformer.Transformer` (same init, same logit scale).
+- Positions: RoPE in both self-attentions (default), or ``position='t5_relative'``: T5's bucketed
+  relative position bias (one table per stack, shared by its layers) and no RoPE
+  (:mod:`moelab.model.relative_position`). Cross-attention has neither.
 - Each stack is a :class:`ModelConfig`; its ``moe`` (None = dense) and placement choose MoE per
   stack and per layer with the same :class:`MoELayer` (routers, capacity, dispatch, losses) as
   the decoder-only model. The dense twin is :meth:`EncoderDecoderConfig.dense_twin`.
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from moelab.config import ConfigError, ModelConfig
 from moelab.infer.kv_cache import DynamicKVCache
 from moelab.model.cross_attention import CrossAttention, encoder_key_mask
+from moelab.model.relative_position import RelativePositionBias, biased_mask, identity_rope
 from moelab.model.transformer import (
     IGNORE_INDEX,
     Block,
@@ -45,6 +49,8 @@ from moelab.model.transformer import (
 from moelab.moe.decision import RoutingDecision
 from moelab.moe.layer import MoEOutput
 
+POSITIONS = ("rope", "t5_relative")
+
 
 @dataclass(frozen=True)
 class EncoderDecoderConfig:
@@ -52,8 +58,24 @@ class EncoderDecoderConfig:
 
     encoder: ModelConfig = field(default_factory=lambda: ModelConfig(attention="bidirectional"))
     decoder: ModelConfig = field(default_factory=ModelConfig)
+    position: str = "rope"  # rope | t5_relative (bucketed relative bias in self-attention, no RoPE)
+    relative_buckets: int = 32  # t5_relative: buckets per stack (T5: 32)
+    relative_max_distance: int = 128  # t5_relative: distances beyond this share the last bucket
 
     def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise ConfigError(
+                f"position = {self.position!r} is invalid: allowed {', '.join(map(repr, POSITIONS))}"
+            )
+        if not (isinstance(self.relative_buckets, int) and self.relative_buckets >= 4):
+            raise ConfigError(
+                f"relative_buckets = {self.relative_buckets!r} is invalid: must be an integer >= 4"
+            )
+        if not self.relative_max_distance > self.relative_buckets // 2:
+            raise ConfigError(
+                f"relative_max_distance = {self.relative_max_distance!r} is invalid: must exceed "
+                f"relative_buckets / 2 = {self.relative_buckets // 2}"
+            )
         enc, dec = self.encoder, self.decoder
         for name in ("vocab_size", "d_model"):
             if getattr(enc, name) != getattr(dec, name):
@@ -67,10 +89,15 @@ class EncoderDecoderConfig:
             raise ConfigError(f"decoder.attention = {dec.attention!r} is invalid: allowed 'causal'")
 
     @classmethod
-    def from_model(cls, cfg: ModelConfig, decoder_layers: int | None = None) -> EncoderDecoderConfig:
-        """Both stacks from one config (T5: same sizes; ``decoder_layers`` defaults to ``cfg.n_layers``)."""
+    def from_model(
+        cls, cfg: ModelConfig, decoder_layers: int | None = None, **options
+    ) -> EncoderDecoderConfig:
+        """Both stacks from one config (T5: same sizes; ``decoder_layers`` defaults to ``cfg.n_layers``).
+
+        ``options`` are the other fields (``position``, ``relative_buckets``, …).
+        """
         dec = replace(cfg, attention="causal", n_layers=decoder_layers or cfg.n_layers)
-        return cls(encoder=replace(cfg, attention="bidirectional"), decoder=dec)
+        return cls(encoder=replace(cfg, attention="bidirectional"), decoder=dec, **options)
 
     def dense_twin(self, kind: str = "iso_active") -> EncoderDecoderConfig:
         """Each MoE stack replaced by its dense twin (``moelab.model.twins.dense_twin``)."""
@@ -79,7 +106,7 @@ class EncoderDecoderConfig:
         def twin(c: ModelConfig) -> ModelConfig:
             return dense_twin(c, kind) if c.moe is not None else c
 
-        return EncoderDecoderConfig(encoder=twin(self.encoder), decoder=twin(self.decoder))
+        return replace(self, encoder=twin(self.encoder), decoder=twin(self.decoder))
 
     @property
     def n_layers(self) -> int:
@@ -155,6 +182,12 @@ class EncoderDecoder(nn.Module):
         self.decoder_blocks = nn.ModuleList(DecoderBlock(dec, i) for i in range(dec.n_layers))
         self.decoder_norm = make_norm(dec)
         self.lm_head = nn.Linear(dec.d_model, dec.vocab_size, bias=False)
+        self.encoder_relative: RelativePositionBias | None = None
+        self.decoder_relative: RelativePositionBias | None = None
+        if cfg.position == "t5_relative":
+            nb, md = cfg.relative_buckets, cfg.relative_max_distance
+            self.encoder_relative = RelativePositionBias(enc.n_heads, True, nb, md)
+            self.decoder_relative = RelativePositionBias(dec.n_heads, False, nb, md)
         self.drop = nn.Dropout(dec.dropout)
         self.reset_parameters()
         if dec.tie_embeddings:
@@ -203,8 +236,12 @@ class EncoderDecoder(nn.Module):
             if attention_mask is None
             else build_attention_mask("bidirectional", pos, pos, attention_mask, None)
         )
-        rope = self.encoder_rope(pos)
         x = self.drop(self.embed(input_ids))
+        if self.encoder_relative is None:
+            rope = self.encoder_rope(pos)
+        else:
+            rope = identity_rope(B, L, self.cfg.encoder.head_dim, x)
+            mask = biased_mask(self.encoder_relative(pos[0], pos[0]).to(x.dtype), mask)
         out = EncoderOutput(hidden=x, attention_mask=attention_mask)
         for i, block in enumerate(self.encoder_blocks):
             x, moe_out = block(x, rope, mask, False, input_ids, attention_mask)
@@ -231,9 +268,14 @@ class EncoderDecoder(nn.Module):
         key_pos = torch.arange(past + S, device=dev).expand(B, past + S)
         query_pos = key_pos[:, past:]
         mask = None
-        if past > 0 or decoder_attention_mask is not None:
+        if past > 0 or decoder_attention_mask is not None or self.decoder_relative is not None:
             mask = build_attention_mask("causal", query_pos, key_pos, decoder_attention_mask, None)
-        rope = self.decoder_rope(query_pos)
+        if self.decoder_relative is None:
+            rope = self.decoder_rope(query_pos)
+        else:
+            rope = identity_rope(B, S, self.cfg.decoder.head_dim, decoder_input_ids)
+            bias = self.decoder_relative(query_pos[0], key_pos[0]).to(self.embed.weight.dtype)
+            mask = biased_mask(bias, mask)
         cross_mask = encoder_key_mask(encoder_out.attention_mask)
         if cache is not None and cache.cross is None:
             cache.cross = [blk.cross_attn.project_kv(encoder_out.hidden) for blk in self.decoder_blocks]
