@@ -109,3 +109,17 @@ def test_position_options_are_validated() -> None:
     )
     twin = cfg.dense_twin()
     assert (twin.position, twin.relative_buckets, twin.decoder.moe) == ("t5_relative", 8, None)
+
+
+@torch.no_grad()
+def test_scale_decoder_output_is_t5s_tied_head_scale() -> None:
+    cfg = EncoderDecoderConfig.from_model(tiny_config())
+    torch.manual_seed(0)
+    plain = EncoderDecoder(cfg).eval()
+    from dataclasses import replace
+
+    scaled = EncoderDecoder(replace(cfg, scale_decoder_output=True)).eval()
+    scaled.load_state_dict(plain.state_dict())
+    enc, dec = torch.randint(0, 97, (2, 5)), torch.randint(0, 97, (2, 4))
+    # The head is linear: logits scale by d_model^-0.5 = 32^-0.5.
+    assert torch.allclose(scaled(enc, dec).logits, plain(enc, dec).logits * 32**-0.5, atol=1e-6)

@@ -6,8 +6,9 @@
   and the feed-forward: ``x + self_attn(norm x)`` (causal, RoPE), ``+ cross_attn(norm x, enc)``,
   ``+ ffn(norm x)``.
 - One embedding table shared by encoder, decoder and (``decoder.tie_embeddings``) the LM head,
-  as in T5. Unlike T5 the tied head is not rescaled by d_model^-0.5, matching the decoder-only
-  :class:`~moelab.model.transformer.Transformer` (same init, same logit scale).
+  as in T5. By default the tied head is not rescaled, matching the decoder-only
+  :class:`~moelab.model.transformer.Transformer` (same init, same logit scale);
+  ``scale_decoder_output=True`` multiplies the final decoder states by d_model^-0.5 as T5 does.
 - Positions: RoPE in both self-attentions (default), or ``position='t5_relative'``: T5's bucketed
   relative position bias (one table per stack, shared by its layers) and no RoPE
   (:mod:`moelab.model.relative_position`). Cross-attention has neither.
@@ -61,6 +62,9 @@ class EncoderDecoderConfig:
     position: str = "rope"  # rope | t5_relative (bucketed relative bias in self-attention, no RoPE)
     relative_buckets: int = 32  # t5_relative: buckets per stack (T5: 32)
     relative_max_distance: int = 128  # t5_relative: distances beyond this share the last bucket
+    scale_decoder_output: bool = (
+        False  # T5 with tied embeddings: final decoder states × d_model^-0.5 before the head
+    )
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
@@ -295,7 +299,10 @@ class EncoderDecoder(nn.Module):
                 x, rope, mask, kv, cross_mask, decoder_input_ids, decoder_attention_mask, layer_cache
             )
             _record(aux, weights, routing, ne + j, block, moe_out, return_routing)
-        return self.lm_head(self.decoder_norm(x)), aux, weights, routing
+        h = self.decoder_norm(x)
+        if self.cfg.scale_decoder_output:
+            h = h * self.cfg.decoder.d_model**-0.5
+        return self.lm_head(h), aux, weights, routing
 
     def forward(
         self,
