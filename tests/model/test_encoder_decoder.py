@@ -180,6 +180,16 @@ def test_config_validation() -> None:
     assert replace(cfg).decoder.attention == "causal"
 
 
+def test_config_round_trips_through_yaml(tmp_path) -> None:
+    from moelab.config import load_config, save_config
+
+    cfg = EncoderDecoderConfig.from_model(
+        tiny_config(moe=tiny_moe()), decoder_layers=3, position="t5_relative"
+    )
+    save_config(cfg, tmp_path / "model.yaml")
+    assert load_config(tmp_path / "model.yaml", EncoderDecoderConfig) == cfg
+
+
 def test_gradients_reach_every_parameter() -> None:
     model = _model(tiny_moe())
     model.train()
