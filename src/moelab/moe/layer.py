@@ -41,6 +41,8 @@ class MoELayer(nn.Module):
             if cfg.num_shared_experts > 0
             else None
         )
+        # Qwen2-MoE: the shared experts' output is scaled per token by sigmoid(x·w_gate).
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate and self.shared is not None else None
         self.dispatch = DISPATCHERS[cfg.dispatch]
 
     def loss_weights(self) -> dict[str, float]:
@@ -64,6 +66,9 @@ class MoELayer(nn.Module):
         decision = self.route(x_TD, (B, S), token_ids_T, token_mask_T)
         y_TD = self.dispatch(x_TD, decision, self.experts)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = self.shared_gate(x_TD).sigmoid() * shared_TD
+            y_TD = y_TD + shared_TD
         losses = {self.cfg.aux_loss: BALANCE_LOSSES[self.cfg.aux_loss](decision), "z_loss": z_loss(decision)}
         return MoEOutput(y=y_TD.view(B, S, D), decision=decision, losses=losses)

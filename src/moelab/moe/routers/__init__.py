@@ -6,6 +6,7 @@ its math in fp32 whatever the model dtype.
 
 from __future__ import annotations
 
+from moelab.moe.routers import sigmoid_bias as _sigmoid_bias  # noqa: F401  (registers "sigmoid_bias")
 from moelab.moe.routers import topk as _topk  # noqa: F401  (registers "topk")
 from moelab.moe.routers.base import ROUTERS, Router, build_router
 

@@ -1,0 +1,105 @@
+"""Sigmoid routing with aux-loss-free bias balancing (DeepSeek-V3, Liu et al. 2024, §2.1.2; Wang et al. 2024).
+
+    s = sigmoid(x·W_g)                                       ([T, E], fp32)
+    choice = s + b                                           (b: per-expert bias, no gradient)
+    group-limited (n_group > 1): group score = sum of the two best ``choice`` in each group;
+        only the best ``topk_group`` groups stay selectable
+    experts = TopK(choice, K);  w = s_e / Σ_kept s (renormalize) · routed_scaling_factor
+
+The bias only decides *which* experts are chosen; weights come from the unbiased scores. After
+each optimizer step the trainer's :class:`~moelab.moe.balancing.Balancer` calls
+:meth:`update_bias` with that step's load: ``b_i += γ · sign(mean_load − load_i)``, raising the
+bias of under-loaded experts. The sequence-wise balance loss of the paper (small α) is
+``moe.seq_aux_coef`` (or ``moe.aux_loss=seq_aux``). Matches transformers'
+``DeepseekV3TopkRouter`` (``e_score_correction_bias`` is our ``bias``); tested.
+
+Legend: T tokens, D model dim, E experts, K top-k, G groups, E/G experts per group.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from moelab.config import ConfigError, MoEConfig
+from moelab.moe.decision import RoutingDecision, token_choice_decision
+from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+
+if TYPE_CHECKING:
+    from moelab.moe.stats import LayerStats
+
+
+def group_limited_mask(choice_TE: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """``[T, E]`` bool: experts inside each token's ``topk_group`` best groups.
+
+    A group's score is the sum of its two best scores (one when groups have a single expert).
+    """
+    T, E = choice_TE.shape
+    per_group = E // n_group
+    grouped_TGn = choice_TE.view(T, n_group, per_group)
+    group_score_TG = grouped_TGn.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    best_group = group_score_TG.topk(topk_group, dim=-1).indices
+    group_mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_group, True)
+    return group_mask_TG.unsqueeze(-1).expand(T, n_group, per_group).reshape(T, E)
+
+
+@ROUTERS.register("sigmoid_bias")
+class SigmoidBiasRouter(Router):
+    """Sigmoid scores, selection by score + bias, bias balanced outside the gradient (DeepSeek-V3)."""
+
+    paper = "DeepSeek-AI 2024 (DeepSeek-V3); Wang et al. 2024 (aux-loss-free balancing)"
+    formula = "s = σ(x·W_g); experts = TopK(s + b, K) in best groups; w = s/Σs · scale; b += γ·sign(mean − load)"
+    balancing = "bias update b_i += γ·sign(mean_load − load_i) (Balancer), optional seq_aux loss"
+
+    bias: Tensor
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__(d_model, cfg)
+        # A buffer, not a parameter: no gradient, no weight decay, but saved in checkpoints.
+        self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    @classmethod
+    def validate(cls, cfg: MoEConfig) -> None:
+        r = cfg.router
+        if cfg.num_experts % r.n_group:
+            raise ConfigError(
+                f"moe.router.n_group={r.n_group!r} is invalid: must divide moe.num_experts={cfg.num_experts}"
+            )
+        selectable = r.topk_group * (cfg.num_experts // r.n_group)
+        if cfg.top_k > selectable:
+            raise ConfigError(
+                f"moe.top_k={cfg.top_k!r} is invalid: group-limited routing leaves only topk_group·E/n_group="
+                f"{selectable} experts to choose from; raise moe.router.topk_group or lower moe.top_k"
+            )
+
+    def forward(
+        self,
+        x_TD: Tensor,
+        batch_shape: tuple[int, int],
+        token_ids_T: Tensor | None = None,
+        token_mask_T: Tensor | None = None,
+    ) -> RoutingDecision:
+        r = self.cfg.router
+        logits_TE = self.logits(x_TD)
+        scores_TE = logits_TE.sigmoid()
+        if r.force_balanced:
+            expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
+        else:
+            choice_TE = scores_TE.detach() + self.bias.float()
+            if r.n_group > 1:
+                allowed_TE = group_limited_mask(choice_TE, r.n_group, r.topk_group)
+                choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
+            expert_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weight_TK = scores_TE.gather(1, expert_TK)
+        if r.renormalize:
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weight_TK = weight_TK * r.routed_scaling_factor
+        return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)
+
+    @torch.no_grad()
+    def update_bias(self, stats: LayerStats) -> None:
+        """Aux-loss-free balancing step: ``b_i += γ · sign(mean_load − load_i)`` (γ = bias_update_rate)."""
+        load_E = stats.load.to(device=self.bias.device, dtype=torch.float32)
+        self.bias += self.cfg.router.bias_update_rate * torch.sign(load_E.mean() - load_E)
