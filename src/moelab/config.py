@@ -245,14 +245,14 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"model.{name}", value, "must be a positive integer")
-        if self.attn_head_dim is None:
+        if self.attn_head_dim is None and self.mla is None:
             _require(
                 self.d_model % self.n_heads == 0,
                 "model.d_model",
                 self.d_model,
                 f"must be divisible by model.n_heads={self.n_heads} (or set model.attn_head_dim)",
             )
-        else:
+        elif self.attn_head_dim is not None:
             _require(self.attn_head_dim >= 1, "model.attn_head_dim", self.attn_head_dim, "must be >= 1 or null")
         _require(
             self.n_heads % self.n_kv_heads == 0,

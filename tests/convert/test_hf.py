@@ -1,0 +1,120 @@
+"""Hugging Face import/export: logits and greedy tokens equal transformers' for every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from convert.hf_cases import FAMILY_CASES, V, greedy, tiny_hf_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from moelab.config import ConfigError  # noqa: E402
+from moelab.convert.hf import export_hf, import_hf, load_moelab, save_moelab  # noqa: E402
+from moelab.errors import UserError  # noqa: E402
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
+def test_import_export_matches_transformers(family, tmp_path) -> None:
+    theirs = tiny_hf_model(family)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = import_hf(tmp_path / "hf")
+    ids = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(1))
+    ref = _logits(theirs, ids)
+    assert torch.allclose(_logits(ours, ids), ref, atol=1e-4, rtol=0)
+    prompt = ids[:1, :5]
+    assert greedy(lambda x: _logits(ours, x), prompt) == greedy(lambda x: _logits(theirs, x), prompt)
+
+    hf_type = json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"]
+    export_hf(ours, tmp_path / "out", family=hf_type)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert type(reloaded).__name__ == type(theirs).__name__
+    assert torch.allclose(_logits(reloaded, ids), ref, atol=1e-4, rtol=0)
+
+    again = import_hf(tmp_path / "out")
+    assert again.cfg == ours.cfg
+    a, b = ours.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fused_expert_layout_and_shards_are_read(tmp_path) -> None:
+    theirs = tiny_hf_model("mixtral")
+    theirs.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, V, (1, 7))
+    # transformers' in-memory names are the fused layout: experts.gate_up_proj [E, 2F, D], down_proj [E, D, F]
+    fused = {k: v.contiguous() for k, v in theirs.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in fused)
+    (tmp_path / "fused").mkdir()
+    save_file(fused, tmp_path / "fused" / "model.safetensors")
+    (tmp_path / "fused" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    assert torch.allclose(_logits(import_hf(tmp_path / "fused"), ids), _logits(theirs, ids), atol=1e-4)
+
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert torch.allclose(_logits(import_hf(tmp_path / "sharded"), ids), _logits(theirs, ids), atol=1e-4)
+
+
+def test_moelab_folder_round_trip(tmp_path) -> None:
+    theirs = tiny_hf_model("qwen3")  # tied embeddings
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = import_hf(tmp_path / "hf")
+    save_moelab(ours, tmp_path / "ml")
+    back = load_moelab(tmp_path / "ml")
+    ids = torch.randint(0, V, (1, 6))
+    assert back.cfg == ours.cfg and torch.equal(_logits(back, ids), _logits(ours, ids))
+
+
+def _edit_config(folder, **changes) -> None:
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_unsupported_configs_name_the_problem(tmp_path) -> None:
+    tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", model_type="falcon_h9")
+    with pytest.raises(ConfigError, match="falcon_h9"):
+        import_hf(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", model_type="llama", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+    with pytest.raises(ConfigError, match="rope_type='yarn'"):
+        import_hf(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", rope_parameters={"rope_type": "default", "rope_theta": 1e4}, hidden_act="gelu")
+    with pytest.raises(ConfigError, match="hidden_act='gelu'"):
+        import_hf(tmp_path / "hf")
+
+
+def test_missing_and_unexpected_tensors_are_listed(tmp_path) -> None:
+    theirs = tiny_hf_model("olmoe")
+    theirs.save_pretrained(tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    gone = "model.layers.1.self_attn.k_norm.weight"
+    extra = {k: v for k, v in tensors.items() if k != gone}
+    extra["model.layers.0.mlp.mystery.weight"] = torch.zeros(3)
+    save_file(extra, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(UserError, match="missing.*k_norm"):
+        import_hf(tmp_path / "hf")
+    extra[gone] = tensors[gone]
+    save_file(extra, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(UserError, match="unexpected.*mlp.mystery.weight"):
+        import_hf(tmp_path / "hf")
+
+
+def test_export_refuses_what_the_family_cannot_express(tmp_path) -> None:
+    tiny_hf_model("gpt2").save_pretrained(tmp_path / "hf")
+    gpt2 = import_hf(tmp_path / "hf")
+    with pytest.raises(ConfigError, match="cannot export as mixtral: model.moe"):
+        export_hf(gpt2, tmp_path / "x", family="mixtral")
+    with pytest.raises(ConfigError, match="cannot export as llama: model.activation='gelu'"):
+        export_hf(gpt2, tmp_path / "y", family="llama")
