@@ -104,6 +104,7 @@ class MoEConfig:
     expert_hidden: int = 256
     num_shared_experts: int = 0
     shared_hidden: int | None = None  # hidden size of each shared expert; None = expert_hidden
+    shared_gate: bool = False  # shared experts scaled by sigmoid(x·w) per token (Qwen2-MoE)
     router: RouterConfig = field(default_factory=RouterConfig)
     aux_loss: str = "load_balance"  # balance loss, by name in the loss registry
     aux_loss_coef: float = 0.01
@@ -115,7 +116,6 @@ class MoEConfig:
     first_k_dense: int = 1  # placement=first_k_dense: the first k layers stay dense
     layers: tuple[int, ...] = ()  # placement=explicit: these layer indices are MoE
     dispatch: str = "loop"  # dispatch backend, by name in the dispatch registry
-    shared_gate: bool = False  # shared experts scaled by sigmoid(x·w) per token (Qwen2-MoE)
 
     def __post_init__(self) -> None:
         # Registries are imported lazily: config stays importable without torch-heavy modules.
@@ -136,6 +136,10 @@ class MoEConfig:
         _require(self.num_shared_experts >= 0, "moe.num_shared_experts", self.num_shared_experts, "must be >= 0")
         if self.shared_hidden is not None:
             _require(self.shared_hidden >= 1, "moe.shared_hidden", self.shared_hidden, "must be >= 1 or null")
+        if self.shared_gate:
+            _require(
+                self.num_shared_experts > 0, "moe.shared_gate", self.shared_gate, "needs moe.num_shared_experts >= 1"
+            )
         _one_of("moe.router.name", self.router.name, ROUTERS)
         _one_of("moe.aux_loss", self.aux_loss, BALANCE_LOSSES)
         _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
@@ -154,10 +158,6 @@ class MoEConfig:
         if self.placement == "explicit":
             _require(len(self.layers) > 0, "moe.layers", self.layers, "placement=explicit needs a non-empty list")
         _one_of("moe.dispatch", self.dispatch, DISPATCHERS)
-        if self.shared_gate:
-            _require(
-                self.num_shared_experts > 0, "moe.shared_gate", self.shared_gate, "needs moe.num_shared_experts >= 1"
-            )
         ROUTERS[self.router.name].validate(self)
 
     @property
@@ -418,7 +418,7 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
 
 
 def _section_prefix(cls: type) -> str:
-    return {"ModelConfig": "model.", "MoEConfig": "moe.", "RouterConfig": "moe.router.", "MLAConfig": "model.mla."}.get(cls.__name__, "")
+    return {"ModelConfig": "model.", "MoEConfig": "moe.", "RouterConfig": "moe.router."}.get(cls.__name__, "")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:

@@ -10,31 +10,75 @@ V = 61  # odd vocabulary
 def hf_config(family: str):
     import transformers as tf
 
-    common = dict(vocab_size=V, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=20)
+    common = dict(
+        vocab_size=V, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=20
+    )
     cfgs = {
-        "llama": lambda: tf.LlamaConfig(**common, num_key_value_heads=2, head_dim=8, attention_bias=True, mlp_bias=True),
+        "llama": lambda: tf.LlamaConfig(
+            **common, num_key_value_heads=2, head_dim=8, attention_bias=True, mlp_bias=True
+        ),
         "qwen2": lambda: tf.Qwen2Config(**common, num_key_value_heads=2),
-        "qwen3": lambda: tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=10, tie_word_embeddings=True),
-        "mixtral": lambda: tf.MixtralConfig(**common, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2),
+        "qwen3": lambda: tf.Qwen3Config(
+            **common, num_key_value_heads=2, head_dim=10, tie_word_embeddings=True
+        ),
+        "mixtral": lambda: tf.MixtralConfig(
+            **common, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2
+        ),
         "qwen2_moe": lambda: tf.Qwen2MoeConfig(
-            **{**common, "num_hidden_layers": 3}, num_key_value_heads=2, num_experts=5, num_experts_per_tok=2,
-            moe_intermediate_size=12, shared_expert_intermediate_size=14, mlp_only_layers=[1], norm_topk_prob=False,
+            **{**common, "num_hidden_layers": 3},
+            num_key_value_heads=2,
+            num_experts=5,
+            num_experts_per_tok=2,
+            moe_intermediate_size=12,
+            shared_expert_intermediate_size=14,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
         ),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(
-            **common, num_key_value_heads=2, head_dim=8, num_experts=5, num_experts_per_tok=3,
-            moe_intermediate_size=12, norm_topk_prob=True,
+            **common,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=5,
+            num_experts_per_tok=3,
+            moe_intermediate_size=12,
+            norm_topk_prob=True,
         ),
-        "olmoe": lambda: tf.OlmoeConfig(**common, num_key_value_heads=2, num_experts=5, num_experts_per_tok=2),
+        "olmoe": lambda: tf.OlmoeConfig(
+            **common, num_key_value_heads=2, num_experts=5, num_experts_per_tok=2
+        ),
         "deepseek_v3": lambda: tf.DeepseekV3Config(
-            **{**common, "num_hidden_layers": 3}, num_key_value_heads=4, n_routed_experts=6, num_experts_per_tok=2,
-            moe_intermediate_size=12, n_shared_experts=1, n_group=3, topk_group=2, first_k_dense_replace=1,
-            q_lora_rank=10, kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=6,
+            **{**common, "num_hidden_layers": 3},
+            num_key_value_heads=4,
+            n_routed_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=12,
+            n_shared_experts=1,
+            n_group=3,
+            topk_group=2,
+            first_k_dense_replace=1,
+            q_lora_rank=10,
+            kv_lora_rank=8,
+            qk_nope_head_dim=6,
+            qk_rope_head_dim=4,
+            v_head_dim=6,
             routed_scaling_factor=1.5,
         ),
         "deepseek_v3_noqlora": lambda: tf.DeepseekV3Config(
-            **common, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=12,
-            n_shared_experts=2, n_group=1, topk_group=1, first_k_dense_replace=0, q_lora_rank=None,
-            kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, attention_bias=True,
+            **common,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=12,
+            n_shared_experts=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=0,
+            q_lora_rank=None,
+            kv_lora_rank=8,
+            qk_nope_head_dim=6,
+            qk_rope_head_dim=4,
+            v_head_dim=5,
+            attention_bias=True,
         ),
         "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=24, n_layer=2, n_head=4, n_positions=48),
     }
@@ -47,7 +91,15 @@ def hf_config(family: str):
 
 
 FAMILY_CASES = [
-    "llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v3_noqlora",
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "deepseek_v3_noqlora",
     "gpt2",
 ]
 
@@ -60,7 +112,11 @@ def tiny_hf_model(family: str, seed: int = 0):
     model = AutoModelForCausalLM.from_config(hf_config(family)).eval()
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.is_floating_point() and "inv_freq" not in name and not name.endswith(("attn.bias", "masked_bias")):
+            if (
+                t.is_floating_point()
+                and "inv_freq" not in name
+                and not name.endswith(("attn.bias", "masked_bias"))
+            ):
                 t.add_(torch.randn_like(t) * 0.1)
     return model
 

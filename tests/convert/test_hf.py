@@ -9,13 +9,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from convert.hf_cases import FAMILY_CASES, V, greedy, tiny_hf_model  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
-from moelab.config import ConfigError  # noqa: E402
-from moelab.convert.hf import export_hf, import_hf, load_moelab, save_moelab  # noqa: E402
-from moelab.errors import UserError  # noqa: E402
+from convert.hf_cases import FAMILY_CASES, V, greedy, tiny_hf_model
+from moelab.config import ConfigError
+from moelab.convert.hf import export_hf, import_hf, load_moelab, save_moelab
+from moelab.errors import UserError
 
 
 def _logits(model, ids):
@@ -85,11 +85,23 @@ def test_unsupported_configs_name_the_problem(tmp_path) -> None:
     _edit_config(tmp_path / "hf", model_type="falcon_h9")
     with pytest.raises(ConfigError, match="falcon_h9"):
         import_hf(tmp_path / "hf")
-    _edit_config(tmp_path / "hf", model_type="llama", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+    _edit_config(
+        tmp_path / "hf",
+        model_type="llama",
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+    )
     with pytest.raises(ConfigError, match="rope_type='yarn'"):
         import_hf(tmp_path / "hf")
-    _edit_config(tmp_path / "hf", rope_parameters={"rope_type": "default", "rope_theta": 1e4}, hidden_act="gelu")
+    _edit_config(
+        tmp_path / "hf", rope_parameters={"rope_type": "default", "rope_theta": 1e4}, hidden_act="gelu"
+    )
     with pytest.raises(ConfigError, match="hidden_act='gelu'"):
+        import_hf(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", hidden_act="silu", sliding_window=16, use_sliding_window=True)
+    with pytest.raises(ConfigError, match="sliding_window=16"):
+        import_hf(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", sliding_window=None, quantization_config={"quant_method": "fp8"})
+    with pytest.raises(ConfigError, match="quantization_config='fp8'"):
         import_hf(tmp_path / "hf")
 
 
@@ -103,18 +115,18 @@ def test_missing_and_unexpected_tensors_are_listed(tmp_path) -> None:
     extra = {k: v for k, v in tensors.items() if k != gone}
     extra["model.layers.0.mlp.mystery.weight"] = torch.zeros(3)
     save_file(extra, tmp_path / "hf" / "model.safetensors")
-    with pytest.raises(UserError, match="missing.*k_norm"):
+    with pytest.raises(UserError, match=r"missing.*k_norm"):
         import_hf(tmp_path / "hf")
     extra[gone] = tensors[gone]
     save_file(extra, tmp_path / "hf" / "model.safetensors")
-    with pytest.raises(UserError, match="unexpected.*mlp.mystery.weight"):
+    with pytest.raises(UserError, match=r"unexpected.*mlp\.mystery\.weight"):
         import_hf(tmp_path / "hf")
 
 
 def test_export_refuses_what_the_family_cannot_express(tmp_path) -> None:
     tiny_hf_model("gpt2").save_pretrained(tmp_path / "hf")
     gpt2 = import_hf(tmp_path / "hf")
-    with pytest.raises(ConfigError, match="cannot export as mixtral: model.moe"):
+    with pytest.raises(ConfigError, match=r"cannot export as mixtral: model\.moe"):
         export_hf(gpt2, tmp_path / "x", family="mixtral")
-    with pytest.raises(ConfigError, match="cannot export as llama: model.activation='gelu'"):
+    with pytest.raises(ConfigError, match=r"cannot export as llama: model\.activation='gelu'"):
         export_hf(gpt2, tmp_path / "y", family="llama")

@@ -30,11 +30,15 @@ def test_pruning_experts_that_receive_no_tokens_leaves_outputs_unchanged() -> No
     assert torch.allclose(_logits(pruned, ids), _logits(model, ids), atol=1e-6)
     # router rows follow their experts
     i = pruned.cfg.moe_layers[0]
-    assert torch.equal(pruned.blocks[i].ffn.router.gate.weight, model.blocks[i].ffn.router.gate.weight[keep[i]])
+    assert torch.equal(
+        pruned.blocks[i].ffn.router.gate.weight, model.blocks[i].ffn.router.gate.weight[keep[i]]
+    )
 
 
 def test_merging_two_identical_experts_leaves_outputs_unchanged() -> None:
-    model = Transformer(tiny_config(moe=tiny_moe(num_experts=4, top_k=1, router=RouterConfig(renormalize=True))))
+    model = Transformer(
+        tiny_config(moe=tiny_moe(num_experts=4, top_k=1, router=RouterConfig(renormalize=True)))
+    )
     with torch.no_grad():
         for layer in model.moe_layers:
             for t in (layer.experts.w_up, layer.experts.w_down, layer.router.gate.weight):
@@ -56,7 +60,9 @@ def test_merge_is_the_frequency_weighted_average() -> None:
     old, new = model.blocks[i].ffn, merged.blocks[i].ffn
     expected = (3 * old.experts.w_down[0] + 6 * old.experts.w_down[3]) / 9
     assert torch.allclose(new.experts.w_down[0], expected, atol=1e-6)
-    assert torch.allclose(new.router.gate.weight[0], (3 * old.router.gate.weight[0] + 6 * old.router.gate.weight[3]) / 9)
+    assert torch.allclose(
+        new.router.gate.weight[0], (3 * old.router.gate.weight[0] + 6 * old.router.gate.weight[3]) / 9
+    )
     assert torch.equal(new.experts.w_up[2], old.experts.w_up[2])
     with pytest.raises(ConfigError, match="same number of experts"):
         merge_experts(model, {i: [[0, 1], [2, 3]]})

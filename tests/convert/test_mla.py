@@ -24,7 +24,12 @@ def test_cached_decoding_matches_full_pass_and_stores_the_latent() -> None:
             steps.append(model(ids[:, t : t + 1], cache=cache, past_mask=past).logits)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
     layer = cache[0]
-    assert layer.k.shape == (2, 1, 10, 6) and layer.v.shape == (2, 1, 10, 4)  # latent r and RoPE key dr per token
+    assert layer.k.shape == (2, 1, 10, 6) and layer.v.shape == (
+        2,
+        1,
+        10,
+        4,
+    )  # latent r and RoPE key dr per token
     # per token and layer: r + dr = 10 numbers, against 2 · G · Dh = 2 · 4 · 8 = 64 for the same model with MHA
     assert layer.k[0, 0, 0].numel() + layer.v[0, 0, 0].numel() == 10
 

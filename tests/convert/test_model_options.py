@@ -13,7 +13,9 @@ from helpers import tiny_config, tiny_moe
 
 def test_defaults_keep_the_foundation_parameter_names() -> None:
     names = {n for n, _ in Transformer(tiny_config(moe=tiny_moe())).named_parameters()}
-    assert not any(n.endswith("bias") or "q_norm" in n or "pos_embed" in n or "shared_gate" in n for n in names)
+    assert not any(
+        n.endswith("bias") or "q_norm" in n or "pos_embed" in n or "shared.gate" in n for n in names
+    )
 
 
 @pytest.mark.parametrize(
@@ -21,7 +23,10 @@ def test_defaults_keep_the_foundation_parameter_names() -> None:
     [
         (lambda: tiny_config(qk_norm="layer"), "model.qk_norm='layer'"),
         (lambda: tiny_config(positions="alibi"), "model.positions='alibi'"),
-        (lambda: tiny_config(gelu_approx="tanh", activation="gelu", moe=tiny_moe()), "model.gelu_approx='tanh'"),
+        (
+            lambda: tiny_config(gelu_approx="tanh", activation="gelu", moe=tiny_moe()),
+            "model.gelu_approx='tanh'",
+        ),
         (lambda: tiny_moe(shared_gate=True), "moe.shared_gate=True"),
         (lambda: MLAConfig(qk_rope_head_dim=3), "model.mla.qk_rope_head_dim=3"),
         (lambda: tiny_config(mla=MLAConfig(), positions="learned"), "model.positions='learned'"),
@@ -44,10 +49,12 @@ def test_shared_gate_scales_the_shared_expert() -> None:
     with torch.no_grad():
         before = model(ids).logits
         for layer in model.moe_layers:
-            layer.shared_gate.weight.fill_(0.0)  # sigmoid(0) = 1/2
+            layer.shared.gate.weight.fill_(0.0)  # sigmoid(0) = 1/2
             layer.shared.w_down.weight.mul_(2.0)  # ... times 2 = the ungated shared expert
         ungated = Transformer(tiny_config(moe=tiny_moe(num_shared_experts=1))).eval()
-        state = {k: v for k, v in model.state_dict().items() if "shared_gate" not in k}
-        ungated.load_state_dict({**state, **{k: v / 2 for k, v in state.items() if k.endswith("shared.w_down.weight")}})
+        state = {k: v for k, v in model.state_dict().items() if "shared.gate" not in k}
+        ungated.load_state_dict(
+            {**state, **{k: v / 2 for k, v in state.items() if k.endswith("shared.w_down.weight")}}
+        )
         assert torch.allclose(model(ids).logits, ungated(ids).logits, atol=1e-6)
         assert not torch.allclose(before, model(ids).logits)

@@ -22,7 +22,9 @@ def _logits(model, ids):
 @pytest.mark.parametrize("router_init", ["zeros", "normal"])
 def test_identical_experts_equal_the_dense_model(activation, router_init) -> None:
     dense = Transformer(tiny_config(activation=activation, n_layers=3))
-    moe = MoEConfig(num_experts=4, top_k=2, router=RouterConfig(renormalize=True), placement="every_n", every_n=2)
+    moe = MoEConfig(
+        num_experts=4, top_k=2, router=RouterConfig(renormalize=True), placement="every_n", every_n=2
+    )
     sparse = upcycle(dense, moe, router_init=router_init)
     assert sparse.cfg.moe_layers == [1] and sparse.cfg.moe.expert_hidden == dense.cfg.ffn_hidden
     ids = torch.randint(0, 97, (2, 9))
@@ -35,7 +37,9 @@ def test_identical_experts_equal_the_dense_model(activation, router_init) -> Non
 @pytest.mark.parametrize("g", [2, 3])
 def test_fine_grained_slices_with_k_equal_g_equal_the_dense_model(g) -> None:
     dense = Transformer(tiny_config())  # F = 48
-    sparse = upcycle(dense, MoEConfig(num_experts=g, top_k=g, router=RouterConfig(renormalize=True)), granularity=g)
+    sparse = upcycle(
+        dense, MoEConfig(num_experts=g, top_k=g, router=RouterConfig(renormalize=True)), granularity=g
+    )
     assert sparse.cfg.moe.expert_hidden == 48 // g
     ids = torch.randint(0, 97, (2, 9))
     assert torch.allclose(_logits(sparse, ids), _logits(dense, ids), atol=1e-5)

@@ -58,9 +58,14 @@ def _base(hf: HF, act_key: str = "hidden_act") -> dict[str, Any]:
     act = hf.get(act_key, "silu")
     if act != "silu":
         _unsupported(hf, act_key, act, "Llama-shaped families are imported with SwiGLU (silu) only")
-    for key in ("use_sliding_window", "sliding_window"):
-        if hf.get(key) and (key == "sliding_window" and hf.get("use_sliding_window", True)):
-            _unsupported(hf, key, hf[key], "sliding-window attention is not implemented")
+    window = hf.get("sliding_window")
+    if window and hf.get("use_sliding_window", True):
+        _unsupported(hf, "sliding_window", window, "sliding-window attention is not implemented")
+    kinds = sorted(set(hf.get("layer_types") or ["full_attention"]) - {"full_attention"})
+    if kinds:
+        _unsupported(hf, "layer_types", kinds, "only full attention layers are implemented")
+    if hf.get("quantization_config"):
+        _unsupported(hf, "quantization_config", hf["quantization_config"].get("quant_method", "?"), "dequantize first")
     d, heads = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
     head_dim = hf.get("head_dim")
     return dict(
@@ -84,7 +89,9 @@ def _expect(cfg: ModelConfig, family: str, checks: dict[str, tuple[Any, Any]]) -
     """``checks``: field path → (actual value, allowed value); a mismatch names the field."""
     for path, (value, allowed) in checks.items():
         if value != allowed:
-            raise ConfigError(f"cannot export as {family}: {path}={value!r} (the {family} format needs {allowed!r})")
+            raise ConfigError(
+                f"cannot export as {family}: {path}={value!r} (the {family} format needs {allowed!r})"
+            )
 
 
 def _base_out(cfg: ModelConfig, family: str, architecture: str) -> HF:
@@ -140,7 +147,9 @@ def _placement_in(n_layers: int, moe_layers: list[int]) -> dict[str, Any]:
     if len(moe_layers) == n_layers:
         return dict(placement="all")
     if not moe_layers:
-        raise ConfigError("the config makes no layer sparse (mlp_only_layers / decoder_sparse_step): import it as dense")
+        raise ConfigError(
+            "the config makes no layer sparse (mlp_only_layers / decoder_sparse_step): import it as dense"
+        )
     return dict(placement="explicit", layers=tuple(moe_layers))
 
 
@@ -153,9 +162,24 @@ def _llama_in(hf: HF) -> ModelConfig:
 
 
 def _llama_out(cfg: ModelConfig) -> HF:
-    _expect(cfg, "llama", {"model.moe": (cfg.moe, None), "model.mla": (cfg.mla, None), "model.qk_norm": (cfg.qk_norm, "none")})
-    _expect(cfg, "llama", {"model.out_bias": (cfg.out_bias, cfg.qkv_bias), "model.layer_ffn_hidden": (cfg.layer_ffn_hidden, ())})
-    return {**_base_out(cfg, "llama", "LlamaForCausalLM"), "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
+    _expect(
+        cfg,
+        "llama",
+        {"model.moe": (cfg.moe, None), "model.mla": (cfg.mla, None), "model.qk_norm": (cfg.qk_norm, "none")},
+    )
+    _expect(
+        cfg,
+        "llama",
+        {
+            "model.out_bias": (cfg.out_bias, cfg.qkv_bias),
+            "model.layer_ffn_hidden": (cfg.layer_ffn_hidden, ()),
+        },
+    )
+    return {
+        **_base_out(cfg, "llama", "LlamaForCausalLM"),
+        "attention_bias": cfg.qkv_bias,
+        "mlp_bias": cfg.mlp_bias,
+    }
 
 
 def _qwen2_in(hf: HF) -> ModelConfig:
@@ -163,7 +187,11 @@ def _qwen2_in(hf: HF) -> ModelConfig:
 
 
 def _qwen2_out(cfg: ModelConfig) -> HF:
-    checks = {"model.moe": (cfg.moe, None), "model.mla": (cfg.mla, None), "model.qk_norm": (cfg.qk_norm, "none")}
+    checks = {
+        "model.moe": (cfg.moe, None),
+        "model.mla": (cfg.mla, None),
+        "model.qk_norm": (cfg.qk_norm, "none"),
+    }
     checks |= {"model.qkv_bias": (cfg.qkv_bias, True), "model.out_bias": (cfg.out_bias, False)}
     checks |= {"model.mlp_bias": (cfg.mlp_bias, False), "model.layer_ffn_hidden": (cfg.layer_ffn_hidden, ())}
     _expect(cfg, "qwen2", checks)
@@ -176,10 +204,18 @@ def _qwen3_in(hf: HF) -> ModelConfig:
 
 
 def _qwen3_out(cfg: ModelConfig) -> HF:
-    checks = {"model.moe": (cfg.moe, None), "model.mla": (cfg.mla, None), "model.qk_norm": (cfg.qk_norm, "head")}
+    checks = {
+        "model.moe": (cfg.moe, None),
+        "model.mla": (cfg.mla, None),
+        "model.qk_norm": (cfg.qk_norm, "head"),
+    }
     checks |= {"model.out_bias": (cfg.out_bias, cfg.qkv_bias), "model.mlp_bias": (cfg.mlp_bias, False)}
     _expect(cfg, "qwen3", checks | {"model.layer_ffn_hidden": (cfg.layer_ffn_hidden, ())})
-    return {**_base_out(cfg, "qwen3", "Qwen3ForCausalLM"), "attention_bias": cfg.qkv_bias, "use_sliding_window": False}
+    return {
+        **_base_out(cfg, "qwen3", "Qwen3ForCausalLM"),
+        "attention_bias": cfg.qkv_bias,
+        "use_sliding_window": False,
+    }
 
 
 # --------------------------------------------------------------------------- Mixtral, Qwen-MoE, OLMoE
@@ -191,7 +227,9 @@ def _mixtral_in(hf: HF) -> ModelConfig:
         num_experts=_need(hf, "num_local_experts"),
         top_k=_need(hf, "num_experts_per_tok"),
         expert_hidden=base["ffn_hidden"],
-        router=RouterConfig(name="topk", renormalize=True, jitter_eps=float(hf.get("router_jitter_noise") or 0.0)),
+        router=RouterConfig(
+            name="topk", renormalize=True, jitter_eps=float(hf.get("router_jitter_noise") or 0.0)
+        ),
         aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
     )
     return ModelConfig(**base, moe=moe)
@@ -201,11 +239,24 @@ def _mixtral_out(cfg: ModelConfig) -> HF:
     if cfg.moe is None:
         raise ConfigError("cannot export as mixtral: model.moe is null (export a dense model as llama)")
     _expect(cfg, "mixtral", {"model.mla": (cfg.mla, None), "model.qk_norm": (cfg.qk_norm, "none")})
-    _expect(cfg, "mixtral", {"model.qkv_bias": (cfg.qkv_bias, False), "model.out_bias": (cfg.out_bias, False)})
+    _expect(
+        cfg, "mixtral", {"model.qkv_bias": (cfg.qkv_bias, False), "model.out_bias": (cfg.out_bias, False)}
+    )
     m = cfg.moe
     _no_moe_extras(cfg, "mixtral")
-    _expect(cfg, "mixtral", {"moe.placement": ("all" if len(cfg.moe_layers) == cfg.n_layers else m.placement, "all")})
-    _expect(cfg, "mixtral", {"moe.num_shared_experts": (m.num_shared_experts, 0), "moe.router.renormalize": (m.router.renormalize, True)})
+    _expect(
+        cfg,
+        "mixtral",
+        {"moe.placement": ("all" if len(cfg.moe_layers) == cfg.n_layers else m.placement, "all")},
+    )
+    _expect(
+        cfg,
+        "mixtral",
+        {
+            "moe.num_shared_experts": (m.num_shared_experts, 0),
+            "moe.router.renormalize": (m.router.renormalize, True),
+        },
+    )
     out = _base_out(cfg, "mixtral", "MixtralForCausalLM")
     out.update(
         intermediate_size=m.expert_hidden,
@@ -235,7 +286,11 @@ def _qwen_moe_in(hf: HF, qk_norm: str) -> ModelConfig:
         aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
         **_placement_in(n, layers),
     )
-    bias = bool(hf.get("qkv_bias", True)) if hf["model_type"] == "qwen2_moe" else bool(hf.get("attention_bias", False))
+    bias = (
+        bool(hf.get("qkv_bias", True))
+        if hf["model_type"] == "qwen2_moe"
+        else bool(hf.get("attention_bias", False))
+    )
     out_bias = False if hf["model_type"] == "qwen2_moe" else bias
     return ModelConfig(**base, moe=moe, qkv_bias=bias, out_bias=out_bias, qk_norm=qk_norm)
 
@@ -245,12 +300,34 @@ def _qwen_moe_out(cfg: ModelConfig, family: str, architecture: str, qk_norm: str
         raise ConfigError(f"cannot export as {family}: model.moe is null")
     m = cfg.moe
     _no_moe_extras(cfg, family)
-    _expect(cfg, family, {"model.mla": (cfg.mla, None), "model.qk_norm": (cfg.qk_norm, qk_norm), "model.mlp_bias": (cfg.mlp_bias, False)})
+    _expect(
+        cfg,
+        family,
+        {
+            "model.mla": (cfg.mla, None),
+            "model.qk_norm": (cfg.qk_norm, qk_norm),
+            "model.mlp_bias": (cfg.mlp_bias, False),
+        },
+    )
     if shared:
-        _expect(cfg, family, {"moe.num_shared_experts": (min(m.num_shared_experts, 1), 1), "moe.shared_gate": (m.shared_gate, True)})
+        _expect(
+            cfg,
+            family,
+            {
+                "moe.num_shared_experts": (min(m.num_shared_experts, 1), 1),
+                "moe.shared_gate": (m.shared_gate, True),
+            },
+        )
         _expect(cfg, family, {"model.out_bias": (cfg.out_bias, False)})
     else:
-        _expect(cfg, family, {"moe.num_shared_experts": (m.num_shared_experts, 0), "model.out_bias": (cfg.out_bias, cfg.qkv_bias)})
+        _expect(
+            cfg,
+            family,
+            {
+                "moe.num_shared_experts": (m.num_shared_experts, 0),
+                "model.out_bias": (cfg.out_bias, cfg.qkv_bias),
+            },
+        )
     out = _base_out(cfg, family, architecture)
     out.update(
         num_experts=m.num_experts,
@@ -263,7 +340,10 @@ def _qwen_moe_out(cfg: ModelConfig, family: str, architecture: str, qk_norm: str
         use_sliding_window=False,
     )
     if family == "qwen2_moe":
-        out.update(shared_expert_intermediate_size=m.num_shared_experts * m.shared_expert_hidden, qkv_bias=cfg.qkv_bias)
+        out.update(
+            shared_expert_intermediate_size=m.num_shared_experts * m.shared_expert_hidden,
+            qkv_bias=cfg.qkv_bias,
+        )
     else:
         out.update(attention_bias=cfg.qkv_bias)
     return out
@@ -289,8 +369,23 @@ def _olmoe_out(cfg: ModelConfig) -> HF:
         raise ConfigError("cannot export as olmoe: model.moe is null")
     m = cfg.moe
     _no_moe_extras(cfg, "olmoe")
-    _expect(cfg, "olmoe", {"model.mla": (cfg.mla, None), "model.qk_norm": (cfg.qk_norm, "proj"), "model.out_bias": (cfg.out_bias, cfg.qkv_bias)})
-    _expect(cfg, "olmoe", {"moe.num_shared_experts": (m.num_shared_experts, 0), "moe.placement": ("all" if len(cfg.moe_layers) == cfg.n_layers else m.placement, "all")})
+    _expect(
+        cfg,
+        "olmoe",
+        {
+            "model.mla": (cfg.mla, None),
+            "model.qk_norm": (cfg.qk_norm, "proj"),
+            "model.out_bias": (cfg.out_bias, cfg.qkv_bias),
+        },
+    )
+    _expect(
+        cfg,
+        "olmoe",
+        {
+            "moe.num_shared_experts": (m.num_shared_experts, 0),
+            "moe.placement": ("all" if len(cfg.moe_layers) == cfg.n_layers else m.placement, "all"),
+        },
+    )
     out = _base_out(cfg, "olmoe", "OlmoeForCausalLM")
     out.update(
         intermediate_size=m.expert_hidden,
@@ -308,6 +403,9 @@ def _olmoe_out(cfg: ModelConfig) -> HF:
 
 
 def _deepseek_in(hf: HF) -> ModelConfig:
+    for key, allowed in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):  # keys of older configs
+        if hf.get(key, allowed) != allowed:
+            _unsupported(hf, key, hf[key], f"moelab's DeepSeek-V3 router is {allowed!r}")
     base = _base(hf)
     base.update(n_kv_heads=base["n_heads"], attn_head_dim=None)
     mla = MLAConfig(
@@ -347,9 +445,23 @@ def _deepseek_out(cfg: ModelConfig) -> HF:
     moe_layers = cfg.moe_layers
     first = moe_layers[0] if moe_layers else cfg.n_layers
     _expect(cfg, "deepseek_v3", {"moe layers": (moe_layers, list(range(first, cfg.n_layers)))})
-    _expect(cfg, "deepseek_v3", {"model.out_bias": (cfg.out_bias, cfg.qkv_bias), "model.mla.latent_norm_eps": (a.latent_norm_eps, 1e-6)})
+    _expect(
+        cfg,
+        "deepseek_v3",
+        {
+            "model.out_bias": (cfg.out_bias, cfg.qkv_bias),
+            "model.mla.latent_norm_eps": (a.latent_norm_eps, 1e-6),
+        },
+    )
     if m.num_shared_experts:
-        _expect(cfg, "deepseek_v3", {"moe.shared_hidden": (m.shared_expert_hidden, m.expert_hidden), "moe.shared_gate": (m.shared_gate, False)})
+        _expect(
+            cfg,
+            "deepseek_v3",
+            {
+                "moe.shared_hidden": (m.shared_expert_hidden, m.expert_hidden),
+                "moe.shared_gate": (m.shared_gate, False),
+            },
+        )
     out = _base_out(cfg, "deepseek_v3", "DeepseekV3ForCausalLM")
     out.update(
         num_key_value_heads=cfg.n_heads,
@@ -390,9 +502,16 @@ def _gpt2_in(hf: HF) -> ModelConfig:
     if approx is None:
         _unsupported(hf, "activation_function", act, "expected gelu_new, gelu_pytorch_tanh or gelu")
     if hf.get("scale_attn_by_inverse_layer_idx"):
-        _unsupported(hf, "scale_attn_by_inverse_layer_idx", True, "per-layer attention scaling is not implemented")
+        _unsupported(
+            hf, "scale_attn_by_inverse_layer_idx", True, "per-layer attention scaling is not implemented"
+        )
     if hf.get("scale_attn_weights", True) is not True:
-        _unsupported(hf, "scale_attn_weights", hf["scale_attn_weights"], "attention is always scaled by 1/sqrt(head_dim)")
+        _unsupported(
+            hf,
+            "scale_attn_weights",
+            hf["scale_attn_weights"],
+            "attention is always scaled by 1/sqrt(head_dim)",
+        )
     d = _need(hf, "n_embd")
     return ModelConfig(
         vocab_size=_need(hf, "vocab_size"),
@@ -414,10 +533,21 @@ def _gpt2_in(hf: HF) -> ModelConfig:
 
 
 def _gpt2_out(cfg: ModelConfig) -> HF:
-    checks = {"model.moe": (cfg.moe, None), "model.mla": (cfg.mla, None), "model.positions": (cfg.positions, "learned")}
+    checks = {
+        "model.moe": (cfg.moe, None),
+        "model.mla": (cfg.mla, None),
+        "model.positions": (cfg.positions, "learned"),
+    }
     checks |= {"model.norm": (cfg.norm, "layernorm"), "model.activation": (cfg.activation, "gelu")}
-    checks |= {"model.n_kv_heads": (cfg.n_kv_heads, cfg.n_heads), "model.attn_head_dim": (cfg.attn_head_dim, None)}
-    checks |= {"model.qkv_bias": (cfg.qkv_bias, True), "model.out_bias": (cfg.out_bias, True), "model.mlp_bias": (cfg.mlp_bias, True)}
+    checks |= {
+        "model.n_kv_heads": (cfg.n_kv_heads, cfg.n_heads),
+        "model.attn_head_dim": (cfg.attn_head_dim, None),
+    }
+    checks |= {
+        "model.qkv_bias": (cfg.qkv_bias, True),
+        "model.out_bias": (cfg.out_bias, True),
+        "model.mlp_bias": (cfg.mlp_bias, True),
+    }
     checks |= {"model.qk_norm": (cfg.qk_norm, "none"), "model.layer_ffn_hidden": (cfg.layer_ffn_hidden, ())}
     _expect(cfg, "gpt2", checks)
     return dict(

@@ -86,7 +86,9 @@ def import_hf(path: str | Path) -> Transformer:
     state = import_tensors(rules, tensors, ignore)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True
+    )
     return model.eval()
 
 
@@ -112,7 +114,9 @@ def save_moelab(model: Transformer, path: str | Path) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     st_save_model(model, str(out / "model.safetensors"))
-    (out / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(model.cfg)}, sort_keys=False), encoding="utf-8")
+    (out / "config.yaml").write_text(
+        yaml.safe_dump({"model": to_dict(model.cfg)}, sort_keys=False), encoding="utf-8"
+    )
     return out
 
 
@@ -122,11 +126,13 @@ def load_moelab(path: str | Path) -> Transformer:
     if not (p / "config.yaml").is_file() or not (p / "model.safetensors").is_file():
         raise UserError(f"{p} is not a moelab model folder: it needs config.yaml and model.safetensors")
     data = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
-    cfg = from_dict(ModelConfig, data["model"] if "model" in data else data)
+    cfg = from_dict(ModelConfig, data.get("model", data))
     model = Transformer(cfg)
     missing, unexpected = st_load_model(model, str(p / "model.safetensors"), strict=False)
     if missing or unexpected:
-        raise UserError(f"{p}/model.safetensors does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise UserError(
+            f"{p}/model.safetensors does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     return model.eval()
 
 

@@ -45,7 +45,9 @@ def expert_counts(model: Transformer, batches: Iterable[Tensor]) -> dict[int, Te
     return counts
 
 
-def _rebuild(model: Transformer, groups: Mapping[int, Sequence[Sequence[int]]], weights: Mapping[int, Tensor]) -> Transformer:
+def _rebuild(
+    model: Transformer, groups: Mapping[int, Sequence[Sequence[int]]], weights: Mapping[int, Tensor]
+) -> Transformer:
     """New model whose layer-``i`` expert j is ``Σ_{e in groups[i][j]} w_e · old expert e`` (w normalised per group)."""
     cfg = model.cfg
     if cfg.moe is None:
@@ -80,7 +82,9 @@ def _rebuild(model: Transformer, groups: Mapping[int, Sequence[Sequence[int]]], 
             for members in groups[i]:
                 m = torch.as_tensor(list(members), dtype=torch.long)
                 if len(m) == 0 or int(m.min()) < 0 or int(m.max()) >= E:
-                    raise ConfigError(f"layer {i}: expert group {list(members)} must name experts in [0, {E})")
+                    raise ConfigError(
+                        f"layer {i}: expert group {list(members)} must name experts in [0, {E})"
+                    )
                 w = w_E[m] / w_E[m].sum()
                 rows.append((old[m].double() * w.view(-1, *[1] * (old.dim() - 1))).sum(0).to(old.dtype))
             new_state[k].copy_(torch.stack(rows))
@@ -105,7 +109,9 @@ def rare_experts(counts: Mapping[int, Tensor], num_remove: int) -> dict[int, lis
 
 @torch.no_grad()
 def merge_experts(
-    model: Transformer, groups: Mapping[int, Sequence[Sequence[int]]], counts: Mapping[int, Tensor] | None = None
+    model: Transformer,
+    groups: Mapping[int, Sequence[Sequence[int]]],
+    counts: Mapping[int, Tensor] | None = None,
 ) -> Transformer:
     """Merge each group of experts into one by frequency-weighted averaging (uniform without counts)."""
     E = model.cfg.moe.num_experts  # type: ignore[union-attr]

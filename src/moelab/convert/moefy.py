@@ -47,7 +47,11 @@ def ffn_activations(model: Transformer, batches: Iterable[Tensor]) -> dict[int, 
     hooks = []
     for i, block in enumerate(model.blocks):
         if not block.is_moe:
-            hooks.append(block.ffn.register_forward_hook(lambda mod, args, out, i=i: captured.setdefault(i, []).append(args[0].detach())))
+            hooks.append(
+                block.ffn.register_forward_hook(
+                    lambda mod, args, out, i=i: captured.setdefault(i, []).append(args[0].detach())
+                )
+            )
     was_training = model.training
     model.eval()
     try:
@@ -102,7 +106,9 @@ def split_neurons(h_NF: Tensor, num_experts: int, method: str = "cluster", seed:
     raise ConfigError(f"split={method!r} is invalid: expected one of {', '.join(SPLITS)}")
 
 
-def learn_router(x_ND: Tensor, importance_NE: Tensor, steps: int = 200, lr: float = 2e-2, seed: int = 0) -> Tensor:
+def learn_router(
+    x_ND: Tensor, importance_NE: Tensor, steps: int = 200, lr: float = 2e-2, seed: int = 0
+) -> Tensor:
     """``[E, D]`` linear router fitted to the experts' normalised importance by soft cross-entropy.
 
     Full-batch Adam written out (a few lines; avoids the optimizer machinery's start-up cost).
@@ -138,11 +144,15 @@ def moefy(
     if cfg.moe is not None:
         raise UserError("MoEfication needs a dense model: this one already has model.moe")
     if cfg.mlp_bias or cfg.gelu_approx != "none":
-        raise ConfigError("MoEfication needs bias-free FFNs with swiglu or exact gelu (model.mlp_bias, model.gelu_approx)")
+        raise ConfigError(
+            "MoEfication needs bias-free FFNs with swiglu or exact gelu (model.mlp_bias, model.gelu_approx)"
+        )
     if router not in ROUTERS:
         raise ConfigError(f"router={router!r} is invalid: expected one of {', '.join(ROUTERS)}")
     if cfg.layer_ffn_hidden or cfg.ffn_hidden % num_experts:
-        raise ConfigError(f"moe.num_experts={num_experts!r} must divide model.ffn_hidden={cfg.ffn_hidden} (one size for all layers)")
+        raise ConfigError(
+            f"moe.num_experts={num_experts!r} must divide model.ffn_hidden={cfg.ffn_hidden} (one size for all layers)"
+        )
     moe = MoEConfig(
         num_experts=num_experts,
         top_k=top_k,
@@ -224,5 +234,6 @@ def moefy_report(
     dense_loss = lm_loss(model, evaluation)
     base = moefy(model, calibration, num_experts, max(top_ks), split, router, seed)
     return [
-        MoefyRow(num_experts, k, split, router, lm_loss(with_top_k(base, k), evaluation), dense_loss) for k in top_ks
+        MoefyRow(num_experts, k, split, router, lm_loss(with_top_k(base, k), evaluation), dense_loss)
+        for k in top_ks
     ]

@@ -227,7 +227,9 @@ def build_rules(tables: Tables, cfg: ModelConfig, model_keys: list[str]) -> list
     return rules
 
 
-def import_tensors(rules: list[Rule], theirs: Mapping[str, Tensor], ignore: Callable[[str], bool]) -> dict[str, Tensor]:
+def import_tensors(
+    rules: list[Rule], theirs: Mapping[str, Tensor], ignore: Callable[[str], bool]
+) -> dict[str, Tensor]:
     """HF tensors → moelab state dict; missing or unexpected HF names raise UserError listing them."""
     ours: dict[str, Tensor] = {}
     used: set[str] = set()

@@ -16,7 +16,11 @@ from moelab.convert.rules import Alt, Cat, ExpertStack, RopeRows, Same, Split, T
 
 # --------------------------------------------------------------------------- shared pieces
 
-_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+_TOP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 
 _ATTN = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -56,7 +60,9 @@ def _moe(block: str, gate: str, up: str, down: str, fused_block: str = "mlp") ->
     """
     router = f"{block}.gate.weight"
     return {
-        "ffn.router.gate.weight": router if block == fused_block else Alt((router, f"{fused_block}.gate.weight")),
+        "ffn.router.gate.weight": router
+        if block == fused_block
+        else Alt((router, f"{fused_block}.gate.weight")),
         "ffn.experts.w_up": ExpertStack(
             (f"{block}.experts.{{e}}.{gate}.weight", f"{block}.experts.{{e}}.{up}.weight"),
             fused=f"{fused_block}.experts.gate_up_proj",
@@ -72,7 +78,7 @@ _QWEN_MOE_LAYER = {
     **_LLAMA_LAYER,
     **_moe("mlp", "gate_proj", "up_proj", "down_proj"),
     **_prefixed("ffn.shared.", _swiglu("mlp.shared_expert")),
-    "ffn.shared_gate.weight": "mlp.shared_expert_gate.weight",
+    "ffn.shared.gate.weight": "mlp.shared_expert_gate.weight",
 }
 
 LLAMA = Tables(_TOP, _LLAMA_LAYER, "model.layers.{i}.")
@@ -91,7 +97,9 @@ GPT2 = Tables(
         "attn_norm.bias": "ln_1.bias",
         "ffn_norm.weight": "ln_2.weight",
         "ffn_norm.bias": "ln_2.bias",
-        ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"): Split("attn.c_attn.weight", transpose=True),
+        ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"): Split(
+            "attn.c_attn.weight", transpose=True
+        ),
         ("attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias"): Split("attn.c_attn.bias"),
         "attn.o_proj.weight": Transposed("attn.c_proj.weight"),
         "attn.o_proj.bias": "attn.c_proj.bias",

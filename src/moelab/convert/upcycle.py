@@ -64,12 +64,16 @@ def upcycled_config(cfg: ModelConfig, moe: MoEConfig, granularity: int = 1) -> M
     layers = [i for i in range(cfg.n_layers) if moe.is_moe_layer(i, cfg.n_layers)]
     hidden = {cfg.ffn_hidden_at(i) for i in layers}
     if len(hidden) != 1:
-        raise ConfigError(f"model.layer_ffn_hidden={list(cfg.layer_ffn_hidden)!r}: upcycled layers need one FFN size")
+        raise ConfigError(
+            f"model.layer_ffn_hidden={list(cfg.layer_ffn_hidden)!r}: upcycled layers need one FFN size"
+        )
     F = hidden.pop()
     if g < 1 or F % g:
         raise ConfigError(f"granularity={g!r} is invalid: it must divide the FFN hidden size {F}")
     if moe.num_experts % g:
-        raise ConfigError(f"moe.num_experts={moe.num_experts!r} is invalid: must be a multiple of granularity={g}")
+        raise ConfigError(
+            f"moe.num_experts={moe.num_experts!r} is invalid: must be a multiple of granularity={g}"
+        )
     return replace(cfg, moe=replace(moe, expert_hidden=F // g))
 
 
@@ -84,7 +88,9 @@ def upcycle(
 ) -> Transformer:
     """A new MoE :class:`Transformer` whose experts are (slices of) ``model``'s FFNs."""
     if router_init not in ROUTER_INITS:
-        raise ConfigError(f"router_init={router_init!r} is invalid: expected one of {', '.join(ROUTER_INITS)}")
+        raise ConfigError(
+            f"router_init={router_init!r} is invalid: expected one of {', '.join(ROUTER_INITS)}"
+        )
     if noise_std < 0:
         raise ConfigError(f"noise_std={noise_std!r} is invalid: must be >= 0")
     cfg = upcycled_config(model.cfg, moe, granularity)

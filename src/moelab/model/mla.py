@@ -41,7 +41,12 @@ class MLAAttention(nn.Module):
         m = cfg.mla
         self._apply_rope = apply_rope
         self.n_heads = H = cfg.n_heads
-        self.nope, self.rope_dim, self.v_dim, self.rank = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim, self.rank = (
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            m.kv_lora_rank,
+        )
         self.dropout = cfg.dropout
         qk = m.qk_head_dim
         if m.q_lora_rank is None:
@@ -66,8 +71,14 @@ class MLAAttention(nn.Module):
         assert rope is not None, "MLA needs RoPE positions"
         B, S, _ = x_BSD.shape
         H = self.n_heads
-        q = self.q_proj(x_BSD) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSD)))
-        q_nope, q_rot = q.view(B, S, H, self.nope + self.rope_dim).transpose(1, 2).split([self.nope, self.rope_dim], -1)
+        q = (
+            self.q_proj(x_BSD)
+            if hasattr(self, "q_proj")
+            else self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSD)))
+        )
+        q_nope, q_rot = (
+            q.view(B, S, H, self.nope + self.rope_dim).transpose(1, 2).split([self.nope, self.rope_dim], -1)
+        )
         latent_BSr, k_rot_BSd = self.kv_a_proj(x_BSD).split([self.rank, self.rope_dim], dim=-1)
         latent_B1Sr = self.kv_a_norm(latent_BSr).unsqueeze(1)
         cos, sin = rope

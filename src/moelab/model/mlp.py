@@ -33,3 +33,17 @@ class DenseMLP(nn.Module):
         else:
             h = activate(h, self.activation)
         return self.w_down(h)
+
+
+class GatedDenseMLP(DenseMLP):
+    """A dense FFN whose output is scaled per token by ``sigmoid(x · gate)`` (Qwen2-MoE's shared expert).
+
+    ``gate`` is ``[1, D]``: one scalar gate per token, learned, in (0, 1).
+    """
+
+    def __init__(self, d_model: int, hidden: int, activation: str, bias: bool = False) -> None:
+        super().__init__(d_model, hidden, activation, bias=bias)
+        self.gate = nn.Linear(d_model, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gate(x).sigmoid() * super().forward(x)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from moelab.config import MoEConfig
-from moelab.model.mlp import DenseMLP
+from moelab.model.mlp import DenseMLP, GatedDenseMLP
 from moelab.moe.capacity import apply_capacity
 from moelab.moe.decision import RoutingDecision
 from moelab.moe.dispatch import DISPATCHERS
@@ -37,12 +37,12 @@ class MoELayer(nn.Module):
         self.router = build_router(d_model, cfg)
         self.experts = Experts(cfg.num_experts, d_model, cfg.expert_hidden, activation)
         self.shared = (
-            DenseMLP(d_model, cfg.num_shared_experts * cfg.shared_expert_hidden, activation)
+            (GatedDenseMLP if cfg.shared_gate else DenseMLP)(  # gated: Qwen2-MoE's shared expert
+                d_model, cfg.num_shared_experts * cfg.shared_expert_hidden, activation
+            )
             if cfg.num_shared_experts > 0
             else None
         )
-        # Qwen2-MoE: the shared experts' output is scaled per token by sigmoid(x·w_gate).
-        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate and self.shared is not None else None
         self.dispatch = DISPATCHERS[cfg.dispatch]
 
     def loss_weights(self) -> dict[str, float]:
@@ -66,9 +66,6 @@ class MoELayer(nn.Module):
         decision = self.route(x_TD, (B, S), token_ids_T, token_mask_T)
         y_TD = self.dispatch(x_TD, decision, self.experts)
         if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = self.shared_gate(x_TD).sigmoid() * shared_TD
-            y_TD = y_TD + shared_TD
+            y_TD = y_TD + self.shared(x_TD)
         losses = {self.cfg.aux_loss: BALANCE_LOSSES[self.cfg.aux_loss](decision), "z_loss": z_loss(decision)}
         return MoEOutput(y=y_TD.view(B, S, D), decision=decision, losses=losses)
