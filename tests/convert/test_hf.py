@@ -130,3 +130,41 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path) -> None:
         export_hf(gpt2, tmp_path / "x", family="mixtral")
     with pytest.raises(ConfigError, match=r"cannot export as llama: model\.activation='gelu'"):
         export_hf(gpt2, tmp_path / "y", family="llama")
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("llama", {}),
+        ("mixtral", {"moe": "topk"}),
+        ("deepseek_v3", {"moe": "sigmoid_bias", "mla": True}),
+        ("qwen3_moe", {"moe": "topk", "qk_norm": "head"}),
+    ],
+)
+def test_native_moelab_models_export_to_transformers(family, overrides, tmp_path) -> None:
+    """A model made in moelab (tied embeddings, default options) loads in transformers with the same logits."""
+    from moelab.config import MLAConfig, RouterConfig
+    from moelab.model.transformer import Transformer
+
+    from helpers import tiny_config, tiny_moe
+
+    kw = dict(overrides)
+    if "moe" in kw:
+        router = RouterConfig(
+            name=kw.pop("moe"), renormalize=True, n_group=2 if family == "deepseek_v3" else 1
+        )
+        kw["moe"] = tiny_moe(router=router, aux_loss_coef=0.0)
+    if kw.pop("mla", False):
+        kw.update(
+            mla=MLAConfig(kv_lora_rank=6, q_lora_rank=5, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6)
+        )
+        kw.update(n_kv_heads=4)
+    model = Transformer(tiny_config(**kw)).eval()
+    if family == "deepseek_v3":
+        with torch.no_grad():
+            for layer in model.moe_layers:
+                layer.router.bias.normal_(0, 0.1)
+    export_hf(model, tmp_path / "hf", family=family)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ids = torch.randint(0, 97, (2, 10))
+    assert torch.allclose(_logits(theirs, ids), _logits(model, ids), atol=1e-4, rtol=0)

@@ -65,7 +65,9 @@ def _base(hf: HF, act_key: str = "hidden_act") -> dict[str, Any]:
     if kinds:
         _unsupported(hf, "layer_types", kinds, "only full attention layers are implemented")
     if hf.get("quantization_config"):
-        _unsupported(hf, "quantization_config", hf["quantization_config"].get("quant_method", "?"), "dequantize first")
+        _unsupported(
+            hf, "quantization_config", hf["quantization_config"].get("quant_method", "?"), "dequantize first"
+        )
     d, heads = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
     head_dim = hf.get("head_dim")
     return dict(

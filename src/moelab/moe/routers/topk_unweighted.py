@@ -23,7 +23,9 @@ class TopKUnweightedRouter(Router):
 
     paper = "Zhang et al. 2022 (MoEfication)"
     formula = "experts = TopK(x·W_g, K); w = 1 for each chosen expert (written p/sg(p)); y = Σ_chosen f_e(x)"
-    balancing = "none needed (routers are fitted to calibration activations); aux loss (moe.aux_loss) if trained"
+    balancing = (
+        "none needed (routers are fitted to calibration activations); aux loss (moe.aux_loss) if trained"
+    )
 
     def forward(
         self,
