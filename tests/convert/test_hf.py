@@ -168,3 +168,17 @@ def test_native_moelab_models_export_to_transformers(family, overrides, tmp_path
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     ids = torch.randint(0, 97, (2, 10))
     assert torch.allclose(_logits(theirs, ids), _logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_base_model_checkpoints_without_prefix_are_read(tmp_path) -> None:
+    """The hub's gpt2 weights are saved from GPT2Model: ``h.0.attn.c_attn.weight``, no ``transformer.``."""
+    from safetensors.torch import load_file
+
+    theirs = tiny_hf_model("gpt2")
+    theirs.save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    bare = {k.removeprefix("transformer."): v for k, v in tensors.items() if not k.startswith("lm_head")}
+    assert "h.0.attn.c_attn.weight" in bare
+    save_file(bare, tmp_path / "hf" / "model.safetensors")
+    ids = torch.randint(0, V, (1, 7))
+    assert torch.allclose(_logits(import_hf(tmp_path / "hf"), ids), _logits(theirs, ids), atol=1e-4)

@@ -30,6 +30,7 @@ class Family:
     config_in: Callable[[HF], ModelConfig]
     config_out: Callable[[ModelConfig], HF]
     ignore: Callable[[str, ModelConfig], bool] = lambda name, cfg: False
+    base_prefix: str = "model."  # prefix of the base model's tensors (absent in base-model-only checkpoints)
 
 
 FAMILIES: Registry[Family] = Registry("Hugging Face model_type")
@@ -616,6 +617,7 @@ _register(
         _gpt2_in,
         _gpt2_out,
         lambda name, cfg: name.endswith(T.GPT2.ignore),
+        base_prefix="transformer.",
     )
 )
 
