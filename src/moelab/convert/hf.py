@@ -76,7 +76,9 @@ def import_hf(path: str | Path) -> Transformer:
     hf, tensors = read_hf_folder(path)
     family = FAMILIES[hf.get("model_type", "<missing>")]
     cfg = family.config_in(hf)
-    if not any(k.startswith(family.base_prefix) for k in tensors):  # saved from the base model (e.g. GPT2Model)
+    if not any(
+        k.startswith(family.base_prefix) for k in tensors
+    ):  # saved from the base model (e.g. GPT2Model)
         tensors = {k if k.startswith("lm_head.") else family.base_prefix + k: v for k, v in tensors.items()}
     model = Transformer(cfg)
     rules = build_rules(family.tables(hf), cfg, _model_keys(model))
