@@ -82,7 +82,7 @@ def import_hf(path: str | Path) -> Transformer:
         tensors = {k if k.startswith("lm_head.") else family.base_prefix + k: v for k, v in tensors.items()}
     model = Transformer(cfg)
     rules = build_rules(family.tables(hf), cfg, _model_keys(model))
-    tied_head = "lm_head.weight"  # every family names its output head so
+    tied_head = "lm_head.weight"  # every supported family names its output head so; tied: may be absent
 
     def ignore(name: str) -> bool:
         return family.ignore(name, cfg) or (cfg.tie_embeddings and name == tied_head)
