@@ -120,6 +120,191 @@ def _run_routers(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- conversions (convert, upcycle, moefy, merge, prune)
+
+
+def _add_output_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--out", metavar="DIR", required=required, help="output folder")
+    p.add_argument("--to", choices=["moelab", "hf"], default="moelab", help="write a moelab folder or a Hugging Face one")
+    p.add_argument("--family", metavar="MODEL_TYPE", help="Hugging Face family for --to hf (default: the one that fits)")
+
+
+def _write_model(model, args: argparse.Namespace) -> None:
+    from moelab.convert.hf import export_hf, save_moelab
+
+    if args.to == "hf":
+        export_hf(model, args.out, family=args.family)
+    else:
+        save_moelab(model, args.out)
+    print(f"wrote {args.to} folder {args.out}")
+
+
+def _byte_batches(path: str, vocab_size: int, seq_len: int, count: int, seed: int, offset: int = 0):
+    """Batches of UTF-8 byte ids from a .txt or .jsonl(.gz) file ("text" field): the bytes tokenizer."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--data {path!r} does not exist")
+    if vocab_size < 256:
+        raise UserError(f"--data is read as UTF-8 bytes, which needs vocab_size >= 256 (this model has {vocab_size})")
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8", errors="replace") as f:
+        if ".jsonl" in p.name:
+            text = "\n".join(json.loads(line).get("text", "") for _, line in zip(range(2000), f) if line.strip())
+        else:
+            text = f.read(4_000_000)
+    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    if len(data) <= seq_len + 1:
+        raise UserError(f"--data {path!r} has too little text for --seq-len {seq_len}")
+    g = torch.Generator().manual_seed(seed + offset)
+    starts = torch.randint(0, len(data) - seq_len, (count, 8), generator=g)
+    return [torch.stack([data[s : s + seq_len] for s in row.tolist()]) for row in starts]
+
+
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a Hugging Face folder (config.json + safetensors) or a moelab folder")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", choices=["moelab", "hf"], help="output format (default: the other one)")
+    p.add_argument("--family", metavar="MODEL_TYPE", help="Hugging Face family for --to hf (llama, mixtral, …)")
+
+
+@command("convert", "convert between Hugging Face folders and moelab folders", _add_convert_args)
+def _run_convert(args: argparse.Namespace) -> int:
+    from moelab.convert.hf import is_hf_folder, load_any
+
+    model = load_any(args.src)
+    args.to = args.to or ("moelab" if is_hf_folder(args.src) else "hf")
+    args.out = args.dst
+    _write_model(model, args)
+    return 0
+
+
+def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="dense model: moelab or Hugging Face folder")
+    p.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--granularity", type=int, default=1, help="split each FFN into g neuron slices (fine-grained)")
+    p.add_argument("--noise", type=float, default=0.0, help="noise std on expert copies, relative to each weight's std")
+    p.add_argument("--router-init", choices=["zeros", "normal"], default="zeros")
+    p.add_argument("--router", default="topk", help="router name (moelab routers)")
+    p.add_argument("--placement", choices=["all", "every_n", "first_k_dense", "explicit"], default="all")
+    p.add_argument("--every-n", type=int, default=2)
+    p.add_argument("--first-k-dense", type=int, default=1)
+    p.add_argument("--layers", default="", help="placement=explicit: comma-separated layer indices")
+    p.add_argument("--seed", type=int, default=0)
+    _add_output_args(p)
+
+
+@command("upcycle", "turn a dense checkpoint into an MoE one (sparse upcycling)", _add_upcycle_args)
+def _run_upcycle(args: argparse.Namespace) -> int:
+    from moelab.config import MoEConfig, RouterConfig
+    from moelab.convert.hf import load_any
+    from moelab.convert.upcycle import upcycle
+
+    layers = tuple(int(x) for x in args.layers.split(",") if x.strip())
+    moe = MoEConfig(
+        num_experts=args.experts,
+        top_k=args.top_k,
+        router=RouterConfig(name=args.router, renormalize=True),
+        placement=args.placement,
+        every_n=args.every_n,
+        first_k_dense=args.first_k_dense,
+        layers=layers,
+    )
+    model = upcycle(load_any(args.ckpt), moe, args.granularity, args.noise, args.router_init, args.seed)
+    print(f"upcycled: MoE layers {model.cfg.moe_layers}, {args.experts} experts of hidden {model.cfg.moe.expert_hidden}")
+    _write_model(model, args)
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, metavar="FILE", help="text (.txt, .jsonl[.gz] with 'text'), read as bytes")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batches", type=int, default=8, help="batches of 8 sequences for calibration (and as many for evaluation)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_moefy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="dense model: moelab or Hugging Face folder")
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=4, help="k of the written model")
+    p.add_argument("--ks", default="", help="comma-separated k values to report (default: 1, 2, 4, … up to E)")
+    p.add_argument("--split", choices=["cluster", "random"], default="cluster")
+    p.add_argument("--router", choices=["learned", "centroid"], default="learned")
+    _add_data_args(p, required=True)
+    _add_output_args(p, required=False)
+
+
+@command("moefy", "split a dense model's FFNs into experts (MoEfication) and report the loss per k", _add_moefy_args)
+def _run_moefy(args: argparse.Namespace) -> int:
+    from moelab.convert.hf import load_any
+    from moelab.convert.moefy import moefy_report, with_top_k
+
+    dense = load_any(args.ckpt)
+    calib = _byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed)
+    evaluation = _byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed, offset=1)
+    ks = [int(k) for k in args.ks.split(",") if k.strip()] or [
+        k for k in (1, 2, 4, 8, 16, 32, 64) if k < args.experts
+    ] + [args.experts]
+    rows = moefy_report(dense, calib, evaluation, args.experts, sorted(set(ks) | {args.top_k}), args.split, args.router, args.seed)
+    print(f"dense loss {rows[0].dense_loss:.4f}  (E={args.experts}, split={args.split}, router={args.router})")
+    for r in rows:
+        print(f"  k={r.top_k:<3d} loss {r.loss:.4f}  delta {r.delta:+.4f}")
+    if args.out:
+        from moelab.convert.moefy import moefy
+
+        _write_model(with_top_k(moefy(dense, calib, args.experts, args.top_k, args.split, args.router, args.seed), args.top_k), args)
+    return 0
+
+
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="MoE model: moelab or Hugging Face folder")
+    p.add_argument("--experts", type=int, required=True, help="experts per layer after merging")
+    p.add_argument("--by", choices=["weight", "router"], default="weight", help="similarity used to group experts")
+    _add_data_args(p, required=False)
+    _add_output_args(p)
+
+
+@command("merge", "merge similar experts (frequency-weighted averages when --data gives a trace)", _add_merge_args)
+def _run_merge(args: argparse.Namespace) -> int:
+    from moelab.convert.hf import load_any
+    from moelab.convert.merge import expert_counts, merge_similar
+
+    model = load_any(args.ckpt)
+    counts = None
+    if args.data:
+        counts = expert_counts(model, _byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
+    _write_model(merge_similar(model, args.experts, counts, args.by), args)
+    return 0
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="MoE model: moelab or Hugging Face folder")
+    p.add_argument("--remove", type=int, required=True, help="experts to remove per layer (the least used first)")
+    _add_data_args(p, required=True)
+    _add_output_args(p)
+
+
+@command("prune", "remove dead or rare experts, judged on a routing trace of --data", _add_prune_args)
+def _run_prune(args: argparse.Namespace) -> int:
+    from moelab.convert.hf import load_any
+    from moelab.convert.merge import expert_counts, prune_experts, rare_experts
+
+    model = load_any(args.ckpt)
+    counts = expert_counts(model, _byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
+    keep = rare_experts(counts, args.remove)
+    for layer, c in counts.items():
+        gone = sorted(set(range(len(c))) - set(keep[layer]))
+        print(f"layer {layer}: removing experts {gone} (tokens {[int(c[e]) for e in gone]})")
+    _write_model(prune_experts(model, keep), args)
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
