@@ -117,6 +117,40 @@ def _run_routers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="CONFIG_OR_PRESET",
+                   help="a model config file, a moelab preset, or a published model: "
+                   "mixtral-8x7b, qwen3-235b-a22b, deepseek-v3, olmoe-1b-7b, llama-3-70b")
+    p.add_argument("--dtype", default="bf16", help="weight dtype: fp32, bf16, fp16, fp8, int8, int4 (default bf16)")
+    p.add_argument("--kv-dtype", default="bf16", help="KV-cache dtype (default bf16)")
+    p.add_argument("--context", type=int, default=4096, help="tokens in context for attention FLOPs and KV reads")
+    p.add_argument("--gpu-bandwidth", type=float, default=3350.0, help="GPU memory bandwidth, GB/s (H100: 3350)")
+    p.add_argument("--cpu-bandwidth", type=float, default=100.0, help="CPU memory bandwidth, GB/s")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+
+
+@command("calc", "parameters, FLOPs, memory, KV cache and decode-speed estimates for a model", _add_calc_args)
+def _run_calc(args: argparse.Namespace) -> int:
+    import json
+
+    from moelab.calc import dtype_bytes, report, resolve
+
+    if args.context < 0:
+        raise ConfigError(f"--context={args.context} is invalid: must be >= 0")
+    for name, value in (("--gpu-bandwidth", args.gpu_bandwidth), ("--cpu-bandwidth", args.cpu_bandwidth)):
+        if not value > 0:
+            raise ConfigError(f"{name}={value} is invalid: must be > 0")
+    dtype_bytes(args.dtype), dtype_bytes(args.kv_dtype)
+    data = report(resolve(args.target), args.dtype, args.context, args.gpu_bandwidth, args.cpu_bandwidth, args.kv_dtype)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    from moelab.calc import format_report
+
+    print(format_report(data))
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
