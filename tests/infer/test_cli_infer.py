@@ -1,0 +1,73 @@
+"""`moelab generate` end to end (the checkpoint loader swapped for an in-code model, and, once
+moelab.train.checkpoint exists, through a real checkpoint)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moelab import cli
+from moelab.infer.generate import SamplingParams, generate
+from moelab.model.transformer import Transformer
+
+from helpers import CharTestTokenizer, tiny_config, tiny_moe
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(tiny_config(moe=tiny_moe(num_experts=8))).eval()
+
+
+@pytest.fixture
+def in_code_checkpoint(monkeypatch):
+    monkeypatch.setattr(cli, "load_checkpoint_for_inference", lambda path, device: (_model(), CharTestTokenizer()))
+
+
+def test_generate_command_batches_and_reports_offload_stats(in_code_checkpoint, capsys) -> None:
+    argv = ["generate", "ckpt", "--prompt", "Hello", "--prompt", "A longer prompt", "--max-tokens", "8",
+            "--ignore-eos", "--json"]
+    assert cli.main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["completions"]
+    assert cli.main([*argv, "--offload", "--expert-cache", "25%", "--cache-policy", "lfu", "--prefetch",
+                     "--offload-from", "memory"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["completions"] == plain
+    s = data["offload"]
+    assert s["hits"] + s["misses"] == s["lookups"] > 0
+    tok = CharTestTokenizer()
+    ref = generate(_model(), [tok.encode("Hello")], SamplingParams(8, stop_at_eos=False), tok)[0]
+    assert plain[0]["text"] == ref.text and plain[0]["completion_tokens"] == 8
+
+
+def test_generate_command_streams_one_prompt(in_code_checkpoint, capsys) -> None:
+    assert cli.main(["generate", "ckpt", "--prompt", "Hi", "--max-tokens", "5", "--temperature", "0.8",
+                     "--seed", "1", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    tok = CharTestTokenizer()
+    ref = generate(_model(), [tok.encode("Hi")], SamplingParams(5, temperature=0.8, seed=1, stop_at_eos=False), tok)[0]
+    assert out == "Hi" + ref.text + "\n"
+
+
+def test_generate_command_errors(in_code_checkpoint, capsys) -> None:
+    assert cli.main(["generate", "ckpt"]) == 2
+    assert "no prompt" in capsys.readouterr().err
+    assert cli.main(["generate", "ckpt", "--prompt", "x", "--top-p", "0"]) == 2
+    assert cli.main(["generate", "ckpt", "--prompt", "x", "--offload", "--expert-cache", "0%"]) == 2
+    assert "expert cache size" in capsys.readouterr().err
+
+
+def test_generate_from_a_real_checkpoint(tmp_path, capsys) -> None:
+    ckpt = pytest.importorskip("moelab.train.checkpoint")
+    tokmod = pytest.importorskip("moelab.data.tokenizer")
+    tok = tokmod.BytesTokenizer()
+    cfg = tiny_config(vocab_size=tok.vocab_size, moe=tiny_moe(num_experts=8))
+    model = Transformer(cfg).eval()
+    ckpt.save_checkpoint(tmp_path / "ck", model, cfg, tok)
+    ref = generate(model, [tok.encode("abc")], SamplingParams(6, stop_at_eos=False), tok)[0]
+    assert cli.main(["generate", str(tmp_path / "ck"), "--prompt", "abc", "--max-tokens", "6", "--ignore-eos",
+                     "--json", "--offload", "--expert-cache", "1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["completions"][0]["text"] == ref.text
+    assert data["offload"]["misses"] > 0
