@@ -261,6 +261,60 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from moelab.infer.server import ServerLimits
+
+    d = ServerLimits()
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (model.safetensors, config.yaml, tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--model-name", default=None, help="the model id clients see (default: the folder name)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
+    p.add_argument("--max-pending", type=int, default=d.max_pending, help="requests in flight before 429")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests batched into one generate call")
+    p.add_argument("--batch-wait", type=float, default=d.batch_wait_s, help="seconds the worker waits to fill a batch")
+    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request before 504")
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                   help="tokens generated when a request gives no max_tokens")
+    p.add_argument("--offload", action="store_true", help="keep routed experts off the device in a bounded cache")
+    p.add_argument("--expert-cache", default="25%", metavar="SIZE", help="experts per layer in the cache: '25%%' or a count")
+    p.add_argument("--cache-policy", default="lru", help="lru or lfu (lfu without a trace counts uses online)")
+    p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's experts with its router")
+
+
+@command("serve", "serve a checkpoint over an OpenAI-compatible HTTP API (needs the serve extra)", _add_serve_args)
+def _run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError('moelab serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
+    from moelab.infer.chat import load_chat_template
+    from moelab.infer.server import Engine, ServerLimits, create_app, serve_forever
+
+    limits = ServerLimits(
+        max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, max_batch=args.max_batch,
+        batch_wait_s=args.batch_wait, timeout_s=args.timeout, default_max_tokens=args.default_max_tokens,
+    )
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port={args.port} is invalid: must be in [0, 65535]")
+    model, tok = load_checkpoint_for_inference(args.checkpoint, args.device)
+    if args.offload:
+        from moelab.infer.offload import Offloader
+
+        source = Path(args.checkpoint) / "model.safetensors"
+        Offloader(model, args.expert_cache, args.cache_policy, prefetch=args.prefetch,
+                  source=source if source.is_file() else None, device=args.device)
+    engine = Engine(model, tok, limits)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    app = create_app(engine, model_name=name, chat_template=load_chat_template(args.checkpoint))
+    serve_forever(app, args.host, args.port)
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

@@ -62,7 +62,7 @@ def test_generate_from_a_real_checkpoint(tmp_path, capsys) -> None:
     ckpt = pytest.importorskip("moelab.train.checkpoint")
     tokmod = pytest.importorskip("moelab.data.tokenizer")
     tok = tokmod.BytesTokenizer()
-    cfg = tiny_config(vocab_size=tok.vocab_size, moe=tiny_moe(num_experts=8))
+    cfg = tiny_config(vocab_size=tok.vocab_size, max_seq_len=128, moe=tiny_moe(num_experts=8))
     model = Transformer(cfg).eval()
     ckpt.save_checkpoint(tmp_path / "ck", model, cfg, tok)
     ref = generate(model, [tok.encode("abc")], SamplingParams(6, stop_at_eos=False), tok)[0]
@@ -71,3 +71,19 @@ def test_generate_from_a_real_checkpoint(tmp_path, capsys) -> None:
     data = json.loads(capsys.readouterr().out)
     assert data["completions"][0]["text"] == ref.text
     assert data["offload"]["misses"] > 0
+
+
+def test_serve_command_checks_its_limits(in_code_checkpoint, capsys) -> None:
+    assert cli.main(["serve", "ckpt", "--max-pending", "0"]) == 2
+    assert "server.max_pending" in capsys.readouterr().err
+    assert cli.main(["serve", "ckpt", "--port", "70000"]) == 2
+
+
+def test_chat_template_from_the_checkpoint_folder(tmp_path) -> None:
+    from moelab.infer.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template
+
+    assert load_chat_template(tmp_path).source == DEFAULT_CHAT_TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!"}))
+    assert load_chat_template(tmp_path).render([{"role": "user", "content": "hey"}]) == "hey!"
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['role'] }}]{% endfor %}")
+    assert load_chat_template(tmp_path).render([{"role": "user", "content": "x"}]) == "[user]"
