@@ -27,6 +27,7 @@ Legend: E experts, D model dim, F expert hidden, m up-projection multiplier, n r
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import OrderedDict
@@ -418,7 +419,7 @@ class Offloader:
         self.handles = []
         if prefetch:
             ids = [i for i, _ in moe_blocks]
-            for cur, nxt in zip(ids, ids[1:]):
+            for cur, nxt in itertools.pairwise(ids):
                 hook = _prefetch_hook(model.blocks[nxt], self.caches[nxt])
                 self.handles.append(model.blocks[cur].ffn_norm.register_forward_hook(hook))
 
