@@ -13,6 +13,7 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
 
 import asyncio
+import contextlib
 import json
 import queue
 import threading
@@ -181,6 +182,20 @@ def _models():
     return CompletionRequest, ChatRequest
 
 
+class _Once:
+    """Call ``fn`` the first time only (a slot released by whichever of two paths runs first)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.done, self.lock = fn, False, threading.Lock()
+
+    def __call__(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+        self.fn()
+
+
 class HTTPFailure(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
@@ -195,6 +210,7 @@ def create_app(engine: Engine, model_name: str = "moelab", chat_template: ChatTe
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import ValidationError
+    from starlette.background import BackgroundTask
 
     CompletionRequest, ChatRequest = _models()
     template = chat_template or ChatTemplate()
@@ -286,12 +302,14 @@ def create_app(engine: Engine, model_name: str = "moelab", chat_template: ChatTe
                     if stream_queue is not None:
                         stream_queue.put_nowait((row, None))
 
-                loop.call_soon_threadsafe(settle)
+                with contextlib.suppress(RuntimeError):  # the event loop closed (server shutting down)
+                    loop.call_soon_threadsafe(settle)
 
             on_text = None
             if stream_queue is not None:
                 def on_text(delta: str, row=row) -> None:
-                    loop.call_soon_threadsafe(stream_queue.put_nowait, (row, delta))
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(stream_queue.put_nowait, (row, delta))
 
             job = Job(ids, params, deadline, on_text, done)
             jobs.append(job)
@@ -331,8 +349,11 @@ def create_app(engine: Engine, model_name: str = "moelab", chat_template: ChatTe
             name = req.model or model_name
             if req.stream:
                 streaming = True
+                release = _Once(engine.release)
+                # released when the stream ends, or after the response if the client left before it began
                 return StreamingResponse(
-                    sse(ident, name, rows, chat), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                    sse(ident, name, rows, chat, release), media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"}, background=BackgroundTask(release),
                 )
             jobs, futures, deadline = await run_jobs(rows, None)
             try:
@@ -358,7 +379,7 @@ def create_app(engine: Engine, model_name: str = "moelab", chat_template: ChatTe
             if not streaming:
                 engine.release()
 
-    async def sse(ident: str, name: str, rows, chat: bool) -> AsyncIterator[str]:
+    async def sse(ident: str, name: str, rows, chat: bool, release) -> AsyncIterator[str]:
         """Server-sent events: one chunk per text delta, a final chunk per row, then [DONE]."""
         stream_queue: asyncio.Queue = asyncio.Queue()
         jobs: list[Job] = []
@@ -404,7 +425,7 @@ def create_app(engine: Engine, model_name: str = "moelab", chat_template: ChatTe
         finally:
             for j in jobs:  # a client that went away frees its rows
                 j.cancelled.set()
-            engine.release()
+            release()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
