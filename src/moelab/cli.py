@@ -218,7 +218,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT or --prompt-file FILE")
     params = [sampling_from_args(args, i) for i in range(len(prompts))]
-    model, tok = load_checkpoint_for_inference(args.checkpoint, args.device)
+    # offloading: load on the CPU, take the experts out, then move the rest to the device
+    model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device)
     ids = [tok.encode(p) or [tok.bos_id] for p in prompts]
     offloader = None
     if args.offload:
@@ -229,12 +230,13 @@ def _run_generate(args: argparse.Namespace) -> int:
             text = Path(args.calibration).read_text(encoding="utf-8") if args.calibration else "\n".join(prompts)
             calib = tok.encode(text)[: 16 * model.cfg.max_seq_len] or [tok.bos_id]
             n = model.cfg.max_seq_len
-            counts = routing_counts(model, [torch.tensor([calib[i : i + n]], device=args.device) for i in range(0, len(calib), n)])
+            counts = routing_counts(model, [torch.tensor([calib[i : i + n]]) for i in range(0, len(calib), n)])
         source = Path(args.checkpoint) / "model.safetensors"
         offloader = Offloader(
             model, args.expert_cache, args.cache_policy, prefetch=args.prefetch,
             source=source if args.offload_from == "disk" and source.is_file() else None, device=args.device, counts=counts,
         )
+        model.to(args.device)
     stream = len(prompts) == 1 and not args.json
     on_text = (lambda row, delta: print(delta, end="", flush=True)) if stream else None
     if stream:
@@ -301,13 +303,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port={args.port} is invalid: must be in [0, 65535]")
-    model, tok = load_checkpoint_for_inference(args.checkpoint, args.device)
+    model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device)
     if args.offload:
         from moelab.infer.offload import Offloader
 
         source = Path(args.checkpoint) / "model.safetensors"
         Offloader(model, args.expert_cache, args.cache_policy, prefetch=args.prefetch,
                   source=source if source.is_file() else None, device=args.device)
+        model.to(args.device)
     engine = Engine(model, tok, limits)
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(engine, model_name=name, chat_template=load_chat_template(args.checkpoint))
