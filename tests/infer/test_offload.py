@@ -59,6 +59,7 @@ def test_offloaded_generation_is_identical(reference, capacity, policy: str, pre
     for per in s.by_layer.values():
         assert per.get("hits", 0) + per.get("misses", 0) == per["lookups"]
     assert all(len(c.slots) <= c.capacity for c in off.caches.values())
+    assert all(set(c.slots) <= set(c.policy.order) for c in off.caches.values())  # every resident expert can be evicted
     if prefetch:
         assert s.prefetch_loads > 0 or capacity == "100%"
     if capacity == "100%" and policy in ("lru", "lfu"):
@@ -97,6 +98,8 @@ def test_policies_pick_the_right_victims() -> None:
         lru.touch(e)
     assert lru.victim({1, 4, 7}, set()) == 1
     assert lru.victim({1, 4, 7}, {1}) == 7
+    lru.inserted(2)  # a prefetched expert counts as recent, so it is not the next victim
+    assert lru.victim({1, 2, 4, 7}, set()) == 1
     lfu = LFUPolicy(3, [0, 5, 0, 0, 1, 0, 0, 9])
     for e in (4, 1, 7):
         lfu.touch(e)

@@ -152,6 +152,12 @@ class CachePolicy:
         return True
 
     def touch(self, expert: int) -> None:
+        """``expert`` was used."""
+        self.order[expert] = None
+        self.order.move_to_end(expert)
+
+    def inserted(self, expert: int) -> None:
+        """``expert`` became resident (a prefetch is recent, but not a use)."""
         self.order[expert] = None
         self.order.move_to_end(expert)
 
@@ -171,7 +177,8 @@ class LRUPolicy(CachePolicy):
 
     def victim(self, resident: Iterable[int], protected: set[int]) -> int | None:
         allowed = set(resident) - protected
-        return next((e for e in self.order if e in allowed), None)
+        never_touched = sorted(allowed - set(self.order))
+        return never_touched[0] if never_touched else next((e for e in self.order if e in allowed), None)
 
 
 @CACHE_POLICIES.register("lfu")
@@ -262,6 +269,7 @@ class LayerExpertCache:
             self.policy.forget(victim)
             self.unused_prefetch.discard(victim)
         self.slots[expert] = entry
+        self.policy.inserted(expert)
         return True
 
     def get(self, expert: int) -> tuple[Tensor, Tensor]:
