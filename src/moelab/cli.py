@@ -264,21 +264,19 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
-    from moelab.infer.server import ServerLimits
-
-    d = ServerLimits()
+    # defaults live in moelab.infer.server.ServerLimits (not imported here: parsing stays torch-free)
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (model.safetensors, config.yaml, tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--model-name", default=None, help="the model id clients see (default: the folder name)")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
-    p.add_argument("--max-pending", type=int, default=d.max_pending, help="requests in flight before 429")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests batched into one generate call")
-    p.add_argument("--batch-wait", type=float, default=d.batch_wait_s, help="seconds the worker waits to fill a batch")
-    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request before 504")
-    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
-                   help="tokens generated when a request gives no max_tokens")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="(default 1000000) larger request bodies get 413")
+    p.add_argument("--max-pending", type=int, default=None, help="(default 64) requests in flight before 429")
+    p.add_argument("--max-batch", type=int, default=None, help="(default 8) requests batched into one generate call")
+    p.add_argument("--batch-wait", type=float, default=None, help="(default 0.005) seconds the worker waits to fill a batch")
+    p.add_argument("--timeout", type=float, default=None, help="(default 120) seconds per request before 504")
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="(default 256) tokens generated when a request gives no max_tokens")
     p.add_argument("--offload", action="store_true", help="keep routed experts off the device in a bounded cache")
     p.add_argument("--expert-cache", default="25%", metavar="SIZE", help="experts per layer in the cache: '25%%' or a count")
     p.add_argument("--cache-policy", default="lru", help="lru or lfu (lfu without a trace counts uses online)")
@@ -297,10 +295,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     from moelab.infer.chat import load_chat_template
     from moelab.infer.server import Engine, ServerLimits, create_app, serve_forever
 
-    limits = ServerLimits(
+    given = dict(
         max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, max_batch=args.max_batch,
         batch_wait_s=args.batch_wait, timeout_s=args.timeout, default_max_tokens=args.default_max_tokens,
     )
+    limits = ServerLimits(**{k: v for k, v in given.items() if v is not None})
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port={args.port} is invalid: must be in [0, 65535]")
     model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device)

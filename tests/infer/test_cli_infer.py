@@ -87,3 +87,14 @@ def test_chat_template_from_the_checkpoint_folder(tmp_path) -> None:
     assert load_chat_template(tmp_path).render([{"role": "user", "content": "hey"}]) == "hey!"
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['role'] }}]{% endfor %}")
     assert load_chat_template(tmp_path).render([{"role": "user", "content": "x"}]) == "[user]"
+
+
+def test_serve_help_states_the_real_defaults(capsys) -> None:
+    from moelab.infer.server import ServerLimits
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    d = ServerLimits()
+    for value in (d.max_body_bytes, d.max_pending, d.max_batch, d.batch_wait_s, d.timeout_s, d.default_max_tokens):
+        assert f"(default {value:g})" in text or f"(default {value})" in text
