@@ -103,7 +103,7 @@ def test_policies_pick_the_right_victims() -> None:
     lfu = LFUPolicy(3, [0, 5, 0, 0, 1, 0, 0, 9])
     for e in (4, 1, 7):
         lfu.touch(e)
-    assert lfu.victim({1, 4, 7}, set()) == 4  # 1+1 uses beats nothing else
+    assert lfu.victim({1, 4, 7}, set()) == 4  # 1 calibration + 1 use: the fewest
     pinned = PinnedPolicy(2, [0, 5, 0, 0, 1, 0, 0, 9])
     assert pinned.initial() == [7, 1] and pinned.admit(7) and not pinned.admit(4)
 
