@@ -98,3 +98,41 @@ def test_serve_help_states_the_real_defaults(capsys) -> None:
     d = ServerLimits()
     for value in (d.max_body_bytes, d.max_pending, d.max_batch, d.batch_wait_s, d.timeout_s, d.default_max_tokens):
         assert f"(default {value:g})" in text or f"(default {value})" in text
+
+
+def test_serve_command_answers_over_http(tmp_path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    ckpt = pytest.importorskip("moelab.train.checkpoint")
+    tokmod = pytest.importorskip("moelab.data.tokenizer")
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    tok = tokmod.BytesTokenizer()
+    cfg = tiny_config(vocab_size=tok.vocab_size, max_seq_len=128, moe=tiny_moe(num_experts=8))
+    ckpt.save_checkpoint(tmp_path / "ck", Transformer(cfg).eval(), cfg, tok)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(cli.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", "serve", str(tmp_path / "ck"), "--port", str(port),
+                             "--offload", "--expert-cache", "2"], env=env, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "abc", "max_tokens": 5, "temperature": 0}, timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == "ck"
+        assert r.json()["usage"]["prompt_tokens"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

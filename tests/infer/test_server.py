@@ -202,3 +202,15 @@ def test_fuzzed_bodies_never_get_a_5xx(server, body: bytes, chat: bool) -> None:
 def test_server_still_answers_after_the_fuzz(server) -> None:
     assert server.http.get("/health").json() == {"status": "ok", "in_flight": 0, "batches": server.engine.batches}
     assert server.client.completions.create(model="tiny", prompt="ok", max_tokens=2).choices[0].finish_reason
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server) -> None:
+    body = {"prompt": "Leave early", "max_tokens": 50, "stream": True, "ignore_eos": True}
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    for _ in range(300):
+        if server.engine.in_flight == 0:
+            break
+        time.sleep(0.01)
+    assert server.engine.in_flight == 0
