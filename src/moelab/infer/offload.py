@@ -447,9 +447,8 @@ def _prefetch_hook(next_block: nn.Module, cache: LayerExpertCache):
             logits_TE = next_block.ffn.router.logits(h_TD)
             k = next_block.ffn.cfg.top_k
             expert_TK = logits_TE.topk(k, dim=-1).indices
-            votes_E = torch.bincount(expert_TK.reshape(-1), minlength=logits_TE.shape[-1])
-            order = torch.argsort(votes_E, descending=True, stable=True)
-            wanted = [int(e) for e in order if votes_E[e] > 0]
+            votes = torch.bincount(expert_TK.reshape(-1), minlength=logits_TE.shape[-1]).tolist()  # one sync
+            wanted = sorted((e for e, v in enumerate(votes) if v > 0), key=lambda e: -votes[e])
         cache.prefetch(wanted)
 
     return hook
