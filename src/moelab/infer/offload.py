@@ -30,7 +30,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,61 +40,9 @@ from torch import Tensor, nn
 
 from moelab.config import ConfigError
 from moelab.errors import UserError
+from moelab.infer.cache_policy import CACHE_POLICIES, CachePolicy, LFUPolicy, LRUPolicy, PinnedPolicy
+from moelab.infer.expert_store import MemoryStore, SafetensorsStore, export_experts
 from moelab.moe.experts import activate
-from moelab.registry import Registry
-
-# ----------------------------------------------------------------------------- stores
-
-
-class MemoryStore:
-    """Expert weights in CPU memory: ``w_up [E, m·F, D]`` and ``w_down [E, D, F]`` per layer."""
-
-    def __init__(self, weights: dict[int, tuple[Tensor, Tensor]], pin: bool = False) -> None:
-        self.weights = {
-            i: tuple(w.detach().to("cpu", copy=True).pin_memory() if pin else w.detach().to("cpu", copy=True) for w in pair)
-            for i, pair in weights.items()
-        }
-
-    def load(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
-        w_up, w_down = self.weights[layer]
-        return w_up[expert], w_down[expert]
-
-
-class SafetensorsStore:
-    """Expert weights read from a (memory-mapped) safetensors file, one expert slice at a time.
-
-    Tensor names follow moelab's state dict: ``blocks.{layer}.ffn.experts.w_up`` / ``w_down``.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            raise UserError(f"expert file {str(path)!r} does not exist")
-        self.path = str(path)
-        self._file = safe_open(self.path, framework="pt", device="cpu")
-        self._names = set(self._file.keys())
-
-    def load(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
-        names = (f"blocks.{layer}.ffn.experts.w_up", f"blocks.{layer}.ffn.experts.w_down")
-        missing = [n for n in names if n not in self._names]
-        if missing:
-            raise UserError(f"{self.path} has no tensor {missing[0]!r}: is it a moelab MoE checkpoint?")
-        return tuple(self._file.get_slice(n)[expert] for n in names)  # type: ignore[return-value]
-
-
-def export_experts(model: nn.Module, path: str | Path) -> Path:
-    """Write every MoE layer's expert weights to a safetensors file (the disk tier)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for i, block in enumerate(model.blocks):
-        if block.is_moe:
-            tensors[f"blocks.{i}.ffn.experts.w_up"] = block.ffn.experts.w_up.detach().cpu().contiguous()
-            tensors[f"blocks.{i}.ffn.experts.w_down"] = block.ffn.experts.w_down.detach().cpu().contiguous()
-    save_file(tensors, str(path))
-    return Path(path)
-
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -131,96 +78,6 @@ class OffloadStats:
         out["stall_s"] = round(self.stall_s, 6)
         out["hit_rate"] = self.hit_rate
         return out
-
-
-# ----------------------------------------------------------------------------- policies
-
-
-class CachePolicy:
-    """Which resident expert to evict, and whether a fetched expert is kept at all."""
-
-    def __init__(self, capacity: int, counts_E: list[float] | None) -> None:
-        self.capacity = capacity
-        self.counts = list(counts_E) if counts_E is not None else None
-        self.order: OrderedDict[int, None] = OrderedDict()  # recency, oldest first
-
-    def initial(self) -> list[int]:
-        """Experts to load before the first token."""
-        return []
-
-    def admit(self, expert: int) -> bool:
-        return True
-
-    def touch(self, expert: int) -> None:
-        """``expert`` was used."""
-        self.order[expert] = None
-        self.order.move_to_end(expert)
-
-    def inserted(self, expert: int) -> None:
-        """``expert`` became resident (a prefetch is recent, but not a use)."""
-        self.order[expert] = None
-        self.order.move_to_end(expert)
-
-    def forget(self, expert: int) -> None:
-        self.order.pop(expert, None)
-
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int | None:
-        raise NotImplementedError
-
-
-CACHE_POLICIES: Registry[type[CachePolicy]] = Registry("expert cache policy")
-
-
-@CACHE_POLICIES.register("lru")
-class LRUPolicy(CachePolicy):
-    """Evict the least recently used expert."""
-
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int | None:
-        allowed = set(resident) - protected
-        never_touched = sorted(allowed - set(self.order))
-        return never_touched[0] if never_touched else next((e for e in self.order if e in allowed), None)
-
-
-@CACHE_POLICIES.register("lfu")
-class LFUPolicy(CachePolicy):
-    """Evict the least frequently used expert: calibration counts plus uses in this run
-    (ties: least recently used)."""
-
-    def __init__(self, capacity: int, counts_E: list[float] | None) -> None:
-        super().__init__(capacity, counts_E)
-        self.freq: dict[int, float] = dict(enumerate(self.counts or []))
-
-    def touch(self, expert: int) -> None:
-        super().touch(expert)
-        self.freq[expert] = self.freq.get(expert, 0.0) + 1.0
-
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int | None:
-        recency = {e: i for i, e in enumerate(self.order)}
-        allowed = [e for e in resident if e not in protected]
-        if not allowed:
-            return None
-        return min(allowed, key=lambda e: (self.freq.get(e, 0.0), recency.get(e, -1)))
-
-
-@CACHE_POLICIES.register("pinned")
-class PinnedPolicy(CachePolicy):
-    """A fixed hot set: the ``capacity`` experts most used in calibration (lowest ids without
-    a trace) are resident for the whole run; others are streamed for each use."""
-
-    def __init__(self, capacity: int, counts_E: list[float] | None) -> None:
-        super().__init__(capacity, counts_E)
-        counts = self.counts or []
-        ranked = sorted(range(len(counts)), key=lambda e: (-counts[e], e)) if counts else []
-        self.hot = ranked[:capacity]
-
-    def initial(self) -> list[int]:
-        return list(self.hot)
-
-    def admit(self, expert: int) -> bool:
-        return expert in self.hot
-
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int | None:
-        return None
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -456,11 +313,15 @@ def _prefetch_hook(next_block: nn.Module, cache: LayerExpertCache):
 
 __all__ = [
     "CACHE_POLICIES",
+    "CachePolicy",
+    "LFUPolicy",
+    "LRUPolicy",
     "LayerExpertCache",
     "MemoryStore",
     "OffloadStats",
     "OffloadedExperts",
     "Offloader",
+    "PinnedPolicy",
     "SafetensorsStore",
     "export_experts",
     "parse_capacity",

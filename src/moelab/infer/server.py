@@ -9,142 +9,27 @@ with its own sampling parameters and seed. Limits, all in :class:`ServerLimits`,
 413 body too large; 400 malformed JSON, prompt + max_tokens beyond the context, bad values;
 422 wrong types; 429 more requests in flight than ``max_pending``; 504 past ``timeout_s``.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
-"""
 
+No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at
+runtime (``request: Request`` is imported inside :func:`create_app`).
+"""
 
 import asyncio
 import contextlib
 import json
-import queue
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from moelab.config import ConfigError
 from moelab.errors import UserError
 from moelab.infer.chat import ChatTemplate
-from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, generate
+from moelab.infer.engine import Engine, Job, ServerLimits
+from moelab.infer.generate import Completion, SamplingParams
 
 MAX_SEED = 2**63 - 1
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one server accepts. Every field is a ``moelab serve`` flag."""
-
-    max_body_bytes: int = 1_000_000
-    max_pending: int = 64  # requests admitted (queued or running) at once; more get 429
-    max_batch: int = 8  # rows per generate() call
-    batch_wait_s: float = 0.005  # how long the worker waits to fill a batch
-    timeout_s: float = 120.0  # per request, from admission to the last token
-    default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
-    max_stop: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_pending", "max_batch", "default_max_tokens", "max_stop"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"server.{name}={value!r} is invalid: must be an integer >= 1")
-        for name in ("batch_wait_s", "timeout_s"):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ConfigError(f"server.{name}={value!r} is invalid: must be >= 0")
-
-
-# ----------------------------------------------------------------------------- the engine
-
-
-@dataclass
-class Job:
-    """One row waiting for (or in) a batch. Callbacks run on the worker thread."""
-
-    ids: list[int]
-    params: SamplingParams
-    deadline: float
-    on_text: Any = None  # (delta) -> None
-    on_done: Any = None  # (Completion | Exception) -> None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class Engine:
-    """A model, its tokenizer and the worker thread that batches jobs into generate() calls."""
-
-    def __init__(self, model, tokenizer: TokenizerLike, limits: ServerLimits, generate_fn=generate) -> None:
-        self.model, self.tokenizer, self.limits = model, tokenizer, limits
-        self.generate_fn = generate_fn
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self.in_flight = 0
-        self.batches = 0
-        self._thread = threading.Thread(target=self._work, name="moelab-engine", daemon=True)
-        self._thread.start()
-
-    @property
-    def context(self) -> int:
-        return self.model.cfg.max_seq_len
-
-    def admit(self) -> bool:
-        with self._lock:
-            if self.in_flight >= self.limits.max_pending:
-                return False
-            self.in_flight += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def close(self) -> None:
-        self.jobs.put(None)
-        self._thread.join(timeout=5)
-
-    def _work(self) -> None:
-        while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            batch = [first]
-            end = time.monotonic() + self.limits.batch_wait_s
-            while len(batch) < self.limits.max_batch:
-                try:
-                    job = self.jobs.get(timeout=max(0.0, end - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.jobs.put(None)
-                    break
-                batch.append(job)
-            batch = [j for j in batch if not j.cancelled.is_set()]
-            if batch:
-                self._run(batch)
-
-    def _run(self, batch: list[Job]) -> None:
-        self.batches += 1
-
-        def on_text(row: int, delta: str) -> None:
-            if batch[row].on_text is not None:
-                batch[row].on_text(delta)
-
-        def should_cancel(row: int) -> bool:
-            return batch[row].cancelled.is_set() or time.monotonic() > batch[row].deadline
-
-        try:
-            results = self.generate_fn(
-                self.model, [j.ids for j in batch], [j.params for j in batch], self.tokenizer,
-                on_text=on_text, should_cancel=should_cancel,
-            )
-        except Exception as exc:  # reported to every waiting request as a 500
-            for j in batch:
-                j.on_done(exc)
-            return
-        for j, r in zip(batch, results):
-            j.on_done(r)
 
 
 # ----------------------------------------------------------------------------- request bodies
