@@ -185,3 +185,7 @@ def test_calc_command(capsys) -> None:
     out = capsys.readouterr().out
     assert "published" in out and "hybrid" in out and "int4" in out
     assert main(["calc", "nope"]) == 2
+    assert main(["calc", "smoke", "--set", "moe.num_experts=8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["arch"]["num_experts"] == 8
+    assert main(["calc", "mixtral-8x7b", "--set", "moe.top_k=1"]) == 2

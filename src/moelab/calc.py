@@ -318,19 +318,23 @@ PUBLISHED: dict[str, Published] = {
 }
 
 
-def resolve(name_or_path: str) -> Arch:
-    """A calc preset, a moelab model preset (smoke/tiny/small), or a model config file."""
+def resolve(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Arch:
+    """A calc preset, a moelab model preset (smoke/tiny/small), or a model config file, with
+    ``--set KEY=VALUE`` overrides for the latter two (moelab config keys)."""
     from pathlib import Path
 
-    from moelab.config import load_config, preset, preset_names
+    from moelab.config import apply_overrides, load_config, preset, preset_names
 
     key = name_or_path.lower()
     if key in PRESETS:
+        if overrides:
+            raise ConfigError(f"--set applies to moelab configs and presets, not to the published model {key!r}")
         return PRESETS[key]
     if name_or_path in preset_names():
-        return arch_from_config(preset(name_or_path), name_or_path)
+        return arch_from_config(apply_overrides(preset(name_or_path), overrides), name_or_path)
     if Path(name_or_path).is_file():
-        return arch_from_config(load_config(name_or_path), Path(name_or_path).stem)
+        cfg = apply_overrides(load_config(name_or_path), overrides)
+        return arch_from_config(cfg, Path(name_or_path).stem)
     allowed = ", ".join([*sorted(PRESETS), *preset_names()])
     raise ConfigError(f"calc target {name_or_path!r} is neither a config file nor a preset: expected one of {allowed}")
 

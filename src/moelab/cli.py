@@ -126,6 +126,8 @@ def _add_calc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=4096, help="tokens in context for attention FLOPs and KV reads")
     p.add_argument("--gpu-bandwidth", type=float, default=3350.0, help="GPU memory bandwidth, GB/s (H100: 3350)")
     p.add_argument("--cpu-bandwidth", type=float, default=100.0, help="CPU memory bandwidth, GB/s")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a field of a moelab config or preset, e.g. --set moe.num_experts=64 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
 
 
@@ -141,7 +143,7 @@ def _run_calc(args: argparse.Namespace) -> int:
         if not value > 0:
             raise ConfigError(f"{name}={value} is invalid: must be > 0")
     dtype_bytes(args.dtype), dtype_bytes(args.kv_dtype)
-    data = report(resolve(args.target), args.dtype, args.context, args.gpu_bandwidth, args.cpu_bandwidth, args.kv_dtype)
+    data = report(resolve(args.target, args.overrides), args.dtype, args.context, args.gpu_bandwidth, args.cpu_bandwidth, args.kv_dtype)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
