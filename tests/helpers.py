@@ -21,3 +21,17 @@ def tiny_moe(**overrides) -> MoEConfig:
     """E=4, k=2, F=24 unless overridden."""
     router = overrides.pop("router", RouterConfig())
     return replace(MoEConfig(num_experts=4, top_k=2, expert_hidden=24), router=router, **overrides)
+
+
+class CharTestTokenizer:
+    """A tokenizer for models of ``tiny_config`` (vocab 97): ids 0-89 are the characters
+    chr(32)..chr(121), then PAD 94, EOS 95, BOS 96. Other characters encode as '?'."""
+
+    vocab_size = 97
+    pad_id, eos_id, bos_id = 94, 95, 96
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - 32 if 32 <= ord(c) < 122 else ord("?") - 32 for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(32 + i) for i in ids if 0 <= i < 90)
