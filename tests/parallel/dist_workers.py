@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moelab.config import ModelConfig, MoEConfig, RunConfig
+from moelab.config import DataConfig, ModelConfig, MoEConfig, RunConfig
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.model.transformer import Transformer
 from moelab.moe.capacity import apply_capacity
@@ -146,8 +146,10 @@ def scenario_ep_equal(E: str) -> None:
 # ----------------------------------------------------------------------------- training equality
 
 
-def model_config() -> ModelConfig:
-    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=F_HID, aux_loss_coef=0.01, z_loss_coef=0.001)
+def model_config(aux_loss_coef: float = 0.01) -> ModelConfig:
+    """Tiny MoE model; ``aux_loss_coef=0`` makes the per-shard balance loss vanish, so any world
+    size equals a plain full-batch world-1 run (the z-loss is a token mean, equal either way)."""
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=F_HID, aux_loss_coef=aux_loss_coef, z_loss_coef=0.001)
     return ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=32,
                        max_seq_len=SEQ, moe=moe)
 
@@ -165,12 +167,12 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def reference_run(world: int, steps: range, model=None, opt=None):
+def reference_run(world: int, steps: range, model=None, opt=None, cfg: ModelConfig | None = None):
     """Plain single-process AdamW on the same global batch, with the aux loss of each of the
     ``world`` shards averaged (the documented semantics: balance statistics per shard)."""
     if model is None:
         torch.manual_seed(0)
-        model = Transformer(model_config())
+        model = Transformer(cfg or model_config())
         opt = make_optimizer(model)
     losses = []
     for step in steps:
@@ -231,12 +233,13 @@ def scenario_ckpt_save(folder: str, ep: str, steps: str) -> None:
     env = init_distributed(timeout_s=60)
     with fail_together(env):
         layout = build_layout(env, ep=int(ep), num_experts=4)
+        cfg = model_config(aux_loss_coef=0.0)
         torch.manual_seed(0)
-        model = Transformer(model_config())
+        model = Transformer(cfg)
         comm = shard_experts(model, layout.ep_group) if int(ep) > 1 else None
         opt = make_optimizer(model)
         run_steps(model, opt, layout, "ddp", range(int(steps)), comm)
-        save_sharded_checkpoint(folder, model, opt, RunConfig(model=model_config()), BytesTokenizer(), layout,
+        save_sharded_checkpoint(folder, model, opt, RunConfig(model=cfg, data=DataConfig(seq_len=SEQ)), BytesTokenizer(), layout,
                                 make_optimizer, {"step": int(steps)})
 
 

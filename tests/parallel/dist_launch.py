@@ -1,7 +1,7 @@
 """Start W worker processes the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
 A plain launcher keeps the multi-process tests cheap (no agent process); the failure test uses
-real torchrun. Each worker runs ``workers.py SCENARIO ARGS...`` and exits 0 only when its
+real torchrun. Each worker runs ``dist_workers.py SCENARIO ARGS...`` and exits 0 only when its
 checks pass; its stderr carries the assertion that failed.
 """
 
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-WORKERS = Path(__file__).with_name("workers.py")
+WORKERS = Path(__file__).with_name("dist_workers.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
@@ -34,7 +34,7 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_world(world: int, *args: str, timeout: float = 90.0) -> list[subprocess.CompletedProcess]:
-    """Run ``workers.py *args`` on ``world`` ranks; kill all if any exceeds ``timeout`` (a hang)."""
+    """Run ``dist_workers.py *args`` on ``world`` ranks; kill all if any exceeds ``timeout`` (a hang)."""
     port = str(free_port())
     procs = []
     for rank in range(world):
