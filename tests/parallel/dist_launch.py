@@ -39,16 +39,26 @@ def run_world(world: int, *args: str, timeout: float = 90.0) -> list[subprocess.
     procs = []
     for rank in range(world):
         env = worker_env(
-            {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            }
         )
         procs.append(
-            subprocess.Popen([sys.executable, str(WORKERS), *args], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, str(WORKERS), *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
     results = []
     try:
-        for rank, p in enumerate(procs):
+        for p in procs:
             out, err = p.communicate(timeout=timeout)
             results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     finally:

@@ -32,6 +32,7 @@ from moelab.parallel.expert_parallel import ExpertShard, full_state_dict
 from moelab.parallel.train_step import shard_rows, train_step
 
 TOL = 1e-5
+GRAD_CLIP = 0.5  # below the tiny model's gradient norm, so clipping is exercised
 D, F_HID, VOCAB, SEQ, GLOBAL_BATCH = 16, 8, 31, 8, 8
 
 
@@ -44,7 +45,9 @@ def close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = TOL) ->
 # ----------------------------------------------------------------------------- EP dispatch equality
 
 
-def make_decision(case: str, T: int, E: int, K: int, g: torch.Generator, capacity_factor: float | None = None):
+def make_decision(
+    case: str, T: int, E: int, K: int, g: torch.Generator, capacity_factor: float | None = None
+):
     """A routing decision for one rank: ``random``, ``one_expert`` (all to E-1), ``empty_expert`` (expert 1 unused)."""
     logits_TE = torch.randn(T, E, generator=g)
     if case == "one_expert":
@@ -101,7 +104,9 @@ def dispatch_case(case: str, E: int, capacity_factor: float | None) -> None:
     sl = slice(shard.first_expert, shard.first_expert + shard.num_experts)
     close(f"{tag} grad w_up", shard.w_up.grad, full.w_up.grad[sl])
     close(f"{tag} grad w_down", shard.w_down.grad, full.w_down.grad[sl])
-    assert comm.calls > 0 and (W == 1 or comm.bytes_sent > 0 or case == "one_expert"), f"{tag}: no traffic recorded"
+    assert comm.calls > 0 and (W == 1 or comm.bytes_sent > 0 or case == "one_expert"), (
+        f"{tag}: no traffic recorded"
+    )
 
 
 def layer_case(E: int) -> None:
@@ -133,14 +138,12 @@ def layer_case(E: int) -> None:
         close(f"layer rank {rank} grad {name}", grad, want)
 
 
-def scenario_ep_equal(E: str) -> None:
-    env = init_distributed(timeout_s=60)
-    with fail_together(env):
-        for case in ("random", "one_expert", "empty_expert"):
-            dispatch_case(case, int(E), None)
-        dispatch_case("random", int(E), 0.75)
-        dispatch_case("empty_expert", int(E), 1.0)
-        layer_case(int(E))
+def check_ep_dispatch(E: int) -> None:
+    for case in ("random", "one_expert", "empty_expert"):
+        dispatch_case(case, E, None)
+    dispatch_case("random", E, 0.75)
+    dispatch_case("empty_expert", E, 1.0)
+    layer_case(E)
 
 
 # ----------------------------------------------------------------------------- training equality
@@ -149,9 +152,19 @@ def scenario_ep_equal(E: str) -> None:
 def model_config(aux_loss_coef: float = 0.01) -> ModelConfig:
     """Tiny MoE model; ``aux_loss_coef=0`` makes the per-shard balance loss vanish, so any world
     size equals a plain full-batch world-1 run (the z-loss is a token mean, equal either way)."""
-    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=F_HID, aux_loss_coef=aux_loss_coef, z_loss_coef=0.001)
-    return ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=32,
-                       max_seq_len=SEQ, moe=moe)
+    moe = MoEConfig(
+        num_experts=4, top_k=2, expert_hidden=F_HID, aux_loss_coef=aux_loss_coef, z_loss_coef=0.001
+    )
+    return ModelConfig(
+        vocab_size=VOCAB,
+        d_model=D,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        ffn_hidden=32,
+        max_seq_len=SEQ,
+        moe=moe,
+    )
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +195,15 @@ def reference_run(world: int, steps: range, model=None, opt=None, cfg: ModelConf
         total = 0.0
         for s in range(world):
             out = model(ids[s * b : (s + 1) * b])
-            ce = F.cross_entropy(out.logits.reshape(-1, VOCAB), labels[s * b : (s + 1) * b].reshape(-1),
-                                 ignore_index=-100, reduction="sum")
+            ce = F.cross_entropy(
+                out.logits.reshape(-1, VOCAB),
+                labels[s * b : (s + 1) * b].reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
             (ce / n + out.aux_loss / world).backward()
             total += float(ce.detach()) / float(n)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad()
         losses.append(total)
@@ -204,56 +222,78 @@ def run_steps(model, opt, layout, mode: str, steps: range, comm=None) -> list[fl
         if layout.rank == 1 and step == 1 and "--bad-data" in sys.argv:
             labels = labels.clone()
             labels[rows.start, 0] = VOCAB + 5
-        losses.append(train_step(wrapped, dp, opt, ids[rows], labels[rows], layout, comm).loss)
+        losses.append(train_step(wrapped, dp, opt, ids[rows], labels[rows], layout, comm, GRAD_CLIP).loss)
     return losses
 
 
-def scenario_train(mode: str, ep: str, steps: str) -> None:
-    env = init_distributed(timeout_s=60)
-    with fail_together(env):
-        layout = build_layout(env, ep=int(ep), num_experts=4)
-        torch.manual_seed(0)
-        model = Transformer(model_config())
-        comm = shard_experts(model, layout.ep_group) if int(ep) > 1 else None
-        losses = run_steps(model, None, layout, mode, range(int(steps)), comm)
-        ref_model, _, ref_losses = reference_run(layout.world_size, range(int(steps)))
-        for i, (a, b) in enumerate(zip(losses, ref_losses)):
-            assert abs(a - b) <= TOL, f"{mode} ep={ep} step {i}: loss {a} != single-process {b}"
-        state = full_state_dict(model)
-        for name, want in ref_model.state_dict().items():
-            close(f"{mode} ep={ep} rank {env.rank} param {name}", state[name], want)
-        if comm is not None:
-            assert comm.bytes_sent > 0, "expert parallel run recorded no all-to-all traffic"
+def check_training(env, mode: str, ep: int, steps: int = 3) -> None:
+    """``steps`` distributed steps equal one process on the same global batch (losses, all parameters)."""
+    layout = build_layout(env, ep=ep, num_experts=4)
+    torch.manual_seed(0)
+    model = Transformer(model_config())
+    comm = shard_experts(model, layout.ep_group) if ep > 1 else None
+    losses = run_steps(model, None, layout, mode, range(steps), comm)
+    ref_model, _, ref_losses = reference_run(layout.world_size, range(steps))
+    for i, (a, b) in enumerate(zip(losses, ref_losses)):
+        assert abs(a - b) <= TOL, f"{mode} ep={ep} step {i}: loss {a} != single-process {b}"
+    state = full_state_dict(model)
+    for name, want in ref_model.state_dict().items():
+        close(f"{mode} ep={ep} rank {env.rank} param {name}", state[name], want)
+    if comm is not None:
+        assert comm.bytes_sent > 0, "expert parallel run recorded no all-to-all traffic"
 
 
 # ----------------------------------------------------------------------------- checkpoints across world sizes
 
 
-def scenario_ckpt_save(folder: str, ep: str, steps: str) -> None:
-    env = init_distributed(timeout_s=60)
-    with fail_together(env):
-        layout = build_layout(env, ep=int(ep), num_experts=4)
-        cfg = model_config(aux_loss_coef=0.0)
-        torch.manual_seed(0)
-        model = Transformer(cfg)
-        comm = shard_experts(model, layout.ep_group) if int(ep) > 1 else None
-        opt = make_optimizer(model)
-        run_steps(model, opt, layout, "ddp", range(int(steps)), comm)
-        save_sharded_checkpoint(folder, model, opt, RunConfig(model=cfg, data=DataConfig(seq_len=SEQ)), BytesTokenizer(), layout,
-                                make_optimizer, {"step": int(steps)})
+CKPT_STEPS = 2  # steps before the checkpoint, and after resuming
 
 
-def scenario_ckpt_resume(folder: str, ep: str, start: str, steps: str, result: str) -> None:
-    """Resume at this world size and write the losses of steps [start, start+steps) (rank 0)."""
+def save_after_steps(env, folder: str, ep: int) -> None:
+    """Train CKPT_STEPS steps without balance loss (see model_config) and save a gathered checkpoint."""
+    layout = build_layout(env, ep=ep, num_experts=4)
+    cfg = model_config(aux_loss_coef=0.0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    comm = shard_experts(model, layout.ep_group) if ep > 1 else None
+    opt = make_optimizer(model)
+    run_steps(model, opt, layout, "ddp", range(CKPT_STEPS), comm)
+    run_cfg = RunConfig(model=cfg, data=DataConfig(seq_len=SEQ))
+    save_sharded_checkpoint(
+        folder, model, opt, run_cfg, BytesTokenizer(), layout, make_optimizer, {"step": CKPT_STEPS}
+    )
+
+
+def resume_and_train(env, folder: str, ep: int, result: str) -> None:
+    """Resume at this world size; rank 0 writes the losses of the next CKPT_STEPS steps to ``result``."""
+    layout = build_layout(env, ep=ep, num_experts=4)
+    model, opt, state, _ = load_sharded_checkpoint(folder, layout, make_optimizer)
+    assert state["step"] == CKPT_STEPS, state
+    comm = (
+        model.moe_layers[0].experts.ep.comm if isinstance(model.moe_layers[0].experts, ExpertShard) else None
+    )
+    losses = run_steps(model, opt, layout, "ddp", range(CKPT_STEPS, 2 * CKPT_STEPS), comm)
+    if env.is_main:
+        Path(result).write_text(json.dumps(losses))
+
+
+def scenario_world2(folder: str) -> None:
+    """World 2: EP dispatch (E=4), training with ddp (dp=2), manual and fsdp (ep=2), then a checkpoint."""
     env = init_distributed(timeout_s=60)
     with fail_together(env):
-        layout = build_layout(env, ep=int(ep), num_experts=4)
-        model, opt, state, _ = load_sharded_checkpoint(folder, layout, make_optimizer)
-        assert state["step"] == int(start), state
-        comm = model.moe_layers[0].experts.ep.comm if isinstance(model.moe_layers[0].experts, ExpertShard) else None
-        losses = run_steps(model, opt, layout, "ddp", range(int(start), int(start) + int(steps)), comm)
-        if env.is_main:
-            Path(result).write_text(json.dumps(losses))
+        check_ep_dispatch(4)
+        for mode, ep in (("ddp", 1), ("manual", 2), ("fsdp", 2)):
+            check_training(env, mode, ep)
+        save_after_steps(env, folder, ep=2)
+
+
+def scenario_world4(folder: str, result: str) -> None:
+    """World 4: EP dispatch (E=8, two experts a rank), training dp=2 × ep=2, resume the world-2 checkpoint."""
+    env = init_distributed(timeout_s=60)
+    with fail_together(env):
+        check_ep_dispatch(8)
+        check_training(env, "ddp", 2)
+        resume_and_train(env, folder, ep=2, result=result)
 
 
 # ----------------------------------------------------------------------------- failure
@@ -269,13 +309,7 @@ def scenario_fail() -> None:
         run_steps(model, make_optimizer(model), layout, "ddp", range(3))
 
 
-SCENARIOS = {
-    "ep_equal": scenario_ep_equal,
-    "train": scenario_train,
-    "ckpt_save": scenario_ckpt_save,
-    "ckpt_resume": scenario_ckpt_resume,
-    "fail": scenario_fail,
-}
+SCENARIOS = {"world2": scenario_world2, "world4": scenario_world4, "fail": scenario_fail}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

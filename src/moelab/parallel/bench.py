@@ -29,13 +29,22 @@ from moelab.parallel.train_step import shard_rows, train_step
 from moelab.parallel.wrap import build_data_parallel
 
 
-def bench(ep: int, steps: int, warmup: int, global_batch: int, seq: int, d_model: int, experts: int, mode: str) -> dict:
+def bench(
+    ep: int, steps: int, warmup: int, global_batch: int, seq: int, d_model: int, experts: int, mode: str
+) -> dict:
     env = init_distributed(timeout_s=120)
     with fail_together(env):
         layout = build_layout(env, ep=ep, num_experts=experts)
         moe = MoEConfig(num_experts=experts, top_k=2, expert_hidden=2 * d_model, dispatch="ep")
-        cfg = ModelConfig(vocab_size=512, d_model=d_model, n_layers=2, n_heads=4, ffn_hidden=4 * d_model,
-                          max_seq_len=seq, moe=moe)
+        cfg = ModelConfig(
+            vocab_size=512,
+            d_model=d_model,
+            n_layers=2,
+            n_heads=4,
+            ffn_hidden=4 * d_model,
+            max_seq_len=seq,
+            moe=moe,
+        )
         torch.manual_seed(0)
         model = Transformer(cfg).to(env.device)
         comm = shard_experts(model, layout.ep_group)
@@ -57,9 +66,16 @@ def bench(ep: int, steps: int, warmup: int, global_batch: int, seq: int, d_model
                 a2a.append(m.a2a_bytes)
         step_s = statistics.median(times)
         result = {
-            "world": layout.world_size, "dp": layout.dp, "ep": layout.ep, "mode": mode,
-            "device": str(env.device), "global_batch": global_batch, "seq": seq, "d_model": d_model,
-            "experts": experts, "step_s": round(step_s, 4),
+            "world": layout.world_size,
+            "dp": layout.dp,
+            "ep": layout.ep,
+            "mode": mode,
+            "device": str(env.device),
+            "global_batch": global_batch,
+            "seq": seq,
+            "d_model": d_model,
+            "experts": experts,
+            "step_s": round(step_s, 4),
             "tokens_per_s": round(global_batch * seq / step_s, 1),
             "a2a_bytes_per_step": int(statistics.median(a2a)),
         }

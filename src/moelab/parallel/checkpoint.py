@@ -34,7 +34,9 @@ OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 def _expert_param_shards(model: nn.Module) -> dict[int, ExpertShard]:
     """Index in ``model.parameters()`` → the ExpertShard owning that parameter."""
-    owners = {id(p): m for m in model.modules() if isinstance(m, ExpertShard) for p in m.parameters(recurse=False)}
+    owners = {
+        id(p): m for m in model.modules() if isinstance(m, ExpertShard) for p in m.parameters(recurse=False)
+    }
     return {i: owners[id(p)] for i, p in enumerate(model.parameters()) if id(p) in owners}
 
 
@@ -47,7 +49,12 @@ def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
         shard = shards.get(idx)
         out = {}
         for key, value in st.items():
-            if shard is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and shard.ep.size > 1:
+            if (
+                shard is not None
+                and isinstance(value, torch.Tensor)
+                and value.dim() > 0
+                and shard.ep.size > 1
+            ):
                 parts = [torch.empty_like(value) for _ in range(shard.ep.size)]
                 dist.all_gather(parts, value.contiguous(), group=shard.ep.group)
                 value = torch.cat(parts, dim=0)

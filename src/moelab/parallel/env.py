@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -38,7 +38,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     backend: str = "none"
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -60,7 +60,9 @@ def _env_int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise UserError(f"environment variable {name}={value!r} is not an integer: launch with torchrun") from None
+        raise UserError(
+            f"environment variable {name}={value!r} is not an integer: launch with torchrun"
+        ) from None
 
 
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> DistEnv:
@@ -72,7 +74,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None =
     if not launched_by_torchrun():
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return DistEnv(device=device)
-    rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+    rank, world, local = (
+        _env_int("RANK"),
+        _env_int("WORLD_SIZE"),
+        _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0,
+    )
     if not 0 <= rank < world:
         raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}: launch with torchrun")
     if timeout_s <= 0:
@@ -126,7 +132,7 @@ def fail_together(env: DistEnv, exit_code: int = 1) -> Iterator[None]:
         yield
     except SystemExit:
         raise
-    except BaseException as exc:  # noqa: BLE001 - every failure must end the job, not hang it
+    except BaseException as exc:
         print(describe_failure(exc, env.rank, env.world_size), file=sys.stderr, flush=True)
         if os.environ.get("MOELAB_DEBUG"):
             import traceback

@@ -42,7 +42,10 @@ class ExpertShard(Experts):
             self.w_down.copy_(full.w_down[sl])
 
     def extra_repr(self) -> str:
-        return f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of {self.num_global_experts}, " + super().extra_repr()
+        return (
+            f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of {self.num_global_experts}, "
+            + super().extra_repr()
+        )
 
 
 def is_expert_param(name: str) -> bool:

@@ -63,7 +63,9 @@ def check_layout(world_size: int, ep: int, num_experts: int | None) -> int:
     if ep < 1:
         raise ConfigError(f"--ep {ep}: expert-parallel size must be >= 1")
     if world_size % ep:
-        raise ConfigError(f"--ep {ep} does not divide the world size {world_size}: pick a divisor of {world_size}")
+        raise ConfigError(
+            f"--ep {ep} does not divide the world size {world_size}: pick a divisor of {world_size}"
+        )
     if num_experts is not None and num_experts % ep:
         raise ConfigError(
             f"--ep {ep} does not divide moe.num_experts={num_experts}: each rank must hold the same number of experts"
@@ -76,9 +78,13 @@ def build_layout(env: DistEnv, ep: int = 1, num_experts: int | None = None) -> P
     dp = check_layout(env.world_size, ep, num_experts)
     if not (dist.is_available() and dist.is_initialized()):
         if env.world_size != 1:
-            raise ConfigError(f"world size {env.world_size} needs an initialised process group: call init_distributed")
+            raise ConfigError(
+                f"world size {env.world_size} needs an initialised process group: call init_distributed"
+            )
         return ParallelLayout(env=env, dp=1, ep=1)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(env.device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
-    return ParallelLayout(env=env, dp=dp, ep=ep, mesh=mesh, dp_group=mesh.get_group("dp"), ep_group=mesh.get_group("ep"))
+    return ParallelLayout(
+        env=env, dp=dp, ep=ep, mesh=mesh, dp_group=mesh.get_group("dp"), ep_group=mesh.get_group("ep")
+    )

@@ -66,29 +66,38 @@ def check_finite_labels(labels_BS: Tensor, vocab_size: int) -> None:
     """Bad data on one shard must fail loudly (and, under ``fail_together``, end the job)."""
     bad = (labels_BS != IGNORE_INDEX) & ((labels_BS < 0) | (labels_BS >= vocab_size))
     if bool(bad.any()):
-        raise UserError(f"labels outside the vocabulary [0, {vocab_size}) in this rank's shard: check the data")
+        raise UserError(
+            f"labels outside the vocabulary [0, {vocab_size}) in this rank's shard: check the data"
+        )
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, layout: ParallelLayout) -> float:
-    """Clip by the norm of the *global* gradient: expert shards add their squares over the ep group."""
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
+    """Clip by the norm of the *global* gradient, as one process would (``clip_grad_norm_``).
+
+    Squares are summed locally, over each FSDP2 shard's mesh (DTensor gradients), then expert
+    squares over the ep group (each ep rank holds different experts).
+    """
+    dense_sq, expert_sq = [], []
     params, seen = [], set()
     for name, p in unwrap(model).named_parameters():
         if p.grad is None or id(p) in seen:
             continue
         seen.add(id(p))
         params.append(p)
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if is_expert_param(name):
-            expert_sq += sq
+        g = p.grad.detach()
+        if hasattr(g, "to_local"):  # FSDP2 shard: reduce its squares over the shard's mesh
+            sq = g.to_local().double().pow(2).sum()
+            if dist.is_initialized():
+                dist.all_reduce(sq, group=g.device_mesh.get_group())
         else:
-            dense_sq += sq
+            sq = g.double().pow(2).sum()
+        (expert_sq if is_expert_param(name) else dense_sq).append(sq.reshape(()))
+    zero = torch.zeros((), dtype=torch.float64, device=layout.env.device)
+    dense = torch.stack(dense_sq).sum() if dense_sq else zero
+    expert = torch.stack(expert_sq).sum() if expert_sq else zero.clone()
     if dist.is_initialized() and layout.ep > 1:
-        expert_sq = expert_sq.to(layout.env.device)
-        dist.all_reduce(expert_sq, group=layout.ep_group)
-        expert_sq = expert_sq.cpu()
-    norm = float((dense_sq + expert_sq).sqrt())
+        dist.all_reduce(expert, group=layout.ep_group)
+    norm = float((dense + expert).sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for p in params:
@@ -122,7 +131,10 @@ def train_step(
     out = model(input_ids_BS)
     logits = out.logits.float()
     ce_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels_BS.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]),
+        labels_BS.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
     aux = out.aux_loss if out.aux_loss is not None else ce_sum.new_zeros(())
     objective = W * ce_sum / global_tokens + aux
@@ -133,7 +145,12 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sent = comm.bytes_sent if comm is not None else 0
-    ce_total, aux_total, bytes_total = all_reduce_sum([float(ce_sum.detach()), float(aux.detach()), float(sent)], layout)
+    ce_total, aux_total, bytes_total = all_reduce_sum(
+        [float(ce_sum.detach()), float(aux.detach()), float(sent)], layout
+    )
     return StepMetrics(
-        loss=ce_total / global_tokens, aux_loss=aux_total / W, tokens=int(global_tokens), a2a_bytes=int(bytes_total)
+        loss=ce_total / global_tokens,
+        aux_loss=aux_total / W,
+        tokens=int(global_tokens),
+        a2a_bytes=int(bytes_total),
     )
