@@ -67,15 +67,17 @@ def make_decision(
     return dec, logits_TE
 
 
-def dispatch_case(case: str, E: int, capacity_factor: float | None) -> None:
+def dispatch_case(case: str, E: int, capacity_factor: float | None, uneven: bool = False) -> None:
+    """``uneven``: rank r has 10 + 2r tokens (so different capacities in capacity mode)."""
     rank, W = dist.get_rank(), dist.get_world_size()
-    T, K = 12, 2
+    Ts = [10 + 2 * r if uneven else 12 for r in range(W)]
+    T, K = Ts[rank], 2
     torch.manual_seed(0)
     full = Experts(E, D, F_HID, "swiglu")
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(T, D, generator=g).requires_grad_(True) for _ in range(W)]
-    decs = [make_decision(case, T, E, K, g, capacity_factor) for _ in range(W)]
-    cots = [torch.randn(T, D, generator=g) for _ in range(W)]
+    xs = [torch.randn(t, D, generator=g).requires_grad_(True) for t in Ts]
+    decs = [make_decision(case, t, E, K, g, capacity_factor) for t in Ts]
+    cots = [torch.randn(t, D, generator=g) for t in Ts]
     # reference: one process, all experts, every rank's tokens
     ref_y = [loop_dispatch(x, d, full) for x, (d, _) in zip(xs, decs)]
     sum((y * c).sum() for y, c in zip(ref_y, cots)).backward()
@@ -97,7 +99,7 @@ def dispatch_case(case: str, E: int, capacity_factor: float | None) -> None:
     dec = dec.with_kept(d_ref.kept, d_ref.capacity)
     y = ep_dispatch(x, dec, shard)
     (y * cots[rank]).sum().backward()
-    tag = f"{case} E={E} cap={capacity_factor} rank {rank}"
+    tag = f"{case} E={E} cap={capacity_factor} uneven={uneven} rank {rank}"
     close(f"{tag} output", y, ref_y[rank])
     close(f"{tag} grad x", x.grad, xs[rank].grad)
     close(f"{tag} grad router logits", logits.grad, logits_ref.grad)
@@ -143,6 +145,8 @@ def check_ep_dispatch(E: int) -> None:
         dispatch_case(case, E, None)
     dispatch_case("random", E, 0.75)
     dispatch_case("empty_expert", E, 1.0)
+    dispatch_case("random", E, None, uneven=True)
+    dispatch_case("random", E, 1.0, uneven=True)
     layer_case(E)
 
 

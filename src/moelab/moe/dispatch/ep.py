@@ -12,7 +12,8 @@ p holds experts ``[p·E_l, (p+1)·E_l)``) and its own tokens. One MoE layer does
 
 Capacity mode (``decision.capacity`` set by a capacity policy): every rank sends a fixed
 ``[E, C, D]`` buffer (zero rows where an expert has fewer than C assignments), so splits are
-even and shapes static: GShard's layout. Dropless mode sends exactly the kept rows.
+even and shapes static: GShard's layout. C is each rank's own capacity (drops are decided
+locally); the buffer uses the largest C of the group so ranks with fewer tokens still agree. Dropless mode sends exactly the kept rows.
 
 The all-to-all is an autograd function whose backward is the inverse all-to-all, so gradients
 reach tokens on other ranks and the local experts see gradients from every rank's tokens.
@@ -106,6 +107,14 @@ def exchange_counts(counts_E: Tensor, ep: EPGroup) -> Tensor:
     return recv.view(P, -1)
 
 
+def _group_max(value: int, ep: EPGroup, device: torch.device) -> int:
+    if ep.group is None or ep.size == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ep.group)
+    return int(t.item())
+
+
 def _keep_in_graph(y: Tensor, *inputs: Tensor) -> Tensor:
     """``y`` plus an exact zero depending on ``inputs``, so backward (a collective) runs on every rank
     even when this rank's experts received no rows."""
@@ -176,6 +185,7 @@ def _capacity_path(
     most = int(counts_E.max()) if counts_E.numel() else 0
     if most > C:
         raise ValueError(f"ep dispatch: an expert has {most} kept assignments, capacity is {C}")
+    C = _group_max(C, ep, x_TD.device)  # ranks with fewer tokens have a smaller C: buffers must agree
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     slot_S = expert_S * C + torch.arange(expert_S.numel(), device=x_TD.device) - starts_E[expert_S]
     send_ECD = x_TD.new_zeros(E * C, D).index_copy(0, slot_S, x_TD[token_S])
