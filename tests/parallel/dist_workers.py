@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -223,6 +224,8 @@ def run_steps(model, opt, layout, mode: str, steps: range, comm=None) -> list[fl
     for step in steps:
         ids, labels = global_batch(step)
         rows = shard_rows(GLOBAL_BATCH, layout)
+        if layout.rank == 1 and step == 1 and "--hang" in sys.argv:
+            time.sleep(600)  # a hung rank: its peers must time out, not wait forever
         if layout.rank == 1 and step == 1 and "--bad-data" in sys.argv:
             labels = labels.clone()
             labels[rows.start, 0] = VOCAB + 5
@@ -303,9 +306,10 @@ def scenario_world4(folder: str, result: str) -> None:
 # ----------------------------------------------------------------------------- failure
 
 
-def scenario_fail() -> None:
-    """Rank 1 gets a label outside the vocabulary at step 1; every rank must exit, none hang."""
-    env = init_distributed(timeout_s=20)
+def scenario_fail(timeout_s: str = "20") -> None:
+    """Rank 1 gets a label outside the vocabulary (``--bad-data``) or hangs (``--hang``) at step 1;
+    every rank must exit, none wait forever."""
+    env = init_distributed(timeout_s=float(timeout_s))
     with fail_together(env):
         layout = build_layout(env, ep=1, num_experts=4)
         torch.manual_seed(0)

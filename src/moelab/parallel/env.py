@@ -116,7 +116,7 @@ def describe_failure(exc: BaseException, rank: int, world_size: int) -> str:
         return f"moelab: rank {rank} of {world_size} failed: {type(exc).__name__}: {text}"
     return (
         f"moelab: rank {rank} of {world_size} stopped: a collective failed ({text[:200]}); "
-        "another rank probably failed first: see its 'moelab: rank' message"
+        "another rank probably failed or hung first: see its 'moelab: rank' message, if any"
     )
 
 
