@@ -96,13 +96,14 @@ def load_sharded_checkpoint(
 ) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any], RunConfig]:
     """``(model, optimizer, train_state, run_config)`` with this rank's experts, from any world size.
 
-    The model is sharded over ``layout.ep_group`` (not yet wrapped for data parallelism).
+    The model is on ``layout.env.device``, sharded over ``layout.ep_group``, not yet wrapped for
+    data parallelism (FSDP2 would need a fresh optimizer after wrapping; DDP/manual keep this one).
     """
     from moelab.model.transformer import Transformer
 
     ckpt = resolve_checkpoint(path)
     cfg = read_run_config(ckpt)
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model).to(layout.env.device)  # before the optimizers: their state follows
     full_opt = optimizer_factory(model)
     train_state = load_training_state(ckpt, model, full_opt)
     full_sd = full_opt.state_dict()
