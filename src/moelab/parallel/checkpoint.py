@@ -24,6 +24,7 @@ from torch import nn
 
 from moelab.config import ModelConfig, RunConfig
 from moelab.data.tokenizer import Tokenizer
+from moelab.errors import UserError
 from moelab.parallel.expert_parallel import ExpertShard, full_state_dict, shard_experts
 from moelab.parallel.mesh import ParallelLayout
 from moelab.parallel.wrap import unwrap
@@ -77,6 +78,11 @@ def save_sharded_checkpoint(
     from moelab.model.transformer import Transformer
 
     inner = unwrap(model)
+    if any(hasattr(p, "full_tensor") for p in inner.parameters()):
+        raise UserError(
+            "saving FSDP2 (fsdp) runs in the gathered format is not supported yet: use the ddp or manual "
+            "data-parallel mode, or torch.distributed.checkpoint"
+        )
     state = full_state_dict(inner)
     opt_state = gather_optimizer_state(inner, optimizer)
     if layout.env.is_main:
