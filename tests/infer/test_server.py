@@ -165,8 +165,8 @@ def test_mla_model_answers_batched_requests_as_alone() -> None:
     with Server(ServerLimits(max_batch=8, batch_wait_s=0.0), gated_generate, model=model) as s:
         with ThreadPoolExecutor(6) as pool:
             futures = [
-                pool.submit(s.http.post, "/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 0})
-                for p in prompts
+                pool.submit(s.http.post, "/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 1.0, "seed": i})
+                for i, p in enumerate(prompts)
             ]
             for _ in range(500):
                 if s.engine.in_flight == 6:
@@ -175,8 +175,11 @@ def test_mla_model_answers_batched_requests_as_alone() -> None:
             gate.set()
             texts = [f.result().json()["choices"][0]["text"] for f in futures]
     assert max(batch_sizes) > 1
-    alone = [generate(model, [TOK.encode(p)], SamplingParams(6, stop_at_eos=True), TOK)[0].text for p in prompts]
-    assert texts == alone
+    alone = [
+        generate(model, [TOK.encode(p)], SamplingParams(6, temperature=1.0, seed=i), TOK)[0].text
+        for i, p in enumerate(prompts)
+    ]
+    assert texts == alone and len(set(texts)) > 1
 
 
 def test_sixteen_concurrent_clients_all_get_answers(server) -> None:
