@@ -162,18 +162,18 @@ def test_mla_model_answers_batched_requests_as_alone() -> None:
         batch_sizes.append(len(batch_prompts))
         return generate(m, batch_prompts, *args, **kw)
 
-    with Server(ServerLimits(max_batch=8, batch_wait_s=0.0), gated_generate, model=model) as s:
-        with ThreadPoolExecutor(6) as pool:
-            futures = [
-                pool.submit(s.http.post, "/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 1.0, "seed": i})
-                for i, p in enumerate(prompts)
-            ]
-            for _ in range(500):
-                if s.engine.in_flight == 6:
-                    break
-                time.sleep(0.01)
-            gate.set()
-            texts = [f.result().json()["choices"][0]["text"] for f in futures]
+    server = Server(ServerLimits(max_batch=8, batch_wait_s=0.0), gated_generate, model=model)
+    with server as s, ThreadPoolExecutor(6) as pool:
+        futures = [
+            pool.submit(s.http.post, "/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 1.0, "seed": i})
+            for i, p in enumerate(prompts)
+        ]
+        for _ in range(500):
+            if s.engine.in_flight == 6:
+                break
+            time.sleep(0.01)
+        gate.set()
+        texts = [f.result().json()["choices"][0]["text"] for f in futures]
     assert max(batch_sizes) > 1
     alone = [
         generate(model, [TOK.encode(p)], SamplingParams(6, temperature=1.0, seed=i), TOK)[0].text
