@@ -13,6 +13,7 @@ from moelab.calc import (
     PRESETS,
     PUBLISHED,
     arch_from_config,
+    attention_params,
     count,
     decode_tokens_per_s,
     flops_per_token,
@@ -22,11 +23,11 @@ from moelab.calc import (
     resolve,
 )
 from moelab.cli import main
-from moelab.infer.kv_cache import DynamicKVCache
+from moelab.infer.kv_cache import cache_for_config
 from moelab.model.transformer import Transformer
 from moelab.model.twins import count_params
 
-from helpers import tiny_config, tiny_moe
+from helpers import tiny_config, tiny_mla, tiny_moe
 
 
 def _hf_configs():
@@ -109,46 +110,97 @@ def test_published_match_rule_rejects_wrong_counts() -> None:
     assert not pub.matches(6.6e9, 6.9e9)
 
 
+@pytest.mark.parametrize("mla", [None, tiny_mla(), tiny_mla(q_lora_rank=10)], ids=["gqa", "mla", "mla-qlora"])
 @pytest.mark.parametrize("moe", [None, tiny_moe(), tiny_moe(num_shared_experts=1, placement="every_n")])
 @pytest.mark.parametrize("tie", [True, False])
-def test_counts_from_config_equal_count_params(moe, tie: bool) -> None:
-    cfg = tiny_config(moe=moe, tie_embeddings=tie)
+def test_counts_from_config_equal_count_params(moe, tie: bool, mla) -> None:
+    cfg = tiny_config(moe=moe, tie_embeddings=tie, mla=mla)
     ours = count(arch_from_config(cfg))
     theirs = count_params(Transformer(cfg))
     assert ours.total == theirs.total_with_embedding
     assert ours.active == theirs.active + theirs.embedding
 
 
+@pytest.mark.parametrize("mla", [None, tiny_mla(q_lora_rank=10)], ids=["gqa", "mla"])
 @pytest.mark.parametrize("moe", [None, tiny_moe()])
-def test_forward_flops_equal_torch_flop_counter(moe) -> None:
-    cfg = tiny_config(moe=moe)
+def test_forward_flops_equal_torch_flop_counter(moe, mla) -> None:
+    cfg = tiny_config(moe=moe, mla=mla)
     model = Transformer(cfg).eval()
     S = 16
     ids = torch.randint(0, cfg.vocab_size, (1, S))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(ids)
-    per_token = counter.get_total_flops() / S
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     ours = flops_per_token(arch_from_config(cfg), context=S)
-    # torch's counter sees the matmuls (SDPA's CPU kernel is not counted): all but attention
-    assert per_token == ours["forward"] - ours["forward_attention"]
-    # attention written out: QKᵀ and AV, 2·Dh FLOPs per (head, key) each, every layer
-    assert ours["forward_attention"] == cfg.n_layers * cfg.n_heads * (2 * cfg.head_dim + 2 * cfg.head_dim) * S
+    # the weight matmuls (aten.mm) are all but attention
+    assert by_op.pop("aten.mm") / S == ours["forward"] - ours["forward_attention"]
+    # attention: SDPA's fused CPU kernel is not counted (GQA); MLA's q/k and v head dims differ,
+    # so SDPA takes its math path, whose QKᵀ and AV matmuls the counter sees over all S×S pairs
+    assert sum(by_op.values()) / S == (0 if mla is None else ours["forward_attention"])
+    # attention written out: QKᵀ and AV, 2·d_qk and 2·d_v FLOPs per (head, key), every layer
+    d_qk, d_v = (cfg.head_dim, cfg.head_dim) if mla is None else (mla.qk_nope_head_dim + mla.qk_rope_head_dim, mla.v_head_dim)
+    assert ours["forward_attention"] == cfg.n_layers * cfg.n_heads * (2 * d_qk + 2 * d_v) * S
     assert ours["training"] == 3 * ours["forward"]
 
 
-def test_kv_bytes_equal_a_real_cache() -> None:
-    cfg = tiny_config(moe=tiny_moe())
-    model = Transformer(cfg).eval()
-    cache = DynamicKVCache(cfg.n_layers)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("mla", [None, tiny_mla()], ids=["gqa", "mla"])
+def test_kv_bytes_equal_the_bytes_a_real_cache_holds(mla, kind: str, dtype: str) -> None:
+    """Prefill 4 tokens, decode 6 more; the memory behind the cache (a static cache sized for
+    exactly these 10 positions) is B · 10 · calc's bytes per token, for GQA (K and V per KV head)
+    and MLA (latent + RoPE key)."""
+    cfg = tiny_config(moe=tiny_moe(), mla=mla)
+    model = Transformer(cfg).eval().to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    B, prompt, n_new = 2, 4, 6
+    N = prompt + n_new
+    ids = torch.randint(0, cfg.vocab_size, (B, N))
+    cache = cache_for_config(kind, cfg, B, N, next(model.parameters()).dtype)
     with torch.no_grad():
-        model(torch.randint(0, cfg.vocab_size, (1, 10)), cache=cache)
-    real = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in cache)
-    assert real / 10 == kv_bytes_per_token(arch_from_config(cfg), "fp32")
+        model(ids[:, :prompt], cache=cache)
+        for t in range(prompt, N):
+            model(ids[:, t : t + 1], cache=cache, past_mask=torch.ones(B, t, dtype=torch.long))
+    assert cache.length == N
+    per_token = kv_bytes_per_token(arch_from_config(cfg), dtype)
+    assert cache.storage_bytes == cache.nbytes == B * N * per_token
+    if mla is not None:  # the latent and the RoPE key, nothing per head: r + dr numbers per token and layer
+        assert per_token == cfg.n_layers * (mla.kv_lora_rank + mla.qk_rope_head_dim) * (4 if dtype == "fp32" else 2)
 
 
 def test_mla_kv_cache_is_the_latent() -> None:
     a = PRESETS["deepseek-v3"]
     assert kv_bytes_per_token(a, "bf16") == 61 * (512 + 64) * 2
+
+
+def test_a_moelab_mla_config_maps_onto_the_deepseek_v3_preset() -> None:
+    """DeepSeek-V3's attention written as a moelab ModelConfig (not built: 7168 wide) gives the
+    preset's attention parameters and KV bytes."""
+    from moelab.config import MLAConfig
+
+    mla = MLAConfig(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    cfg = tiny_config(d_model=7168, n_layers=61, n_heads=128, n_kv_heads=128, mla=mla)
+    ours, v3 = arch_from_config(cfg), PRESETS["deepseek-v3"]
+    assert attention_params(ours) == attention_params(v3)
+    assert kv_bytes_per_token(ours) == kv_bytes_per_token(v3)
+    assert flops_per_token(ours, 4096)["forward_attention"] == flops_per_token(v3, 4096)["forward_attention"]
+
+
+def test_published_models_take_arch_overrides_for_variants(capsys) -> None:
+    """``moelab calc deepseek-v3 --set attention=gqa --set n_kv_heads=8``: the same model with
+    GQA-8 (and MHA: all 128 heads); the docs' KV table is these numbers."""
+    kv = {}
+    for label, sets in (("mla", []), ("gqa8", ["attention=gqa", "n_kv_heads=8"]), ("mha", ["attention=gqa"])):
+        argv = ["calc", "deepseek-v3", "--json"] + [x for s in sets for x in ("--set", s)]
+        assert main(argv) == 0
+        data = json.loads(capsys.readouterr().out)
+        kv[label] = data["kv_cache_bytes_per_token"]
+        assert ("published" in data) == (label == "mla")
+    assert kv == {"mla": 61 * 576 * 2, "gqa8": 61 * 2 * 8 * 128 * 2, "mha": 61 * 2 * 128 * 128 * 2}
+    assert resolve("deepseek-v3", ["attention=gqa"]).name == "deepseek-v3 (attention=gqa)"
+    assert main(["calc", "deepseek-v3", "--set", "attention=mha"]) == 2  # Arch validation names the allowed values
+    assert "calc.attention" in capsys.readouterr().err
+    assert main(["calc", "small", "--set", "mla.kv_lora_rank=64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["arch"]["attention"] == "mla"
 
 
 def test_memory_and_speed_relations() -> None:

@@ -1,11 +1,12 @@
 """Back-of-the-envelope numbers for a model: parameters, FLOPs, memory, decode speed.
 
-Why a separate architecture record (:class:`Arch`) instead of :class:`ModelConfig`: the published
-models that anchor these estimates use pieces moelab does not build (MLA attention, per-head
-q/k norms, untied heads with a bias-corrected router), and the calculator only needs sizes,
-not modules. :func:`arch_from_config` turns any moelab config into an ``Arch``; its counts equal
-``count_params`` on the built model (tested), and the presets below reproduce the published
-total/active counts (tested, table in docs/inference.md).
+Why a separate architecture record (:class:`Arch`) instead of :class:`ModelConfig`: the calculator
+only needs sizes, not modules, and the published models that anchor these estimates are easier to
+state (and to vary: ``--set attention=gqa``) as plain sizes. :func:`arch_from_config` turns a
+moelab config, MLA (``model.mla``) included, into an ``Arch``; its counts equal ``count_params``
+on the built model and its KV bytes per token equal what the model's KV cache holds (tested),
+and the presets below reproduce the published total/active counts (tested, table in
+docs/inference.md).
 
 Conventions:
 - ``total`` counts every weight once (a tied head is the embedding). ``active`` counts what one
@@ -134,14 +135,21 @@ def attention_params(a: Arch) -> int:
     """Weights of one layer's attention (projections and q/k/latent norms)."""
     D, H = a.d_model, a.n_heads
     if a.attention == "mla":
-        q = D * H * a.qk_dim if a.q_lora_rank == 0 else D * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * H * a.qk_dim
-        kv_a = D * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank
+        q = D * H * a.qk_dim if a.q_lora_rank == 0 else D * a.q_lora_rank + a.q_lora_rank * H * a.qk_dim
+        kv_a = D * (a.kv_lora_rank + a.qk_rope_head_dim)
         kv_b = a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)
-        return q + kv_a + kv_b + H * a.v_head_dim * D
+        return q + kv_a + kv_b + H * a.v_head_dim * D + attention_norm_params(a)
     qkv = D * (H + 2 * a.n_kv_heads) * a.head_dim
     out = H * a.head_dim * D
-    norm = {"none": 0, "head": 2 * a.head_dim, "full": (H + a.n_kv_heads) * a.head_dim}[a.qk_norm]
-    return qkv + out + norm
+    return qkv + out + attention_norm_params(a)
+
+
+def attention_norm_params(a: Arch) -> int:
+    """Norm weights inside one layer's attention (MLA latent norms, q/k norms): parameters that
+    are read per token but are not matmul weights."""
+    if a.attention == "mla":
+        return a.kv_lora_rank + a.q_lora_rank
+    return {"none": 0, "head": 2 * a.head_dim, "full": (a.n_heads + a.n_kv_heads) * a.head_dim}[a.qk_norm]
 
 
 def count(a: Arch) -> Params:
@@ -183,7 +191,7 @@ def _read_per_token(a: Arch) -> int:
 
 def flops_per_token(a: Arch, context: int) -> dict[str, float]:
     """Forward and training FLOPs per token with ``context`` keys attended (attention included)."""
-    matmul = _read_per_token(a) - count(a).norms
+    matmul = _read_per_token(a) - count(a).norms - a.n_layers * attention_norm_params(a)
     attn = 2.0 * a.n_layers * a.n_heads * (a.qk_dim + a.v_dim) * context
     forward = 2.0 * matmul + attn
     return {"forward": forward, "forward_attention": attn, "training": 3.0 * forward}
@@ -248,7 +256,7 @@ def arch_from_config(cfg: ModelConfig, name: str = "config") -> Arch:
     """The calculator's view of a moelab model config (counts equal ``count_params``)."""
     if cfg.layer_ffn_hidden and len(set(cfg.layer_ffn_hidden)) > 1:
         raise ConfigError("calc does not support per-layer dense hidden sizes (model.layer_ffn_hidden)")
-    moe = cfg.moe
+    moe, mla = cfg.moe, cfg.mla
     return Arch(
         name=name,
         vocab_size=cfg.vocab_size,
@@ -267,6 +275,12 @@ def arch_from_config(cfg: ModelConfig, name: str = "config") -> Arch:
         num_shared_experts=moe.num_shared_experts if moe else 0,
         shared_hidden=moe.shared_expert_hidden if moe else 0,
         moe_layers=len(cfg.moe_layers),
+        attention="mla" if mla else "gqa",
+        q_lora_rank=(mla.q_lora_rank or 0) if mla else 0,
+        kv_lora_rank=mla.kv_lora_rank if mla else 0,
+        qk_nope_head_dim=mla.qk_nope_head_dim if mla else 0,
+        qk_rope_head_dim=mla.qk_rope_head_dim if mla else 0,
+        v_head_dim=mla.v_head_dim if mla else 0,
     )
 
 
@@ -320,16 +334,20 @@ PUBLISHED: dict[str, Published] = {
 
 def resolve(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Arch:
     """A calc preset, a moelab model preset (smoke/tiny/small), or a model config file, with
-    ``--set KEY=VALUE`` overrides for the latter two (moelab config keys)."""
+    ``--set KEY=VALUE`` overrides: moelab config keys for the latter two, :class:`Arch` fields
+    for a calc preset (``--set attention=gqa --set n_kv_heads=8``)."""
     from pathlib import Path
 
     from moelab.config import apply_overrides, load_config, preset, preset_names
 
     key = name_or_path.lower()
     if key in PRESETS:
-        if overrides:
-            raise ConfigError(f"--set applies to moelab configs and presets, not to the published model {key!r}")
-        return PRESETS[key]
+        if not overrides:
+            return PRESETS[key]
+        # a variant of a published model (e.g. attention=gqa n_kv_heads=8): Arch field names,
+        # renamed so that the published counts are not shown against it
+        variant = apply_overrides(PRESETS[key], overrides)
+        return replace(variant, name=f"{key} ({', '.join(overrides)})")
     if name_or_path in preset_names():
         return arch_from_config(apply_overrides(preset(name_or_path), overrides), name_or_path)
     if Path(name_or_path).is_file():
@@ -418,6 +436,8 @@ __all__ = [
     "Params",
     "Published",
     "arch_from_config",
+    "attention_norm_params",
+    "attention_params",
     "count",
     "decode_tokens_per_s",
     "flops_per_token",

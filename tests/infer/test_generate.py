@@ -1,5 +1,7 @@
 """Generation: cached decoding equals the full forward pass, batching equals one-by-one,
-sampling filters equal transformers' warpers, stop strings / EOS / streaming behave."""
+sampling filters equal transformers' warpers, stop strings / EOS / streaming behave.
+
+The exactness tests run over GQA and MLA (latent KV cache) models, dense and MoE."""
 
 from __future__ import annotations
 
@@ -9,16 +11,23 @@ import torch
 from moelab.config import ConfigError
 from moelab.errors import UserError
 from moelab.infer.generate import SamplingParams, filter_logits, generate, generate_text
-from moelab.infer.kv_cache import DynamicKVCache, StaticKVCache
+from moelab.infer.kv_cache import cache_for_config
 from moelab.model.transformer import Transformer
 
-from helpers import CharTestTokenizer, tiny_config, tiny_moe
+from helpers import CharTestTokenizer, tiny_config, tiny_mla, tiny_moe
 
 TOK = CharTestTokenizer()
-MODELS = [None, tiny_moe(), tiny_moe(num_shared_experts=1, top_k=1)]
+# model configs (tiny_config overrides) the exactness tests run over: GQA and MLA, dense and MoE
+MODELS = {
+    "gqa": {},
+    "gqa-moe": {"moe": tiny_moe()},
+    "gqa-moe-shared-top1": {"moe": tiny_moe(num_shared_experts=1, top_k=1)},
+    "mla": {"mla": tiny_mla()},
+    "mla-qlora-moe-shared": {"mla": tiny_mla(q_lora_rank=10), "moe": tiny_moe(num_shared_experts=1)},
+}
 
 
-def _model(moe, **kw) -> Transformer:
+def _model(moe=None, **kw) -> Transformer:
     torch.manual_seed(0)
     return Transformer(tiny_config(moe=moe, **kw)).eval()
 
@@ -28,12 +37,12 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(0, 90, (n,), generator=g).tolist() for n in (5, 9, 1, 7)]
 
 
-@pytest.mark.parametrize("moe", MODELS)
+@pytest.mark.parametrize("arch", MODELS)
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
-def test_left_padded_cached_decode_equals_full_forward_every_step(moe, kind: str) -> None:
+def test_left_padded_cached_decode_equals_full_forward_every_step(arch: str, kind: str) -> None:
     """Every row of a left-padded batch, decoded step by step from the cache, gets the logits
     of an unpadded full forward pass of that row alone (fp32, ≤ 1e-5)."""
-    model = _model(moe)
+    model = _model(**MODELS[arch])
     cfg = model.cfg
     B, n_new = 3, 6
     lengths = [4, 8, 2]
@@ -44,10 +53,7 @@ def test_left_padded_cached_decode_equals_full_forward_every_step(moe, kind: str
     for b, n in enumerate(lengths):
         ids[b, P - n :], mask[b, P - n :] = seqs[b][:n], 1
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    if kind == "static":
-        cache = StaticKVCache(cfg.n_layers, B, cfg.n_kv_heads, P + n_new, cfg.head_dim, torch.float32, "cpu")
-    else:
-        cache = DynamicKVCache(cfg.n_layers)
+    cache = cache_for_config(kind, cfg, B, P + n_new)
     with torch.no_grad():
         step_logits = [model(ids, attention_mask=mask, position_ids=pos, cache=cache).logits[:, -1]]
         for t in range(n_new):
@@ -71,9 +77,9 @@ def _greedy_without_cache(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-@pytest.mark.parametrize("moe", MODELS)
-def test_greedy_generation_equals_argmax_of_full_forward(moe) -> None:
-    model = _model(moe)
+@pytest.mark.parametrize("arch", MODELS)
+def test_greedy_generation_equals_argmax_of_full_forward(arch: str) -> None:
+    model = _model(**MODELS[arch])
     params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
     for prompt in _prompts():
         (out,) = generate(model, [prompt], params)
@@ -81,10 +87,10 @@ def test_greedy_generation_equals_argmax_of_full_forward(moe) -> None:
         assert out.finish_reason == "length" and out.prompt_tokens == len(prompt)
 
 
-@pytest.mark.parametrize("moe", MODELS)
+@pytest.mark.parametrize("arch", MODELS)
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
-def test_batched_generation_equals_one_by_one(moe, cache: str) -> None:
-    model = _model(moe)
+def test_batched_generation_equals_one_by_one(arch: str, cache: str) -> None:
+    model = _model(**MODELS[arch])
     prompts = _prompts()
     params = [
         SamplingParams(max_new_tokens=10, stop_at_eos=False),
@@ -176,10 +182,11 @@ def test_context_limit_and_errors() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_generation_matches_cpu_logits() -> None:
+@pytest.mark.parametrize("arch", ["gqa-moe", "mla-qlora-moe-shared"])
+def test_cuda_generation_matches_cpu_logits(arch: str) -> None:
     """On CUDA the static cache and the sampling path give the CPU model's greedy tokens for
     the first steps (fp32; later steps may differ where logits tie within float error)."""
-    model = _model(tiny_moe())
+    model = _model(**MODELS[arch])
     prompts = _prompts()
     cpu = generate(model, prompts, SamplingParams(4, stop_at_eos=False))
     gpu = generate(model.cuda(), prompts, SamplingParams(4, stop_at_eos=False))

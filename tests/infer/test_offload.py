@@ -1,4 +1,5 @@
-"""Offloaded experts: token-for-token identical generation, consistent statistics, policies."""
+"""Offloaded experts: token-for-token identical generation (GQA and MLA+MoE models), consistent
+statistics, policies."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from moelab.infer.offload import (
 )
 from moelab.model.transformer import Transformer
 
-from helpers import tiny_config, tiny_moe
+from helpers import tiny_config, tiny_mla, tiny_moe
 
 PARAMS = [
     SamplingParams(max_new_tokens=12, stop_at_eos=False),
@@ -28,9 +29,12 @@ PARAMS = [
 PROMPTS = [[3, 14, 15, 92, 65, 35], [27, 18, 28]]
 
 
-def _model(**moe) -> Transformer:
+ATTENTION = {"gqa": None, "mla": tiny_mla(q_lora_rank=10)}  # MLA: latent KV cache during generation
+
+
+def _model(attention: str = "gqa", **moe) -> Transformer:
     torch.manual_seed(0)
-    cfg = tiny_config(n_layers=3, moe=tiny_moe(num_experts=8, top_k=2, **moe))
+    cfg = tiny_config(n_layers=3, moe=tiny_moe(num_experts=8, top_k=2, **moe), mla=ATTENTION[attention])
     return Transformer(cfg).eval()
 
 
@@ -39,15 +43,21 @@ def _expert_bytes(model: Transformer) -> int:
     return (ex.w_up[0].numel() + ex.w_down[0].numel()) * ex.w_up.element_size()
 
 
+@pytest.fixture(scope="module", params=sorted(ATTENTION))
+def attention(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference() -> list[list[int]]:
-    return [c.token_ids for c in generate(_model(), PROMPTS, PARAMS)]
+def reference(attention: str) -> list[list[int]]:
+    """In-memory generation of the model with ``attention``."""
+    return [c.token_ids for c in generate(_model(attention), PROMPTS, PARAMS)]
 
 
 @pytest.mark.parametrize("capacity", [1, "25%", "100%"])
 @pytest.mark.parametrize(("policy", "prefetch"), [("lru", False), ("lru", True), ("lfu", True), ("pinned", False)])
-def test_offloaded_generation_is_identical(reference, capacity, policy: str, prefetch: bool) -> None:
-    model = _model()
+def test_offloaded_generation_is_identical(attention: str, reference, capacity, policy: str, prefetch: bool) -> None:
+    model = _model(attention)
     counts = routing_counts(model, [torch.randint(0, 97, (2, 16))])
     size = _expert_bytes(model)
     off = Offloader(model, capacity, policy, prefetch=prefetch, counts=counts)
@@ -67,8 +77,8 @@ def test_offloaded_generation_is_identical(reference, capacity, policy: str, pre
         assert s.misses + s.prefetch_loads <= sum(c.num_experts for c in off.caches.values())
 
 
-def test_disk_tier_is_identical_and_counts_the_same(reference, tmp_path) -> None:
-    model = _model()
+def test_disk_tier_is_identical_and_counts_the_same(attention: str, reference, tmp_path) -> None:
+    model = _model(attention)
     path = export_experts(model, tmp_path / "experts.safetensors")
     off = Offloader(model, "25%", "lru", source=path)
     assert [c.token_ids for c in generate(model, PROMPTS, PARAMS)] == reference

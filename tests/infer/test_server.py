@@ -23,21 +23,21 @@ from moelab.infer.generate import SamplingParams, generate  # noqa: E402
 from moelab.infer.server import Engine, ServerLimits, create_app  # noqa: E402
 from moelab.model.transformer import Transformer  # noqa: E402
 
-from helpers import CharTestTokenizer, tiny_config, tiny_moe  # noqa: E402
+from helpers import CharTestTokenizer, tiny_config, tiny_mla, tiny_moe  # noqa: E402
 
 TOK = CharTestTokenizer()
 
 
-def _model() -> Transformer:
+def _model(mla=None) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(tiny_config(moe=tiny_moe(num_experts=8))).eval()
+    return Transformer(tiny_config(moe=tiny_moe(num_experts=8), mla=mla)).eval()
 
 
 class Server:
     """uvicorn in a thread on a free port of 127.0.0.1."""
 
-    def __init__(self, limits: ServerLimits, generate_fn=generate) -> None:
-        self.engine = Engine(_model(), TOK, limits, generate_fn)
+    def __init__(self, limits: ServerLimits, generate_fn=generate, model: Transformer | None = None) -> None:
+        self.engine = Engine(model if model is not None else _model(), TOK, limits, generate_fn)
         app = create_app(self.engine, model_name="tiny")
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -147,6 +147,39 @@ def test_queue_overflow_answers_429_and_queued_requests_are_batched() -> None:
             assert all(f.result().status_code == 200 for f in futures)
         assert sum(batch_sizes) == 4 and len(batch_sizes) < 4  # the three queued behind the first share a batch
         assert s.http.post("/v1/completions", json={"prompt": "again", "max_tokens": 2}).status_code == 200
+
+
+def test_mla_model_answers_batched_requests_as_alone() -> None:
+    """An MLA+MoE model behind the server (latent KV cache, batched rows): every concurrent
+    request gets the tokens direct generation gives its prompt alone."""
+    model = _model(mla=tiny_mla(q_lora_rank=10))
+    prompts = [f"Latent {i}, please" for i in range(6)]
+    gate = threading.Event()
+    batch_sizes: list[int] = []
+
+    def gated_generate(m, batch_prompts, *args, **kw):
+        gate.wait(10)
+        batch_sizes.append(len(batch_prompts))
+        return generate(m, batch_prompts, *args, **kw)
+
+    server = Server(ServerLimits(max_batch=8, batch_wait_s=0.0), gated_generate, model=model)
+    with server as s, ThreadPoolExecutor(6) as pool:
+        futures = [
+            pool.submit(s.http.post, "/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 1.0, "seed": i})
+            for i, p in enumerate(prompts)
+        ]
+        for _ in range(500):
+            if s.engine.in_flight == 6:
+                break
+            time.sleep(0.01)
+        gate.set()
+        texts = [f.result().json()["choices"][0]["text"] for f in futures]
+    assert max(batch_sizes) > 1
+    alone = [
+        generate(model, [TOK.encode(p)], SamplingParams(6, temperature=1.0, seed=i), TOK)[0].text
+        for i, p in enumerate(prompts)
+    ]
+    assert texts == alone and len(set(texts)) > 1
 
 
 def test_sixteen_concurrent_clients_all_get_answers(server) -> None:

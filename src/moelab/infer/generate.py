@@ -184,7 +184,8 @@ def generate(
         params: one :class:`SamplingParams` for all rows, or one per row.
         tokenizer: needed for ``text``, stop strings, EOS and streaming.
         on_text: streaming callback ``(row, delta)``.
-        cache: ``static`` (preallocated) or ``dynamic`` KV cache; both are exact.
+        cache: ``static`` (preallocated) or ``dynamic`` KV cache; both are exact. MLA models
+            get latent caches (the compressed KV latent and the RoPE key, see ``kv_cache``).
         should_cancel: ``row -> bool`` polled every step (server timeouts); a cancelled row
             finishes with ``finish_reason="cancelled"``.
     """
