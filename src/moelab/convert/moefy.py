@@ -34,7 +34,7 @@ from torch import Tensor
 from moelab.config import ConfigError, MoEConfig, RouterConfig
 from moelab.errors import UserError
 from moelab.model.transformer import IGNORE_INDEX, Transformer
-from moelab.moe.experts import activate
+from moelab.moe.experts import activate, up_multiplier
 
 SPLITS = ("cluster", "random")
 ROUTERS = ("learned", "centroid")
@@ -170,7 +170,7 @@ def moefy(
         x_ND, h_NF = acts[i]
         labels = split_neurons(h_NF, num_experts, split, seed)
         dense, layer = model.blocks[i].ffn, new.blocks[i].ffn
-        halves = dense.w_up.weight.chunk(2, 0) if cfg.activation == "swiglu" else (dense.w_up.weight,)
+        halves = dense.w_up.weight.chunk(2, 0) if up_multiplier(cfg.activation) == 2 else (dense.w_up.weight,)
         for e in range(num_experts):
             idx = (labels == e).nonzero().squeeze(1)
             layer.experts.w_up[e].copy_(torch.cat([p[idx] for p in halves], 0))

@@ -33,6 +33,7 @@ from torch import Tensor
 from moelab.config import ConfigError, ModelConfig, MoEConfig
 from moelab.errors import UserError
 from moelab.model.transformer import Transformer
+from moelab.moe.experts import up_multiplier
 
 ROUTER_INITS = ("zeros", "normal")
 
@@ -44,7 +45,7 @@ def slice_ffn(w_up_MD: Tensor, w_down_DF: Tensor, activation: str, g: int) -> li
     """
     F = w_down_DF.shape[1]
     f = F // g
-    parts = w_up_MD.chunk(2, 0) if activation == "swiglu" else (w_up_MD,)
+    parts = w_up_MD.chunk(2, 0) if up_multiplier(activation) == 2 else (w_up_MD,)
     out = []
     for s in range(g):
         rows = slice(s * f, (s + 1) * f)
