@@ -144,8 +144,8 @@ def load_moelab(path: str | Path) -> Transformer:
     if not (p / "config.yaml").is_file() or not (p / "model.safetensors").is_file():
         raise UserError(f"{p} is not a moelab model folder: it needs config.yaml and model.safetensors")
     data = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
-    if ENCODER_DECODER_SECTION in data:
-        model = EncoderDecoder(from_dict(EncoderDecoderConfig, data[ENCODER_DECODER_SECTION]))
+    if ENCODER_DECODER_SECTION in data or {"encoder", "decoder"} <= set(data):  # folder / save_checkpoint
+        model = EncoderDecoder(from_dict(EncoderDecoderConfig, data.get(ENCODER_DECODER_SECTION, data)))
     else:
         model = Transformer(from_dict(ModelConfig, data.get("model", data)))
     missing, unexpected = st_load_model(model, str(p / "model.safetensors"), strict=False)
