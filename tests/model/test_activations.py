@@ -50,6 +50,8 @@ def test_experts_and_dense_layout(activation: str) -> None:
 @pytest.mark.parametrize("activation", ["relu", "geglu_tanh"])
 def test_models_build_and_run(activation: str) -> None:
     moe = MoEConfig(num_experts=4, top_k=1, expert_hidden=12, router=MoEConfig().router)
-    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, ffn_hidden=20, activation=activation, moe=moe)
+    cfg = ModelConfig(
+        vocab_size=50, d_model=16, n_layers=2, n_heads=2, ffn_hidden=20, activation=activation, moe=moe
+    )
     out = Transformer(cfg)(torch.randint(0, 50, (2, 6)))
     assert out.logits.shape == (2, 6, 50) and torch.isfinite(out.logits).all()

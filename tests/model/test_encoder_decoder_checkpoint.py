@@ -13,16 +13,30 @@ from moelab.train.checkpoint import load_model, save_checkpoint
 
 def _model() -> EncoderDecoder:
     torch.manual_seed(0)
-    moe = MoEConfig(num_experts=3, top_k=1, expert_hidden=12, router=RouterConfig(name="switch"),
-                    capacity_scope="sequence", expert_capacity=3, placement="every_n", every_n=2)
-    base = ModelConfig(vocab_size=256, d_model=16, n_layers=2, n_heads=2, ffn_hidden=20, activation="relu", moe=moe)
-    return EncoderDecoder(EncoderDecoderConfig.from_model(base, decoder_layers=3, position="t5_relative")).eval()
+    moe = MoEConfig(
+        num_experts=3,
+        top_k=1,
+        expert_hidden=12,
+        router=RouterConfig(name="switch"),
+        capacity_scope="sequence",
+        expert_capacity=3,
+        placement="every_n",
+        every_n=2,
+    )
+    base = ModelConfig(
+        vocab_size=256, d_model=16, n_layers=2, n_heads=2, ffn_hidden=20, activation="relu", moe=moe
+    )
+    return EncoderDecoder(
+        EncoderDecoderConfig.from_model(base, decoder_layers=3, position="t5_relative")
+    ).eval()
 
 
 def _logits(model: EncoderDecoder) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        return model(torch.randint(0, 256, (2, 9), generator=g), torch.randint(0, 256, (2, 5), generator=g)).logits
+        return model(
+            torch.randint(0, 256, (2, 9), generator=g), torch.randint(0, 256, (2, 5), generator=g)
+        ).logits
 
 
 def test_load_model_rebuilds_an_encoder_decoder(tmp_path) -> None:

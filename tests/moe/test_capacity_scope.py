@@ -35,8 +35,11 @@ def test_sequence_scope_equals_each_sequence_alone(policy: str, K: int) -> None:
     for b in range(B):
         rows = slice(b * S * K, (b + 1) * S * K)
         alone = token_choice_decision(
-            expert[b * S : (b + 1) * S], d.weight[rows], d.logits[b * S : (b + 1) * S],
-            d.scores[b * S : (b + 1) * S], (1, S),
+            expert[b * S : (b + 1) * S],
+            d.weight[rows],
+            d.logits[b * S : (b + 1) * S],
+            d.scores[b * S : (b + 1) * S],
+            (1, S),
         )
         ref = apply_capacity(alone, 1.0, policy, K)
         assert torch.equal(scoped.kept[rows], ref.kept)
@@ -62,10 +65,10 @@ def test_fixed_top1_capacity_is_switch_cumsum_rule() -> None:
 
 
 def test_config_checks() -> None:
-    with pytest.raises(ConfigError, match="moe.capacity_scope"):
+    with pytest.raises(ConfigError, match=r"moe\.capacity_scope"):
         MoEConfig(capacity_scope="group")
-    with pytest.raises(ConfigError, match="moe.expert_capacity"):
+    with pytest.raises(ConfigError, match=r"moe\.expert_capacity"):
         MoEConfig(expert_capacity=0)
-    with pytest.raises(ConfigError, match="moe.expert_capacity"):
+    with pytest.raises(ConfigError, match=r"moe\.expert_capacity"):
         MoEConfig(expert_capacity=4, capacity_factor=1.0)
     assert MoEConfig(expert_capacity=4, capacity_scope="sequence").expert_capacity == 4

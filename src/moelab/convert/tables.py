@@ -12,7 +12,18 @@ from __future__ import annotations
 from typing import Any
 
 from moelab.config import ModelConfig
-from moelab.convert.rules import Alt, Cat, ExpertStack, RopeRows, Same, Scaled, Split, Table, Tables, Transposed
+from moelab.convert.rules import (
+    Alt,
+    Cat,
+    ExpertStack,
+    RopeRows,
+    Same,
+    Scaled,
+    Split,
+    Table,
+    Tables,
+    Transposed,
+)
 
 # --------------------------------------------------------------------------- shared pieces
 

@@ -66,7 +66,9 @@ def _stack_fields(hf: HF) -> dict[str, Any]:
     )
 
 
-def _seq2seq(hf: HF, stack: dict[str, Any], enc_moe, dec_moe, tied: bool, scale: bool) -> EncoderDecoderConfig:
+def _seq2seq(
+    hf: HF, stack: dict[str, Any], enc_moe, dec_moe, tied: bool, scale: bool
+) -> EncoderDecoderConfig:
     if hf.get("is_encoder_decoder") is False:
         unsupported(hf, "is_encoder_decoder", False, "only encoder–decoder checkpoints are imported")
     n_enc = need(hf, "num_layers")
@@ -88,7 +90,11 @@ def t5_config_in(hf: HF) -> EncoderDecoderConfig:
     if proj not in _T5_ACTS:
         unsupported(hf, "feed_forward_proj", proj, f"moelab imports {', '.join(sorted(_T5_ACTS))}")
     act, approx = _T5_ACTS[proj]
-    scale = hf["scale_decoder_outputs"] if "scale_decoder_outputs" in hf else hf.get("tie_word_embeddings") is not False
+    scale = (
+        hf["scale_decoder_outputs"]
+        if "scale_decoder_outputs" in hf
+        else hf.get("tie_word_embeddings") is not False
+    )
     stack = {**_stack_fields(hf), "activation": act, "gelu_approx": approx}
     return _seq2seq(hf, stack, None, None, tied=True, scale=bool(scale))
 
@@ -187,7 +193,9 @@ def t5_config_out(cfg: EncoderDecoderConfig) -> HF:
     acts = {v: k for k, v in _T5_ACTS.items() if k != "gated-gelu_new"}
     key = (cfg.encoder.activation, cfg.encoder.gelu_approx)
     if key not in acts:
-        raise ConfigError(f"cannot export as t5: activation {key[0]!r} (gelu_approx {key[1]!r}) has no T5 form")
+        raise ConfigError(
+            f"cannot export as t5: activation {key[0]!r} (gelu_approx {key[1]!r}) has no T5 form"
+        )
     return dict(
         architectures=["T5ForConditionalGeneration"],
         model_type="t5",
@@ -213,7 +221,9 @@ def _step_out(c: ModelConfig, stack: str) -> int:
 def switch_config_out(cfg: EncoderDecoderConfig) -> HF:
     moes = [c.moe for c in (cfg.encoder, cfg.decoder) if c.moe is not None]
     if not moes:
-        raise ConfigError("cannot export as switch_transformers: neither stack has MoE layers (export it as t5)")
+        raise ConfigError(
+            "cannot export as switch_transformers: neither stack has MoE layers (export it as t5)"
+        )
     for stack in ("encoder", "decoder"):
         c: ModelConfig = getattr(cfg, stack)
         if c.moe is None:
@@ -230,7 +240,11 @@ def switch_config_out(cfg: EncoderDecoderConfig) -> HF:
             },
         )
         if c.moe.expert_capacity is not None:
-            expect(cfg, "switch_transformers", {f"{stack}.moe.capacity_scope": (c.moe.capacity_scope, "sequence")})
+            expect(
+                cfg,
+                "switch_transformers",
+                {f"{stack}.moe.capacity_scope": (c.moe.capacity_scope, "sequence")},
+            )
     m = moes[0]
     for other in moes[1:]:  # one config.json for both stacks
         for f in ("num_experts", "router", "aux_loss_coef", "z_loss_coef", "expert_capacity"):
@@ -280,13 +294,19 @@ def _keys(model: EncoderDecoder) -> set[str]:
 def _rules(family: str, hf: HF, model: EncoderDecoder) -> list:
     cfg = model.cfg
     gated = family == "t5" and str(hf.get("feed_forward_proj", "relu")).startswith("gated-")
-    top, enc_table, dec_table = t5_tables("mlp" if family == "switch_transformers" else "DenseReluDense", gated)
+    top, enc_table, dec_table = t5_tables(
+        "mlp" if family == "switch_transformers" else "DenseReluDense", gated
+    )
     keys = _keys(model)
     rules = table_rules(top, "", "", cfg.decoder, keys)
     for i in range(cfg.encoder.n_layers):
-        rules += table_rules(enc_table, f"encoder_blocks.{i}.", f"encoder.block.{i}.layer.", cfg.encoder, keys)
+        rules += table_rules(
+            enc_table, f"encoder_blocks.{i}.", f"encoder.block.{i}.layer.", cfg.encoder, keys
+        )
     for i in range(cfg.decoder.n_layers):
-        rules += table_rules(dec_table, f"decoder_blocks.{i}.", f"decoder.block.{i}.layer.", cfg.decoder, keys)
+        rules += table_rules(
+            dec_table, f"decoder_blocks.{i}.", f"decoder.block.{i}.layer.", cfg.decoder, keys
+        )
     return check_covered(rules, keys)
 
 
@@ -311,7 +331,9 @@ def import_seq2seq(family: Family, hf: HF, tensors: dict[str, torch.Tensor]) -> 
     state = import_tensors(_rules(family.model_type, hf, model), tensors, ignore)
     if tied:
         state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True
+    )
     return model.eval()
 
 
