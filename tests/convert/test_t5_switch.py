@@ -199,6 +199,7 @@ def _edit_config(folder, **changes) -> None:
         ("switch", {"router_dtype": "bfloat16"}, "router_dtype"),
         ("switch", {"dense_act_fn": "silu"}, "dense_act_fn"),
         ("t5", {"feed_forward_proj": "gated-relu"}, "feed_forward_proj"),
+        ("t5", {"d_kv": 5}, "d_kv"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(family, changes, field, tmp_path) -> None:

@@ -53,6 +53,8 @@ _EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 def _stack_fields(hf: HF) -> dict[str, Any]:
     d, heads, d_kv = need(hf, "d_model"), need(hf, "num_heads"), need(hf, "d_kv")
+    if d_kv % 2:
+        unsupported(hf, "d_kv", d_kv, "moelab's attention blocks need an even head size")
     return dict(
         vocab_size=need(hf, "vocab_size"),
         d_model=d,
