@@ -245,3 +245,9 @@ def test_moelab_convert_cli_both_ways(tmp_path, capsys) -> None:
         transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval(),
         load_moelab(tmp_path / "ml"),
     )
+
+
+def test_decoder_only_transformations_refuse_encoder_decoders(tmp_path, capsys) -> None:
+    t5().save_pretrained(tmp_path / "hf")
+    assert main(["upcycle", str(tmp_path / "hf"), "--experts", "2", "--out", str(tmp_path / "up")]) == 2
+    assert "decoder-only" in capsys.readouterr().err

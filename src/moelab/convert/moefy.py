@@ -33,6 +33,7 @@ from torch import Tensor
 
 from moelab.config import ConfigError, MoEConfig, RouterConfig
 from moelab.errors import UserError
+from moelab.model.guards import require_decoder_only
 from moelab.model.transformer import IGNORE_INDEX, Transformer
 from moelab.moe.experts import activate, up_multiplier
 
@@ -140,6 +141,7 @@ def moefy(
     seed: int = 0,
 ) -> Transformer:
     """Every dense FFN of ``model`` becomes an MoE layer of ``num_experts`` neuron groups."""
+    require_decoder_only(model, "moefy")
     cfg = model.cfg
     if cfg.moe is not None:
         raise UserError("MoEfication needs a dense model: this one already has model.moe")
@@ -231,6 +233,7 @@ def moefy_report(
     seed: int = 0,
 ) -> list[MoefyRow]:
     """Loss of the MoEfied model at each k (one split and router, reused across k) next to the dense loss."""
+    require_decoder_only(model, "moefy")
     dense_loss = lm_loss(model, evaluation)
     base = moefy(model, calibration, num_experts, max(top_ks), split, router, seed)
     return [

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from moelab.config import ConfigError, ModelConfig, MoEConfig
 from moelab.errors import UserError
+from moelab.model.guards import require_decoder_only
 from moelab.model.transformer import Transformer
 from moelab.moe.experts import up_multiplier
 
@@ -88,6 +89,7 @@ def upcycle(
     seed: int = 0,
 ) -> Transformer:
     """A new MoE :class:`Transformer` whose experts are (slices of) ``model``'s FFNs."""
+    require_decoder_only(model, "upcycle")
     if router_init not in ROUTER_INITS:
         raise ConfigError(
             f"router_init={router_init!r} is invalid: expected one of {', '.join(ROUTER_INITS)}"
