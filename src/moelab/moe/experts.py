@@ -2,7 +2,7 @@
 
 Layout follows ``nn.Linear`` (and transformers' Mixtral ``gate_up_proj``/``down_proj``), so
 conversion is a reshape, not a transpose:
-- ``w_up_EHD``: ``[E, m·F, D]`` with m = 2 for SwiGLU/GEGLU (gate rows first, then up rows) or 1 for GELU/ReLU.
+- ``w_up_EHD``: ``[E, m·F, D]`` with m = 2 for SwiGLU (gate rows first, then up rows) or 1 for GELU.
 - ``w_down_EDF``: ``[E, D, F]``.
 
 Experts know nothing of routing: they take rows already grouped by expert and the count of
