@@ -37,7 +37,7 @@ from helpers import tiny_config, tiny_moe
             r"moe\.layers=\[0, 5\] is invalid: layer indices must be in \[0, 1\].*bad: \[5\]",
         ),
         (lambda: MoEConfig(placement="explicit"), r"moe\.layers=\(\) is invalid: placement=explicit needs"),
-        (lambda: ModelConfig(activation="relu"), r"model\.activation='relu' is invalid: expected one of 'gelu', 'swiglu'"),
+        (lambda: ModelConfig(activation="tanh"), r"model\.activation='tanh' is invalid: expected one of 'geglu_tanh', 'gelu', 'relu', 'swiglu'"),
         (lambda: ModelConfig(attention="sideways"), r"model\.attention='sideways' is invalid"),
         (lambda: ModelConfig(vocab_size=0), r"model\.vocab_size=0 is invalid: must be a positive integer"),
         (lambda: RouterConfig(n_group=2, topk_group=3), r"moe\.router\.topk_group=3 is invalid: must be between 1 and"),

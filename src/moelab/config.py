@@ -43,13 +43,14 @@ def _one_of(path: str, value: Any, allowed: Iterable[str]) -> None:
     _require(value in allowed, path, value, f"expected one of {', '.join(map(repr, allowed))}")
 
 
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "relu", "geglu_tanh")  # relu: T5 v1.0/Switch; geglu_tanh: T5 v1.1
 GELU_APPROXIMATIONS = ("none", "tanh")  # tanh: GPT-2's gelu_new (dense FFNs only)
 POSITIONS = ("rope", "learned")  # rotary (Llama family) or learned absolute embeddings (GPT-2)
 QK_NORMS = ("none", "head", "proj")  # RMSNorm on q/k: per head (Qwen3) or over the whole projection (OLMoE)
 NORMS = ("rmsnorm", "layernorm")
 ATTENTION_KINDS = ("causal", "prefix", "bidirectional")
 PLACEMENTS = ("all", "every_n", "first_k_dense", "explicit")
+CAPACITY_SCOPES = ("batch", "sequence")  # where expert capacity is counted (moelab.moe.capacity)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     capacity_factor: float | None = None  # None = dropless
     drop_policy: str = "position"  # which assignments an over-full expert drops
+    capacity_scope: str = "batch"  # capacity counted over the flattened batch, or per sequence (Switch/HF groups)
+    expert_capacity: int | None = None  # fixed assignments per expert and scope, instead of capacity_factor (HF Switch)
     placement: str = "all"  # all | every_n | first_k_dense | explicit
     every_n: int = 2  # placement=every_n: layers n-1, 2n-1, ... are MoE
     first_k_dense: int = 1  # placement=first_k_dense: the first k layers stay dense
@@ -164,6 +167,20 @@ class MoEConfig:
                 "must be > 0, or null for dropless routing",
             )
         _one_of("moe.drop_policy", self.drop_policy, DROP_POLICIES)
+        _one_of("moe.capacity_scope", self.capacity_scope, CAPACITY_SCOPES)
+        if self.expert_capacity is not None:
+            _require(
+                isinstance(self.expert_capacity, int) and self.expert_capacity >= 1,
+                "moe.expert_capacity",
+                self.expert_capacity,
+                "must be a positive integer, or null to derive it from moe.capacity_factor",
+            )
+            _require(
+                self.capacity_factor is None,
+                "moe.expert_capacity",
+                self.expert_capacity,
+                f"set either it or moe.capacity_factor (={self.capacity_factor}), not both",
+            )
         _one_of("moe.placement", self.placement, PLACEMENTS)
         _require(self.every_n >= 1, "moe.every_n", self.every_n, "must be >= 1")
         _require(self.first_k_dense >= 0, "moe.first_k_dense", self.first_k_dense, "must be >= 0")

@@ -28,8 +28,10 @@ from moelab.config import ModelConfig, from_dict, to_dict
 from moelab.convert.families import FAMILIES, default_family
 from moelab.convert.rules import build_rules, export_tensors, import_tensors
 from moelab.errors import UserError
+from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from moelab.model.transformer import Transformer
 
+ENCODER_DECODER_SECTION = "encoder_decoder"  # config.yaml section of an EncoderDecoder (instead of model:)
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
 
@@ -72,9 +74,16 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def import_hf(path: str | Path) -> Transformer:
-    """Load a local Hugging Face folder as a moelab :class:`Transformer` (fp32, eval mode)."""
+    """Load a local Hugging Face folder as a moelab :class:`Transformer` (fp32, eval mode).
+
+    Encoder–decoder families (T5, Switch Transformers) give an :class:`EncoderDecoder` instead.
+    """
     hf, tensors = read_hf_folder(path)
     family = FAMILIES[hf.get("model_type", "<missing>")]
+    if family.seq2seq:
+        from moelab.convert.families.t5 import import_seq2seq
+
+        return import_seq2seq(family, hf, tensors)  # type: ignore[return-value]
     cfg = family.config_in(hf)
     if not any(
         k.startswith(family.base_prefix) for k in tensors
@@ -98,6 +107,10 @@ def import_hf(path: str | Path) -> Transformer:
 
 def export_hf(model: Transformer, path: str | Path, family: str | None = None) -> Path:
     """Write ``model`` as a Hugging Face folder of ``family`` (default: the one its options match)."""
+    if isinstance(model, EncoderDecoder):
+        from moelab.convert.families.t5 import export_seq2seq
+
+        return export_seq2seq(model, path, family)
     cfg = model.cfg
     fam = FAMILIES[family or default_family(cfg)]
     hf = fam.config_out(cfg)
@@ -114,12 +127,13 @@ def export_hf(model: Transformer, path: str | Path, family: str | None = None) -
 
 
 def save_moelab(model: Transformer, path: str | Path) -> Path:
-    """``model.safetensors`` + ``config.yaml`` (``model:`` section)."""
+    """``model.safetensors`` + ``config.yaml`` (``model:`` section; ``encoder_decoder:`` for an EncoderDecoder)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     st_save_model(model, str(out / "model.safetensors"))
+    section = ENCODER_DECODER_SECTION if isinstance(model, EncoderDecoder) else "model"
     (out / "config.yaml").write_text(
-        yaml.safe_dump({"model": to_dict(model.cfg)}, sort_keys=False), encoding="utf-8"
+        yaml.safe_dump({section: to_dict(model.cfg)}, sort_keys=False), encoding="utf-8"
     )
     return out
 
@@ -130,8 +144,10 @@ def load_moelab(path: str | Path) -> Transformer:
     if not (p / "config.yaml").is_file() or not (p / "model.safetensors").is_file():
         raise UserError(f"{p} is not a moelab model folder: it needs config.yaml and model.safetensors")
     data = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
-    cfg = from_dict(ModelConfig, data.get("model", data))
-    model = Transformer(cfg)
+    if ENCODER_DECODER_SECTION in data or {"encoder", "decoder"} <= set(data):  # folder / save_checkpoint
+        model = EncoderDecoder(from_dict(EncoderDecoderConfig, data.get(ENCODER_DECODER_SECTION, data)))
+    else:
+        model = Transformer(from_dict(ModelConfig, data.get("model", data)))
     missing, unexpected = st_load_model(model, str(p / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise UserError(

@@ -27,12 +27,14 @@ import torch
 from torch import Tensor
 
 from moelab.config import ConfigError
+from moelab.model.guards import require_decoder_only
 from moelab.model.transformer import Transformer
 
 
 @torch.no_grad()
 def expert_counts(model: Transformer, batches: Iterable[Tensor]) -> dict[int, Tensor]:
     """Layer → ``[E]`` kept assignments per expert over ``batches`` of token ids ``[B, S]``."""
+    require_decoder_only(model, "expert counting")
     was_training = model.training
     model.eval()
     counts: dict[int, Tensor] = {}
@@ -94,6 +96,7 @@ def _rebuild(
 @torch.no_grad()
 def prune_experts(model: Transformer, keep: Mapping[int, Sequence[int]]) -> Transformer:
     """Keep only ``keep[layer]`` experts (same count in every MoE layer), in the given order."""
+    require_decoder_only(model, "prune")
     groups = {i: [[e] for e in experts] for i, experts in keep.items()}
     return _rebuild(model, groups, {i: torch.ones(model.cfg.moe.num_experts) for i in keep})  # type: ignore[union-attr]
 
@@ -151,5 +154,6 @@ def merge_similar(
     model: Transformer, num_experts: int, counts: Mapping[int, Tensor] | None = None, by: str = "weight"
 ) -> Transformer:
     """Merge every MoE layer down to ``num_experts`` experts, grouping similar ones."""
+    require_decoder_only(model, "merge")
     groups = {i: similar_groups(model, i, num_experts, by) for i in model.cfg.moe_layers}
     return merge_experts(model, groups, counts)

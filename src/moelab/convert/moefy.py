@@ -33,8 +33,9 @@ from torch import Tensor
 
 from moelab.config import ConfigError, MoEConfig, RouterConfig
 from moelab.errors import UserError
+from moelab.model.guards import require_decoder_only
 from moelab.model.transformer import IGNORE_INDEX, Transformer
-from moelab.moe.experts import activate
+from moelab.moe.experts import activate, up_multiplier
 
 SPLITS = ("cluster", "random")
 ROUTERS = ("learned", "centroid")
@@ -140,6 +141,7 @@ def moefy(
     seed: int = 0,
 ) -> Transformer:
     """Every dense FFN of ``model`` becomes an MoE layer of ``num_experts`` neuron groups."""
+    require_decoder_only(model, "moefy")
     cfg = model.cfg
     if cfg.moe is not None:
         raise UserError("MoEfication needs a dense model: this one already has model.moe")
@@ -170,7 +172,7 @@ def moefy(
         x_ND, h_NF = acts[i]
         labels = split_neurons(h_NF, num_experts, split, seed)
         dense, layer = model.blocks[i].ffn, new.blocks[i].ffn
-        halves = dense.w_up.weight.chunk(2, 0) if cfg.activation == "swiglu" else (dense.w_up.weight,)
+        halves = dense.w_up.weight.chunk(2, 0) if up_multiplier(cfg.activation) == 2 else (dense.w_up.weight,)
         for e in range(num_experts):
             idx = (labels == e).nonzero().squeeze(1)
             layer.experts.w_up[e].copy_(torch.cat([p[idx] for p in halves], 0))
@@ -231,6 +233,7 @@ def moefy_report(
     seed: int = 0,
 ) -> list[MoefyRow]:
     """Loss of the MoEfied model at each k (one split and router, reused across k) next to the dense loss."""
+    require_decoder_only(model, "moefy")
     dense_loss = lm_loss(model, evaluation)
     base = moefy(model, calibration, num_experts, max(top_ks), split, router, seed)
     return [

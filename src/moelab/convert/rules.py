@@ -150,6 +150,22 @@ class ExpertStack(Spec):
         return Rule(ours, readers, to_per_expert)
 
 
+@dataclass(frozen=True)
+class Scaled(Spec):
+    """Same tensor times ``factor(cfg)`` on import, divided by it on export.
+
+    T5 does not scale its attention logits by 1/sqrt(d_kv); moelab does, so T5's query weights
+    carry sqrt(d_kv) in moelab (the product q·k is then exactly T5's).
+    """
+
+    name: str
+    factor: Callable[[ModelConfig], float]
+
+    def rule(self, ours, prefix, cfg):
+        f = self.factor(cfg)
+        return Rule(ours, (((prefix + self.name,), lambda ts: [ts[0] * f]),), lambda ts: [ts[0] / f])
+
+
 def rope_deinterleave(dim: int) -> Tensor:
     """Row order that turns interleaved RoPE pairs (x0,x1),(x2,x3)… into rotate-half halves (evens, odds)."""
     return torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])
@@ -201,30 +217,37 @@ def _spec(v: str | Spec) -> Spec:
     return Same(v) if isinstance(v, str) else v
 
 
-def build_rules(tables: Tables, cfg: ModelConfig, model_keys: list[str]) -> list[Rule]:
-    """One rule per table entry whose moelab names exist in ``model_keys``; every key must be covered."""
-    keys = set(model_keys)
+def table_rules(table: Table, ours_prefix: str, hf_prefix: str, cfg: ModelConfig, keys: set[str]) -> list[Rule]:
+    """Rules of the entries of ``table`` whose moelab names (under ``ours_prefix``) are in ``keys``."""
     rules: list[Rule] = []
+    for k, v in table.items():
+        names = (k,) if isinstance(k, str) else k
+        full = tuple(ours_prefix + n for n in names)
+        present = [n in keys for n in full]
+        if not any(present):
+            continue
+        if not all(present):
+            raise AssertionError(f"table entry {names} only partly matches the model")  # a table bug
+        rules.append(_spec(v).rule(full, hf_prefix, cfg))
+    return rules
 
-    def add(table: Table, ours_prefix: str, hf_prefix: str) -> None:
-        for k, v in table.items():
-            names = (k,) if isinstance(k, str) else k
-            full = tuple(ours_prefix + n for n in names)
-            present = [n in keys for n in full]
-            if not any(present):
-                continue
-            if not all(present):
-                raise AssertionError(f"table entry {names} only partly matches the model")  # a table bug
-            rules.append(_spec(v).rule(full, hf_prefix, cfg))
 
-    add(tables.top, "", "")
-    for i in range(cfg.n_layers):
-        add(tables.layer, f"blocks.{i}.", tables.layer_prefix.format(i=i))
+def check_covered(rules: list[Rule], keys: set[str]) -> list[Rule]:
+    """``rules`` if they cover every moelab key; else UserError naming the rest."""
     covered = {n for r in rules for n in r.ours}
     unmapped = sorted(keys - covered)
     if unmapped:
         raise UserError(f"this model has tensors the mapping cannot express: {', '.join(unmapped[:12])}")
     return rules
+
+
+def build_rules(tables: Tables, cfg: ModelConfig, model_keys: list[str]) -> list[Rule]:
+    """One rule per table entry whose moelab names exist in ``model_keys``; every key must be covered."""
+    keys = set(model_keys)
+    rules = table_rules(tables.top, "", "", cfg, keys)
+    for i in range(cfg.n_layers):
+        rules += table_rules(tables.layer, f"blocks.{i}.", tables.layer_prefix.format(i=i), cfg, keys)
+    return check_covered(rules, keys)
 
 
 def import_tensors(

@@ -12,7 +12,18 @@ from __future__ import annotations
 from typing import Any
 
 from moelab.config import ModelConfig
-from moelab.convert.rules import Alt, Cat, ExpertStack, RopeRows, Same, Split, Tables, Transposed
+from moelab.convert.rules import (
+    Alt,
+    Cat,
+    ExpertStack,
+    RopeRows,
+    Same,
+    Scaled,
+    Split,
+    Table,
+    Tables,
+    Transposed,
+)
 
 # --------------------------------------------------------------------------- shared pieces
 
@@ -158,3 +169,61 @@ def deepseek_v3(interleaved: bool) -> Tables:
         **_prefixed("ffn.shared.", _swiglu("mlp.shared_experts")),
     }
     return Tables(_TOP, layer, "model.layers.{i}.")
+
+
+# --------------------------------------------------------------------------- T5 / Switch Transformers
+
+
+def _t5_q_scale(c: ModelConfig) -> float:
+    return c.head_dim**0.5  # T5's attention is unscaled: moelab's q carries sqrt(d_kv)
+
+
+def _t5_attention(ours: str, hf: str) -> dict[str, Any]:
+    return {
+        f"{ours}.q_proj.weight": Scaled(f"{hf}.q.weight", _t5_q_scale),
+        f"{ours}.k_proj.weight": f"{hf}.k.weight",
+        f"{ours}.v_proj.weight": f"{hf}.v.weight",
+        f"{ours}.o_proj.weight": f"{hf}.o.weight",
+    }
+
+
+def _t5_ffn(i: int, dense: str) -> dict[str, Any]:
+    """The feed-forward sub-layer ``layer.{i}``: dense (``dense`` = T5's ``DenseReluDense`` or Switch's
+    ``mlp``; gated T5 v1.1 has ``wi_0`` (gate) and ``wi_1`` (up)) or Switch's router + experts."""
+    return {
+        "ffn_norm.weight": f"{i}.layer_norm.weight",
+        "ffn.w_up.weight": f"{i}.{dense}.wi.weight",
+        "ffn.w_down.weight": f"{i}.{dense}.wo.weight",
+        "ffn.router.gate.weight": f"{i}.mlp.router.classifier.weight",
+        "ffn.experts.w_up": ExpertStack((f"{i}.mlp.experts.expert_{{e}}.wi.weight",)),
+        "ffn.experts.w_down": ExpertStack((f"{i}.mlp.experts.expert_{{e}}.wo.weight",)),
+    }
+
+
+def t5_tables(dense: str, gated: bool) -> tuple[Table, Table, Table]:
+    """``(top, encoder layer, decoder layer)`` of T5 (``dense="DenseReluDense"``) or Switch (``"mlp"``).
+
+    Layer tables are relative to ``encoder_blocks.{i}.`` ↔ ``encoder.block.{i}.layer.`` (and the
+    decoder's); the relative position tables live in block 0 of each stack. ``encoder.embed_tokens``
+    and ``decoder.embed_tokens`` are the shared embedding (ignored on import, not written).
+    """
+    top: dict[str, Any] = {
+        "embed.weight": "shared.weight",
+        "encoder_norm.weight": "encoder.final_layer_norm.weight",
+        "decoder_norm.weight": "decoder.final_layer_norm.weight",
+        "encoder_relative.bias.weight": "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "decoder_relative.bias.weight": "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "lm_head.weight": "lm_head.weight",  # only when untied
+    }
+    self_attn = {"attn_norm.weight": "0.layer_norm.weight", **_t5_attention("attn", "0.SelfAttention")}
+    encoder = {**self_attn, **_t5_ffn(1, dense)}
+    decoder = {
+        **self_attn,
+        "cross_norm.weight": "1.layer_norm.weight",
+        **_t5_attention("cross_attn", "1.EncDecAttention"),
+        **_t5_ffn(2, dense),
+    }
+    if gated:
+        encoder["ffn.w_up.weight"] = Cat((f"1.{dense}.wi_0.weight", f"1.{dense}.wi_1.weight"))
+        decoder["ffn.w_up.weight"] = Cat((f"2.{dense}.wi_0.weight", f"2.{dense}.wi_1.weight"))
+    return top, encoder, decoder

@@ -32,7 +32,9 @@ from torch import Tensor
 
 from moelab.config import ConfigError, ModelConfig, MoEConfig
 from moelab.errors import UserError
+from moelab.model.guards import require_decoder_only
 from moelab.model.transformer import Transformer
+from moelab.moe.experts import up_multiplier
 
 ROUTER_INITS = ("zeros", "normal")
 
@@ -44,7 +46,7 @@ def slice_ffn(w_up_MD: Tensor, w_down_DF: Tensor, activation: str, g: int) -> li
     """
     F = w_down_DF.shape[1]
     f = F // g
-    parts = w_up_MD.chunk(2, 0) if activation == "swiglu" else (w_up_MD,)
+    parts = w_up_MD.chunk(2, 0) if up_multiplier(activation) == 2 else (w_up_MD,)
     out = []
     for s in range(g):
         rows = slice(s * f, (s + 1) * f)
@@ -87,6 +89,7 @@ def upcycle(
     seed: int = 0,
 ) -> Transformer:
     """A new MoE :class:`Transformer` whose experts are (slices of) ``model``'s FFNs."""
+    require_decoder_only(model, "upcycle")
     if router_init not in ROUTER_INITS:
         raise ConfigError(
             f"router_init={router_init!r} is invalid: expected one of {', '.join(ROUTER_INITS)}"

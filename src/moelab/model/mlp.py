@@ -1,6 +1,6 @@
-"""The dense feed-forward block (SwiGLU or GELU, erf or tanh), also used for shared experts.
+"""The dense feed-forward block (SwiGLU, GEGLU-tanh, ReLU or GELU, erf or tanh), also used for shared experts.
 
-Weights in ``nn.Linear`` layout: ``w_up`` ``[m·F, D]`` (SwiGLU: gate rows, then up rows; m = 2)
+Weights in ``nn.Linear`` layout: ``w_up`` ``[m·F, D]`` (gated kinds: gate rows, then up rows; m = 2)
 and ``w_down`` ``[D, F]``, the same per-expert layout as :class:`moelab.moe.experts.Experts`, so
 a dense FFN can be copied into an expert (upcycling) without reshaping.
 """

@@ -15,6 +15,11 @@ Policies (lower priority value wins):
   router score across the whole batch first, so confident tokens survive wherever they sit.
 - ``none``: dropless; the capacity factor is ignored and nothing is dropped.
 
+Scope (``moe.capacity_scope``): ``batch`` counts capacity over the flattened batch (T = B·S);
+``sequence`` gives every sequence its own capacity per expert (T = S), as transformers'
+``SwitchTransformersTop1Router`` does (its "groups" are the rows of the batch). A fixed
+``moe.expert_capacity`` replaces the computed C (HF Switch's ``expert_capacity``).
+
 Padding tokens always come last, whatever the policy, so they never take a real token's slot.
 The drop rate of a layer is ``decision.drop_rate`` (and ``LayerStats.drop_rate`` on valid tokens).
 
@@ -86,10 +91,18 @@ def keep_within_capacity(expert_A: Tensor, priority_A: Tensor, num_experts: int,
 
 
 def apply_capacity(
-    decision: RoutingDecision, capacity_factor: float | None, policy: str, top_k: int
+    decision: RoutingDecision,
+    capacity_factor: float | None,
+    policy: str,
+    top_k: int,
+    scope: str = "batch",
+    fixed_capacity: int | None = None,
 ) -> RoutingDecision:
-    """Mark assignments beyond each expert's capacity as dropped. ``None`` = dropless (unchanged)."""
-    if capacity_factor is None:
+    """Mark assignments beyond each expert's capacity as dropped. No factor and no fixed capacity = dropless.
+
+    ``scope="sequence"``: capacity per (sequence, expert) pair, ``C`` from the sequence length S.
+    """
+    if capacity_factor is None and fixed_capacity is None:
         return decision
     priority_A = DROP_POLICIES[policy](decision)
     if priority_A is None:
@@ -98,6 +111,12 @@ def apply_capacity(
         pad_A = ~decision.token_mask.reshape(-1).bool()[decision.token]
         span = (priority_A.max() - priority_A.min()).abs() + 1 if priority_A.numel() else 1
         priority_A = priority_A + pad_A.to(priority_A.dtype) * span
-    capacity = expert_capacity(decision.num_tokens, decision.num_experts, top_k, capacity_factor)
-    kept = keep_within_capacity(decision.expert, priority_A, decision.num_experts, capacity)
+    E = decision.num_experts
+    group_tokens = decision.batch_shape[1] if scope == "sequence" else decision.num_tokens
+    capacity = fixed_capacity or expert_capacity(group_tokens, E, top_k, capacity_factor)  # type: ignore[arg-type]
+    if scope == "sequence":  # one bin per (sequence, expert): bin = b·E + e
+        bin_A = (decision.token // decision.batch_shape[1]) * E + decision.expert
+        kept = keep_within_capacity(bin_A, priority_A, decision.batch_shape[0] * E, capacity)
+    else:
+        kept = keep_within_capacity(decision.expert, priority_A, E, capacity)
     return decision.with_kept(kept & decision.kept, capacity)

@@ -19,15 +19,19 @@ from torch import Tensor, nn
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
-    """SwiGLU: ``silu(gate) · up`` over the two halves of ``h``; GELU: ``gelu(h)``."""
-    if activation == "swiglu":
+    """SwiGLU: ``silu(gate) · up`` over the two halves of ``h``; GEGLU-tanh (T5 v1.1):
+    ``gelu_tanh(gate) · up``; ReLU (T5 v1.0, Switch): ``relu(h)``; GELU: ``gelu(h)``."""
+    if activation in GATED:
         gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h)
+        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate, approximate="tanh")) * up
+    return F.relu(h) if activation == "relu" else F.gelu(h)
+
+
+GATED = ("swiglu", "geglu_tanh")  # gate rows then up rows in w_up
 
 
 def up_multiplier(activation: str) -> int:
-    return 2 if activation == "swiglu" else 1
+    return 2 if activation in GATED else 1
 
 
 class Experts(nn.Module):

@@ -56,7 +56,8 @@ class MoELayer(nn.Module):
         decision = self.router(x_TD, batch_shape, token_ids_T=token_ids_T, token_mask_T=token_mask_T)
         if self.router.manages_capacity:
             return decision
-        return apply_capacity(decision, self.cfg.capacity_factor, self.cfg.drop_policy, self.cfg.top_k)
+        c = self.cfg
+        return apply_capacity(decision, c.capacity_factor, c.drop_policy, c.top_k, c.capacity_scope, c.expert_capacity)
 
     def forward(
         self, x_BSD: Tensor, token_ids_BS: Tensor | None = None, token_mask_BS: Tensor | None = None

@@ -295,8 +295,33 @@ def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu
         )
 
 
+def _encoder_decoder(ckpt: Path) -> nn.Module | None:
+    """An EncoderDecoder when config.yaml holds one, else None (then it is a Transformer's run config).
+
+    Recognised: an ``encoder_decoder:`` section (moelab folders, runs), or the
+    EncoderDecoderConfig itself at the top (``save_checkpoint(path, model, enc_dec_cfg, tok)``).
+    """
+    try:
+        data = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None  # read_run_config reports it
+    if not isinstance(data, dict):
+        return None
+    section = data.get("encoder_decoder", data if {"encoder", "decoder"} <= set(data) else None)
+    if section is None:
+        return None
+    from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
+
+    try:
+        return EncoderDecoder(from_dict(EncoderDecoderConfig, section))
+    except ConfigError as exc:
+        raise UserError(f"{ckpt / 'config.yaml'}: {exc}") from None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """``(Transformer, Tokenizer)`` from a checkpoint folder or a run folder (newest complete checkpoint).
+
+    An encoder–decoder checkpoint (see :func:`_encoder_decoder`) gives an ``EncoderDecoder``.
 
     The model is in eval mode on ``device``. Raises UserError for a missing, damaged or
     pickle-bearing checkpoint.
@@ -304,8 +329,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     from moelab.model.transformer import Transformer
 
     ckpt = resolve_checkpoint(path)
-    cfg = read_run_config(ckpt)
-    model = Transformer(cfg.model)
+    model = _encoder_decoder(ckpt)
+    if model is None:
+        model = Transformer(read_run_config(ckpt).model)
     load_weights(model, ckpt, device)
     model.to(device).eval()
     return model, load_tokenizer(ckpt / "tokenizer.json")

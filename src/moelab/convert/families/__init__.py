@@ -14,6 +14,7 @@ from moelab.convert.families import deepseek as _deepseek  # noqa: F401  (regist
 from moelab.convert.families import dense as _dense  # noqa: F401
 from moelab.convert.families import gpt2 as _gpt2  # noqa: F401
 from moelab.convert.families import moe as _moe  # noqa: F401
+from moelab.convert.families import t5 as _t5  # noqa: F401
 from moelab.convert.families.base import FAMILIES, Family
 
 

@@ -22,6 +22,7 @@ class Family:
     config_out: Callable[[ModelConfig], HF]
     ignore: Callable[[str, ModelConfig], bool] = lambda name, cfg: False
     base_prefix: str = "model."  # prefix of the base model's tensors (absent in base-model-only checkpoints)
+    seq2seq: bool = False  # an encoder–decoder family (T5, Switch): converted by moelab.convert.families.t5
 
 
 FAMILIES: Registry[Family] = Registry("Hugging Face model_type")
@@ -128,6 +129,7 @@ def no_moe_extras(cfg: ModelConfig, family: str, router: str = "topk") -> None:
         {
             "moe.router.name": (m.router.name, router),
             "moe.capacity_factor": (m.capacity_factor, None),
+            "moe.expert_capacity": (m.expert_capacity, None),
             "model.layer_ffn_hidden": (cfg.layer_ffn_hidden, ()),
         },
     )
