@@ -74,7 +74,8 @@ def specialization_plots(a: dict[str, Any]) -> dict[str, bytes]:
         x = np.arange(len(layers)) + (j - (len(labels) - 1) / 2) * width
         st = [la["by_label"].get(name) for la in s["layers"]]
         val = [v["nmi"] if v else 0 for v in st]
-        err = [[v["nmi"] - v["ci_low"] if v else 0 for v in st], [v["ci_high"] - v["nmi"] if v else 0 for v in st]]
+        # the document bootstrap is not centred on the estimate: clip so the bar shows its side of it
+        err = [[max(0.0, v["nmi"] - v["ci_low"]) if v else 0 for v in st], [max(0.0, v["ci_high"] - v["nmi"]) if v else 0 for v in st]]
         ax.bar(x, val, width, yerr=err, label=name, capsize=2)
         ax.scatter(x, [v["baseline_high"] if v else 0 for v in st], marker="_", color="k", s=80)
     ax.set_xticks(range(len(layers)), [f"layer {i}" for i in layers])

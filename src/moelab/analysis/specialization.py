@@ -12,7 +12,8 @@ comes with:
 - a **shuffled-label baseline**: the NMI after permuting the labels (kills any dependence but
   keeps both marginals), mean and central interval over ``n_shuffle`` permutations;
 - a **bootstrap interval** resampling *documents* with replacement (tokens of one document share
-  its labels, so resampling tokens would understate the spread).
+  its labels, so resampling tokens would understate the spread); the basic (reflected) interval
+  ``[2·NMI − q_hi, 2·NMI − q_lo]``, because resampling biases NMI upwards as sampling does.
 An NMI inside the baseline's interval is no evidence of specialisation. ``uncertainty`` =
 I / H(X) is also reported: the share of the expert choice's entropy the label explains (for
 token ids it is the readable one: "how much of routing is a lookup on the token").
@@ -98,8 +99,10 @@ def nmi_with_baseline(
     return {
         "nmi": value,
         "uncertainty": float(i / hx) if hx > 0 else 0.0,
-        "ci_low": float(np.percentile(boots, lo_q)) if boots else value,
-        "ci_high": float(np.percentile(boots, hi_q)) if boots else value,
+        # basic (reflected) bootstrap: resampled NMI is biased upwards like the estimate itself, so
+        # the percentile interval would sit above the estimate; reflecting it corrects that bias
+        "ci_low": max(0.0, 2 * value - float(np.percentile(boots, hi_q))) if boots else value,
+        "ci_high": min(1.0, 2 * value - float(np.percentile(boots, lo_q))) if boots else value,
         "baseline_mean": float(np.mean(shuffled)) if shuffled else 0.0,
         "baseline_low": float(np.percentile(shuffled, lo_q)) if shuffled else 0.0,
         "baseline_high": float(np.percentile(shuffled, hi_q)) if shuffled else 0.0,
