@@ -55,6 +55,5 @@ def test_dropless_model_evaluated_with_capacity(tmp_path):
         assert layer["last_quarter"] > layer["first_quarter"]
     dropless = trace_drops(collect(model, data, tmp_path / "u", batch_size=1, max_tokens=32 * 40))
     assert all(max(c["drop_rate"]) == 0 for c in dropless["layers"].values())
-    with pytest.raises(UserError, match="drop policy"):
-        with with_capacity(model, 1.0, "nope"):
-            pass
+    with pytest.raises(UserError, match="drop policy"), with_capacity(model, 1.0, "nope"):
+        pass

@@ -10,7 +10,13 @@ import pytest
 from cases import BatchesWithDomain, DomainLookup, force_routing, random_experts, small_config, synthetic_data
 
 from moelab.analysis import collect
-from moelab.analysis.specialization import expert_profiles, mutual_information, nmi, position_buckets, specialization
+from moelab.analysis.specialization import (
+    expert_profiles,
+    mutual_information,
+    nmi,
+    position_buckets,
+    specialization,
+)
 from moelab.config import MoEConfig
 from moelab.data.loader import eval_batches
 from moelab.model.transformer import Transformer

@@ -17,7 +17,7 @@ from moelab.model.transformer import Transformer
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    data, tok = synthetic_data(4)
+    data, _ = synthetic_data(4)
     model = Transformer(small_config(MoEConfig(num_experts=4, top_k=2, expert_hidden=24))).eval()
     return data, model
 
@@ -56,7 +56,7 @@ def test_chunking_is_invisible(setup, tmp_path):
     one = collect(model, data, tmp_path / "one", batch_size=4, max_tokens=4 * 32 * 5, chunk_tokens=10**9)
     many = collect(model, data, tmp_path / "many", batch_size=4, max_tokens=4 * 32 * 5, chunk_tokens=100)
     assert len(one.meta["chunks"]) == 1 and len(many.meta["chunks"]) == 5
-    for key in one.keys():
+    for key in one.names():
         np.testing.assert_array_equal(one.array(key), many.array(key))
 
 

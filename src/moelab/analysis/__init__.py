@@ -10,13 +10,13 @@ from moelab.analysis.trace import Trace, TraceWriter, collect
 __all__ = ["Trace", "TraceWriter", "analyze", "collect", "render_sections"]
 
 
-def analyze(model_path, opts):  # noqa: ANN001, ANN201 - thin lazy wrapper, see moelab.analysis.analyze
+def analyze(model_path, opts):
     from moelab.analysis.analyze import analyze as _analyze
 
     return _analyze(model_path, opts)
 
 
-def render_sections(analysis, plots=None):  # noqa: ANN001, ANN201 - see moelab.analysis.report
+def render_sections(analysis, plots=None):
     from moelab.analysis.report import render_sections as _render
 
     return _render(analysis, plots)

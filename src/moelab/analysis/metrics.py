@@ -20,6 +20,7 @@ Only valid (non-padding) tokens count. Legend: N tokens, A assignments, E expert
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -110,7 +111,7 @@ def trace_metrics(trace: Trace) -> dict[str, Any]:
     layers = trace.layers
     valid_N = trace.array("valid").astype(bool)
     transitions = []
-    for a, b in zip(layers, layers[1:]):
+    for a, b in itertools.pairwise(layers):
         m = transition(trace.layer(a)["top1"][valid_N], trace.layer(b)["top1"][valid_N], trace.num_experts)
         transitions.append({"from": a, "to": b, "matrix": m.tolist()})
     return {"layers": [layer_metrics(trace, i) for i in layers], "transitions": transitions}

@@ -127,7 +127,7 @@ def specialization(
     """
     valid = trace.array("valid").astype(bool)
     labels = trace_labels(trace)
-    doc = trace.array("doc")[valid] if "doc" in trace.keys() else None
+    doc = trace.array("doc")[valid] if "doc" in trace.names() else None
     n = int(valid.sum())
     take = np.arange(n) if max_tokens is None or n <= max_tokens else np.linspace(0, n - 1, max_tokens).astype(np.int64)
     layers = []

@@ -242,7 +242,7 @@ class Trace:
     def label_names(self) -> dict[str, list[str]]:
         return dict(self.meta.get("label_names", {}))
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         if not self.meta["chunks"]:
             return []
         with safe_open(str(self.path / self.meta["chunks"][0]["file"]), framework="numpy") as f:
@@ -254,7 +254,7 @@ class Trace:
             parts, offset = [], 0
             for chunk in self.meta["chunks"]:
                 with safe_open(str(self.path / chunk["file"]), framework="numpy") as f:
-                    if key not in f.keys():
+                    if key not in f.keys():  # noqa: SIM118 - safetensors handle, not a dict
                         raise KeyError(f"trace {self.path} has no array {key!r}")
                     a = f.get_tensor(key)
                 if key.endswith(".a_token"):
@@ -272,7 +272,7 @@ class Trace:
         return {n: self.array(f"{layer}.{n}") for n in names}
 
     def labels(self) -> list[str]:
-        return [k[len("label.") :] for k in self.keys() if k.startswith("label.")]
+        return [k[len("label.") :] for k in self.names() if k.startswith("label.")]
 
 
 def iter_batches(data: PackedData | Iterable[Batch], batch_size: int, max_tokens: int | None) -> Iterator[Batch]:
