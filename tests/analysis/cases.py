@@ -133,30 +133,36 @@ def main() -> None:  # pragma: no cover - the docs/analysis.md run
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--dense-steps", type=int, default=None, help="default: --steps")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--max-bytes-per-domain", type=int, default=1_500_000)
     args = p.parse_args()
     torch.manual_seed(0)
     data_cfg = DataConfig(corpus=args.corpus, seq_len=args.seq_len, max_bytes_per_domain=args.max_bytes_per_domain)
     docs = load_corpus(data_cfg)
-    tok = train_bpe((d.text for d in docs), args.vocab, max_bytes=4_000_000)
+    tok = train_bpe((d.text for d in docs), args.vocab, max_bytes=2_000_000)
+    print(f"{len(docs)} documents, tokenizer trained", flush=True)
     data = pack(docs, tok, args.seq_len)
-    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=128)
-    base = ModelConfig(vocab_size=tok.vocab_size, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                       ffn_hidden=256, max_seq_len=args.seq_len, moe=moe)
+    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=64)
+    base = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                       ffn_hidden=128, max_seq_len=args.seq_len, moe=moe)
     for name, cfg in (("moe", base), ("dense", replace(base, moe=None))):
         run = RunConfig(name=name, model=cfg, data=data_cfg)
         model = Transformer(cfg)
         out = Path(args.out) / name
 
-        def save(step: int, m: nn.Module, out=out, run=run) -> None:
-            if step % args.save_every == 0 or step == args.steps:
+        steps = args.steps if name == "moe" or args.dense_steps is None else args.dense_steps
+
+        def save(step: int, m: nn.Module, out=out, run=run, steps=steps) -> None:
+            if step % 10 == 0:
+                print(f"{out.name}: step {step}", flush=True)
+            if step % args.save_every == 0 or step == steps:
                 save_checkpoint(out / "checkpoints" / checkpoint_name(step), m, run, tok, train_state={"step": step})
                 print(f"{out.name}: saved step {step}", flush=True)
 
         save_checkpoint(out / "checkpoints" / checkpoint_name(0), model, run, tok, train_state={"step": 0})
-        train(model, data, args.steps, batch_size=16, on_step=save)
+        train(model, data, steps, batch_size=8, on_step=save)
 
 
 if __name__ == "__main__":  # pragma: no cover

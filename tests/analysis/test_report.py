@@ -48,6 +48,16 @@ def analysed(tmp_path_factory):
     return out
 
 
+def test_dense_checkpoint_gets_dense_sections(analysed, tmp_path):
+    rc = main(["analyze", str(analysed.parent / "dense"), "--data", "synthetic", "--out", str(tmp_path),
+               "--max-bytes-per-domain", "20000", "--no-progress"])
+    assert rc == 0
+    a = json.loads((tmp_path / "analysis.json").read_text())
+    assert "metrics" not in a and set(a["gradient_conflict"]) == {"dense"} and a["sparsity"]["layers"]
+    html = (tmp_path / "report.html").read_text()
+    assert "not run: needs an MoE model" in html and "data:image/png;base64," in html
+
+
 def test_analysis_json_has_every_number(analysed):
     a = json.loads((analysed / "analysis.json").read_text())
     assert {"metrics", "specialization", "experts", "drops", "drops_score", "drift", "gradient_conflict", "sparsity"} <= set(a)

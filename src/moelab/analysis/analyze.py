@@ -102,7 +102,7 @@ def analyze(model_path: str | Path, opts: AnalyzeOptions) -> dict[str, Any]:
         dense_model = model
     names = data.label_names.get("domain")
     conflict_batches = eval_batches(data, opts.batch_size, opts.conflict_batches)
-    has_domain = "domain" in data.label_ids_N and len(set(data.label_ids_N["domain"].tolist())) > 1
+    has_domain = "domain" in data.label_ids_N and torch.unique(data.label_ids_N["domain"]).numel() > 1
 
     if model.cfg.moe is not None:
         trace = collect(model, data, out / "trace", opts.batch_size, opts.max_tokens, progress=opts.progress)

@@ -111,6 +111,9 @@ HOW_TO_RUN = {
     "gradient_conflict": "not run: needs a dense model (pass --dense CKPT) or an MoE model, and a 'domain' label",
     "sparsity": "not run: needs a dense model (pass --dense CKPT, or analyse a dense checkpoint)",
     "drops": "not run: needs an MoE model",
+    "load": "not run: needs an MoE model",
+    "specialization": "not run: needs an MoE model",
+    "experts": "not run: needs an MoE model",
 }
 
 
