@@ -65,13 +65,38 @@ def load_data(spec: str, tokenizer: Tokenizer, seq_len: int, max_bytes_per_domai
 
 
 def _decoder(tokenizer: Tokenizer):
+    """Token id → readable string; a byte-level piece that is not whole UTF-8 shows its bytes."""
+    raw = getattr(getattr(tokenizer, "tok", None), "id_to_token", None)
+
     def decode(i: int) -> str:
         try:
-            return tokenizer.decode([i])
+            text = tokenizer.decode([i])
         except Exception:  # a special or unknown id: show the number
             return f"<{i}>"
+        if "\ufffd" in text and raw is not None:
+            piece = raw(i)
+            if piece is not None:
+                try:  # GPT-2 byte-to-unicode alphabet back to bytes
+                    return "bytes:" + _byte_level_bytes(piece).hex(" ")
+                except KeyError:
+                    return piece
+        return text
 
     return decode
+
+
+def _byte_level_bytes(piece: str) -> bytes:
+    """Undo the GPT-2 byte→unicode mapping of byte-level BPE pieces."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    inverse = {chr(c): b for b, c in zip(bs, cs)}
+    return bytes(inverse[ch] for ch in piece)
 
 
 def analyze(model_path: str | Path, opts: AnalyzeOptions) -> dict[str, Any]:

@@ -168,7 +168,8 @@ def expert_profiles(
                 counts = np.bincount(token[mine], minlength=len(token_counts))
                 by_count = np.argsort(-counts, kind="stable")[:top_n]
                 lift = np.where(counts >= min_count, (counts / n_e) / np.maximum(p_token, 1e-12), 0.0)
-                by_lift = [t for t in np.argsort(-lift, kind="stable")[:top_n] if lift[t] > 0]
+                order = np.lexsort((-counts, -lift))  # highest lift, frequent tokens first among ties
+                by_lift = [t for t in order[:top_n] if lift[t] > 0]
                 entry["top_tokens"] = [[show(int(t)), int(counts[t])] for t in by_count if counts[t] > 0]
                 entry["top_lift"] = [[show(int(t)), round(float(lift[t]), 2)] for t in by_lift]
                 entry["labels"] = {}
