@@ -19,6 +19,8 @@ from moelab.analysis import render_sections
 from moelab.analysis.report import TITLES, render_sections_html
 from moelab.cli import main
 from moelab.config import DataConfig, MoEConfig, RunConfig
+from moelab.data.corpus import write_jsonl_gz
+from moelab.data.synthetic import synthetic_documents
 from moelab.model.transformer import Transformer
 from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
@@ -38,19 +40,19 @@ def analysed(tmp_path_factory):
     dense_cfg = replace(cfg, moe=None)
     dense = train(Transformer(dense_cfg), data, 3)
     save_checkpoint(tmp / "dense", dense, replace(run, model=dense_cfg), tok, train_state={"step": 3})
+    write_jsonl_gz(synthetic_documents(8, seed=2), tmp / "corpus.jsonl.gz")  # a labelled corpus file
     out = tmp / "out"
     rc = main([
-        "analyze", str(tmp / "run"), "--data", "synthetic", "--out", str(out), "--checkpoints", str(tmp / "run"),
-        "--dense", str(tmp / "dense"), "--max-tokens", "1024", "--drop-tokens", "512", "--max-bytes-per-domain",
-        "20000", "--no-progress",
+        "analyze", str(tmp / "run"), "--data", str(tmp / "corpus.jsonl.gz"), "--out", str(out), "--checkpoints",
+        str(tmp / "run"), "--dense", str(tmp / "dense"), "--max-tokens", "1024", "--drop-tokens", "512", "--no-progress",
     ])
     assert rc == 0
     return out
 
 
 def test_dense_checkpoint_gets_dense_sections(analysed, tmp_path):
-    rc = main(["analyze", str(analysed.parent / "dense"), "--data", "synthetic", "--out", str(tmp_path),
-               "--max-bytes-per-domain", "20000", "--no-progress"])
+    rc = main(["analyze", str(analysed.parent / "dense"), "--data", str(analysed.parent / "corpus.jsonl.gz"),
+               "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     a = json.loads((tmp_path / "analysis.json").read_text())
     assert "metrics" not in a and set(a["gradient_conflict"]) == {"dense"} and a["sparsity"]["layers"]
