@@ -86,3 +86,21 @@ def test_random_routing_stays_within_shuffled_baseline(tmp_path):
         for label in ("domain", "lang", "position"):
             v = layer["by_label"][label]
             assert v["baseline_low"] <= v["nmi"] <= v["baseline_high"], (label, v)
+
+
+def test_bootstrap_interval_brackets_estimate_and_narrows_with_more_documents():
+    from moelab.analysis.specialization import nmi_with_baseline
+
+    rng = np.random.default_rng(0)
+
+    def sample(n_docs):
+        doc = np.repeat(np.arange(n_docs), 50)
+        label = doc % 4
+        expert = np.where(rng.random(doc.size) < 0.6, label, rng.integers(0, 4, doc.size))
+        return nmi_with_baseline(expert, label, doc, n_shuffle=5, n_boot=40, seed=0)
+
+    small, large = sample(20), sample(400)
+    for r in (small, large):
+        assert r["ci_low"] <= r["nmi"] <= r["ci_high"]
+        assert r["baseline_high"] < r["ci_low"]
+    assert large["ci_high"] - large["ci_low"] < small["ci_high"] - small["ci_low"]

@@ -77,3 +77,11 @@ def test_load_refuses_non_traces(tmp_path):
     (tmp_path / "meta.json").write_text('{"format": "other"}')
     with pytest.raises(UserError, match="format"):
         Trace.load(tmp_path)
+
+
+def test_progress_bar_does_not_change_the_trace(setup, tmp_path):
+    data, model = setup
+    quiet = collect(model, data, tmp_path / "q", batch_size=4, max_tokens=4 * 32 * 3)
+    loud = collect(model, data, tmp_path / "l", batch_size=4, max_tokens=4 * 32 * 3, progress=True)
+    assert quiet.num_tokens == loud.num_tokens == 4 * 32 * 3
+    np.testing.assert_array_equal(quiet.array("0.top1"), loud.array("0.top1"))
