@@ -155,6 +155,393 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- conversions (convert, upcycle, moefy, merge, prune)
+
+
+def _add_output_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--out", metavar="DIR", required=required, help="output folder")
+    p.add_argument("--to", choices=["moelab", "hf"], default="moelab", help="write a moelab folder or a Hugging Face one")
+    p.add_argument("--family", metavar="MODEL_TYPE", help="Hugging Face family for --to hf (default: the one that fits)")
+
+
+def _write_model(model, args: argparse.Namespace) -> None:
+    from moelab.convert.hf import export_hf, save_moelab
+
+    if args.to == "hf":
+        export_hf(model, args.out, family=args.family)
+    else:
+        save_moelab(model, args.out)
+    print(f"wrote {args.to} folder {args.out}")
+
+
+def _byte_batches(path: str, vocab_size: int, seq_len: int, count: int, seed: int, offset: int = 0):
+    """Batches of UTF-8 byte ids from a .txt or .jsonl(.gz) file ("text" field): the bytes tokenizer."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--data {path!r} does not exist")
+    if vocab_size < 256:
+        raise UserError(f"--data is read as UTF-8 bytes, which needs vocab_size >= 256 (this model has {vocab_size})")
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8", errors="replace") as f:
+        if ".jsonl" in p.name:
+            text = "\n".join(json.loads(line).get("text", "") for _, line in zip(range(2000), f) if line.strip())
+        else:
+            text = f.read(4_000_000)
+    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    if len(data) <= seq_len + 1:
+        raise UserError(f"--data {path!r} has too little text for --seq-len {seq_len}")
+    g = torch.Generator().manual_seed(seed + offset)
+    starts = torch.randint(0, len(data) - seq_len, (count, 8), generator=g)
+    return [torch.stack([data[s : s + seq_len] for s in row.tolist()]) for row in starts]
+
+
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a Hugging Face folder (config.json + safetensors) or a moelab folder")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", choices=["moelab", "hf"], help="output format (default: the other one)")
+    p.add_argument("--family", metavar="MODEL_TYPE", help="Hugging Face family for --to hf (llama, mixtral, …)")
+
+
+@command("convert", "convert between Hugging Face folders and moelab folders", _add_convert_args)
+def _run_convert(args: argparse.Namespace) -> int:
+    from moelab.convert.hf import is_hf_folder, load_any
+
+    model = load_any(args.src)
+    args.to = args.to or ("moelab" if is_hf_folder(args.src) else "hf")
+    args.out = args.dst
+    _write_model(model, args)
+    return 0
+
+
+def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="dense model: moelab or Hugging Face folder")
+    p.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--granularity", type=int, default=1, help="split each FFN into g neuron slices (fine-grained)")
+    p.add_argument("--noise", type=float, default=0.0, help="noise std on expert copies, relative to each weight's std")
+    p.add_argument("--router-init", choices=["zeros", "normal"], default="zeros")
+    p.add_argument("--router", default="topk", help="router name (moelab routers)")
+    p.add_argument("--placement", choices=["all", "every_n", "first_k_dense", "explicit"], default="all")
+    p.add_argument("--every-n", type=int, default=2)
+    p.add_argument("--first-k-dense", type=int, default=1)
+    p.add_argument("--layers", default="", help="placement=explicit: comma-separated layer indices")
+    p.add_argument("--seed", type=int, default=0)
+    _add_output_args(p)
+
+
+@command("upcycle", "turn a dense checkpoint into an MoE one (sparse upcycling)", _add_upcycle_args)
+def _run_upcycle(args: argparse.Namespace) -> int:
+    from moelab.config import MoEConfig, RouterConfig
+    from moelab.convert.hf import load_any
+    from moelab.convert.upcycle import upcycle
+
+    layers = tuple(int(x) for x in args.layers.split(",") if x.strip())
+    moe = MoEConfig(
+        num_experts=args.experts,
+        top_k=args.top_k,
+        router=RouterConfig(name=args.router, renormalize=True),
+        placement=args.placement,
+        every_n=args.every_n,
+        first_k_dense=args.first_k_dense,
+        layers=layers,
+    )
+    model = upcycle(load_any(args.ckpt), moe, args.granularity, args.noise, args.router_init, args.seed)
+    print(f"upcycled: MoE layers {model.cfg.moe_layers}, {args.experts} experts of hidden {model.cfg.moe.expert_hidden}")
+    _write_model(model, args)
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, metavar="FILE", help="text (.txt, .jsonl[.gz] with 'text'), read as bytes")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batches", type=int, default=8, help="batches of 8 sequences for calibration (and as many for evaluation)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_moefy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="dense model: moelab or Hugging Face folder")
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=4, help="k of the written model")
+    p.add_argument("--ks", default="", help="comma-separated k values to report (default: 1, 2, 4, … up to E)")
+    p.add_argument("--split", choices=["cluster", "random"], default="cluster")
+    p.add_argument("--router", choices=["learned", "centroid"], default="learned")
+    _add_data_args(p, required=True)
+    _add_output_args(p, required=False)
+
+
+@command("moefy", "split a dense model's FFNs into experts (MoEfication) and report the loss per k", _add_moefy_args)
+def _run_moefy(args: argparse.Namespace) -> int:
+    from moelab.convert.hf import load_any
+    from moelab.convert.moefy import moefy_report, with_top_k
+
+    dense = load_any(args.ckpt)
+    calib = _byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed)
+    evaluation = _byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed, offset=1)
+    ks = [int(k) for k in args.ks.split(",") if k.strip()] or [
+        k for k in (1, 2, 4, 8, 16, 32, 64) if k < args.experts
+    ] + [args.experts]
+    rows = moefy_report(dense, calib, evaluation, args.experts, sorted(set(ks) | {args.top_k}), args.split, args.router, args.seed)
+    print(f"dense loss {rows[0].dense_loss:.4f}  (E={args.experts}, split={args.split}, router={args.router})")
+    for r in rows:
+        print(f"  k={r.top_k:<3d} loss {r.loss:.4f}  delta {r.delta:+.4f}")
+    if args.out:
+        from moelab.convert.moefy import moefy
+
+        _write_model(with_top_k(moefy(dense, calib, args.experts, args.top_k, args.split, args.router, args.seed), args.top_k), args)
+    return 0
+
+
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="MoE model: moelab or Hugging Face folder")
+    p.add_argument("--experts", type=int, required=True, help="experts per layer after merging")
+    p.add_argument("--by", choices=["weight", "router"], default="weight", help="similarity used to group experts")
+    _add_data_args(p, required=False)
+    _add_output_args(p)
+
+
+@command("merge", "merge similar experts (frequency-weighted averages when --data gives a trace)", _add_merge_args)
+def _run_merge(args: argparse.Namespace) -> int:
+    from moelab.convert.hf import load_any
+    from moelab.convert.merge import expert_counts, merge_similar
+
+    model = load_any(args.ckpt)
+    counts = None
+    if args.data:
+        counts = expert_counts(model, _byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
+    _write_model(merge_similar(model, args.experts, counts, args.by), args)
+    return 0
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="MoE model: moelab or Hugging Face folder")
+    p.add_argument("--remove", type=int, required=True, help="experts to remove per layer (the least used first)")
+    _add_data_args(p, required=True)
+    _add_output_args(p)
+
+
+@command("prune", "remove dead or rare experts, judged on a routing trace of --data", _add_prune_args)
+def _run_prune(args: argparse.Namespace) -> int:
+    from moelab.convert.hf import load_any
+    from moelab.convert.merge import expert_counts, prune_experts, rare_experts
+
+    model = load_any(args.ckpt)
+    counts = expert_counts(model, _byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
+    keep = rare_experts(counts, args.remove)
+    for layer, c in counts.items():
+        gone = sorted(set(range(len(c))) - set(keep[layer]))
+        print(f"layer {layer}: removing experts {gone} (tokens {[int(c[e]) for e in gone]})")
+    _write_model(prune_experts(model, keep), args)
+    return 0
+
+
+def _add_calc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="CONFIG_OR_PRESET",
+                   help="a model config file, a moelab preset, or a published model: "
+                   "mixtral-8x7b, qwen3-235b-a22b, deepseek-v3, olmoe-1b-7b, llama-3-70b")
+    p.add_argument("--dtype", default="bf16", help="weight dtype: fp32, bf16, fp16, fp8, int8, int4 (default bf16)")
+    p.add_argument("--kv-dtype", default="bf16", help="KV-cache dtype (default bf16)")
+    p.add_argument("--context", type=int, default=4096, help="tokens in context for attention FLOPs and KV reads")
+    p.add_argument("--gpu-bandwidth", type=float, default=3350.0, help="GPU memory bandwidth, GB/s (H100: 3350)")
+    p.add_argument("--cpu-bandwidth", type=float, default=100.0, help="CPU memory bandwidth, GB/s")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a field of a moelab config or preset, e.g. --set moe.num_experts=64 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+
+
+@command("calc", "parameters, FLOPs, memory, KV cache and decode-speed estimates for a model", _add_calc_args)
+def _run_calc(args: argparse.Namespace) -> int:
+    import json
+
+    from moelab.calc import dtype_bytes, report, resolve
+
+    if args.context < 0:
+        raise ConfigError(f"--context={args.context} is invalid: must be >= 0")
+    for name, value in (("--gpu-bandwidth", args.gpu_bandwidth), ("--cpu-bandwidth", args.cpu_bandwidth)):
+        if not value > 0:
+            raise ConfigError(f"{name}={value} is invalid: must be > 0")
+    dtype_bytes(args.dtype), dtype_bytes(args.kv_dtype)
+    data = report(resolve(args.target, args.overrides), args.dtype, args.context, args.gpu_bandwidth, args.cpu_bandwidth, args.kv_dtype)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    from moelab.calc import format_report
+
+    print(format_report(data))
+    return 0
+
+
+def load_checkpoint_for_inference(path: str, device: str):
+    """``(model, tokenizer)`` from a checkpoint folder, via ``moelab.train.checkpoint``."""
+    try:
+        from moelab.train.checkpoint import load_model
+    except ImportError:
+        raise UserError("reading checkpoints needs moelab.train.checkpoint, which this build lacks") from None
+    return load_model(path, device=device)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (row i uses seed + i)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after the EOS token")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (model.safetensors, config.yaml, tokenizer.json)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: prompts are batched)")
+    p.add_argument("--prompt-file", metavar="FILE", help="one prompt per line")
+    _add_sampling_args(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--cache", choices=["static", "dynamic"], default="static", help="KV cache kind")
+    p.add_argument("--offload", action="store_true", help="keep routed experts off the device in a bounded cache")
+    p.add_argument("--expert-cache", default="25%", metavar="SIZE", help="experts per layer in the cache: '25%%' or a count")
+    p.add_argument("--cache-policy", default="lru", help="lru, lfu or pinned (lfu/pinned use a calibration trace)")
+    p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's experts with its router")
+    p.add_argument("--offload-from", choices=["disk", "memory"], default="disk",
+                   help="experts read from the checkpoint file (memory-mapped) or copied to CPU memory")
+    p.add_argument("--calibration", metavar="FILE", help="text whose routing counts seed lfu/pinned (default: the prompts)")
+    p.add_argument("--json", action="store_true", help="print results (and offload statistics) as JSON")
+
+
+def sampling_from_args(args: argparse.Namespace, row: int = 0):
+    from moelab.infer.generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=None if args.seed is None else args.seed + row,
+        stop=tuple(args.stop),
+        stop_at_eos=not args.ignore_eos,
+    )
+
+
+@command("generate", "generate text from a checkpoint (KV cache, batching, sampling, expert offloading)", _add_generate_args)
+def _run_generate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from moelab.infer.generate import generate
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        if not Path(args.prompt_file).is_file():
+            raise UserError(f"prompt file {args.prompt_file!r} does not exist")
+        prompts += [line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    params = [sampling_from_args(args, i) for i in range(len(prompts))]
+    # offloading: load on the CPU, take the experts out, then move the rest to the device
+    model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device)
+    ids = [tok.encode(p) or [tok.bos_id] for p in prompts]
+    offloader = None
+    if args.offload:
+        from moelab.infer.offload import Offloader, routing_counts
+
+        counts = None
+        if args.cache_policy in ("lfu", "pinned"):
+            text = Path(args.calibration).read_text(encoding="utf-8") if args.calibration else "\n".join(prompts)
+            calib = tok.encode(text)[: 16 * model.cfg.max_seq_len] or [tok.bos_id]
+            n = model.cfg.max_seq_len
+            counts = routing_counts(model, [torch.tensor([calib[i : i + n]]) for i in range(0, len(calib), n)])
+        source = Path(args.checkpoint) / "model.safetensors"
+        offloader = Offloader(
+            model, args.expert_cache, args.cache_policy, prefetch=args.prefetch,
+            source=source if args.offload_from == "disk" and source.is_file() else None, device=args.device, counts=counts,
+        )
+        model.to(args.device)
+    stream = len(prompts) == 1 and not args.json
+    on_text = (lambda row, delta: print(delta, end="", flush=True)) if stream else None
+    if stream:
+        print(prompts[0], end="", flush=True)
+    results = generate(model, ids, params, tok, on_text=on_text, cache=args.cache)
+    if args.json:
+        data = {"completions": [dict(prompt=p, text=r.text, finish_reason=r.finish_reason,
+                                     prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+                                for p, r in zip(prompts, results)]}
+        if offloader is not None:
+            data["offload"] = offloader.stats.as_dict()
+        print(json.dumps(data, indent=2))
+        return 0
+    if stream:
+        print()
+    else:
+        for p, r in zip(prompts, results):
+            print(f"--- {p!r} ({r.finish_reason})\n{p}{r.text}")
+    if offloader is not None:
+        s = offloader.stats
+        print(f"offload: hit rate {s.hit_rate:.1%} ({s.hits}/{s.lookups}), {s.misses} misses, "
+              f"{s.bytes_moved / 1e6:.1f} MB fetched on demand, {s.prefetch_loads} prefetches "
+              f"({s.prefetch_bytes / 1e6:.1f} MB, {s.prefetch_hits} used), {s.stalls} stalls", file=sys.stderr)
+    return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    # defaults live in moelab.infer.server.ServerLimits (not imported here: parsing stays torch-free)
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (model.safetensors, config.yaml, tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--model-name", default=None, help="the model id clients see (default: the folder name)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="(default 1000000) larger request bodies get 413")
+    p.add_argument("--max-pending", type=int, default=None, help="(default 64) requests in flight before 429")
+    p.add_argument("--max-batch", type=int, default=None, help="(default 8) requests batched into one generate call")
+    p.add_argument("--batch-wait", type=float, default=None, help="(default 0.005) seconds the worker waits to fill a batch")
+    p.add_argument("--timeout", type=float, default=None, help="(default 120) seconds per request before 504")
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="(default 256) tokens generated when a request gives no max_tokens")
+    p.add_argument("--offload", action="store_true", help="keep routed experts off the device in a bounded cache")
+    p.add_argument("--expert-cache", default="25%", metavar="SIZE", help="experts per layer in the cache: '25%%' or a count")
+    p.add_argument("--cache-policy", default="lru", help="lru or lfu (lfu without a trace counts uses online)")
+    p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's experts with its router")
+
+
+@command("serve", "serve a checkpoint over an OpenAI-compatible HTTP API (needs the serve extra)", _add_serve_args)
+def _run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError('moelab serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
+    from moelab.infer.chat import load_chat_template
+    from moelab.infer.server import Engine, ServerLimits, create_app, serve_forever
+
+    given = dict(
+        max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, max_batch=args.max_batch,
+        batch_wait_s=args.batch_wait, timeout_s=args.timeout, default_max_tokens=args.default_max_tokens,
+    )
+    limits = ServerLimits(**{k: v for k, v in given.items() if v is not None})
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port={args.port} is invalid: must be in [0, 65535]")
+    model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device)
+    if args.offload:
+        from moelab.infer.offload import Offloader
+
+        source = Path(args.checkpoint) / "model.safetensors"
+        Offloader(model, args.expert_cache, args.cache_policy, prefetch=args.prefetch,
+                  source=source if source.is_file() else None, device=args.device)
+        model.to(args.device)
+    engine = Engine(model, tok, limits)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    app = create_app(engine, model_name=name, chat_template=load_chat_template(args.checkpoint))
+    serve_forever(app, args.host, args.port)
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

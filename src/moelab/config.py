@@ -44,6 +44,9 @@ def _one_of(path: str, value: Any, allowed: Iterable[str]) -> None:
 
 
 ACTIVATIONS = ("swiglu", "gelu")
+GELU_APPROXIMATIONS = ("none", "tanh")  # tanh: GPT-2's gelu_new (dense FFNs only)
+POSITIONS = ("rope", "learned")  # rotary (Llama family) or learned absolute embeddings (GPT-2)
+QK_NORMS = ("none", "head", "proj")  # RMSNorm on q/k: per head (Qwen3) or over the whole projection (OLMoE)
 NORMS = ("rmsnorm", "layernorm")
 ATTENTION_KINDS = ("causal", "prefix", "bidirectional")
 PLACEMENTS = ("all", "every_n", "first_k_dense", "explicit")
@@ -105,6 +108,7 @@ class MoEConfig:
     expert_hidden: int = 256
     num_shared_experts: int = 0
     shared_hidden: int | None = None  # hidden size of each shared expert; None = expert_hidden
+    shared_gate: bool = False  # shared experts scaled by sigmoid(x·w) per token (Qwen2-MoE)
     router: RouterConfig = field(default_factory=RouterConfig)
     aux_loss: str = "load_balance"  # balance loss, by name in the loss registry
     aux_loss_coef: float = 0.01
@@ -144,6 +148,10 @@ class MoEConfig:
         _require(self.num_shared_experts >= 0, "moe.num_shared_experts", self.num_shared_experts, "must be >= 0")
         if self.shared_hidden is not None:
             _require(self.shared_hidden >= 1, "moe.shared_hidden", self.shared_hidden, "must be >= 1 or null")
+        if self.shared_gate:
+            _require(
+                self.num_shared_experts > 0, "moe.shared_gate", self.shared_gate, "needs moe.num_shared_experts >= 1"
+            )
         _one_of("moe.router.name", self.router.name, ROUTERS)
         _one_of("moe.aux_loss", self.aux_loss, BALANCE_LOSSES)
         _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
@@ -217,6 +225,39 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values from one low-rank latent.
+
+    Each token is compressed to a ``kv_lora_rank`` latent (normalised) plus one shared
+    ``qk_rope_head_dim`` RoPE key; per-head keys (``qk_nope_head_dim``) and values
+    (``v_head_dim``) are expanded from the latent. Queries optionally go through their own
+    ``q_lora_rank`` bottleneck (None = a full projection). The KV cache stores only the latent
+    and the RoPE key: ``kv_lora_rank + qk_rope_head_dim`` numbers per token and layer, against
+    ``2 · n_kv_heads · head_dim`` for GQA.
+    """
+
+    kv_lora_rank: int = 64
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    latent_norm_eps: float = 1e-6  # eps of the RMSNorms on the latents (DeepSeek fixes it at 1e-6)
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"model.mla.{name}", value, "must be a positive integer")
+        if self.q_lora_rank is not None:
+            _require(self.q_lora_rank >= 1, "model.mla.q_lora_rank", self.q_lora_rank, "must be >= 1 or null")
+        _require(self.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim", self.qk_rope_head_dim, "must be even (RoPE)")
+        _require(self.latent_norm_eps > 0, "model.mla.latent_norm_eps", self.latent_norm_eps, "must be > 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The transformer: one block design, dense or MoE per layer."""
 
@@ -237,6 +278,15 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     moe: MoEConfig | None = None  # None = a dense model
+    # Options the Hugging Face families need (defaults = the Foundation model).
+    attn_head_dim: int | None = None  # per-head size when it is not d_model / n_heads (Qwen3); None = derived
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, GPT-2)
+    out_bias: bool = False  # bias on the attention output projection (GPT-2)
+    mlp_bias: bool = False  # biases in dense FFNs (GPT-2)
+    qk_norm: str = "none"  # none | head (Qwen3) | proj (OLMoE)
+    positions: str = "rope"  # rope | learned (GPT-2: max_seq_len learned position embeddings)
+    mla: MLAConfig | None = None  # multi-head latent attention instead of GQA (DeepSeek-V2/V3)
+    gelu_approx: str = "none"  # activation=gelu: none (erf) | tanh (GPT-2's gelu_new; dense FFNs only)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -244,20 +294,32 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"model.{name}", value, "must be a positive integer")
-        _require(
-            self.d_model % self.n_heads == 0,
-            "model.d_model",
-            self.d_model,
-            f"must be divisible by model.n_heads={self.n_heads}",
-        )
+        if self.attn_head_dim is None and self.mla is None:
+            _require(
+                self.d_model % self.n_heads == 0,
+                "model.d_model",
+                self.d_model,
+                f"must be divisible by model.n_heads={self.n_heads} (or set model.attn_head_dim)",
+            )
+        elif self.attn_head_dim is not None:
+            _require(self.attn_head_dim >= 1, "model.attn_head_dim", self.attn_head_dim, "must be >= 1 or null")
         _require(
             self.n_heads % self.n_kv_heads == 0,
             "model.n_kv_heads",
             self.n_kv_heads,
             f"must divide model.n_heads={self.n_heads}",
         )
-        _require(self.head_dim % 2 == 0, "model.d_model", self.d_model, "d_model / n_heads must be even (RoPE)")
+        if self.positions == "rope" and self.mla is None:
+            _require(self.head_dim % 2 == 0, "model.d_model", self.d_model, "the head dim must be even (RoPE)")
         _one_of("model.activation", self.activation, ACTIVATIONS)
+        _one_of("model.positions", self.positions, POSITIONS)
+        _one_of("model.qk_norm", self.qk_norm, QK_NORMS)
+        if self.mla is not None:
+            _require(self.qk_norm == "none", "model.qk_norm", self.qk_norm, "must be 'none' with model.mla")
+            _require(self.positions == "rope", "model.positions", self.positions, "must be 'rope' with model.mla")
+        _one_of("model.gelu_approx", self.gelu_approx, GELU_APPROXIMATIONS)
+        if self.moe is not None:
+            _require(self.gelu_approx == "none", "model.gelu_approx", self.gelu_approx, "MoE experts need 'none'")
         _one_of("model.norm", self.norm, NORMS)
         _one_of("model.attention", self.attention, ATTENTION_KINDS)
         _require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be > 0")
@@ -283,7 +345,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim if self.attn_head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates per head: the head dim, or MLA's decoupled RoPE part."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
 
     def ffn_hidden_at(self, layer: int) -> int:
         """Hidden size of the dense FFN of ``layer``."""
@@ -656,6 +723,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "MLAConfig",
     "MoEConfig",
     "ModelConfig",
     "RouterConfig",

@@ -11,6 +11,11 @@ Special tokens (both kinds):
 BPE puts them at ids 0, 1, 2; the bytes tokenizer at 256, 257, 258 (vocab 259), so a byte's id
 is its value. Both save as ``tokenizer.json``: a standard HF file for BPE (loadable by
 ``tokenizers`` and ``transformers``), a small moelab JSON for bytes.
+
+Objective tokens (``moelab.objectives``): ``MASK`` ``<|mask|>`` (MLM) and the T5 sentinels
+``<extra_id_i>`` (span corruption) are added on demand by :meth:`Tokenizer.add_special_tokens`,
+always *appended* after the existing vocabulary, so no existing id moves and tokenizers saved
+before (or without) them load exactly as before.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from moelab.errors import UserError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIALS = (BOS, EOS, PAD)
+MASK = "<|mask|>"
+_MASK_ALIASES = (MASK, "<mask>", "[MASK]")
+
+
+def sentinel_token(i: int) -> str:
+    """The i-th span-corruption sentinel, named as in T5 (``<extra_id_0>`` is the first span)."""
+    return f"<extra_id_{i}>"
+
 
 # Names other tokenizers use for the same roles, tried in order when loading a foreign tokenizer.json.
 _ROLE_ALIASES = {
@@ -57,6 +70,30 @@ class Tokenizer:
     def to_json(self) -> str:
         raise NotImplementedError
 
+    # Objective special tokens (mask, sentinels). Subclasses implement the first two.
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a special token by name, or None if this tokenizer lacks it."""
+        raise NotImplementedError
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Append the missing ``tokens`` after the vocabulary (in the given order); return all their ids."""
+        raise NotImplementedError
+
+    @property
+    def mask_id(self) -> int | None:
+        return next((i for i in map(self.token_to_id, _MASK_ALIASES) if i is not None), None)
+
+    def sentinel_ids(self) -> list[int]:
+        """Ids of ``<extra_id_0>``, ``<extra_id_1>``, … for as long as they exist."""
+        ids: list[int] = []
+        while (i := self.token_to_id(sentinel_token(len(ids)))) is not None:
+            ids.append(i)
+        return ids
+
+    def special_ids(self) -> list[int]:
+        """Every special id (BOS/EOS/PAD, mask, sentinels, any other added special), sorted."""
+        raise NotImplementedError
+
 
 def _target(path: str | Path) -> Path:
     p = Path(path)
@@ -71,9 +108,24 @@ class BytesTokenizer(Tokenizer):
 
     kind = "bytes"
 
-    def __init__(self) -> None:
-        self.vocab_size = 259
+    def __init__(self, extra_specials: Iterable[str] = ()) -> None:
+        self.extra_specials: list[str] = list(extra_specials)
+        self.vocab_size = 259 + len(self.extra_specials)
         self.bos_id, self.eos_id, self.pad_id = 256, 257, 258
+
+    def token_to_id(self, token: str) -> int | None:
+        names = [*SPECIALS, *self.extra_specials]
+        return 256 + names.index(token) if token in names else None
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        for t in tokens:
+            if self.token_to_id(t) is None:
+                self.extra_specials.append(t)
+        self.vocab_size = 259 + len(self.extra_specials)
+        return [self.token_to_id(t) for t in tokens]  # type: ignore[misc]
+
+    def special_ids(self) -> list[int]:
+        return list(range(256, self.vocab_size))
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="replace"))
@@ -82,7 +134,10 @@ class BytesTokenizer(Tokenizer):
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
     def to_json(self) -> str:
-        return json.dumps({"moelab_tokenizer": "bytes", "version": 1, "specials": list(SPECIALS)}, indent=2)
+        data: dict = {"moelab_tokenizer": "bytes", "version": 1, "specials": list(SPECIALS)}
+        if self.extra_specials:  # absent when empty: the file stays what it always was
+            data["extra_specials"] = self.extra_specials
+        return json.dumps(data, indent=2)
 
     def save(self, path: str | Path) -> Path:
         p = _target(path)
@@ -119,6 +174,22 @@ class HFTokenizer(Tokenizer):
 
     def to_json(self) -> str:
         return self.tok.to_str()
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        from tokenizers import AddedToken
+
+        missing = [t for t in tokens if self.tok.token_to_id(t) is None]
+        if missing:
+            self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+            self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        return [self.tok.token_to_id(t) for t in tokens]
+
+    def special_ids(self) -> list[int]:
+        added = self.tok.get_added_tokens_decoder()
+        return sorted({i for i, t in added.items() if t.special} | {self.bos_id, self.eos_id, self.pad_id})
 
     def save(self, path: str | Path) -> Path:
         p = _target(path)
@@ -184,7 +255,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"tokenizer file {str(p)!r} is not valid JSON: {exc}") from None
     if isinstance(data, dict) and data.get("moelab_tokenizer") == "bytes":
-        return BytesTokenizer()
+        return BytesTokenizer(data.get("extra_specials", ()))
     from tokenizers import Tokenizer as _Tok
 
     try:
@@ -198,7 +269,7 @@ def tokenizer_from_json(text: str) -> Tokenizer:
     """A tokenizer from the text of a ``tokenizer.json``."""
     data = json.loads(text)
     if isinstance(data, dict) and data.get("moelab_tokenizer") == "bytes":
-        return BytesTokenizer()
+        return BytesTokenizer(data.get("extra_specials", ()))
     from tokenizers import Tokenizer as _Tok
 
     return HFTokenizer(_Tok.from_str(text))
@@ -207,11 +278,13 @@ def tokenizer_from_json(text: str) -> Tokenizer:
 __all__ = [
     "BOS",
     "EOS",
+    "MASK",
     "PAD",
     "BytesTokenizer",
     "HFTokenizer",
     "Tokenizer",
     "load_tokenizer",
+    "sentinel_token",
     "tokenizer_from_json",
     "train_bpe",
 ]

@@ -99,7 +99,12 @@ def build_attention_mask(
 
 
 class Attention(nn.Module):
-    """Multi-head attention with RoPE and grouped-query attention (G key/value heads)."""
+    """Multi-head attention with RoPE and grouped-query attention (G key/value heads).
+
+    Options for imported families: q/k/v and output biases (Qwen2, GPT-2), RMSNorm on queries
+    and keys per head (``qk_norm='head'``, Qwen3) or over the whole projection (``'proj'``,
+    OLMoE), and no RoPE when positions are learned (GPT-2: ``rope`` is None).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -107,25 +112,36 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = nn.RMSNorm(cfg.head_dim if per_head else cfg.n_heads * cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim if per_head else cfg.n_kv_heads * cfg.head_dim, eps=cfg.norm_eps)
 
     def forward(
         self,
         x_BSD: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: tuple[Tensor, Tensor] | None,
         mask_B1SL: Tensor | None,
         is_causal: bool,
         cache: LayerCache | None = None,
     ) -> Tensor:
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
         out = F.scaled_dot_product_attention(
@@ -147,7 +163,12 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg)
+        if cfg.mla is not None:
+            from moelab.model.mla import MLAAttention  # mla.py imports apply_rope from here
+
+            self.attn: nn.Module = MLAAttention(cfg)
+        else:
+            self.attn = Attention(cfg)
         self.ffn_norm = make_norm(cfg)
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn: nn.Module
@@ -155,13 +176,15 @@ class Block(nn.Module):
             assert cfg.moe is not None
             self.ffn = MoELayer(cfg.d_model, cfg.moe, cfg.activation)
         else:
-            self.ffn = DenseMLP(cfg.d_model, cfg.ffn_hidden_at(layer), cfg.activation)
+            self.ffn = DenseMLP(
+                cfg.d_model, cfg.ffn_hidden_at(layer), cfg.activation, bias=cfg.mlp_bias, gelu_approx=cfg.gelu_approx
+            )
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
         self,
         x_BSD: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: tuple[Tensor, Tensor] | None,
         mask_B1SL: Tensor | None,
         is_causal: bool,
         token_ids_BS: Tensor,
@@ -209,7 +232,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta)
+        if cfg.positions == "learned":  # GPT-2: absolute positions, no RoPE
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -279,9 +304,14 @@ class Transformer(nn.Module):
             mask = None
         else:
             mask = build_attention_mask(cfg.attention, query_pos, key_pos, key_valid, prefix_len)
-        rope = self.rope(position_ids)
+        rope = self.rope(position_ids) if cfg.positions == "rope" else None
 
-        x = self.drop(self.embed(input_ids))
+        x = self.embed(input_ids)
+        if cfg.positions == "learned":
+            if int(position_ids.max()) >= cfg.max_seq_len:
+                raise ValueError(f"position {int(position_ids.max())} >= model.max_seq_len={cfg.max_seq_len}")
+            x = x + self.pos_embed(position_ids)
+        x = self.drop(x)
         aux_by_layer: dict[int, dict[str, Tensor]] = {}
         routing: dict[int, RoutingDecision] = {}
         weights: dict[str, float] = {}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from moelab.config import MoEConfig
-from moelab.model.mlp import DenseMLP
+from moelab.model.mlp import DenseMLP, GatedDenseMLP
 from moelab.moe.capacity import apply_capacity
 from moelab.moe.decision import RoutingDecision
 from moelab.moe.dispatch import DISPATCHERS
@@ -37,7 +37,9 @@ class MoELayer(nn.Module):
         self.router = build_router(d_model, cfg)
         self.experts = Experts(cfg.num_experts, d_model, cfg.expert_hidden, activation)
         self.shared = (
-            DenseMLP(d_model, cfg.num_shared_experts * cfg.shared_expert_hidden, activation)
+            (GatedDenseMLP if cfg.shared_gate else DenseMLP)(  # gated: Qwen2-MoE's shared expert
+                d_model, cfg.num_shared_experts * cfg.shared_expert_hidden, activation
+            )
             if cfg.num_shared_experts > 0
             else None
         )

@@ -7,6 +7,7 @@ nothing of routing math: it reads assignments, ``kept`` and combine weights from
 
 from __future__ import annotations
 
+from moelab.moe.dispatch import ep as _ep  # noqa: F401  (registers "ep")
 from moelab.moe.dispatch import loop as _loop  # noqa: F401  (registers "loop")
 from moelab.moe.dispatch.base import DISPATCHERS, DispatchFn
 

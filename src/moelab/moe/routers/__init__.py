@@ -12,6 +12,7 @@ from moelab.moe.routers import noisy_topk as _noisy_topk  # noqa: F401  (registe
 from moelab.moe.routers import sigmoid_bias as _sigmoid_bias  # noqa: F401  (registers "sigmoid_bias")
 from moelab.moe.routers import switch as _switch  # noqa: F401  (registers "switch")
 from moelab.moe.routers import topk as _topk  # noqa: F401  (registers "topk")
+from moelab.moe.routers import topk_unweighted as _topk_unweighted  # noqa: F401  (registers "topk_unweighted")
 from moelab.moe.routers.base import ROUTERS, Router, build_router
 
 __all__ = ["ROUTERS", "Router", "build_router"]

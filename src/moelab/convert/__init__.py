@@ -1,0 +1,1 @@
+"""Conversions: Hugging Face import/export, sparse upcycling, MoEfication, expert merging and pruning."""

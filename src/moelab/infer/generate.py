@@ -1,0 +1,284 @@
+"""Autoregressive generation: one prefill pass, then one cached decode step per token.
+
+Batched prompts are left-padded so every row's next token sits in the last column; padding is
+masked from attention (``attention_mask`` / ``past_mask``) and each row's positions start at 0
+at its first real token, so a row's logits do not depend on the other rows (tested: batched
+generation equals one-by-one). With a capacity factor (token dropping) MoE routing does depend
+on the batch; generation is exact only for dropless models.
+
+Sampling is per row (each row has its own :class:`SamplingParams` and its own seeded generator),
+so a request gets the same tokens whichever batch it is served in.
+
+Legend: B batch rows, P padded prompt length, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from moelab.config import ConfigError
+from moelab.errors import UserError
+from moelab.infer.kv_cache import make_cache
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+class TokenizerLike(Protocol):
+    """What generation needs from a tokenizer (``moelab.data.tokenizer.Tokenizer`` fits)."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row is decoded. ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` are off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "must be an integer >= 0"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100] (0 = greedy)"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 = off)"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"sampling.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+
+@dataclass
+class Completion:
+    """One row's result. ``token_ids`` excludes the prompt and a final EOS; ``text`` is cut
+    before a matched stop string."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+# (row, text delta) for every piece of text that became final; called from the generating thread.
+StreamCallback = Callable[[int, str], None]
+
+
+def filter_logits(logits_V: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf.
+
+    Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``
+    (the token that crosses the threshold is kept), as transformers' ``TopPLogitsWarper``.
+    """
+    logits = logits_V.float() / max(temperature, 1e-6)
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p  # mass before this token already enough
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_token(logits_V: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The next token of one row: argmax when greedy, else a draw from the filtered distribution."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits_V))
+    probs = filter_logits(logits_V.float().cpu(), params.temperature, params.top_k, params.top_p).softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _Row:
+    """Decode state of one row: tokens, text emitted so far, stop handling."""
+
+    def __init__(self, prompt_len: int, params: SamplingParams, tokenizer: TokenizerLike | None) -> None:
+        self.params = params
+        self.tokenizer = tokenizer
+        self.out = Completion(prompt_tokens=prompt_len)
+        self.done = params.max_new_tokens == 0
+        self.emitted = 0
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        if params.stop and tokenizer is None:
+            raise ConfigError("sampling.stop needs a tokenizer to decode text")
+
+    def push(self, token: int) -> None:
+        p, tok = self.params, self.tokenizer
+        if p.stop_at_eos and tok is not None and token == tok.eos_id:
+            self.finish("stop")
+            return
+        self.out.token_ids.append(token)
+        if tok is not None:
+            text = tok.decode(self.out.token_ids)
+            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            self.out.text = text[: min(hits)] if hits else text
+            if hits:
+                self.finish("stop")
+                return
+        if len(self.out.token_ids) >= p.max_new_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        self.done = True
+        self.out.finish_reason = reason
+
+    def stream_delta(self) -> str:
+        """Text that can no longer change: hold back a partial UTF-8 character and any suffix
+        that could still grow into a stop string."""
+        text = self.out.text
+        end = len(text)
+        if not self.done:
+            while end > 0 and text[end - 1] == "\ufffd":
+                end -= 1
+            for s in self.params.stop:
+                for n in range(min(len(s) - 1, end), 0, -1):
+                    if text[:end].endswith(s[:n]):
+                        end -= n
+                        break
+        delta = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    tokenizer: TokenizerLike | None = None,
+    on_text: StreamCallback | None = None,
+    cache: str = "static",
+    should_cancel: Callable[[int], bool] | None = None,
+) -> list[Completion]:
+    """Generate a continuation of every prompt (token ids) in one batch.
+
+    Args:
+        model: a causal :class:`moelab.model.transformer.Transformer` (eval mode is set here).
+        prompts: B lists of token ids, each non-empty.
+        params: one :class:`SamplingParams` for all rows, or one per row.
+        tokenizer: needed for ``text``, stop strings, EOS and streaming.
+        on_text: streaming callback ``(row, delta)``.
+        cache: ``static`` (preallocated) or ``dynamic`` KV cache; both are exact. MLA models
+            get latent caches (the compressed KV latent and the RoPE key, see ``kv_cache``).
+        should_cancel: ``row -> bool`` polled every step (server timeouts); a cancelled row
+            finishes with ``finish_reason="cancelled"``.
+    """
+    cfg = model.cfg
+    if cfg.attention != "causal":
+        raise UserError(f"generation needs a causal model; this one has attention={cfg.attention!r}")
+    B = len(prompts)
+    if B == 0:
+        return []
+    per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
+    if len(per_row) != B:
+        raise ValueError(f"got {len(per_row)} SamplingParams for {B} prompts")
+    lengths = [len(p) for p in prompts]
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise UserError(f"prompt {i} is empty: generation needs at least one token (e.g. the BOS token)")
+        if n > cfg.max_seq_len:
+            raise UserError(f"prompt {i} has {n} tokens, more than the model's context (max_seq_len={cfg.max_seq_len})")
+    model.eval()
+    device = next(model.parameters()).device
+    rows = [_Row(n, p, tokenizer) for n, p in zip(lengths, per_row)]
+    budget = [min(p.max_new_tokens, cfg.max_seq_len - n) for n, p in zip(lengths, per_row)]
+    steps = max(budget)
+
+    P = max(lengths)
+    pad = 0 if tokenizer is None else tokenizer.pad_id
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    mask = torch.zeros(B, P, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        ids[b, P - lengths[b] :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[b, P - lengths[b] :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    kv = make_cache(cache, model, B, P + steps)
+    logits_BV = model(ids, attention_mask=mask, position_ids=pos, cache=kv).logits[:, -1]
+    next_pos = pos[:, -1:] + 1
+
+    for _ in range(steps):
+        logits_cpu = logits_BV.float().cpu()
+        tokens = torch.full((B, 1), pad, dtype=torch.long)
+        for b, row in enumerate(rows):
+            if row.done:
+                continue
+            if should_cancel is not None and should_cancel(b):
+                row.finish("cancelled")
+                continue
+            token = sample_token(logits_cpu[b], row.params, row.generator)
+            tokens[b, 0] = token
+            row.push(token)
+            if not row.done and len(row.out.token_ids) >= budget[b]:
+                row.finish("length")
+            if on_text is not None:
+                delta = row.stream_delta()
+                if delta:
+                    on_text(b, delta)
+        if all(r.done for r in rows):
+            break
+        step_mask = torch.ones(B, 1, dtype=torch.long, device=device)
+        logits_BV = model(
+            tokens.to(device), attention_mask=step_mask, position_ids=next_pos, cache=kv, past_mask=mask
+        ).logits[:, -1]
+        mask = torch.cat([mask, step_mask], dim=1)
+        next_pos = next_pos + 1
+    for b, row in enumerate(rows):
+        if not row.done:
+            row.finish("length")
+        if on_text is not None:
+            delta = row.stream_delta()
+            if delta:
+                on_text(b, delta)
+    return [r.out for r in rows]
+
+
+def generate_text(
+    model,
+    tokenizer: TokenizerLike,
+    prompts: Sequence[str],
+    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    on_text: StreamCallback | None = None,
+    cache: str = "static",
+) -> list[Completion]:
+    """:func:`generate` on text prompts; an empty prompt starts from the BOS token."""
+    ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
+    return generate(model, ids, params, tokenizer, on_text, cache)
+
+
+__all__ = [
+    "Completion",
+    "SamplingParams",
+    "StreamCallback",
+    "TokenizerLike",
+    "filter_logits",
+    "generate",
+    "generate_text",
+    "sample_token",
+]

@@ -1,0 +1,329 @@
+"""Expert offloading: routed experts live off the compute device and are fetched on demand into
+a bounded per-layer cache.
+
+Why: an MoE token reads only its K active experts, so most expert bytes can stay in slower
+memory (CPU RAM, or a memory-mapped safetensors file) while attention, norms, routers and
+shared experts stay on the compute device. What decides speed is how often a needed expert is
+already resident (hit rate) and how many bytes move; both are counted in :class:`OffloadStats`.
+
+Tiers: a :class:`MemoryStore` (CPU tensors, pinned when CUDA is present) or a
+:class:`SafetensorsStore` (a checkpoint's ``model.safetensors``, memory-mapped; each expert is a
+slice read on demand) → a :class:`LayerExpertCache` on the compute device (GPU, or CPU itself).
+
+Policies (``CACHE_POLICIES``): ``lru``; ``lfu`` (frequency seeded from a calibration trace of
+routing counts, then updated online); ``pinned`` (the calibration's hottest experts are loaded
+once and never evicted, every other expert is streamed for its use and dropped).
+
+Prefetch: just before layer i's experts run, layer j's (the next MoE layer's) router is applied
+to layer i's hidden state (through layer j's FFN norm) and the experts it would pick are loaded
+into layer j's cache. On CUDA the copies run on a side stream and a use waits on their event
+(a wait that was not already complete counts as a stall); on CPU copies are synchronous.
+
+Computation is :class:`OffloadedExperts` with the ``Experts`` interface, installed on each
+MoELayer with the ``loop`` dispatch, so offloaded outputs are bit-identical to in-memory ones.
+
+Legend: E experts, D model dim, F expert hidden, m up-projection multiplier, n rows of one expert.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.config import ConfigError
+from moelab.errors import UserError
+from moelab.infer.cache_policy import CACHE_POLICIES, CachePolicy, LFUPolicy, LRUPolicy, PinnedPolicy
+from moelab.infer.expert_store import MemoryStore, SafetensorsStore, export_experts
+from moelab.moe.experts import activate
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class OffloadStats:
+    """Counters for one run. ``lookups = hits + misses``; ``bytes_moved = misses · expert_bytes``
+    (demand fetches) and ``prefetch_bytes = prefetch_loads · expert_bytes``."""
+
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_moved: int = 0
+    prefetch_loads: int = 0
+    prefetch_bytes: int = 0
+    prefetch_hits: int = 0  # hits on an expert that a prefetch brought in (first use only)
+    stalls: int = 0  # uses that had to wait: demand misses, and prefetches not yet complete
+    stall_s: float = 0.0
+    by_layer: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    def count(self, layer: int, name: str, n: int = 1) -> None:
+        setattr(self, name, getattr(self, name) + n)
+        per = self.by_layer.setdefault(layer, {})
+        per[name] = per.get(name, 0) + n
+
+    def as_dict(self) -> dict[str, object]:
+        keys = ("lookups", "hits", "misses", "bytes_moved", "prefetch_loads", "prefetch_bytes", "prefetch_hits", "stalls")
+        out: dict[str, object] = {k: getattr(self, k) for k in keys}
+        out["stall_s"] = round(self.stall_s, 6)
+        out["hit_rate"] = self.hit_rate
+        return out
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+class LayerExpertCache:
+    """Up to ``capacity`` experts of one layer resident on ``device``."""
+
+    def __init__(
+        self,
+        layer: int,
+        num_experts: int,
+        capacity: int,
+        policy: CachePolicy,
+        store,
+        device: torch.device,
+        stats: OffloadStats,
+        expert_bytes: int,
+        stream=None,
+    ) -> None:
+        self.layer, self.num_experts, self.capacity = layer, num_experts, capacity
+        self.policy, self.store, self.device, self.stats = policy, store, torch.device(device), stats
+        self.expert_bytes = expert_bytes
+        self.stream = stream  # CUDA side stream for prefetch copies, or None
+        self.slots: dict[int, tuple[Tensor, Tensor, object]] = {}  # expert → (w_up, w_down, event)
+        self.unused_prefetch: set[int] = set()
+        for e in policy.initial()[:capacity]:
+            self._insert(e, self._copy(e, None), protected=set())
+
+    def _copy(self, expert: int, stream) -> tuple[Tensor, Tensor, object]:
+        w_up, w_down = self.store.load(self.layer, expert)
+        if self.device.type == "cuda" and stream is not None:
+            with torch.cuda.stream(stream):
+                up, down = w_up.to(self.device, non_blocking=True), w_down.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            return up, down, event
+        return w_up.to(self.device, copy=True), w_down.to(self.device, copy=True), None
+
+    def _insert(self, expert: int, entry: tuple[Tensor, Tensor, object], protected: set[int]) -> bool:
+        if len(self.slots) >= self.capacity:
+            victim = self.policy.victim(self.slots.keys(), protected | {expert})
+            if victim is None:
+                return False
+            del self.slots[victim]
+            self.policy.forget(victim)
+            self.unused_prefetch.discard(victim)
+        self.slots[expert] = entry
+        self.policy.inserted(expert)
+        return True
+
+    def get(self, expert: int) -> tuple[Tensor, Tensor]:
+        """Weights of ``expert`` on the compute device, fetched when not resident."""
+        s, L = self.stats, self.layer
+        s.count(L, "lookups")
+        entry = self.slots.get(expert)
+        if entry is not None:
+            s.count(L, "hits")
+            if expert in self.unused_prefetch:
+                self.unused_prefetch.discard(expert)
+                s.count(L, "prefetch_hits")
+            event = entry[2]
+            if event is not None:  # a prefetch copy on the side stream: wait for it once
+                current = torch.cuda.current_stream(self.device)
+                if not event.query():
+                    t0 = time.perf_counter()
+                    s.count(L, "stalls")
+                    current.wait_event(event)
+                    s.stall_s += time.perf_counter() - t0
+                entry[0].record_stream(current)  # allocated on the side stream, used on this one
+                entry[1].record_stream(current)
+                entry = (entry[0], entry[1], None)
+                self.slots[expert] = entry
+        else:
+            t0 = time.perf_counter()
+            s.count(L, "misses")
+            s.count(L, "stalls")
+            s.count(L, "bytes_moved", self.expert_bytes)
+            entry = self._copy(expert, None)
+            s.stall_s += time.perf_counter() - t0
+            if self.policy.admit(expert):
+                self._insert(expert, entry, protected=set())
+        self.policy.touch(expert)
+        return entry[0], entry[1]
+
+    def prefetch(self, experts: list[int]) -> None:
+        """Bring ``experts`` (most wanted first) in ahead of use, never evicting one of them."""
+        wanted = set(experts[: self.capacity])
+        for e in experts[: self.capacity]:
+            if e in self.slots or not self.policy.admit(e):
+                continue
+            if len(self.slots) >= self.capacity and self.policy.victim(self.slots.keys(), wanted) is None:
+                break
+            if self._insert(e, self._copy(e, self.stream), protected=wanted):
+                self.unused_prefetch.add(e)
+                self.stats.count(self.layer, "prefetch_loads")
+                self.stats.count(self.layer, "prefetch_bytes", self.expert_bytes)
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class OffloadedExperts(nn.Module):
+    """The ``Experts`` interface over a :class:`LayerExpertCache` (no parameters of its own)."""
+
+    def __init__(self, cache: LayerExpertCache, d_model: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.cache = cache
+        self.num_experts, self.d_model, self.hidden, self.activation = cache.num_experts, d_model, hidden, activation
+
+    def forward_expert(self, e: int, x_nD: Tensor) -> Tensor:
+        w_up, w_down = self.cache.get(e)
+        return F.linear(activate(F.linear(x_nD, w_up), self.activation), w_down)
+
+    def forward(self, x_RD: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
+        outs = [self.forward_expert(e, x) for e, (x, n) in enumerate(zip(x_RD.split(tokens_per_expert_E), tokens_per_expert_E)) if n]
+        return torch.cat(outs) if outs else x_RD.new_zeros(0, self.d_model)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.cache.layer}, capacity={self.cache.capacity}/{self.num_experts}, device={self.cache.device}"
+
+
+def parse_capacity(spec: str | float | int, num_experts: int) -> int:
+    """Experts per layer kept resident: ``"25%"`` (of E, rounded up, at least 1) or a count."""
+    text = str(spec).strip()
+    try:
+        if text.endswith("%"):
+            frac = float(text[:-1]) / 100.0
+            if not 0 < frac <= 1:
+                raise ValueError
+            return max(1, min(num_experts, math.ceil(frac * num_experts - 1e-9)))
+        n = int(text)
+        if n < 1:
+            raise ValueError
+        return min(n, num_experts)
+    except ValueError:
+        raise ConfigError(
+            f"expert cache size {spec!r} is invalid: expected a percentage in (0%, 100%] such as '25%', or a count >= 1"
+        ) from None
+
+
+@torch.no_grad()
+def routing_counts(model: nn.Module, batches: Iterable[Tensor]) -> dict[int, list[float]]:
+    """Calibration trace: how many tokens each expert of each MoE layer received."""
+    counts: dict[int, Tensor] = {}
+    for ids in batches:
+        out = model(ids, return_routing=True)
+        for layer, decision in (out.routing or {}).items():
+            c = decision.tokens_per_expert().float().cpu()
+            counts[layer] = counts.get(layer, torch.zeros_like(c)) + c
+    return {layer: c.tolist() for layer, c in counts.items()}
+
+
+class Offloader:
+    """Moves a model's routed experts into stores and installs cached :class:`OffloadedExperts`.
+
+    Args:
+        model: a moelab Transformer with MoE layers (its non-expert weights should already be
+            on ``device``).
+        capacity: per-layer cache size, ``"25%"`` or a count.
+        policy: a ``CACHE_POLICIES`` name.
+        prefetch: predict the next MoE layer's experts with its router and load them early.
+        source: ``None`` (copy the experts out of the model into CPU memory) or the path of a
+            safetensors file holding them (memory-mapped disk tier).
+        counts: calibration routing counts by layer (``routing_counts``) for ``lfu``/``pinned``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        capacity: str | float | int = "25%",
+        policy: str = "lru",
+        prefetch: bool = False,
+        source: str | Path | None = None,
+        device: torch.device | str | None = None,
+        counts: dict[int, list[float]] | None = None,
+    ) -> None:
+        moe_blocks = [(i, b) for i, b in enumerate(model.blocks) if b.is_moe]
+        if not moe_blocks:
+            raise UserError("--offload needs an MoE model: this model has no MoE layers")
+        policy_cls = CACHE_POLICIES[policy]
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        use_cuda = device.type == "cuda"
+        if source is None:
+            store = MemoryStore({i: (b.ffn.experts.w_up, b.ffn.experts.w_down) for i, b in moe_blocks}, pin=use_cuda)
+        else:
+            store = SafetensorsStore(source)
+        self.stats = OffloadStats()
+        self.stream = torch.cuda.Stream(device) if use_cuda and prefetch else None
+        self.caches: dict[int, LayerExpertCache] = {}
+        from moelab.moe.dispatch import DISPATCHERS
+
+        for i, block in moe_blocks:
+            layer, experts = block.ffn, block.ffn.experts
+            E = experts.num_experts
+            cap = parse_capacity(capacity, E)
+            expert_bytes = (experts.w_up[0].numel() + experts.w_down[0].numel()) * experts.w_up.element_size()
+            cache = LayerExpertCache(
+                i, E, cap, policy_cls(cap, (counts or {}).get(i)), store, device, self.stats, expert_bytes, self.stream
+            )
+            self.caches[i] = cache
+            layer.experts = OffloadedExperts(cache, experts.d_model, experts.hidden, experts.activation)
+            layer.dispatch = DISPATCHERS["loop"]
+        self.handles = []
+        if prefetch:
+            ids = [i for i, _ in moe_blocks]
+            for cur, nxt in itertools.pairwise(ids):
+                hook = _prefetch_hook(model.blocks[nxt], self.caches[nxt])
+                self.handles.append(model.blocks[cur].ffn_norm.register_forward_hook(hook))
+
+    def remove_hooks(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _prefetch_hook(next_block: nn.Module, cache: LayerExpertCache):
+    """Forward hook on layer i's FFN norm: route layer i's hidden state with layer j's router."""
+
+    def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        with torch.no_grad():
+            x_TD = args[0].reshape(-1, args[0].shape[-1])
+            h_TD = next_block.ffn_norm(x_TD)
+            logits_TE = next_block.ffn.router.logits(h_TD)
+            k = next_block.ffn.cfg.top_k
+            expert_TK = logits_TE.topk(k, dim=-1).indices
+            votes = torch.bincount(expert_TK.reshape(-1), minlength=logits_TE.shape[-1]).tolist()  # one sync
+            wanted = sorted((e for e, v in enumerate(votes) if v > 0), key=lambda e: -votes[e])
+        cache.prefetch(wanted)
+
+    return hook
+
+
+__all__ = [
+    "CACHE_POLICIES",
+    "CachePolicy",
+    "LFUPolicy",
+    "LRUPolicy",
+    "LayerExpertCache",
+    "MemoryStore",
+    "OffloadStats",
+    "OffloadedExperts",
+    "Offloader",
+    "PinnedPolicy",
+    "SafetensorsStore",
+    "export_experts",
+    "parse_capacity",
+    "routing_counts",
+]

@@ -1,0 +1,45 @@
+"""Unweighted top-k router (MoEfication, Zhang et al. 2022): the chosen experts are summed.
+
+A MoEfied FFN is the dense FFN with its neurons split into experts; the dense output is the
+*sum* of all experts, so the MoE output is the sum of the chosen ones: every kept assignment
+has combine weight exactly 1. Selection is top-k of the router logits; the weight is written
+``p / stop_gradient(p)`` (value 1) so a trained router still receives a gradient through it.
+``scores`` are the softmax of the logits, for the balance losses and analysis.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from moelab.moe.decision import RoutingDecision, token_choice_decision
+from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+
+
+@ROUTERS.register("topk_unweighted")
+class TopKUnweightedRouter(Router):
+    """Keep the K best experts per token with weight 1 each (MoEfication: sum of chosen experts)."""
+
+    paper = "Zhang et al. 2022 (MoEfication)"
+    formula = "experts = TopK(x·W_g, K); w = 1 for each chosen expert (written p/sg(p)); y = Σ_chosen f_e(x)"
+    balancing = (
+        "none needed (routers are fitted to calibration activations); aux loss (moe.aux_loss) if trained"
+    )
+
+    def forward(
+        self,
+        x_TD: Tensor,
+        batch_shape: tuple[int, int],
+        token_ids_T: Tensor | None = None,
+        token_mask_T: Tensor | None = None,
+    ) -> RoutingDecision:
+        logits_TE = self.logits(x_TD)
+        scores_TE = logits_TE.softmax(dim=-1)
+        if self.cfg.router.force_balanced:
+            expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
+        else:
+            expert_TK = logits_TE.topk(self.top_k, dim=-1).indices
+        p_TK = scores_TE.gather(1, expert_TK)
+        weight_TK = p_TK / p_TK.detach()
+        return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)

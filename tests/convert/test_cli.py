@@ -1,0 +1,90 @@
+"""CLI: convert, upcycle, moefy, merge, prune run end to end on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelab.cli import main
+from moelab.config import ModelConfig
+from moelab.convert.hf import load_moelab, save_moelab
+from moelab.model.transformer import Transformer
+
+
+@pytest.fixture
+def dense_dir(tmp_path):
+    model = Transformer(
+        ModelConfig(
+            vocab_size=256,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            ffn_hidden=64,
+            max_seq_len=64,
+            tie_embeddings=False,
+        )
+    )
+    save_moelab(model, tmp_path / "dense")
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    return tmp_path
+
+
+def test_upcycle_export_convert_back(dense_dir, capsys) -> None:
+    d = dense_dir
+    assert main(["upcycle", str(d / "dense"), "--experts", "4", "--top-k", "2", "--out", str(d / "moe")]) == 0
+    assert main(["convert", str(d / "moe"), str(d / "hf"), "--family", "mixtral"]) == 0
+    assert (d / "hf" / "config.json").is_file()
+    assert main(["convert", str(d / "hf"), str(d / "back")]) == 0
+    a, b = load_moelab(d / "moe"), load_moelab(d / "back")
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-6)
+    assert (
+        main(
+            [
+                "prune",
+                str(d / "moe"),
+                "--remove",
+                "1",
+                "--data",
+                str(d / "text.txt"),
+                "--batches",
+                "1",
+                "--seq-len",
+                "16",
+                "--out",
+                str(d / "pruned"),
+            ]
+        )
+        == 0
+    )
+    assert load_moelab(d / "pruned").cfg.moe.num_experts == 3
+    assert main(["merge", str(d / "moe"), "--experts", "2", "--out", str(d / "merged")]) == 0
+    assert load_moelab(d / "merged").cfg.moe.num_experts == 2
+
+
+def test_moefy_reports_losses(dense_dir, capsys) -> None:
+    d = dense_dir
+    args = [
+        "moefy",
+        str(d / "dense"),
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--data",
+        str(d / "text.txt"),
+        "--batches",
+        "1",
+        "--seq-len",
+        "16",
+    ]
+    assert main([*args, "--out", str(d / "mf")]) == 0
+    out = capsys.readouterr().out
+    assert "dense loss" in out and "k=4" in out and "k=1" in out
+    assert load_moelab(d / "mf").cfg.moe.top_k == 2
+
+
+def test_convert_errors_are_one_line(tmp_path, capsys) -> None:
+    assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "is not a moelab model folder" in capsys.readouterr().err

@@ -1,0 +1,249 @@
+"""The OpenAI-compatible server: a real uvicorn on 127.0.0.1, the official openai client,
+every limit's status code, a bounded fuzz of random bodies, 16 concurrent clients."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from moelab.infer.chat import ChatTemplate  # noqa: E402
+from moelab.infer.generate import SamplingParams, generate  # noqa: E402
+from moelab.infer.server import Engine, ServerLimits, create_app  # noqa: E402
+from moelab.model.transformer import Transformer  # noqa: E402
+
+from helpers import CharTestTokenizer, tiny_config, tiny_mla, tiny_moe  # noqa: E402
+
+TOK = CharTestTokenizer()
+
+
+def _model(mla=None) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(tiny_config(moe=tiny_moe(num_experts=8), mla=mla)).eval()
+
+
+class Server:
+    """uvicorn in a thread on a free port of 127.0.0.1."""
+
+    def __init__(self, limits: ServerLimits, generate_fn=generate, model: Transformer | None = None) -> None:
+        self.engine = Engine(model if model is not None else _model(), TOK, limits, generate_fn)
+        app = create_app(self.engine, model_name="tiny")
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                break
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.close()
+
+
+LIMITS = ServerLimits(max_body_bytes=4096, max_pending=32, max_batch=8, default_max_tokens=8, timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with Server(LIMITS) as s:
+        yield s
+
+
+def _direct(prompt: str, **kw) -> str:
+    return generate(_model(), [TOK.encode(prompt)], SamplingParams(**kw), TOK)[0].text
+
+
+def test_completion_chat_and_models_with_the_openai_client(server) -> None:
+    out = server.client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0)
+    assert out.choices[0].text == _direct("Hello", max_new_tokens=10)
+    assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens <= 10
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    chat = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    prompt = ChatTemplate().render(messages)
+    assert prompt == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+    assert chat.choices[0].message.content == _direct(prompt, max_new_tokens=12, stop=("\n<|",))
+    assert chat.choices[0].message.role == "assistant"
+    assert [m.id for m in server.client.models.list()] == ["tiny"]
+    assert server.http.get("/health").json()["status"] == "ok"
+
+
+def test_streaming_equals_the_whole_answer(server) -> None:
+    kw = dict(model="tiny", max_tokens=16, temperature=0.9, seed=11)
+    whole = server.client.completions.create(prompt="Stream me", **kw).choices[0].text
+    chunks = list(server.client.completions.create(prompt="Stream me", stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and len(chunks) > 2
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = server.client.chat.completions.create(messages=messages, **kw).choices[0].message.content
+    chunks = list(server.client.chat.completions.create(messages=messages, stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason is not None
+
+
+def test_limits_answer_their_status_codes(server) -> None:
+    post = server.http.post
+    r = post("/v1/completions", content=json.dumps({"prompt": "x" * 5000}), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert post("/v1/completions", json={"prompt": 5}).status_code == 422
+    assert post("/v1/chat/completions", json={"messages": [{"role": "user"}]}).status_code == 422
+    assert post("/v1/completions", json={"prompt": "hi", "temperature": "hot"}).status_code == 422
+    r = post("/v1/completions", json={"prompt": "hello", "max_tokens": 60})
+    assert r.status_code == 400 and "maximum context length is 64" in r.json()["error"]["message"]
+    assert post("/v1/completions", json={"prompt": "hi", "stop": ""}).status_code == 400
+    assert post("/v1/completions", json={"prompt": "hi", "n": 2}).status_code == 400
+    with pytest.raises(openai.BadRequestError):
+        server.client.completions.create(model="tiny", prompt="y" * 70, max_tokens=1)
+
+
+def test_timeout_answers_504() -> None:
+    with Server(ServerLimits(timeout_s=0.0)) as s:
+        r = s.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 20})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        assert s.http.get("/health").json()["in_flight"] == 0
+
+
+def test_queue_overflow_answers_429_and_queued_requests_are_batched() -> None:
+    gate = threading.Event()
+    batch_sizes: list[int] = []
+
+    def gated_generate(model, prompts, *args, **kw):
+        gate.wait(10)
+        batch_sizes.append(len(prompts))
+        return generate(model, prompts, *args, **kw)
+
+    with Server(ServerLimits(max_pending=4, max_batch=8, batch_wait_s=0.0), gated_generate) as s:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(s.http.post, "/v1/completions", json={"prompt": f"p{i}", "max_tokens": 4}) for i in range(4)]
+            for _ in range(500):
+                if s.engine.in_flight == 4:
+                    break
+                time.sleep(0.01)
+            over = s.http.post("/v1/completions", json={"prompt": "late", "max_tokens": 4})
+            assert over.status_code == 429 and over.json()["error"]["type"] == "rate_limit_error"
+            gate.set()
+            assert all(f.result().status_code == 200 for f in futures)
+        assert sum(batch_sizes) == 4 and len(batch_sizes) < 4  # the three queued behind the first share a batch
+        assert s.http.post("/v1/completions", json={"prompt": "again", "max_tokens": 2}).status_code == 200
+
+
+def test_mla_model_answers_batched_requests_as_alone() -> None:
+    """An MLA+MoE model behind the server (latent KV cache, batched rows): every concurrent
+    request gets the tokens direct generation gives its prompt alone."""
+    model = _model(mla=tiny_mla(q_lora_rank=10))
+    prompts = [f"Latent {i}, please" for i in range(6)]
+    gate = threading.Event()
+    batch_sizes: list[int] = []
+
+    def gated_generate(m, batch_prompts, *args, **kw):
+        gate.wait(10)
+        batch_sizes.append(len(batch_prompts))
+        return generate(m, batch_prompts, *args, **kw)
+
+    server = Server(ServerLimits(max_batch=8, batch_wait_s=0.0), gated_generate, model=model)
+    with server as s, ThreadPoolExecutor(6) as pool:
+        futures = [
+            pool.submit(s.http.post, "/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 1.0, "seed": i})
+            for i, p in enumerate(prompts)
+        ]
+        for _ in range(500):
+            if s.engine.in_flight == 6:
+                break
+            time.sleep(0.01)
+        gate.set()
+        texts = [f.result().json()["choices"][0]["text"] for f in futures]
+    assert max(batch_sizes) > 1
+    alone = [
+        generate(model, [TOK.encode(p)], SamplingParams(6, temperature=1.0, seed=i), TOK)[0].text
+        for i, p in enumerate(prompts)
+    ]
+    assert texts == alone and len(set(texts)) > 1
+
+
+def test_sixteen_concurrent_clients_all_get_answers(server) -> None:
+    def ask(i: int) -> tuple[str, str]:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        prompt = f"Client {i} says"
+        return prompt, client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert len(answers) == 16
+    for prompt, text in answers:  # batching does not change greedy answers
+        assert text == _direct(prompt, max_new_tokens=6)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream",
+          "model", "ignore_eos", "max_completion_tokens"]
+PLAUSIBLE = {
+    "prompt": st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3),
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "bot"]),
+                                                "content": st.text(max_size=20)}), max_size=3),
+    "max_tokens": st.integers(-3, 80),
+    "temperature": st.floats(-1, 3),
+    "top_p": st.floats(-0.5, 1.5),
+    "top_k": st.integers(-2, 200),
+    "seed": st.integers(-5, 2**64),
+    "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=6),
+    "stream": st.booleans(),
+    "n": st.integers(0, 3),
+}
+BODIES = (
+    st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6)
+    | st.fixed_dictionaries({}, optional=PLAUSIBLE)
+    | JSON
+).map(lambda v: json.dumps(v).encode()) | st.binary(max_size=64)
+
+
+@settings(max_examples=140, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=BODIES, chat=st.booleans())
+def test_fuzzed_bodies_never_get_a_5xx(server, body: bytes, chat: bool) -> None:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    r = server.http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400, 413, 422), (r.status_code, body, r.text)
+    if r.status_code != 200:
+        assert "message" in r.json()["error"]
+
+
+def test_server_still_answers_after_the_fuzz(server) -> None:
+    assert server.http.get("/health").json() == {"status": "ok", "in_flight": 0, "batches": server.engine.batches}
+    assert server.client.completions.create(model="tiny", prompt="ok", max_tokens=2).choices[0].finish_reason
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server) -> None:
+    body = {"prompt": "Leave early", "max_tokens": 50, "stream": True, "ignore_eos": True}
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    for _ in range(300):
+        if server.engine.in_flight == 0:
+            break
+        time.sleep(0.01)
+    assert server.engine.in_flight == 0
