@@ -137,7 +137,7 @@ def _add_analyze_args(p: argparse.ArgumentParser) -> None:
 
 @command("analyze", "routing analysis of a checkpoint on a labelled corpus: report.html + analysis.json", _add_analyze_args)
 def _run_analyze(args: argparse.Namespace) -> int:
-    from moelab.analysis.analyze import AnalyzeOptions, analyze
+    from moelab.analysis.pipeline import AnalyzeOptions, analyze
 
     for name in ("max_tokens", "batch_size", "drop_tokens"):
         if getattr(args, name) < 1:

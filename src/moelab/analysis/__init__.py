@@ -11,7 +11,7 @@ __all__ = ["Trace", "TraceWriter", "analyze", "collect", "render_sections"]
 
 
 def analyze(model_path, opts):
-    from moelab.analysis.analyze import analyze as _analyze
+    from moelab.analysis.pipeline import analyze as _analyze
 
     return _analyze(model_path, opts)
 
