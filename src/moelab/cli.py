@@ -120,6 +120,41 @@ def _run_routers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="CKPT_OR_RUN", help="checkpoint folder, or run folder (its newest checkpoint)")
+    p.add_argument("--data", required=True, metavar="NAME_OR_PATH", help="labelled corpus: synthetic, builtin, a path, hf:NAME")
+    p.add_argument("--out", default="analysis", metavar="DIR", help="where analysis.json, report.html and traces go")
+    p.add_argument("--checkpoints", nargs="+", default=[], metavar="CKPT", help="run folder or checkpoints for routing drift")
+    p.add_argument("--dense", metavar="CKPT", help="dense twin checkpoint: gradient conflict and FFN sparsity")
+    p.add_argument("--max-tokens", type=int, default=65_536, help="tokens traced (default 65536)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--capacity-factor", type=float, default=1.0, help="capacity imposed for the drops analysis")
+    p.add_argument("--drop-tokens", type=int, default=16_384, help="tokens for the drops analysis")
+    p.add_argument("--seq-len", type=int, help="sequence length (default: the checkpoint's data.seq_len)")
+    p.add_argument("--max-bytes-per-domain", type=int, default=2_000_000, help="corpus cap per domain label")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("analyze", "routing analysis of a checkpoint on a labelled corpus: report.html + analysis.json", _add_analyze_args)
+def _run_analyze(args: argparse.Namespace) -> int:
+    from moelab.analysis.pipeline import AnalyzeOptions, analyze
+
+    for name in ("max_tokens", "batch_size", "drop_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.capacity_factor <= 0:
+        raise UserError(f"--capacity-factor must be > 0, got {args.capacity_factor}")
+    opts = AnalyzeOptions(
+        data=args.data, out=args.out, checkpoints=tuple(args.checkpoints), dense=args.dense,
+        max_tokens=args.max_tokens, batch_size=args.batch_size, capacity_factor=args.capacity_factor,
+        drop_tokens=args.drop_tokens, seq_len=args.seq_len, max_bytes_per_domain=args.max_bytes_per_domain,
+        progress=not args.no_progress,
+    )
+    analyze(args.model, opts)
+    print(f"wrote {opts.out}/report.html and {opts.out}/analysis.json")
+    return 0
+
+
 # ----------------------------------------------------------------------------- conversions (convert, upcycle, moefy, merge, prune)
 
 
