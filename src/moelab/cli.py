@@ -170,6 +170,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from moelab.data.prepare import prepare_data
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.train.checkpoint import latest_checkpoint
     from moelab.train.trainer import Trainer
 
     cfg = run_config_from_args(args)
@@ -177,7 +180,11 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg = replace(cfg, train=replace(cfg.train, progress=False))
     out = args.out or f"runs/{cfg.name}"
     with _warnings_as_lines():
-        trainer = Trainer(cfg, out)
+        # Resuming reuses the checkpoint's tokenizer instead of training a new one.
+        ckpt = latest_checkpoint(out) if args.resume else None
+        tokenizer = load_tokenizer(ckpt / "tokenizer.json") if ckpt is not None else None
+        cfg, data = prepare_data(cfg, tokenizer=tokenizer)
+        trainer = Trainer(cfg, out, data=data)
         result = trainer.train(resume=args.resume, stop_at=args.stop_after)
     print(f"step {trainer.step}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}); checkpoints in {out}/checkpoints")
     return 0
@@ -194,6 +201,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
+
+    import torch
 
     from moelab.data.corpus import load_corpus
     from moelab.data.loader import build_splits, eval_batches, pack
@@ -214,7 +223,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         docs = load_corpus(cfg.data)
         data = build_splits(docs, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed).val
-    bf16 = resolve_precision(cfg.train.precision, __import__("torch").device("cpu"))
+    bf16 = resolve_precision(cfg.train.precision, torch.device("cpu"))
     r = evaluate(model, eval_batches(data, cfg.train.batch_size, args.batches), data.label_names, bf16)
     result = {"checkpoint": str(ckpt), "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens, "loss_by": r.loss_by}
     if args.json:

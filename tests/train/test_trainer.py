@@ -143,3 +143,18 @@ def test_evaluate_matches_the_model_loss_and_splits_by_domain(data) -> None:
     assert set(per) == set(counts)
     assert sum(per[d] * counts[d] for d in per) / sum(counts.values()) == pytest.approx(r.loss, rel=1e-6)
     assert set(r.expert_load) == {0, 1} and all(sum(v) == pytest.approx(1.0) for v in r.expert_load.values())
+
+
+def test_bf16_autocast_trains_and_auto_follows_the_hardware(tmp_path, data, monkeypatch) -> None:
+    import moelab.train.trainer as trainer_mod
+    from moelab.train.trainer import resolve_precision
+
+    monkeypatch.setattr(trainer_mod, "bf16_is_fast", lambda device: True)
+    assert resolve_precision("auto", torch.device("cpu")) and resolve_precision("bf16", torch.device("cpu"))
+    monkeypatch.setattr(trainer_mod, "bf16_is_fast", lambda device: False)
+    assert not resolve_precision("auto", torch.device("cpu")) and not resolve_precision("fp32", torch.device("cpu"))
+    trainer = Trainer(_cfg(steps=3, precision="bf16"), tmp_path, data=data)
+    assert trainer.bf16
+    result = trainer.train()
+    assert math.isfinite(result.loss)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a bf16 model

@@ -126,7 +126,7 @@ def evaluate(model: Transformer, batches: list[Batch], label_names: dict[str, li
         name: {label_names[name][v]: acc[0] / acc[1] for v, acc in sorted(per.items()) if acc[1] > 0}
         for name, per in sums.items()
     }
-    expert_load = {i: (l.double() / l.sum().clamp_min(1)).tolist() for i, l in loads.items()}
+    expert_load = {i: (n.double() / n.sum().clamp_min(1)).tolist() for i, n in loads.items()}
     return EvalResult(loss=total / max(count, 1), tokens=count, loss_by=loss_by, expert_load=expert_load)
 
 
