@@ -52,7 +52,7 @@ def _history(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     return {
         "steps": [r["step"] for r in train],
         "tokens": [r["tokens"] for r in train],
-        "loss": [r["loss"] for r in train],
+        "loss": [r["lm_loss"] for r in train],  # LM loss only: comparable with validation and with dense
         "eval_steps": [r["step"] for r in evals],
         "eval_tokens": [r["tokens"] for r in evals],
         "val_loss": [r["val_loss"] for r in evals],

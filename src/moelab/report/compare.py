@@ -87,6 +87,7 @@ def make_plots(summary: dict[str, Any]) -> dict[str, str]:
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(layers)), [f"layer {k}" for k in layers])
         ax.set_xlabel("expert")
+        ax.set_xticks(range(len(grid[0])))
         fig.colorbar(im, ax=ax, label="share of assignments")
         E = len(grid[0])
         for i, row in enumerate(grid):
