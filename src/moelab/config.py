@@ -392,7 +392,7 @@ _RUN_PRESETS: dict[str, dict[str, Any]] = {
     # 64-128 bf16 autocast is no faster on CPU (cast overhead outweighs the matmul gain; docs/training.md).
     "tiny": dict(
         data=dict(seq_len=128, max_bytes_per_domain=1_500_000, synthetic_docs=600),
-        train=dict(steps=800, batch_size=16, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=16, precision="fp32"),
+        train=dict(steps=1000, batch_size=16, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=16, precision="fp32"),
     ),
     # A model worth a GPU hour.
     "small": dict(
@@ -484,6 +484,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             _fail(path, value, "expected an integer")
         return value
     if inner is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "expected a number")
         return float(value)

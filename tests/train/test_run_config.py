@@ -55,3 +55,10 @@ def test_yaml_round_trip_and_model_only_files(tmp_path) -> None:
     assert loaded.model == preset("smoke") and loaded.train == RunConfig().train
     with pytest.raises(ConfigError, match="does not exist"):
         load_run_config(tmp_path / "nope.yaml")
+
+
+def test_exponent_floats_without_a_dot() -> None:
+    run = apply_overrides(run_preset("smoke"), ["train.lr=3e-3", "train.eps=1e-6"])
+    assert run.train.lr == 0.003 and run.train.eps == 1e-6
+    with pytest.raises(ConfigError, match="expected a number"):
+        apply_overrides(run_preset("smoke"), ["train.lr=fast"])
