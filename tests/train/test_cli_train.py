@@ -34,6 +34,10 @@ def test_train_stop_resume_and_eval(tmp_path, capsys) -> None:
     result = json.loads(out[out.index("{") :])
     assert math.isfinite(result["loss"]) and "domain" in result["loss_by"]
     assert result["checkpoint"].endswith("step_00000004")
+    text = tmp_path / "other.txt"
+    text.write_text("sort: 3 1 2 -> 1 2 3\n" * 40)
+    assert main(["eval", run, "--data", str(text)]) == 0
+    assert "loss" in capsys.readouterr().out
 
 
 def test_compare_smoke_writes_report_and_summary(tmp_path, capsys) -> None:
