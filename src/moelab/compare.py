@@ -103,6 +103,7 @@ def run_compare(cfg: RunConfig, out_dir: str | Path, iso_total: bool = False, co
             "params_embedding": counts.embedding,
             "final_val_loss": result.loss,
             "final_val_ppl": result.ppl,
+            "val_tokens_evaluated": result.tokens,
             "val_loss_by_domain": result.loss_by.get("domain", {}),
             "val_loss_by_lang": result.loss_by.get("lang", {}),
             "expert_load": {str(k): v for k, v in result.expert_load.items()},
