@@ -517,12 +517,15 @@ _RUN_PRESETS: dict[str, dict[str, Any]] = {
     # Well under a minute on 2 CPU cores: the test suite runs `moelab compare --preset smoke`.
     "smoke": dict(
         data=dict(tokenizer="bytes", seq_len=64, max_bytes_per_domain=60_000, synthetic_docs=60),
-        train=dict(steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=15, eval_batches=4, log_every=5),
+        train=dict(
+            steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=15, eval_batches=4, log_every=5, precision="fp32"
+        ),
     ),
-    # The default of `moelab compare`: a few minutes per model on 2 CPU cores.
+    # The default of `moelab compare`: a few minutes per model on 2 CPU cores. fp32, not auto: at d_model
+    # 64-128 bf16 autocast is no faster on CPU (cast overhead outweighs the matmul gain; docs/training.md).
     "tiny": dict(
         data=dict(seq_len=128, max_bytes_per_domain=1_500_000, synthetic_docs=600),
-        train=dict(steps=600, batch_size=16, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=16),
+        train=dict(steps=1000, batch_size=16, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=16, precision="fp32"),
     ),
     # A model worth a GPU hour.
     "small": dict(
@@ -614,6 +617,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             _fail(path, value, "expected an integer")
         return value
     if inner is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "expected a number")
         return float(value)

@@ -111,3 +111,13 @@ def test_shared_corpus_loads_with_labels() -> None:
     docs = load_corpus(DataConfig(corpus=str(SHARED_CORPUS / "valid.jsonl.gz"), max_bytes_per_domain=50_000))
     assert {"code", "manual"} <= {d.labels["domain"] for d in docs}
     assert {"python", "en"} <= {d.labels["lang"] for d in docs}
+
+
+def test_hf_dataset_saved_to_disk(tmp_path) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": ["alpha beta", "gamma", ""], "lang": ["en", "en", "en"]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    docs = load_corpus(DataConfig(corpus=f"hf:{tmp_path / 'ds'}"))
+    assert [d.text for d in docs] == ["alpha beta", "gamma"] and docs[0].labels["lang"] == "en"
+    with pytest.raises(UserError, match="cannot load HF dataset"):
+        load_corpus(DataConfig(corpus="hf:/nonexistent/dataset"))

@@ -221,15 +221,13 @@ def synthetic_corpus(cfg: DataConfig) -> list[Document]:
 
 
 def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip_dirs = {"site-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3", "turtledemo", "dist-packages"}
+    """The standard library's ``.py``/``.rst``/``.txt`` files; tests, site-packages and demos pruned."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip_dirs = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3", "turtledemo"}
     out = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root).parts
-        if any(part in skip_dirs for part in rel[:-1]):
-            continue
-        if p.suffix in (".py", ".rst", ".txt") and p.is_file():
-            out.append(p)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
+        out.extend(Path(dirpath) / f for f in filenames if f.endswith((".py", ".rst", ".txt")))
     return sorted(out)
 
 

@@ -1,0 +1,132 @@
+"""``moelab compare``: an MoE model and its dense twins, same data, same budget → numbers and plots.
+
+Why this is the main job: an MoE claim is only meaningful against a dense model that spends the
+same compute per token (iso-active twin) or holds the same parameters (iso-total twin). Every
+model here is trained on the same prepared token blocks, in the same order (same sampler seed),
+for the same number of steps, from the same seed, and evaluated on the same validation batches.
+
+Output in ``OUT/``: one run folder per model (metrics.jsonl, checkpoints), ``summary.json`` and
+a self-contained ``report.html``.
+
+Training FLOPs per token follow Kaplan et al. (2020): ``6·N_active + 6·L·S·D``, where N_active
+counts the active non-embedding parameters plus the LM head's matmul (``D·V``), and the
+second term is the attention score/value work at context S.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from moelab.config import ModelConfig, RunConfig, to_dict
+from moelab.data.prepare import prepare_data
+from moelab.errors import UserError
+from moelab.hardware import describe
+from moelab.model.transformer import Transformer
+from moelab.model.twins import count_params, dense_twin
+from moelab.train.logging import read_metrics
+from moelab.train.trainer import Trainer
+
+
+def train_flops_per_token(cfg: ModelConfig, active_params: int, seq_len: int) -> float:
+    """Kaplan training FLOPs per token: forward + backward = 3 × forward."""
+    return 6.0 * (active_params + cfg.d_model * cfg.vocab_size) + 6.0 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def compare_models(cfg: RunConfig, iso_total: bool = False) -> dict[str, ModelConfig]:
+    """The models a compare trains: the MoE, its iso-active twin, and optionally its iso-total twin."""
+    if cfg.model.moe is None:
+        raise UserError("compare needs an MoE model: model.moe is null (try --preset tiny)")
+    models = {"moe": cfg.model, "dense_iso_active": dense_twin(cfg.model, "iso_active")}
+    if iso_total:
+        models["dense_iso_total"] = dense_twin(cfg.model, "iso_total")
+    return models
+
+
+def _history(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    return {
+        "steps": [r["step"] for r in train],
+        "tokens": [r["tokens"] for r in train],
+        "loss": [r["lm_loss"] for r in train],  # LM loss only: comparable with validation and with dense
+        "eval_steps": [r["step"] for r in evals],
+        "eval_tokens": [r["tokens"] for r in evals],
+        "val_loss": [r["val_loss"] for r in evals],
+    }
+
+
+def run_compare(cfg: RunConfig, out_dir: str | Path, iso_total: bool = False, command: str = "moelab compare") -> dict:
+    """Train every model of :func:`compare_models`, write ``summary.json`` and ``report.html``; return the summary."""
+    from moelab.report.compare import write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = compare_models(cfg, iso_total)
+    t0 = time.perf_counter()
+    cfg, data = prepare_data(cfg)
+    prep_s = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "command": command,
+        "config": to_dict(cfg),
+        "hardware": describe(cfg.train.device),
+        "data": {
+            "corpus": cfg.data.corpus,
+            "tokenizer": data.tokenizer.kind,
+            "vocab_size": data.tokenizer.vocab_size,
+            "documents": data.num_documents,
+            "train_tokens": data.splits.train.num_tokens,
+            "val_tokens": data.splits.val.num_tokens,
+            "prepare_s": prep_s,
+        },
+        "models": {},
+    }
+    for name, model_cfg in models.items():
+        run_cfg = replace(cfg, name=f"{cfg.name}-{name}", model=replace(model_cfg, vocab_size=data.tokenizer.vocab_size))
+        trainer = Trainer(run_cfg, out / name, data=data)
+        t = time.perf_counter()
+        result = trainer.train()
+        wall = time.perf_counter() - t
+        counts = count_params(trainer.model)
+        records = read_metrics(out / name)
+        last_train = [r for r in records if r.get("kind") == "train"][-1]
+        fpt = train_flops_per_token(run_cfg.model, counts.active, cfg.data.seq_len)
+        summary["models"][name] = {
+            "kind": "moe" if model_cfg.moe is not None else "dense",
+            "ffn_hidden": model_cfg.ffn_hidden,
+            "params_total": counts.total,
+            "params_active": counts.active,
+            "params_embedding": counts.embedding,
+            "final_val_loss": result.loss,
+            "final_val_ppl": result.ppl,
+            "val_tokens_evaluated": result.tokens,
+            "val_loss_by_domain": result.loss_by.get("domain", {}),
+            "val_loss_by_lang": result.loss_by.get("lang", {}),
+            "expert_load": {str(k): v for k, v in result.expert_load.items()},
+            "tokens_per_s": last_train.get("tokens_per_s", 0.0),
+            "train_time_s": last_train.get("train_time_s", 0.0),
+            "wall_s": wall,
+            "tokens": trainer.tokens_seen,
+            "flops_per_token": fpt,
+            "train_flops": fpt * trainer.tokens_seen,
+            "skipped_steps": trainer.bad_total,
+            "history": _history(records),
+        }
+    moe = summary["models"]["moe"]["final_val_loss"]
+    summary["verdict"] = {
+        f"moe_minus_{k}": moe - v["final_val_loss"] for k, v in summary["models"].items() if k != "moe"
+    }
+    summary["wall_s"] = time.perf_counter() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_report(summary, out / "report.html")
+    return summary
+
+
+def parameter_table(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts of a config without training it (used by docs and tests)."""
+    c = count_params(Transformer(cfg))
+    return {"total": c.total, "active": c.active, "embedding": c.embedding}

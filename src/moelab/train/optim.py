@@ -1,0 +1,61 @@
+"""AdamW with the usual exclusions, and the warmup + cosine learning-rate schedule.
+
+Why no weight decay on norms, biases and embeddings: decay pulls weights toward zero, which
+for gains (norm weights, 1 at init), offsets and lookup rows fights the parametrisation rather
+than regularising it (GPT-2/nanoGPT/OLMo practice). Everything with ≥2 dims except the
+embedding decays: attention and FFN matrices, stacked expert weights ``[E, …]`` and routers.
+
+The schedule is a pure function of the step, so resuming needs only the step number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moelab.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and the undecayed rest (norms, biases, embeddings)."""
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            no_decay_ids.update(id(p) for p in module.parameters())
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.dim() < 2 or id(p) in no_decay_ids else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Linear warmup over ``warmup_steps`` (step 0 gets lr/warmup), then a cosine from ``lr`` down
+    to ``lr·min_lr_ratio`` at the last step.
+    """
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,324 @@
+"""The training loop: one optimizer step = ``grad_accum`` micro-batches, then balance, clip, step.
+
+Per step: for each micro-batch, forward (with ``return_routing=True`` when the model has MoE
+layers) under optional bf16 autocast, ``out.total_loss`` (LM loss + weighted aux/z losses)
+divided by ``grad_accum``, backward; then :class:`RoutingStats` of the step go to
+``Balancer.update`` (between backward and the optimizer step, DESIGN.md), gradients are
+clipped and AdamW steps with the warmup+cosine learning rate of that step.
+
+A non-finite loss or gradient norm skips the step (no update, data still consumed, counted);
+``train.max_bad_steps`` in a row stop the run with a :class:`TrainingDiverged` error.
+
+Determinism: the seed fixes model init (``torch.manual_seed(train.seed)`` before building the
+model), the sampler's permutation and dropout; the RNG, optimizer and sampler state go into
+every checkpoint, so a resumed run continues bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moelab.config import RunConfig, to_dict
+from moelab.data.loader import IGNORE_INDEX, Batch, Sampler, eval_batches
+from moelab.data.prepare import PreparedData, prepare_data
+from moelab.errors import UserError
+from moelab.hardware import bf16_is_fast
+from moelab.model.transformer import Transformer
+from moelab.moe.balancing import Balancer
+from moelab.moe.stats import LayerStats, RoutingStats
+from moelab.train.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    read_run_config,
+    save_checkpoint,
+)
+from moelab.train.logging import MetricsLogger, Progress
+from moelab.train.optim import build_optimizer, lr_at, set_lr
+
+
+class TrainingDiverged(UserError):
+    """The loss was not finite for ``train.max_bad_steps`` steps in a row."""
+
+
+@dataclass
+class EvalResult:
+    """Validation loss overall and per label value, and expert load per MoE layer."""
+
+    loss: float
+    tokens: int
+    loss_by: dict[str, dict[str, float]] = field(default_factory=dict)  # label name → value → mean loss
+    expert_load: dict[int, list[float]] = field(default_factory=dict)  # layer → share of assignments per expert
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+
+def merge_stats(parts: list[RoutingStats]) -> RoutingStats:
+    """Sum loads over micro-batches; average the rates."""
+    if len(parts) == 1:
+        return parts[0]
+    layers = {}
+    for i in parts[0].layers:
+        ls = [p.layers[i] for p in parts]
+        layers[i] = LayerStats(
+            load=sum((s.load for s in ls), torch.zeros_like(ls[0].load)),
+            kept_load=sum((s.kept_load for s in ls), torch.zeros_like(ls[0].kept_load)),
+            drop_rate=sum(s.drop_rate for s in ls) / len(ls),
+            mean_top1_prob=sum(s.mean_top1_prob for s in ls) / len(ls),
+        )
+    return RoutingStats(layers)
+
+
+def resolve_precision(precision: str, device: torch.device) -> bool:
+    """Whether to autocast to bf16: ``bf16`` yes, ``fp32`` no, ``auto`` where bf16 is fast."""
+    return precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list[Batch], label_names: dict[str, list[str]], bf16: bool = False) -> EvalResult:
+    """Token-weighted validation loss, per-label-value losses and expert loads."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    sums: dict[str, dict[int, list[float]]] = {k: {} for k in label_names}
+    loads: dict[int, torch.Tensor] = {}
+    has_moe = bool(model.moe_layers)
+    for b in batches:
+        with autocast(device, bf16):
+            out = model(b.input_ids.to(device), return_routing=has_moe)
+        V = out.logits.shape[-1]
+        labels = b.labels.to(device)
+        nll = F.cross_entropy(out.logits.float().view(-1, V), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="none")
+        mask = labels.view(-1) != IGNORE_INDEX
+        total += float(nll[mask].double().sum())
+        count += int(mask.sum())
+        for name, ids_BS in b.label_ids.items():
+            ids = ids_BS.view(-1).to(device)[mask]
+            vals = nll[mask].double()
+            for v in ids.unique().tolist():
+                sel = ids == v
+                acc = sums[name].setdefault(v, [0.0, 0])
+                acc[0] += float(vals[sel].sum())
+                acc[1] += int(sel.sum())
+        if has_moe:
+            for i, s in RoutingStats.from_routing(out.routing).layers.items():
+                loads[i] = loads.get(i, torch.zeros_like(s.load)) + s.load
+    model.train(was_training)
+    loss_by = {
+        name: {label_names[name][v]: acc[0] / acc[1] for v, acc in sorted(per.items()) if acc[1] > 0}
+        for name, per in sums.items()
+    }
+    expert_load = {i: (n.double() / n.sum().clamp_min(1)).tolist() for i, n in loads.items()}
+    return EvalResult(loss=total / max(count, 1), tokens=count, loss_by=loss_by, expert_load=expert_load)
+
+
+class Trainer:
+    """Trains one model of a :class:`RunConfig` into ``run_dir`` (metrics, checkpoints).
+
+    ``data`` lets several runs share one prepared corpus (``moelab compare``); without it the
+    trainer prepares ``cfg.data`` itself. ``model.vocab_size`` is set to the tokenizer's.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, data: PreparedData | None = None) -> None:
+        if data is None:
+            cfg, data = prepare_data(cfg)
+        else:
+            cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size))
+        self.cfg, self.data = cfg, data
+        self.run_dir = Path(run_dir)
+        tc = cfg.train
+        self.device = torch.device(tc.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("train.device=cuda but CUDA is not available: use train.device=cpu")
+        self.bf16 = resolve_precision(tc.precision, self.device)
+        torch.manual_seed(tc.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.balancer = Balancer(self.model)
+        self.sampler = Sampler(data.splits.train.num_blocks, seed=tc.seed)
+        self.val_batches = eval_batches(data.splits.val, tc.batch_size, tc.eval_batches)
+        self.step = 0
+        self.bad_total = 0
+        self.bad_in_a_row = 0
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------ state
+
+    def train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "bad_total": self.bad_total,
+            "bad_in_a_row": self.bad_in_a_row,
+            "tokens_seen": self.tokens_seen,
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(
+            self.run_dir / "checkpoints" / checkpoint_name(self.step),
+            self.model,
+            self.cfg,
+            self.data.tokenizer,
+            self.optimizer,
+            self.train_state(),
+        )
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        return path
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint of ``run_dir``; False when there is none."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        saved = read_run_config(ckpt)
+        if to_dict(saved.model) != to_dict(self.cfg.model) or to_dict(saved.data) != to_dict(self.cfg.data):
+            raise UserError(f"{ckpt} was trained with a different model or data config: resume with the same config")
+        state = load_training_state(ckpt, self.model, self.optimizer)
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.bad_total, self.bad_in_a_row = state["bad_total"], state["bad_in_a_row"]
+        self.tokens_seen = state["tokens_seen"]
+        return True
+
+    # ------------------------------------------------------------------ loop
+
+    def _micro_step(self, batch: Batch, scale: float) -> tuple[torch.Tensor, Any]:
+        has_moe = bool(self.model.moe_layers)
+        with autocast(self.device, self.bf16):
+            out = self.model(
+                batch.input_ids.to(self.device), labels=batch.labels.to(self.device), return_routing=has_moe
+            )
+        loss = out.total_loss
+        if torch.isfinite(loss):
+            (loss * scale).backward()
+        return loss.detach(), out
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns the scalars to log."""
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, lm, aux_vals, stats = [], [], {}, []
+        finite = True
+        for _ in range(tc.grad_accum):
+            batch = self.data.splits.train.batch(self.sampler.next_indices(tc.batch_size))
+            self.tokens_seen += batch.input_ids.numel()
+            loss, out = self._micro_step(batch, 1.0 / tc.grad_accum)
+            finite = finite and bool(torch.isfinite(loss))
+            losses.append(float(loss))
+            lm.append(float(out.loss.detach()))
+            for k, v in out.aux.items():
+                aux_vals.setdefault(k, []).append(float(v.detach()))
+            if out.routing:
+                stats.append(RoutingStats.from_routing(out.routing))
+        grad_norm = float("nan")
+        if finite:
+            routing = merge_stats(stats) if stats else RoutingStats({})
+            self.balancer.update(routing)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if tc.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_total += 1
+            self.bad_in_a_row += 1
+        self.step += 1
+        rec: dict[str, Any] = {
+            "kind": "train",
+            "step": self.step,
+            "loss": sum(losses) / len(losses),
+            "lm_loss": sum(lm) / len(lm),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped": not finite,
+            "bad_steps": self.bad_total,
+            "tokens": self.tokens_seen,
+        }
+        rec.update({k: sum(v) / len(v) for k, v in aux_vals.items()})
+        if stats:
+            rec.update(merge_stats(stats).summary())
+        return rec
+
+    def check_diverged(self) -> None:
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"the loss was not finite for {self.bad_in_a_row} steps in a row (step {self.step}, "
+                f"{self.bad_total} skipped in all): lower train.lr, raise train.warmup_steps or use train.precision=fp32"
+            )
+
+    def evaluate(self) -> EvalResult:
+        return evaluate(self.model, self.val_batches, self.data.splits.val.label_names, self.bf16)
+
+    def train(self, resume: bool = False, stop_at: int | None = None) -> EvalResult:
+        """Train to ``train.steps`` (or stop early at ``stop_at`` with a checkpoint); return the final evaluation."""
+        tc = self.cfg.train
+        resumed = self.resume() if resume else False
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        logger = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if resumed else None)
+        end = tc.steps if stop_at is None else min(stop_at, tc.steps)
+        progress = Progress(end, self.step, self.run_dir.name, tc.progress)
+        self.model.train()
+        train_time, tok0 = 0.0, self.tokens_seen
+        result: EvalResult | None = None
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                train_time += time.perf_counter() - t0
+                if self.step % tc.log_every == 0 or self.step == end or rec["skipped"]:
+                    rec["tokens_per_s"] = (self.tokens_seen - tok0) / train_time if train_time > 0 else 0.0
+                    rec["train_time_s"] = train_time
+                    logger.log(rec)
+                self.check_diverged()
+                progress.update(self.step, f"loss {rec['loss']:.3f}")
+                if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == end:
+                    result = self.evaluate()
+                    logger.log(eval_record(self.step, self.tokens_seen, result))
+                if tc.save_every and self.step % tc.save_every == 0 and self.step != end:
+                    self.save()
+            if result is None:
+                result = self.evaluate()
+            self.save()
+        finally:
+            progress.close()
+            logger.close()
+        return result
+
+
+def eval_record(step: int, tokens: int, r: EvalResult) -> dict[str, Any]:
+    return {
+        "kind": "eval",
+        "step": step,
+        "tokens": tokens,
+        "val_loss": r.loss,
+        "val_ppl": r.ppl,
+        "val_tokens": r.tokens,
+        "val_loss_by": r.loss_by,
+        "expert_load": {str(k): v for k, v in r.expert_load.items()},
+    }
+
