@@ -13,7 +13,7 @@ from moelab.model.transformer import Transformer
 from moelab.train.checkpoint import list_checkpoints
 from moelab.train.logging import read_metrics
 from moelab.train.optim import lr_at, param_groups
-from moelab.train.trainer import Trainer, TrainingDiverged, evaluate
+from moelab.train.trainer import RouterHealthWarning, Trainer, TrainingDiverged, evaluate
 
 from helpers import tiny_config, tiny_moe
 
@@ -158,3 +158,23 @@ def test_bf16_autocast_trains_and_auto_follows_the_hardware(tmp_path, data, monk
     result = trainer.train()
     assert math.isfinite(result.loss)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a bf16 model
+
+
+def test_router_health_is_logged_and_a_collapse_warns_once(tmp_path, data) -> None:
+    # A 1% threshold makes any router "collapsed" after one step: the warning path must fire, once per layer.
+    cfg = _cfg(steps=3)
+    cfg = RunConfig(
+        name=cfg.name,
+        model=tiny_config(moe=tiny_moe(health_collapse_share=0.01, health_collapse_steps=1)),
+        data=cfg.data,
+        train=cfg.train,
+    )
+    trainer = Trainer(cfg, tmp_path, data=data)
+    with pytest.warns(RouterHealthWarning, match="router collapse in MoE layer") as caught:
+        trainer.train()
+    collapse = [w for w in caught if "router collapse" in str(w.message)]
+    assert len(collapse) == len(trainer.model.moe_layers)
+    rec = _train_records(tmp_path)[-1]
+    for i in range(len(trainer.model.moe_layers)):
+        assert 0.0 < rec[f"moe/layer{i}/max_load"] <= 1.0
+        assert 0.0 <= rec[f"moe/layer{i}/load_entropy"] <= 1.0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from moelab.errors import UserError
 from moelab.hardware import bf16_is_fast
 from moelab.model.transformer import Transformer
 from moelab.moe.balancing import Balancer
-from moelab.moe.stats import LayerStats, RoutingStats
+from moelab.moe.health import RouterHealth
+from moelab.moe.stats import RoutingStats
 from moelab.train.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -44,6 +46,10 @@ from moelab.train.checkpoint import (
 )
 from moelab.train.logging import MetricsLogger, Progress
 from moelab.train.optim import build_optimizer, lr_at, set_lr
+
+
+class RouterHealthWarning(UserWarning):
+    """A router collapsed or experts died (see :class:`moelab.moe.health.RouterHealth`)."""
 
 
 class TrainingDiverged(UserError):
@@ -62,22 +68,6 @@ class EvalResult:
     @property
     def ppl(self) -> float:
         return math.exp(min(self.loss, 50.0))
-
-
-def merge_stats(parts: list[RoutingStats]) -> RoutingStats:
-    """Sum loads over micro-batches; average the rates."""
-    if len(parts) == 1:
-        return parts[0]
-    layers = {}
-    for i in parts[0].layers:
-        ls = [p.layers[i] for p in parts]
-        layers[i] = LayerStats(
-            load=sum((s.load for s in ls), torch.zeros_like(ls[0].load)),
-            kept_load=sum((s.kept_load for s in ls), torch.zeros_like(ls[0].kept_load)),
-            drop_rate=sum(s.drop_rate for s in ls) / len(ls),
-            mean_top1_prob=sum(s.mean_top1_prob for s in ls) / len(ls),
-        )
-    return RoutingStats(layers)
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
@@ -153,6 +143,7 @@ class Trainer:
         self.model = Transformer(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, tc)
         self.balancer = Balancer(self.model)
+        self.health = RouterHealth(cfg.model.moe) if cfg.model.moe is not None else None
         self.sampler = Sampler(data.splits.train.num_blocks, seed=tc.seed)
         self.val_batches = eval_batches(data.splits.val, tc.batch_size, tc.eval_batches)
         self.step = 0
@@ -231,8 +222,8 @@ class Trainer:
             if out.routing:
                 stats.append(RoutingStats.from_routing(out.routing))
         grad_norm = float("nan")
+        routing = sum(stats[1:], stats[0]) if stats else RoutingStats({})
         if finite:
-            routing = merge_stats(stats) if stats else RoutingStats({})
             self.balancer.update(routing)
             params = [p for p in self.model.parameters() if p.grad is not None]
             if tc.grad_clip > 0:
@@ -261,7 +252,11 @@ class Trainer:
         }
         rec.update({k: sum(v) / len(v) for k, v in aux_vals.items()})
         if stats:
-            rec.update(merge_stats(stats).summary())
+            rec.update(routing.summary())
+        if self.health is not None and stats:
+            rec.update(self.health.metrics(routing))
+            for message in self.health.observe(self.step, routing):
+                warnings.warn(message, RouterHealthWarning, stacklevel=2)
         return rec
 
     def check_diverged(self) -> None:
