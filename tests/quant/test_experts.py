@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moelab.moe.dispatch import DISPATCHERS
 from moelab.moe.experts import Experts
 from moelab.moe.layer import MoELayer
 from moelab.quant import QuantExperts
+from quant.reference import reference_weight
 
 from helpers import tiny_moe
-from quant.reference import reference_weight
 
 
 def dequantized_experts(q: QuantExperts) -> Experts:
@@ -51,9 +52,11 @@ def test_quantized_experts_are_close_to_the_originals():
     assert err8 < 0.02 and err4 < 0.2 and err8 < err4
 
 
+@pytest.mark.parametrize("dispatch", list(DISPATCHERS))
 @pytest.mark.parametrize("tokens", [1, 7])
-def test_moe_layer_runs_unchanged_with_quantized_experts(tokens):
-    layer = MoELayer(32, tiny_moe(), "swiglu").eval()
+def test_moe_layer_runs_unchanged_with_quantized_experts(tokens, dispatch):
+    """Every registered dispatch backend, T=1 and T>1: quantized = dequantized reference."""
+    layer = MoELayer(32, tiny_moe(dispatch=dispatch), "swiglu").eval()
     layer.experts = QuantExperts.from_experts(layer.experts, 4, 32)
     x = torch.randn(1, tokens, 32)
     with torch.no_grad():
@@ -61,3 +64,13 @@ def test_moe_layer_runs_unchanged_with_quantized_experts(tokens):
         layer.experts = dequantized_experts(layer.experts)
         ref = layer(x).y
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_weights_keep_bf16_scales():
+    experts = Experts(2, 64, 32, "swiglu").to(torch.bfloat16)
+    q = QuantExperts.from_experts(experts, 8)
+    assert q.up[0].scales.dtype == torch.bfloat16
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y, ref = q(x, [2, 1]), experts(x, [2, 1])
+    assert y.dtype == torch.bfloat16
+    assert ((y - ref).float().norm() / ref.float().norm()) < 0.05

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from moelab.config import ConfigError
 from moelab.quant import QuantLinear
-
 from quant.reference import reference_weight
 
 SHAPES = [  # (N outputs, K inputs): K not a multiple of 32 or of the group, odd N, N < 16, tiny

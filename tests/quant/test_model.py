@@ -66,9 +66,9 @@ def test_dense_model_needs_only_all():
 
 
 def test_bad_settings_are_config_errors():
-    with pytest.raises(ConfigError, match="quant.only"):
+    with pytest.raises(ConfigError, match=r"quant\.only"):
         quantize_model(_model(), bits=8, only="attention")
-    with pytest.raises(ConfigError, match="quant.bits"):
+    with pytest.raises(ConfigError, match=r"quant\.bits"):
         quantize_model(_model(), bits=2)
 
 
@@ -126,3 +126,15 @@ def test_cli_subprocess_group_error_is_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "quant.group_size=48" in proc.stderr
+
+
+def test_dequantize_model_gives_the_quantized_outputs():
+    from moelab.quant import dequantize_model
+
+    model = quantize_model(_model(), bits=4, group_size=32, only="all")
+    ids = torch.randint(0, 259, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        dq = dequantize_model(model)
+        assert not any(isinstance(m, (QuantLinear, QuantExperts)) for m in dq.modules())
+        torch.testing.assert_close(dq(ids).logits, expected, atol=1e-4, rtol=1e-4)

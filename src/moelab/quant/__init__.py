@@ -7,7 +7,15 @@ that ``moelab.train.checkpoint.load_model`` loads directly. See docs/quantizatio
 
 from moelab.quant.experts import QuantExperts
 from moelab.quant.linear import QuantLinear
-from moelab.quant.model import prepare_quantized, quantization_record, quantize_model
+from moelab.quant.model import dequantize_model, prepare_quantized, quantization_record, quantize_model
 from moelab.quant.spec import QuantConfig
 
-__all__ = ["QuantConfig", "QuantExperts", "QuantLinear", "prepare_quantized", "quantization_record", "quantize_model"]
+__all__ = [
+    "QuantConfig",
+    "QuantExperts",
+    "QuantLinear",
+    "dequantize_model",
+    "prepare_quantized",
+    "quantization_record",
+    "quantize_model",
+]

@@ -23,7 +23,14 @@ from torch import Tensor, nn
 
 from moelab.quant import kernels
 from moelab.quant.spec import QuantConfig
-from moelab.quant.weights import pad_weight, quantize_int4, quantize_int8, round_up
+from moelab.quant.weights import (
+    dequantize_int4,
+    dequantize_int8,
+    pad_weight,
+    quantize_int4,
+    quantize_int8,
+    round_up,
+)
 
 INT4_N_MULTIPLE = 16
 
@@ -68,7 +75,8 @@ class QuantLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_weight(cls, w_NK: Tensor, bits: int, group_size: int = 32, bias: Tensor | None = None) -> QuantLinear:
-        """Quantize an ``[out, in]`` weight (any float dtype; quantized in fp32)."""
+        """Quantize an ``[out, in]`` weight; integers are computed in fp32, scales kept in ``w``'s
+        dtype (so a bf16 model runs the kernels in bf16)."""
         n, k = w_NK.shape
         mod = cls(k, n, bits, group_size, bias=bias is not None)
         if bits == 8:
@@ -81,7 +89,7 @@ class QuantLinear(nn.Module):
             mod.scales_zeros.copy_(sz)
         if bias is not None:
             mod.bias.copy_(bias.float())
-        return mod.to(w_NK.device)
+        return mod.to(device=w_NK.device, dtype=w_NK.dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 32) -> QuantLinear:
@@ -103,6 +111,14 @@ class QuantLinear(nn.Module):
             self.qweight = kernels.pack_int4(unpack_nibbles(plain), device)
             self.layout = device.type
         return self.qweight
+
+    def dequantized_weight(self) -> Tensor:
+        """ŵ ``[N, K]`` in fp32 (the formulas of ``moelab.quant.weights``, padding cut off)."""
+        n, k = self.out_features, self.in_features
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scales)[:n, :k]
+        q_NK = unpack_nibbles(self.plain_qweight())
+        return dequantize_int4(q_NK, self.scales_zeros, self.group_size)[:n, :k]
 
     # ------------------------------------------------------------------ forward
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from moelab.errors import UserError
@@ -31,9 +32,7 @@ def _targets(model: nn.Module, only: str) -> list[tuple[str, nn.Module]]:
     """Modules to replace: Experts always; with ``only='all'`` every nn.Linear outside routers."""
     found: list[tuple[str, nn.Module]] = []
     for path, mod in model.named_modules():
-        if isinstance(mod, Experts):
-            found.append((path, mod))
-        elif only == "all" and isinstance(mod, nn.Linear) and ".router" not in f".{path}":
+        if isinstance(mod, Experts) or (only == "all" and isinstance(mod, nn.Linear) and ".router" not in f".{path}"):
             found.append((path, mod))
     return found
 
@@ -58,6 +57,31 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 32, only: 
         _set_module(model, path, new)
     model.quant_config = cfg  # type: ignore[assignment]
     return model.eval()
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace quantized modules by full-precision ones holding ŵ, in place (same outputs up to
+    float rounding: the kernels are tested equal to dequantize-then-F.linear). For exporting a
+    quantized model, and for evaluating its quality fast: the weight-only kernels are made for
+    decode-sized batches, not for scoring long sequences."""
+    for path, mod in list(model.named_modules()):
+        if isinstance(mod, QuantExperts):
+            experts = Experts(mod.num_experts, mod.d_model, mod.hidden, mod.activation)
+            for e in range(mod.num_experts):
+                experts.w_up[e] = mod.up[e].dequantized_weight()
+                experts.w_down[e] = mod.down[e].dequantized_weight()
+            _set_module(model, path, experts.to(mod.up[0].qweight.device))
+    for path, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            lin.weight.copy_(mod.dequantized_weight())
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias)
+            _set_module(model, path, lin.to(mod.qweight.device))
+    if hasattr(model, "quant_config"):
+        del model.quant_config
+    return model
 
 
 def quantization_record(model: nn.Module) -> dict[str, Any] | None:
