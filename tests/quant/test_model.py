@@ -138,3 +138,21 @@ def test_dequantize_model_gives_the_quantized_outputs():
         dq = dequantize_model(model)
         assert not any(isinstance(m, (QuantLinear, QuantExperts)) for m in dq.modules())
         torch.testing.assert_close(dq(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prepack_packs_every_int4_weight_without_changing_outputs():
+    from moelab.quant import prepack
+
+    model = quantize_model(_model(), bits=4, group_size=64, only="all")
+    ids = torch.randint(0, 259, (1, 6))
+    int4 = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert int4 and all(m.layout is None for m in int4)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(ids).logits  # packs lazily
+    model2 = quantize_model(_model(), bits=4, group_size=64, only="all")
+    prepack(model2)
+    assert all(m.layout == "cpu" for m in model2.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        assert torch.equal(model2(ids).logits, before)
+    assert all(torch.equal(v, plain[k]) for k, v in model2.state_dict().items())

@@ -7,7 +7,13 @@ that ``moelab.train.checkpoint.load_model`` loads directly. See docs/quantizatio
 
 from moelab.quant.experts import QuantExperts
 from moelab.quant.linear import QuantLinear
-from moelab.quant.model import dequantize_model, prepare_quantized, quantization_record, quantize_model
+from moelab.quant.model import (
+    dequantize_model,
+    prepack,
+    prepare_quantized,
+    quantization_record,
+    quantize_model,
+)
 from moelab.quant.spec import QuantConfig
 
 __all__ = [
@@ -15,6 +21,7 @@ __all__ = [
     "QuantExperts",
     "QuantLinear",
     "dequantize_model",
+    "prepack",
     "prepare_quantized",
     "quantization_record",
     "quantize_model",

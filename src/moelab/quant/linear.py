@@ -105,7 +105,8 @@ class QuantLinear(nn.Module):
         q_NK = kernels.unpack_int4(packed, self.group_size, self.n_padded, self.k_padded)
         return pack_nibbles(q_NK).to(self.qweight.device)
 
-    def _packed_for(self, device: torch.device) -> Tensor:
+    def pack_for(self, device: torch.device) -> Tensor:
+        """The int4 weight in ``device``'s kernel layout, packing (once) if it is not yet."""
         if self.layout != device.type:
             plain = self.plain_qweight()
             self.qweight = kernels.pack_int4(unpack_nibbles(plain), device)
@@ -135,7 +136,7 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             y_MN = kernels.int8_matmul(x_MK.contiguous(), self.qweight, self.scales)
         else:
-            packed = self._packed_for(x_MK.device)
+            packed = self.pack_for(x_MK.device)
             y_MN = kernels.int4_matmul(x_MK.contiguous(), packed, self.group_size, self.scales_zeros)
             y_MN = y_MN[:, : self.out_features]
         if self.bias is not None:

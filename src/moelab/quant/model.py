@@ -60,6 +60,18 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 32, only: 
 
 
 @torch.no_grad()
+def prepack(model: nn.Module) -> nn.Module:
+    """Pack every int4 weight for the device it is on now, instead of on its first call.
+
+    For decode loops and ``torch.compile``: after this, forward never mutates a buffer.
+    """
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.bits == 4:
+            mod.pack_for(mod.qweight.device)
+    return model
+
+
+@torch.no_grad()
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace quantized modules by full-precision ones holding ŵ, in place (same outputs up to
     float rounding: the kernels are tested equal to dequantize-then-F.linear). For exporting a
