@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -144,13 +145,13 @@ def test_prepack_packs_every_int4_weight_without_changing_outputs():
     from moelab.quant import prepack
 
     model = quantize_model(_model(), bits=4, group_size=64, only="all")
+    model2 = copy.deepcopy(model)
     ids = torch.randint(0, 259, (1, 6))
     int4 = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert int4 and all(m.layout is None for m in int4)
     plain = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         before = model(ids).logits  # packs lazily
-    model2 = quantize_model(_model(), bits=4, group_size=64, only="all")
     prepack(model2)
     assert all(m.layout == "cpu" for m in model2.modules() if isinstance(m, QuantLinear))
     with torch.no_grad():
