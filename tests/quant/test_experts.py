@@ -74,3 +74,14 @@ def test_bf16_weights_keep_bf16_scales():
     y, ref = q(x, [2, 1]), experts(x, [2, 1])
     assert y.dtype == torch.bfloat16
     assert ((y - ref).float().norm() / ref.float().norm()) < 0.05
+
+
+def test_reading_stacked_weights_is_a_user_error_and_hasattr_is_false():
+    from moelab.errors import UserError
+
+    q = QuantExperts.from_experts(Experts(2, 32, 32, "swiglu"), 8)
+    assert not hasattr(q, "w_up")
+    with pytest.raises(UserError, match="no stacked w_down"):
+        _ = q.w_down
+    with pytest.raises(AttributeError):
+        _ = q.no_such_thing

@@ -14,8 +14,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moelab.errors import UserError
 from moelab.moe.experts import Experts, activate, up_multiplier
 from moelab.quant.linear import QuantLinear
+
+
+class NoStackedWeightsError(UserError, AttributeError):
+    """Code that reads ``experts.w_up`` / ``w_down`` met quantized experts.
+
+    A UserError so the CLI prints one actionable line; an AttributeError so ``hasattr`` and
+    ``getattr(..., default)`` still answer "no such attribute".
+    """
 
 
 class QuantExperts(nn.Module):
@@ -40,6 +49,15 @@ class QuantExperts(nn.Module):
             q.up[e] = QuantLinear.from_weight(experts.w_up[e].detach(), bits, group_size)
             q.down[e] = QuantLinear.from_weight(experts.w_down[e].detach(), bits, group_size)
         return q
+
+    def __getattr__(self, name: str):
+        if name in ("w_up", "w_down"):
+            raise NoStackedWeightsError(
+                f"quantized experts (int{self.bits}) have no stacked {name} tensor: this path (e.g. expert "
+                "offloading or a grouped-matmul dispatch) needs full-precision experts; use the unquantized "
+                "checkpoint, or quantize with a scope that leaves the experts alone"
+            )
+        return super().__getattr__(name)
 
     def forward_expert(self, e: int, x_nD: Tensor) -> Tensor:
         """One expert on its rows: ``[n, D] → [n, D]``."""
