@@ -689,6 +689,23 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder, or a run folder (its newest complete checkpoint)")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8: per output channel; 4: group-wise")
+    p.add_argument("--group", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
+    p.add_argument("--only", choices=["experts", "all"], default="experts", help="experts only, or every linear")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the quantized checkpoint to")
+
+
+@command("quantize", "write a weight-only int8/int4 copy of a checkpoint (loads wherever checkpoints load)", _add_quantize_args)
+def _run_quantize(args: argparse.Namespace) -> int:
+    from moelab.quant.convert import quantize_checkpoint
+
+    report = quantize_checkpoint(args.ckpt, args.out, bits=args.bits, group_size=args.group, only=args.only)
+    print(report.summary())
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

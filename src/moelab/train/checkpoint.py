@@ -147,6 +147,10 @@ def save_checkpoint(
     tokenizer.save(tmp / "tokenizer.json")
     tensors = rng_state()
     meta: dict[str, Any] = {"train_state": train_state or {}}
+    from moelab.quant.model import quantization_record  # quantized modules: how to rebuild them on load
+
+    if (quant := quantization_record(model)) is not None:
+        meta["quantization"] = quant
     if optimizer is not None:
         opt_tensors, opt_meta = _optimizer_state(optimizer)
         tensors.update(opt_tensors)
@@ -318,6 +322,14 @@ def _encoder_decoder(ckpt: Path) -> nn.Module | None:
         raise UserError(f"{ckpt / 'config.yaml'}: {exc}") from None
 
 
+def _quantization(ckpt: Path) -> dict[str, Any] | None:
+    """The ``quantization`` record in ``state.json`` (see ``moelab.quant.model``), or None."""
+    try:
+        return json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("quantization")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """``(Transformer, Tokenizer)`` from a checkpoint folder or a run folder (newest complete checkpoint).
 
@@ -332,6 +344,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model = _encoder_decoder(ckpt)
     if model is None:
         model = Transformer(read_run_config(ckpt).model)
+    quant = _quantization(ckpt)
+    if quant is not None:  # written by `moelab quantize`: rebuild the quantized modules before loading
+        from moelab.quant.model import prepare_quantized
+
+        prepare_quantized(model, quant)
     load_weights(model, ckpt, device)
     model.to(device).eval()
     return model, load_tokenizer(ckpt / "tokenizer.json")

@@ -1,0 +1,162 @@
+"""QuantLinear: a drop-in, inference-only replacement for ``nn.Linear`` with int8/int4 weights.
+
+Buffers (what ``state_dict`` holds; safetensors-friendly, device-independent):
+- int8: ``qweight`` int8 ``[N, Kp]``, ``scales`` ``[N]``.
+- int4: ``qweight`` uint8 ``[Np, Kp/2]`` holding plain nibbles (column 2j in the low nibble of
+  byte j, 2j+1 in the high one) and ``scales_zeros`` ``[Kp/group, Np, 2]``.
+- ``bias`` ``[N]`` when the layer had one.
+
+In memory an int4 ``qweight`` is kept in the layout of its device's kernel (same shape and
+size; the layouts are private to each kernel): a state-dict hook turns it back into plain
+nibbles on save, a load pre-hook packs on load, and a first call on another device repacks.
+Floating buffers follow ``model.to(dtype)``; the kernel runs in the scales' dtype (x is cast to
+it and the output cast back to x's dtype).
+
+Legend: M rows, K inputs, N outputs, Np/Kp padded (see ``moelab.quant.weights``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.quant import kernels
+from moelab.quant.spec import QuantConfig
+from moelab.quant.weights import (
+    dequantize_int4,
+    dequantize_int8,
+    pad_weight,
+    quantize_int4,
+    quantize_int8,
+    round_up,
+)
+
+INT4_N_MULTIPLE = 16
+
+
+def pack_nibbles(q_NK: Tensor) -> Tensor:
+    """uint8 values 0..15 ``[N, K]`` (K even) → ``[N, K/2]``, column 2j low, 2j+1 high."""
+    q = q_NK.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(b_NK2: Tensor) -> Tensor:
+    return torch.stack([b_NK2 & 15, b_NK2 >> 4], dim=-1).reshape(b_NK2.shape[0], -1)
+
+
+class QuantLinear(nn.Module):
+    """``y = x · ŵᵀ (+ b)`` with ŵ stored as int8 (per output channel) or int4 (group-wise)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bits: int, group_size: int = 32, bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.spec = QuantConfig(bits=bits, group_size=group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.k_padded = round_up(in_features, self.spec.k_multiple)
+        self.group_size = group_size
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, self.k_padded, dtype=torch.int8))
+            self.register_buffer("scales", torch.zeros(out_features))
+        else:
+            self.n_padded = round_up(out_features, INT4_N_MULTIPLE)
+            self.register_buffer("qweight", torch.zeros(self.n_padded, self.k_padded // 2, dtype=torch.uint8))
+            self.register_buffer("scales_zeros", torch.zeros(self.k_padded // group_size, self.n_padded, 2))
+            self.layout: str | None = None  # device type qweight is packed for; None = plain nibbles
+            self.register_state_dict_post_hook(_int4_state_dict_hook)
+            self.register_load_state_dict_pre_hook(_int4_load_hook)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, w_NK: Tensor, bits: int, group_size: int = 32, bias: Tensor | None = None) -> QuantLinear:
+        """Quantize an ``[out, in]`` weight; integers are computed in fp32, scales kept in ``w``'s
+        dtype (so a bf16 model runs the kernels in bf16)."""
+        n, k = w_NK.shape
+        mod = cls(k, n, bits, group_size, bias=bias is not None)
+        if bits == 8:
+            q, s = quantize_int8(pad_weight(w_NK, 1, mod.spec.k_multiple))
+            mod.qweight.copy_(q)
+            mod.scales.copy_(s)
+        else:
+            q, sz = quantize_int4(pad_weight(w_NK, INT4_N_MULTIPLE, mod.spec.k_multiple), group_size)
+            mod.qweight.copy_(pack_nibbles(q))
+            mod.scales_zeros.copy_(sz)
+        if bias is not None:
+            mod.bias.copy_(bias.float())
+        return mod.to(device=w_NK.device, dtype=w_NK.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 32) -> QuantLinear:
+        return cls.from_weight(linear.weight.detach(), bits, group_size, linear.bias)
+
+    # ------------------------------------------------------------------ int4 layouts
+
+    def plain_qweight(self) -> Tensor:
+        """The int4 weight as plain nibbles ``[Np, Kp/2]`` whatever the in-memory layout."""
+        if self.layout is None:
+            return self.qweight
+        packed = self.qweight.to(self.layout)  # a move keeps the old device's layout
+        q_NK = kernels.unpack_int4(packed, self.group_size, self.n_padded, self.k_padded)
+        return pack_nibbles(q_NK).to(self.qweight.device)
+
+    def pack_for(self, device: torch.device) -> Tensor:
+        """The int4 weight in ``device``'s kernel layout, packing (once) if it is not yet."""
+        if self.layout != device.type:
+            plain = self.plain_qweight()
+            self.qweight = kernels.pack_int4(unpack_nibbles(plain), device)
+            self.layout = device.type
+        return self.qweight
+
+    def dequantized_weight(self) -> Tensor:
+        """ŵ ``[N, K]`` in fp32 (the formulas of ``moelab.quant.weights``, padding cut off)."""
+        n, k = self.out_features, self.in_features
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scales)[:n, :k]
+        q_NK = unpack_nibbles(self.plain_qweight())
+        return dequantize_int4(q_NK, self.scales_zeros, self.group_size)[:n, :k]
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., K] → [..., N]``."""
+        lead = x.shape[:-1]
+        x_MK = x.reshape(-1, self.in_features)
+        scales = self.scales if self.bits == 8 else self.scales_zeros
+        if x_MK.shape[0] == 0:
+            return x.new_zeros(*lead, self.out_features)
+        x_MK = x_MK.to(scales.dtype)
+        if self.k_padded != self.in_features:
+            x_MK = F.pad(x_MK, (0, self.k_padded - self.in_features))
+        if self.bits == 8:
+            y_MN = kernels.int8_matmul(x_MK.contiguous(), self.qweight, self.scales)
+        else:
+            packed = self.pack_for(x_MK.device)
+            y_MN = kernels.int4_matmul(x_MK.contiguous(), packed, self.group_size, self.scales_zeros)
+            y_MN = y_MN[:, : self.out_features]
+        if self.bias is not None:
+            y_MN = y_MN + self.bias.to(y_MN.dtype)
+        return y_MN.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+
+def _int4_state_dict_hook(module: QuantLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """Save plain nibbles, not a kernel's private layout."""
+    key = prefix + "qweight"
+    if key in state_dict and module.layout is not None:
+        state_dict[key] = module.plain_qweight().detach()
+
+
+def _int4_load_hook(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
+    """Loaded weights are plain nibbles: the module's qweight becomes plain too (packed on first use)."""
+    if prefix + "qweight" in state_dict:
+        module.qweight = torch.empty_like(module.qweight, device=module.qweight.device)
+        module.layout = None
