@@ -665,6 +665,7 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     add_run_config_args(p)
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare-<name>)")
     p.add_argument("--iso-total", action="store_true", help="also train the iso-total dense twin (same total parameters)")
+    p.add_argument("--no-analysis", action="store_true", help="skip the routing analysis of the MoE (analysis/ + report sections)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -683,7 +684,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     argv = [a for a in sys.argv[1:] if a != "--no-progress"] if sys.argv[0].endswith(("moelab", "__main__.py")) else []
     command_line = "moelab " + " ".join(shlex.quote(a) for a in argv) if argv else "moelab compare"
     with _warnings_as_lines():
-        summary = run_compare(cfg, out, iso_total=args.iso_total, command=command_line)
+        summary = run_compare(cfg, out, iso_total=args.iso_total, command=command_line, analysis=not args.no_analysis)
     print_table(summary)
     print(f"report: {out}/report.html  summary: {out}/summary.json")
     return 0

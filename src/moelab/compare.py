@@ -59,8 +59,17 @@ def _history(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     }
 
 
-def run_compare(cfg: RunConfig, out_dir: str | Path, iso_total: bool = False, command: str = "moelab compare") -> dict:
-    """Train every model of :func:`compare_models`, write ``summary.json`` and ``report.html``; return the summary."""
+def run_compare(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    iso_total: bool = False,
+    command: str = "moelab compare",
+    analysis: bool = True,
+) -> dict:
+    """Train every model of :func:`compare_models`, write ``summary.json`` and ``report.html``; return the summary.
+
+    With ``analysis`` the MoE's routing is analysed too (``analysis/``, embedded in the report).
+    """
     from moelab.report.compare import write_report
 
     out = Path(out_dir)
@@ -120,9 +129,16 @@ def run_compare(cfg: RunConfig, out_dir: str | Path, iso_total: bool = False, co
     summary["verdict"] = {
         f"moe_minus_{k}": moe - v["final_val_loss"] for k, v in summary["models"].items() if k != "moe"
     }
+    sections_html = ""
+    if analysis:
+        from moelab.report.compare_analysis import run_compare_analysis
+
+        found = run_compare_analysis(out, cfg.data.corpus, cfg.data.seq_len)
+        sections_html = found.pop("sections_html")
+        summary["analysis"] = found
     summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    write_report(summary, out / "report.html")
+    write_report(summary, out / "report.html", analysis_html=sections_html)
     return summary
 
 

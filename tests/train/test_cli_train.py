@@ -62,7 +62,11 @@ def test_compare_smoke_writes_report_and_summary(tmp_path, capsys) -> None:
         models["moe"]["final_val_loss"] - models["dense_iso_active"]["final_val_loss"]
     )
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # four plots, embedded
+    assert html.count("data:image/png;base64,") >= 4 + 3  # compare's four plots + analysis plots, embedded
+    assert "Routing analysis of the MoE" in html and "analysis/report.html" in html
+    analysis = json.loads((out / "analysis" / "analysis.json").read_text())
+    assert set(analysis["specialization"]) == set(summary["analysis"]["specialization"])
+    assert (out / "analysis" / "report.html").is_file()
     assert 'src="http' not in html and "dense_iso_active" in html
     assert f"{models['moe']['final_val_loss']:.4f}" in html
 

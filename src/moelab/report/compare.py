@@ -12,6 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import markupsafe
+
 COLORS = {"moe": "#d62728", "dense_iso_active": "#1f77b4", "dense_iso_total": "#2ca02c"}
 
 
@@ -98,13 +100,18 @@ def make_plots(summary: dict[str, Any]) -> dict[str, str]:
     return plots
 
 
-def write_report(summary: dict[str, Any], path: str | Path) -> Path:
-    """Render ``templates/compare.html.j2`` with the summary and its plots into ``path``."""
+def write_report(summary: dict[str, Any], path: str | Path, analysis_html: str = "") -> Path:
+    """Render ``templates/compare.html.j2`` with the summary and its plots into ``path``.
+
+    ``analysis_html`` is the routing-analysis fragment (``moelab.analysis.report.render_sections_html``).
+    """
     import jinja2
 
     template = resources.files("moelab.report").joinpath("templates/compare.html.j2").read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    html = env.from_string(template).render(s=summary, plots=make_plots(summary), rows=table_rows(summary))
+    html = env.from_string(template).render(
+        s=summary, plots=make_plots(summary), rows=table_rows(summary), analysis_html=markupsafe.Markup(analysis_html)
+    )
     p = Path(path)
     p.write_text(html, encoding="utf-8")
     return p
