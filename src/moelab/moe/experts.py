@@ -8,7 +8,13 @@ conversion is a reshape, not a transpose:
 Experts know nothing of routing: they take rows already grouped by expert and the count of
 rows per expert, and return one output row per input row.
 
-Legend: E experts, D model dim, F expert hidden, R routed rows (kept assignments).
+Besides the per-expert reference (``forward_expert``) and the loop over contiguous slices
+(``forward``), two batched forms serve the faster dispatch backends: ``forward_grouped``
+(``F.grouped_mm`` over rows grouped by expert) and ``forward_padded`` (``bmm`` over a
+capacity buffer ``[E, C, D]``). All four compute the same function.
+
+Legend: E experts, D model dim, F expert hidden, R routed rows (kept assignments), C capacity
+(rows per expert in a padded buffer).
 """
 
 from __future__ import annotations
@@ -28,6 +34,22 @@ def activate(h: Tensor, activation: str) -> Tensor:
 
 def up_multiplier(activation: str) -> int:
     return 2 if activation == "swiglu" else 1
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: the autocast dtype where autocast is on, else ``x.dtype``.
+
+    Why: ``F.grouped_mm`` is not on autocast's cast list, so its callers cast by hand.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def grouped_mm_available() -> bool:
+    """``F.grouped_mm`` exists in this torch (2.8+)."""
+    return hasattr(F, "grouped_mm")
 
 
 class Experts(nn.Module):
@@ -69,6 +91,36 @@ class Experts(nn.Module):
         if not outs:
             return x_RD.new_zeros(0, self.d_model)
         return torch.cat(outs, dim=0)
+
+    def grouped_mm_supported(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether ``forward_grouped`` can run: ``F.grouped_mm`` needs every row stride to be a
+        multiple of 16 bytes (D and F), and on CUDA bf16 operands."""
+        if not grouped_mm_available():
+            return False
+        size = torch.empty((), dtype=dtype).element_size()
+        if (self.d_model * size) % 16 or (self.hidden * size) % 16:
+            return False
+        return device.type == "cpu" or dtype == torch.bfloat16
+
+    def forward_grouped(self, x_RD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """Rows grouped by expert → ``[R, D]`` with two ``F.grouped_mm`` calls.
+
+        Inputs and weights are cast to the compute dtype (autocast's, where on) because
+        ``grouped_mm`` is not autocast-aware; offsets are int32 cumulative row counts.
+        """
+        dtype = compute_dtype(x_RD)
+        offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+        w_up_EDH = self.w_up.to(dtype).transpose(1, 2)
+        w_down_EFD = self.w_down.to(dtype).transpose(1, 2)
+        h_RH = F.grouped_mm(x_RD.to(dtype).contiguous(), w_up_EDH, offs=offs_E)
+        a_RF = activate(h_RH, self.activation).contiguous()
+        return F.grouped_mm(a_RF, w_down_EFD, offs=offs_E)
+
+    def forward_padded(self, x_ECD: Tensor) -> Tensor:
+        """A capacity buffer ``[E, C, D] → [E, C, D]`` with two batched matmuls (padding rows
+        are zeros in and come out as zeros for SwiGLU/GELU without bias)."""
+        h_ECH = torch.bmm(x_ECD, self.w_up.transpose(1, 2))
+        return torch.bmm(activate(h_ECH, self.activation), self.w_down.transpose(1, 2))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}"
