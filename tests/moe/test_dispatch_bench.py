@@ -76,8 +76,14 @@ def test_model_step_reports_both_twins() -> None:
 
 def test_report_lists_targets() -> None:
     rec = bench_layer(LayerShape(8, 2, 1024, 32, 16), torch.float32, CPU, ["auto"], repeats=1, hf=False)
-    md = to_markdown({"date": "d", "machine": {"device": "cpu", "torch": "t", "threads": 1}, "matmul_gflops": {"fp32": 1.0},
-                      "layer": [rec]})
+    md = to_markdown(
+        {
+            "date": "d",
+            "machine": {"device": "cpu", "torch": "t", "threads": 1},
+            "matmul_gflops": {"fp32": 1.0},
+            "layer": [rec],
+        }
+    )
     assert "E8k2/h1024 float32 MoE/dense | ≤ 1.05" in md
 
 
@@ -90,8 +96,22 @@ def test_cli_bench_writes_json_and_markdown(tmp_path, monkeypatch) -> None:
     import moelab.benchmarks.runner as runner
 
     monkeypatch.setattr(runner, "ISSUE_SHAPES", ((4, 2, 16),))
-    code = main(["bench", "--quick", "--tokens", "16", "--repeats", "1", "--dtype", "fp32", "--no-model",
-                 "--no-hf", "--out", str(tmp_path)])
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--tokens",
+            "16",
+            "--repeats",
+            "1",
+            "--dtype",
+            "fp32",
+            "--no-model",
+            "--no-hf",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     [js] = tmp_path.glob("quick-*.json")
     data = json.loads(js.read_text())

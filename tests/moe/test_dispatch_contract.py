@@ -60,7 +60,11 @@ Case = Callable[[torch.Generator], tuple]
 CASES: dict[str, tuple[int, int, Case]] = {
     "topk": (13, 4, lambda g: (*topk_assignments(13, 4, 2, g), None)),
     "T=1": (1, 4, lambda g: (*topk_assignments(1, 4, 2, g), None)),
-    "empty_expert": (9, 4, lambda g: (torch.arange(9).repeat_interleave(2), torch.tensor([0, 1, 3] * 6), None)),
+    "empty_expert": (
+        9,
+        4,
+        lambda g: (torch.arange(9).repeat_interleave(2), torch.tensor([0, 1, 3] * 6), None),
+    ),
     "one_expert": (7, 4, lambda g: (torch.arange(7), torch.full((7,), 2), None)),
     "k=E": (6, 4, lambda g: (*topk_assignments(6, 4, 4, g), None)),
     "dropped": (11, 4, lambda g: (*topk_assignments(11, 4, 2, g), torch.rand(22, generator=g) < 0.6)),
@@ -78,8 +82,13 @@ CASES: dict[str, tuple[int, int, Case]] = {
 
 
 def run(
-    backend: str, case: str, activation: str = "swiglu", D: int = 32, F: int = 24,
-    bf16: bool = False, non_contiguous: bool = False,
+    backend: str,
+    case: str,
+    activation: str = "swiglu",
+    D: int = 32,
+    F: int = 24,
+    bf16: bool = False,
+    non_contiguous: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Output and gradients of one backend on one case (same seed → same weights and inputs)."""
     T, E, make = CASES[case]

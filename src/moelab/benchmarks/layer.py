@@ -157,5 +157,10 @@ def bench_layer(
             **({"fwd_s": f[name], "fwd_vs_dense": f[name] / f["dense"]} if name in f else {}),
             **memory[name],
         }
-    return {"shape": asdict(shape), "name": shape.name, "dtype": str(dtype).removeprefix("torch."),
-            "rows": rows, "errors": errors}
+    return {
+        "shape": asdict(shape),
+        "name": shape.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "rows": rows,
+        "errors": errors,
+    }

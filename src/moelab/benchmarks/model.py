@@ -36,12 +36,20 @@ def training_step_fn(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype,
 
 
 def bench_model(
-    preset_name: str, batch: int, seq: int, dtype: torch.dtype, device: torch.device, repeats: int, dispatch: str = "auto"
+    preset_name: str,
+    batch: int,
+    seq: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int,
+    dispatch: str = "auto",
 ) -> dict[str, object]:
     """tokens/s of one training step of the MoE preset (``dispatch`` backend) and its dense twin."""
     moe_cfg = preset(preset_name)
     assert moe_cfg.moe is not None
-    moe_cfg = replace(moe_cfg, moe=replace(moe_cfg.moe, dispatch=dispatch), max_seq_len=max(seq, moe_cfg.max_seq_len))
+    moe_cfg = replace(
+        moe_cfg, moe=replace(moe_cfg.moe, dispatch=dispatch), max_seq_len=max(seq, moe_cfg.max_seq_len)
+    )
     dense_cfg = dense_twin(moe_cfg)
     moe_step, moe_model = training_step_fn(moe_cfg, batch, seq, dtype, device)
     dense_step, dense_model = training_step_fn(dense_cfg, batch, seq, dtype, device)

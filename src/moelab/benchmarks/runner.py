@@ -68,7 +68,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         shape = LayerShape(E, K, F, opts.d_model, opts.n_tokens)
         for name, dt in dtypes.items():
             log(f"layer {shape.name} {name}")
-            layers.append(bench_layer(shape, dt, device, list(opts.backends), opts.n_repeats, opts.hf, not opts.quick))
+            layers.append(
+                bench_layer(shape, dt, device, list(opts.backends), opts.n_repeats, opts.hf, not opts.quick)
+            )
     result["layer"] = layers
 
     if opts.sweep if opts.sweep is not None else not opts.quick:
@@ -78,7 +80,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
             shape = LayerShape(E, 2, 1024, opts.d_model, opts.n_tokens)
             for name, dt in dtypes.items():
                 log(f"sweep {shape.name} {name}")
-                sweep.append(bench_layer(shape, dt, device, backends, opts.n_repeats, hf=False, forward_only_too=False))
+                sweep.append(
+                    bench_layer(shape, dt, device, backends, opts.n_repeats, hf=False, forward_only_too=False)
+                )
         result["sweep"] = sweep
 
     if opts.skew:
@@ -88,7 +92,10 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         for name, dt in dtypes.items():
             log(f"skew {shape.name} {name}")
             skews = list(SKEWS[:2] if opts.quick else SKEWS)
-            result["skew"][name] = {"shape": shape.name, "rows": bench_skew(shape, dt, device, skews, skew_backends, opts.n_repeats)}
+            result["skew"][name] = {
+                "shape": shape.name,
+                "rows": bench_skew(shape, dt, device, skews, skew_backends, opts.n_repeats),
+            }
 
     if opts.model:
         runs = [("tiny", 4, 128)] if opts.quick else [("tiny", 8, 256), ("small", 2, 1024)]

@@ -36,7 +36,12 @@ def biased_decision(x_TD: Tensor, gate_ED: Tensor, skew: float, top_k: int) -> R
 
 
 def bench_skew(
-    shape: LayerShape, dtype: torch.dtype, device: torch.device, skews: list[float], backends: list[str], repeats: int
+    shape: LayerShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    skews: list[float],
+    backends: list[str],
+    repeats: int,
 ) -> list[dict[str, object]]:
     torch.manual_seed(0)
     experts = Experts(shape.num_experts, shape.d_model, shape.expert_hidden, "swiglu").to(device)
@@ -58,16 +63,20 @@ def bench_skew(
                     gate.grad = None
                     x = x0.detach().requires_grad_()
                     with autocast_for(dtype, device):
-                        d = apply_capacity(biased_decision(x, gate, skew, shape.top_k), capacity, "position", shape.top_k)
+                        d = apply_capacity(
+                            biased_decision(x, gate, skew, shape.top_k), capacity, "position", shape.top_k
+                        )
                         y = DISPATCHERS[name](x, d, experts)
                     (y.float() * g).sum().backward()
 
                 fns[f"{name}{'' if capacity is None else '@cf1.25'}"] = step
         times = interleaved(fns, repeats=repeats, device=device)
-        rows.append({
-            "skew": skew,
-            "max_over_mean_load": float(load_E.max() / load_E.mean()),
-            "drop_rate_cf1.25": float(capped.drop_rate),
-            "fwdbwd_s": times,
-        })
+        rows.append(
+            {
+                "skew": skew,
+                "max_over_mean_load": float(load_E.max() / load_E.mean()),
+                "drop_rate_cf1.25": float(capped.drop_rate),
+                "fwdbwd_s": times,
+            }
+        )
     return rows

@@ -30,7 +30,7 @@ def interleaved(
             fns[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             synchronize(device)
             start = time.perf_counter()
