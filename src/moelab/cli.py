@@ -122,6 +122,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", dest="dtypes", action="append", choices=["fp32", "bf16"], help="repeatable; default both")
     p.add_argument("--tokens", type=int, help="tokens per layer call (default 512 quick, 4096 full)")
     p.add_argument("--repeats", type=int, help="timed rounds per candidate (default 3 quick, 5 full)")
+    p.add_argument("--d-model", type=int, default=512, help="model dim of the layer benchmarks (default 512)")
     p.add_argument("--backend", dest="backends", action="append", metavar="NAME", help="dispatch backends (repeatable; default all)")
     p.add_argument("--skew", action="store_true", help="also run a biased router: time and drop rate as balance worsens")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' Mixtral block")
@@ -155,6 +156,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         quick=args.quick,
         dtypes=tuple(dict.fromkeys(args.dtypes or ["fp32", "bf16"])),
         tokens=args.tokens,
+        d_model=args.d_model,
         repeats=args.repeats,
         backends=tuple(args.backends or DISPATCHERS),
         hf=not args.no_hf,

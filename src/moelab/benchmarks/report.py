@@ -104,6 +104,12 @@ def to_markdown(result: dict, command: str = "moelab bench") -> str:
         "",
     ]
     lines += layer_tables(result["layer"], "MoE layer vs iso-active dense twin")
+    if "gpu_peak_bf16_tflops" in result:
+        lines += [f"MFU against {result['gpu_peak_bf16_tflops']:.0f} TFLOP/s bf16 peak:", ""]
+        for rec in result["layer"]:
+            mfu = ", ".join(f"{n} {r['mfu']:.1%}" for n, r in rec["rows"].items())
+            lines.append(f"- {rec['name']} {rec['dtype']}: {mfu}")
+        lines.append("")
     lines += target_lines(result["layer"])
     if "sweep" in result:
         lines += layer_tables(result["sweep"], "Sweep over E at fixed active FLOPs (k=2, h=1024)")

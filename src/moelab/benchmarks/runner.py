@@ -25,6 +25,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ISSUE_SHAPES = ((8, 2, 1024), (64, 8, 256))  # (E, K, F) at D=512: coarse and fine-grained
 SWEEP_EXPERTS = (4, 8, 16, 32, 64)  # k=2, F=1024: the same active FLOPs, more total parameters
 SKEWS = (0.0, 1.0, 2.0, 4.0)
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by GPU name, for MFU; None where unknown.
+GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def gpu_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,12 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
                 bench_layer(shape, dt, device, list(opts.backends), opts.n_repeats, opts.hf, not opts.quick)
             )
     result["layer"] = layers
+    peak = gpu_peak_tflops(device)
+    if peak is not None:  # MFU of the dense twin and of every MoE candidate, bf16 peak
+        result["gpu_peak_bf16_tflops"] = peak
+        for rec in layers:
+            for row in rec["rows"].values():
+                row["mfu"] = row["fwdbwd_gflops"] / (peak * 1e3)
 
     if opts.sweep if opts.sweep is not None else not opts.quick:
         sweep = []

@@ -32,6 +32,37 @@ def activate(h: Tensor, activation: str) -> Tensor:
     return F.gelu(h)
 
 
+class _SwiGLURecompute(torch.autograd.Function):
+    """``silu(gate) · up`` that saves only its input ``h = [gate | up]`` for the backward.
+
+    Why: plain autograd also keeps ``silu(gate)`` (``[R, F]``), a quarter of an expert's
+    activation memory (h: 2F, silu: F, the down projection's input: F per row); recomputing it
+    in the backward costs one elementwise op. The gate gradient uses ATen's fused
+    ``silu_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        d_up = grad * F.silu(gate)
+        return torch.cat([d_gate, d_up], dim=-1)
+
+
+def activate_lean(h: Tensor, activation: str) -> Tensor:
+    """:func:`activate` with the memory-lean SwiGLU backward (same values and gradients)."""
+    if activation == "swiglu" and torch.is_grad_enabled() and h.requires_grad:
+        return _SwiGLURecompute.apply(h)
+    return activate(h, activation)
+
+
 def up_multiplier(activation: str) -> int:
     return 2 if activation == "swiglu" else 1
 
@@ -87,7 +118,7 @@ class Experts(nn.Module):
         for x_nD, w_up, w_down, n in zip(pieces, self.w_up.unbind(0), self.w_down.unbind(0), tokens_per_expert_E):
             if n == 0:
                 continue
-            outs.append(F.linear(activate(F.linear(x_nD, w_up), self.activation), w_down))
+            outs.append(F.linear(activate_lean(F.linear(x_nD, w_up), self.activation), w_down))
         if not outs:
             return x_RD.new_zeros(0, self.d_model)
         return torch.cat(outs, dim=0)
@@ -113,14 +144,14 @@ class Experts(nn.Module):
         w_up_EDH = self.w_up.to(dtype).transpose(1, 2)
         w_down_EFD = self.w_down.to(dtype).transpose(1, 2)
         h_RH = F.grouped_mm(x_RD.to(dtype).contiguous(), w_up_EDH, offs=offs_E)
-        a_RF = activate(h_RH, self.activation).contiguous()
+        a_RF = activate_lean(h_RH, self.activation).contiguous()
         return F.grouped_mm(a_RF, w_down_EFD, offs=offs_E)
 
     def forward_padded(self, x_ECD: Tensor) -> Tensor:
         """A capacity buffer ``[E, C, D] → [E, C, D]`` with two batched matmuls (padding rows
         are zeros in and come out as zeros for SwiGLU/GELU without bias)."""
         h_ECH = torch.bmm(x_ECD, self.w_up.transpose(1, 2))
-        return torch.bmm(activate(h_ECH, self.activation), self.w_down.transpose(1, 2))
+        return torch.bmm(activate_lean(h_ECH, self.activation), self.w_down.transpose(1, 2))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}"
