@@ -121,7 +121,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="T=512, fwd+bwd only, tiny preset: under 2 minutes")
     p.add_argument("--dtype", dest="dtypes", action="append", choices=["fp32", "bf16"], help="repeatable; default both")
     p.add_argument("--tokens", type=int, help="tokens per layer call (default 512 quick, 4096 full)")
-    p.add_argument("--repeats", type=int, help="timed rounds per candidate (default 3 quick, 5 full)")
+    p.add_argument("--repeats", type=int, help="timed rounds per candidate (default 2 quick, 5 full)")
     p.add_argument("--d-model", type=int, default=512, help="model dim of the layer benchmarks (default 512)")
     p.add_argument("--backend", dest="backends", action="append", metavar="NAME", help="dispatch backends (repeatable; default all)")
     p.add_argument("--skew", action="store_true", help="also run a biased router: time and drop rate as balance worsens")

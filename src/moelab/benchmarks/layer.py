@@ -145,7 +145,7 @@ def bench_layer(
             "saved_for_backward_MB": saved_for_backward_bytes(forward_with_grad, module.parameters()) / 2**20,
             "cuda_peak_MB": (lambda b: None if b is None else b / 2**20)(cuda_peak_bytes(step, device)),
         }
-    fb = interleaved(fb_fns, repeats=repeats, device=device)
+    fb = interleaved(fb_fns, repeats=repeats, warmup=0, device=device)  # each step ran once above
     f = interleaved(f_fns, repeats=repeats, device=device) if forward_only_too else {}
     flops_fb = 3 * shape.active_flops_forward()
     rows = {}

@@ -42,7 +42,7 @@ class BenchOptions:
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     tokens: int | None = None  # default: 512 quick, 4096 full
     d_model: int = 512
-    repeats: int | None = None  # default: 3 quick, 5 full
+    repeats: int | None = None  # default: 2 quick, 5 full
     backends: tuple[str, ...] = field(default_factory=lambda: tuple(DISPATCHERS))
     hf: bool = True
     model: bool = True
@@ -56,7 +56,7 @@ class BenchOptions:
 
     @property
     def n_repeats(self) -> int:
-        return self.repeats or (3 if self.quick else 5)
+        return self.repeats or (2 if self.quick else 5)
 
 
 def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, object]:
