@@ -126,6 +126,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", dest="backends", action="append", metavar="NAME", help="dispatch backends (repeatable; default all)")
     p.add_argument("--skew", action="store_true", help="also run a biased router: time and drop rate as balance worsens")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' Mixtral block")
+    p.add_argument("--hf-impl", dest="hf_impls", action="append", choices=["eager", "grouped_mm"],
+                   help="transformers experts implementations to run (repeatable; default both)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sweep over E (full runs)")
     p.add_argument("--no-model", action="store_true", help="skip the full-model training step")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -160,6 +163,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         backends=tuple(args.backends or DISPATCHERS),
         hf=not args.no_hf,
+        hf_impls=tuple(args.hf_impls or ("eager", "grouped_mm")),
+        sweep=False if args.no_sweep else None,
         model=not args.no_model,
         skew=args.skew,
         device=args.device,

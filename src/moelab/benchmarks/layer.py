@@ -55,7 +55,13 @@ def _clear_grads(module: nn.Module) -> None:
 
 
 def layer_candidates(
-    shape: LayerShape, dtype: torch.dtype, device: torch.device, backends: list[str], hf: bool, seed: int = 0
+    shape: LayerShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    backends: list[str],
+    hf: bool,
+    seed: int = 0,
+    hf_impls: tuple[str, ...] = HF_IMPLEMENTATIONS,
 ) -> dict[str, tuple[Callable[[Tensor], Tensor], nn.Module, bool]]:
     """name → (forward fn on ``x_BSD``, module, runs under autocast). Same weights throughout."""
     torch.manual_seed(seed)
@@ -74,7 +80,7 @@ def layer_candidates(
         out[f"moe:{name}"] = (run_moe, moe, True)
     if hf:
         hf_dtype = dtype if dtype != torch.float32 else torch.float32
-        for impl in HF_IMPLEMENTATIONS:
+        for impl in hf_impls:
             block = mixtral_block_like(moe, impl, hf_dtype)
             if block is not None:
                 out[f"hf:{impl}"] = (block, block, False)
@@ -89,9 +95,10 @@ def bench_layer(
     repeats: int,
     hf: bool = True,
     forward_only_too: bool = True,
+    hf_impls: tuple[str, ...] = HF_IMPLEMENTATIONS,
 ) -> dict[str, object]:
     """Times, ratios to dense, GFLOP/s and memory of every candidate on one shape and dtype."""
-    cands = layer_candidates(shape, dtype, device, backends, hf)
+    cands = layer_candidates(shape, dtype, device, backends, hf, hf_impls=hf_impls)
     gen = torch.Generator(device="cpu").manual_seed(1)
     x32 = torch.randn(1, shape.tokens, shape.d_model, generator=gen).to(device)
     g32 = torch.randn(1, shape.tokens, shape.d_model, generator=gen).to(device)

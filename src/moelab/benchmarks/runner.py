@@ -45,6 +45,7 @@ class BenchOptions:
     repeats: int | None = None  # default: 2 quick, 5 full
     backends: tuple[str, ...] = field(default_factory=lambda: tuple(DISPATCHERS))
     hf: bool = True
+    hf_impls: tuple[str, ...] = ("eager", "grouped_mm")
     model: bool = True
     sweep: bool | None = None  # default: full only
     skew: bool = False
