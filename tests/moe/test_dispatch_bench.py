@@ -117,3 +117,13 @@ def test_cli_bench_writes_json_and_markdown(tmp_path, monkeypatch) -> None:
     data = json.loads(js.read_text())
     assert {r["name"] for r in data["layer"]} == {"E4k2/h16"}
     assert list(tmp_path.glob("quick-*.md"))
+
+
+def test_cli_bench_runs_only_the_requested_transformers_implementation(tmp_path, monkeypatch) -> None:
+    import moelab.benchmarks.runner as runner
+
+    monkeypatch.setattr(runner, "ISSUE_SHAPES", ((4, 2, 16),))
+    args = ["bench", "--quick", "--tokens", "16", "--repeats", "1", "--dtype", "fp32", "--no-model"]
+    assert main([*args, "--backend", "sorted", "--hf-impl", "grouped_mm", "--out", str(tmp_path)]) == 0
+    [js] = tmp_path.glob("quick-*.json")
+    assert set(json.loads(js.read_text())["layer"][0]["rows"]) == {"dense", "moe:sorted", "hf:grouped_mm"}

@@ -79,7 +79,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         for name, dt in dtypes.items():
             log(f"layer {shape.name} {name}")
             layers.append(
-                bench_layer(shape, dt, device, list(opts.backends), opts.n_repeats, opts.hf, not opts.quick)
+                bench_layer(shape, dt, device, list(opts.backends), opts.n_repeats, opts.hf, not opts.quick, opts.hf_impls)
             )
     result["layer"] = layers
     peak = gpu_peak_tflops(device)
