@@ -35,13 +35,16 @@ def make_decision(
     token = torch.as_tensor(token, dtype=torch.long)
     expert = torch.as_tensor(expert, dtype=torch.long)
     A = token.numel()
+    device = logits_TE.device
+    token, expert = token.to(device), expert.to(device)
     kept = torch.ones(A, dtype=torch.bool) if kept is None else torch.as_tensor(kept, dtype=torch.bool)
+    kept = kept.to(device)
     scores_TE = logits_TE.softmax(-1)
     return RoutingDecision(
         token=token,
         expert=expert,
         weight=scores_TE[token, expert],
-        rank=torch.zeros(A, dtype=torch.long),
+        rank=torch.zeros(A, dtype=torch.long, device=device),
         kept=kept,
         logits=logits_TE,
         scores=scores_TE,
@@ -188,3 +191,26 @@ def test_contract_shapes_take_the_grouped_mm_path() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         assert experts.grouped_mm_supported(dtype, torch.device("cpu"))
     assert not Experts(4, 20, 12, "swiglu").grouped_mm_supported(torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["topk", "empty_expert", "dropped", "expert_choice"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_equals_loop_on_cuda_bf16(backend: str, case: str) -> None:
+    """On CUDA, bf16 autocast takes ``F.grouped_mm`` for real (``auto`` and ``grouped_mm``)."""
+    T, E, make = CASES[case]
+    gen = torch.Generator().manual_seed(7)
+    token, expert, kept = make(gen)
+    results = []
+    for name in (backend, "loop"):
+        torch.manual_seed(0)
+        experts = Experts(E, 64, 32, "swiglu").cuda()
+        logits = torch.randn(T, E, generator=torch.Generator().manual_seed(1)).cuda().requires_grad_()
+        x = torch.randn(T, 64, generator=torch.Generator().manual_seed(2)).cuda().requires_grad_()
+        decision = make_decision(token, expert, logits, kept)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = DISPATCHERS[name](x, decision, experts)
+        (y.float() * torch.ones_like(x).mul(0.5)).sum().backward()
+        results.append({"y": y.float(), "x": x.grad, "w_up": experts.w_up.grad, "logits": logits.grad})
+    assert_match(*results, BF16_RTOL)
