@@ -707,6 +707,67 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="T=512, fwd+bwd only, tiny preset: under 2 minutes")
+    p.add_argument("--dtype", dest="dtypes", action="append", choices=["fp32", "bf16"], help="repeatable; default both")
+    p.add_argument("--tokens", type=int, help="tokens per layer call (default 512 quick, 4096 full)")
+    p.add_argument("--repeats", type=int, help="timed rounds per candidate (default 2 quick, 5 full)")
+    p.add_argument("--d-model", type=int, default=512, help="model dim of the layer benchmarks (default 512)")
+    p.add_argument("--backend", dest="backends", action="append", metavar="NAME", help="dispatch backends (repeatable; default all)")
+    p.add_argument("--skew", action="store_true", help="also run a biased router: time and drop rate as balance worsens")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' Mixtral block")
+    p.add_argument("--hf-impl", dest="hf_impls", action="append", choices=["eager", "grouped_mm"],
+                   help="transformers experts implementations to run (repeatable; default both)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sweep over E (full runs)")
+    p.add_argument("--no-model", action="store_true", help="skip the full-model training step")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where JSON and markdown go")
+
+
+@command("bench", "benchmark MoE dispatch backends against the dense twin and transformers' Mixtral", _add_bench_args)
+def _run_bench(args: argparse.Namespace) -> int:
+    import datetime as _dt
+    from pathlib import Path
+
+    import torch
+
+    from moelab.benchmarks.report import to_markdown, write_report
+    from moelab.benchmarks.runner import BenchOptions, run_bench
+    from moelab.hardware import cpu_has_bf16
+    from moelab.moe.dispatch import DISPATCHERS
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; run on a GPU machine or use --device cpu")
+    for name in args.backends or []:
+        DISPATCHERS[name]  # unknown name → ConfigError listing the registered ones
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        print(f"CPU bf16 matrix units (avx512_bf16/amx_bf16): {'yes' if cpu_has_bf16() else 'no'}")
+    opts = BenchOptions(
+        quick=args.quick,
+        dtypes=tuple(dict.fromkeys(args.dtypes or ["fp32", "bf16"])),
+        tokens=args.tokens,
+        d_model=args.d_model,
+        repeats=args.repeats,
+        backends=tuple(args.backends or DISPATCHERS),
+        hf=not args.no_hf,
+        hf_impls=tuple(args.hf_impls or ("eager", "grouped_mm")),
+        sweep=False if args.no_sweep else None,
+        model=not args.no_model,
+        skew=args.skew,
+        device=args.device,
+    )
+    result = run_bench(opts, log=lambda msg: print(msg, flush=True))
+    command_line = "moelab bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "moelab bench"
+    stem = ("quick-" if args.quick else "bench-") + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    json_path, md_path = write_report(result, Path(args.out), stem, command_line)
+    print(to_markdown(result, command_line))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

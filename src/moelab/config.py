@@ -122,7 +122,7 @@ class MoEConfig:
     every_n: int = 2  # placement=every_n: layers n-1, 2n-1, ... are MoE
     first_k_dense: int = 1  # placement=first_k_dense: the first k layers stay dense
     layers: tuple[int, ...] = ()  # placement=explicit: these layer indices are MoE
-    dispatch: str = "loop"  # dispatch backend, by name in the dispatch registry
+    dispatch: str = "auto"  # dispatch backend, by name in the dispatch registry (auto: fastest measured)
     # Extra router losses beside aux_loss (0 = off), each by name in the loss registry:
     seq_aux_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss ("seq_aux"), small alpha e.g. 1e-4
     importance_coef: float = 0.0  # Shazeer et al. importance CV^2 loss ("importance")

@@ -8,7 +8,13 @@ conversion is a reshape, not a transpose:
 Experts know nothing of routing: they take rows already grouped by expert and the count of
 rows per expert, and return one output row per input row.
 
-Legend: E experts, D model dim, F expert hidden, R routed rows (kept assignments).
+Besides the per-expert reference (``forward_expert``) and the loop over contiguous slices
+(``forward``), two batched forms serve the faster dispatch backends: ``forward_grouped``
+(``F.grouped_mm`` over rows grouped by expert) and ``forward_padded`` (``bmm`` over a
+capacity buffer ``[E, C, D]``). All four compute the same function.
+
+Legend: E experts, D model dim, F expert hidden, R routed rows (kept assignments), C capacity
+(rows per expert in a padded buffer).
 """
 
 from __future__ import annotations
@@ -30,8 +36,55 @@ def activate(h: Tensor, activation: str) -> Tensor:
 GATED = ("swiglu", "geglu_tanh")  # gate rows then up rows in w_up
 
 
+class _SwiGLURecompute(torch.autograd.Function):
+    """``silu(gate) · up`` that saves only its input ``h = [gate | up]`` for the backward.
+
+    Why: plain autograd also keeps ``silu(gate)`` (``[R, F]``), a quarter of an expert's
+    activation memory (h: 2F, silu: F, the down projection's input: F per row); recomputing it
+    in the backward costs one elementwise op. The gate gradient uses ATen's fused
+    ``silu_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        d_up = grad * F.silu(gate)
+        return torch.cat([d_gate, d_up], dim=-1)
+
+
+def activate_lean(h: Tensor, activation: str) -> Tensor:
+    """:func:`activate` with the memory-lean SwiGLU backward (same values and gradients)."""
+    if activation == "swiglu" and torch.is_grad_enabled() and h.requires_grad:
+        return _SwiGLURecompute.apply(h)
+    return activate(h, activation)
+
+
 def up_multiplier(activation: str) -> int:
     return 2 if activation in GATED else 1
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: the autocast dtype where autocast is on, else ``x.dtype``.
+
+    Why: ``F.grouped_mm`` is not on autocast's cast list, so its callers cast by hand.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def grouped_mm_available() -> bool:
+    """``F.grouped_mm`` exists in this torch (2.8+)."""
+    return hasattr(F, "grouped_mm")
 
 
 class Experts(nn.Module):
@@ -69,10 +122,40 @@ class Experts(nn.Module):
         for x_nD, w_up, w_down, n in zip(pieces, self.w_up.unbind(0), self.w_down.unbind(0), tokens_per_expert_E):
             if n == 0:
                 continue
-            outs.append(F.linear(activate(F.linear(x_nD, w_up), self.activation), w_down))
+            outs.append(F.linear(activate_lean(F.linear(x_nD, w_up), self.activation), w_down))
         if not outs:
             return x_RD.new_zeros(0, self.d_model)
         return torch.cat(outs, dim=0)
+
+    def grouped_mm_supported(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether ``forward_grouped`` can run: ``F.grouped_mm`` needs every row stride to be a
+        multiple of 16 bytes (D and F), and on CUDA bf16 operands."""
+        if not grouped_mm_available():
+            return False
+        size = torch.empty((), dtype=dtype).element_size()
+        if (self.d_model * size) % 16 or (self.hidden * size) % 16:
+            return False
+        return device.type == "cpu" or dtype == torch.bfloat16
+
+    def forward_grouped(self, x_RD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """Rows grouped by expert → ``[R, D]`` with two ``F.grouped_mm`` calls.
+
+        Inputs and weights are cast to the compute dtype (autocast's, where on) because
+        ``grouped_mm`` is not autocast-aware; offsets are int32 cumulative row counts.
+        """
+        dtype = compute_dtype(x_RD)
+        offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+        w_up_EDH = self.w_up.to(dtype).transpose(1, 2)
+        w_down_EFD = self.w_down.to(dtype).transpose(1, 2)
+        h_RH = F.grouped_mm(x_RD.to(dtype).contiguous(), w_up_EDH, offs=offs_E)
+        a_RF = activate_lean(h_RH, self.activation).contiguous()
+        return F.grouped_mm(a_RF, w_down_EFD, offs=offs_E)
+
+    def forward_padded(self, x_ECD: Tensor) -> Tensor:
+        """A capacity buffer ``[E, C, D] → [E, C, D]`` with two batched matmuls (padding rows
+        are zeros in and come out as zeros for SwiGLU/GELU without bias)."""
+        h_ECH = torch.bmm(x_ECD, self.w_up.transpose(1, 2))
+        return torch.bmm(activate_lean(h_ECH, self.activation), self.w_down.transpose(1, 2))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}"

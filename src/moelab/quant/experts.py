@@ -74,6 +74,16 @@ class QuantExperts(nn.Module):
             return x_RD.new_zeros(0, self.d_model)
         return torch.cat(outs, dim=0)
 
+    def grouped_mm_supported(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Never: grouped matmuls need stacked full-precision weights; the grouped_mm and auto
+        backends then take their per-expert path, which calls :meth:`forward`."""
+        return False
+
+    def forward_padded(self, x_ECD: Tensor) -> Tensor:
+        """A capacity buffer ``[E, C, D] → [E, C, D]``, one quantized expert at a time (the
+        ``padded`` backend); padding rows are zeros in and out (no biases)."""
+        return torch.stack([self.forward_expert(e, x_CD) for e, x_CD in enumerate(x_ECD.unbind(0))])
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return (
