@@ -27,7 +27,6 @@ Legend: B batch, L encoder length, S decoder length, D model dim, V vocab.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -45,6 +44,7 @@ from moelab.model.transformer import (
     ModelOutput,
     RotaryEmbedding,
     build_attention_mask,
+    init_weights,
     make_norm,
 )
 from moelab.moe.decision import RoutingDecision
@@ -199,19 +199,8 @@ class EncoderDecoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """As :meth:`Transformer.reset_parameters`: N(0, init_std), output projections /sqrt(2·layers)."""
-        std = self.cfg.decoder.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                if name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "w_down.weight", "experts.w_down")):
-                p.normal_(0.0, out_std)
-            else:
-                p.normal_(0.0, std)
+        """As :meth:`Transformer.reset_parameters`, over both stacks."""
+        init_weights(self, self.cfg.decoder.init_std, self.cfg.n_layers)
 
     # ------------------------------------------------------------------ layers
     @property

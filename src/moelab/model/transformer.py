@@ -225,6 +225,23 @@ class ModelOutput:
         return self.loss if self.aux_loss is None else self.loss + self.aux_loss
 
 
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
+    """Normal(0, std) for every matrix; output projections scaled by 1/sqrt(2·n_layers) (GPT-2);
+    norm weights 1, biases 0. Shared by every moelab model so they start alike."""
+    out_std = std / math.sqrt(2 * n_layers)
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            if name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        elif name.endswith(("o_proj.weight", "w_down.weight", "experts.w_down")):
+            p.normal_(0.0, out_std)
+        else:
+            p.normal_(0.0, std)
+
 class Transformer(nn.Module):
     """Decoder, encoder or prefix-LM transformer with dense or MoE feed-forward layers."""
 
@@ -245,19 +262,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; output projections scaled by 1/sqrt(2·n_layers) (GPT-2)."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                if name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "w_down.weight", "experts.w_down")):
-                p.normal_(0.0, out_std)
-            else:
-                p.normal_(0.0, std)
+        init_weights(self, self.cfg.init_std, self.cfg.n_layers)
 
     @property
     def moe_layers(self) -> list[MoELayer]:
