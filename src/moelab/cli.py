@@ -589,6 +589,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run folder")
     p.add_argument("--stop-after", type=int, metavar="STEP", help="stop (with a checkpoint) at this step; resume later")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--init",
+        metavar="PATH",
+        help="start from these weights: moelab/HF model folder, checkpoint or run folder (its model config is the run's)",
+    )
 
 
 @command("train", "train a model on a corpus: metrics.jsonl and checkpoints in a run folder", _add_train_args)
@@ -600,7 +605,16 @@ def _run_train(args: argparse.Namespace) -> int:
     from moelab.train.checkpoint import latest_checkpoint
     from moelab.train.trainer import Trainer
 
-    cfg = run_config_from_args(args)
+    init = None
+    if args.init:  # the model comes from --init; --config/--preset/--set give data and train
+        from moelab.config import load_run_config, normalize_run_overrides, run_preset
+        from moelab.train.init import init_run_config, load_init_source
+
+        init = load_init_source(args.init)
+        base = load_run_config(args.config) if args.config else run_preset(args.preset) if args.preset else None
+        cfg = init_run_config(init, base, normalize_run_overrides(args.overrides))
+    else:
+        cfg = run_config_from_args(args)
     if args.no_progress:
         cfg = replace(cfg, train=replace(cfg.train, progress=False))
     out = args.out or f"runs/{cfg.name}"
@@ -608,8 +622,16 @@ def _run_train(args: argparse.Namespace) -> int:
         # Resuming reuses the checkpoint's tokenizer instead of training a new one.
         ckpt = latest_checkpoint(out) if args.resume else None
         tokenizer = load_tokenizer(ckpt / "tokenizer.json") if ckpt is not None else None
+        if init is not None and tokenizer is None:
+            tokenizer = init.tokenizer
         cfg, data = prepare_data(cfg, tokenizer=tokenizer)
+        if init is not None:
+            from moelab.train.init import check_vocab, load_init_weights
+
+            check_vocab(init, data.tokenizer)
         trainer = Trainer(cfg, out, data=data)
+        if init is not None and ckpt is None:
+            load_init_weights(trainer.model, init)
         result = trainer.train(resume=args.resume, stop_at=args.stop_after)
     print(f"step {trainer.step}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}); checkpoints in {out}/checkpoints")
     return 0
