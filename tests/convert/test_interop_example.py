@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from moelab.cli import main  # noqa: E402
-from moelab.convert.hf import load_moelab  # noqa: E402
-from moelab.train.checkpoint import load_model  # noqa: E402
+from moelab.cli import main
+from moelab.convert.hf import load_moelab
+from moelab.train.checkpoint import load_model
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "interop.md"
 
@@ -40,6 +40,7 @@ def test_interop_doc_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     blocks = doc_blocks()
     assert [lang for lang, _ in blocks] == ["python", "bash", "python"]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
     namespace: dict = {}
     commands = []
     for lang, code in blocks:

@@ -12,6 +12,7 @@ from moelab.convert.hf import save_moelab
 from moelab.data.tokenizer import BytesTokenizer, load_tokenizer
 from moelab.model.transformer import Transformer
 from moelab.train.checkpoint import load_model, read_run_config, resolve_checkpoint
+
 from helpers import tiny_config
 
 FAST = ["--preset", "smoke", "--set", "data.corpus=synthetic", "--set", "data.synthetic_docs=6", "--no-progress"]
