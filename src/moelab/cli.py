@@ -607,12 +607,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     init = None
     if args.init:  # the model comes from --init; --config/--preset/--set give data and train
-        from moelab.config import load_run_config, normalize_run_overrides, run_preset
         from moelab.train.init import init_run_config, load_init_source
 
         init = load_init_source(args.init)
-        base = load_run_config(args.config) if args.config else run_preset(args.preset) if args.preset else None
-        cfg = init_run_config(init, base, normalize_run_overrides(args.overrides))
+        cfg = init_run_config(init, args.config, args.preset, args.overrides)
     else:
         cfg = run_config_from_args(args)
     if args.no_progress:

@@ -33,7 +33,11 @@ def doc_blocks() -> list[tuple[str, str]]:
 def shell_commands(script: str) -> list[list[str]]:
     """The commands of a bash block: comments dropped, backslash continuations joined."""
     joined = re.sub(r"\\\n", " ", script)
-    return [shlex.split(line) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        shlex.split(line)
+        for line in joined.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_interop_doc_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,7 +62,9 @@ def test_interop_doc_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # the run started from the upcycled weights (close to them) and changed them (it trained)
     upcycled = load_moelab(tmp_path / "moe").state_dict()
     trained, _ = load_model(tmp_path / "run")
-    diffs = [float((v - upcycled[k]).abs().max()) for k, v in trained.state_dict().items() if v.is_floating_point()]
+    diffs = [
+        float((v - upcycled[k]).abs().max()) for k, v in trained.state_dict().items() if v.is_floating_point()
+    ]
     assert max(diffs) > 0
     assert max(diffs) < 0.02  # 5 AdamW steps of lr 1e-3 move a weight by about 5e-3; a fresh init by far more
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,15 @@ from moelab.train.checkpoint import load_model, read_run_config, resolve_checkpo
 
 from helpers import tiny_config
 
-FAST = ["--preset", "smoke", "--set", "data.corpus=synthetic", "--set", "data.synthetic_docs=6", "--no-progress"]
+FAST = [
+    "--preset",
+    "smoke",
+    "--set",
+    "data.corpus=synthetic",
+    "--set",
+    "data.synthetic_docs=6",
+    "--no-progress",
+]
 SHORT = ["--set", "train.steps=2", "--set", "train.eval_batches=1", "--set", "train.batch_size=2"]
 
 
@@ -58,15 +66,22 @@ def test_init_from_hf_folder_uses_its_tokenizer(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     hf = tmp_path / "llama"
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(hf)
     BytesTokenizer().save(hf / "tokenizer.json")
     run = tmp_path / "run"
     # data.tokenizer=bpe would train a new tokenizer; the folder's tokenizer.json wins
-    assert main(["train", "--init", str(hf), *FAST, *SHORT, "--set", "data.tokenizer=bpe", "--out", str(run)]) == 0
+    assert (
+        main(["train", "--init", str(hf), *FAST, *SHORT, "--set", "data.tokenizer=bpe", "--out", str(run)])
+        == 0
+    )
     tok = load_tokenizer(resolve_checkpoint(run) / "tokenizer.json")
     assert isinstance(tok, BytesTokenizer)
     assert read_run_config(resolve_checkpoint(run)).model.d_model == 32
@@ -86,7 +101,17 @@ def test_init_folder_without_a_model(tmp_path, capsys) -> None:
 def test_init_shape_mismatch(tmp_path, capsys) -> None:
     src = moelab_folder(tmp_path / "m")
     d = tiny_config().d_model
-    argv = ["train", "--init", str(src), *FAST, *SHORT, "--set", f"model.d_model={2 * d}", "--out", str(tmp_path / "r")]
+    argv = [
+        "train",
+        "--init",
+        str(src),
+        *FAST,
+        *SHORT,
+        "--set",
+        f"model.d_model={2 * d}",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main(argv) == 2
     one_line_error(capsys, "does not fit", f"vs (259, {2 * d})")
     assert not (tmp_path / "r" / "checkpoints").exists()
@@ -116,6 +141,8 @@ def test_init_stop_and_resume_equals_one_go(tmp_path) -> None:
     b, _ = load_model(split)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    source = load_moelab(src).state_dict()  # started from it (close) and trained (not equal); fresh init: ~1e-1 away
+    source = load_moelab(
+        src
+    ).state_dict()  # started from it (close) and trained (not equal); fresh init: ~1e-1 away
     drift = max(float((sa[k] - source[k]).abs().max()) for k in sa if sa[k].is_floating_point())
     assert 0 < drift < 0.02

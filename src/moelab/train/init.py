@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from moelab.config import ModelConfig, RunConfig, apply_overrides, from_dict
+from moelab.config import (
+    ModelConfig,
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_run_config,
+    normalize_run_overrides,
+    run_preset,
+)
 from moelab.data.tokenizer import Tokenizer, load_tokenizer
 from moelab.errors import ConfigError, UserError
 from moelab.train.checkpoint import MARKER, latest_checkpoint
@@ -77,19 +85,30 @@ def load_init_source(path: str | Path) -> InitSource:
     folder = _resolve(path)
     model = load_any(folder)
     if not isinstance(model, Transformer):
-        raise UserError(f"--init {str(folder)!r} holds a {type(model).__name__}: moelab train trains decoder-only models")
+        raise UserError(
+            f"--init {str(folder)!r} holds a {type(model).__name__}: moelab train trains decoder-only models"
+        )
     tok_file = folder / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else None
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return InitSource(folder, model.cfg, state, _run_config(folder), tokenizer)
 
 
-def init_run_config(source: InitSource, base: RunConfig | None, overrides: list[str]) -> RunConfig:
-    """The run: ``base`` (or the source's run, or the ``tiny`` preset) with the source's model, then ``overrides``."""
-    from moelab.config import run_preset
+def init_run_config(
+    source: InitSource, config: str | None, preset: str | None, overrides: list[str]
+) -> RunConfig:
+    """The run: ``--config`` or ``--preset`` (else the source's run, else ``tiny``) with the source's model.
 
-    if base is None:
+    ``overrides`` are ``--set`` items (``moe.x`` means ``model.moe.x``): data/train ones are applied
+    before the model is swapped in, model ones after.
+    """
+    if config:
+        base = load_run_config(config)
+    elif preset:
+        base = run_preset(preset)
+    else:
         base = source.run_cfg if source.run_cfg is not None else run_preset("tiny")
+    overrides = normalize_run_overrides(overrides)
     # data/train first, so that e.g. data.seq_len can be fitted to the source's max_seq_len
     model_keys = [o for o in overrides if o.strip().startswith("model.")]
     base = apply_overrides(base, [o for o in overrides if o not in model_keys])
@@ -121,7 +140,10 @@ def load_init_weights(model: torch.nn.Module, source: InitSource) -> None:
         if k in source.state and source.state[k].shape != v.shape
     ]
     if missing or unexpected or shapes:
-        parts = [f"missing {missing[:4]}" if missing else "", f"unexpected {unexpected[:4]}" if unexpected else ""]
+        parts = [
+            f"missing {missing[:4]}" if missing else "",
+            f"unexpected {unexpected[:4]}" if unexpected else "",
+        ]
         parts.append(f"shape (--init vs run) {'; '.join(shapes[:3])}" if shapes else "")
         raise UserError(
             f"--init {str(source.path)!r} does not fit the run's model ({', '.join(p for p in parts if p)}): "
