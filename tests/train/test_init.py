@@ -146,3 +146,13 @@ def test_init_stop_and_resume_equals_one_go(tmp_path) -> None:
     ).state_dict()  # started from it (close) and trained (not equal); fresh init: ~1e-1 away
     drift = max(float((sa[k] - source[k]).abs().max()) for k in sa if sa[k].is_floating_point())
     assert 0 < drift < 0.02
+
+
+def test_init_set_fits_the_data_to_the_source_model(tmp_path) -> None:
+    """`tiny` has data.seq_len 128 > the source's max_seq_len 64: `--set data.seq_len=32` makes it fit."""
+    src = str(moelab_folder(tmp_path / "m"))
+    fit = ["--set", "data.corpus=synthetic", "--set", "data.synthetic_docs=6", "--set", "data.tokenizer=bytes"]
+    argv = ["train", "--init", src, "--preset", "tiny", *fit, *SHORT, "--set", "data.seq_len=32", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 0
+    cfg = read_run_config(resolve_checkpoint(tmp_path / "r"))
+    assert cfg.data.seq_len == 32 and cfg.model == tiny_config(vocab_size=259)

@@ -16,6 +16,7 @@ strictly: same names and shapes, or a one-line :class:`UserError`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -109,7 +110,9 @@ def init_run_config(
     else:
         base = source.run_cfg if source.run_cfg is not None else run_preset("tiny")
     overrides = normalize_run_overrides(overrides)
-    # data/train first, so that e.g. data.seq_len can be fitted to the source's max_seq_len
+    with contextlib.suppress(ConfigError):  # the base's data/train fit the source's model as they are
+        return apply_overrides(replace(base, model=source.model_cfg), overrides)
+    # else data/train overrides first, so that e.g. data.seq_len can be fitted to the source's max_seq_len
     model_keys = [o for o in overrides if o.strip().startswith("model.")]
     base = apply_overrides(base, [o for o in overrides if o not in model_keys])
     try:
