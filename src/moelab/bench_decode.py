@@ -71,7 +71,7 @@ class DecodeBenchResult:
         """The issue's acceptance ratios (decode tok/s), for every batch measured."""
         out = []
         for b in sorted({r.batch for r in self.rows}):
-            def dec(model, impl, dtype):
+            def dec(model, impl, dtype, b=b):
                 r = self.get(model, impl, dtype, b)
                 return None if r is None else r.decode_tok_s
 
@@ -177,8 +177,11 @@ def time_transformers(hf_model, batch: int, prompt: int, new: int, vocab: int, s
 
 def load_hf(model: nn.Module, folder: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from moelab.convert.hf import export_hf
+
+    hf_logging.disable_progress_bar()
 
     export_hf(model, folder)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.helpers import tiny_config, tiny_mla, tiny_moe
 
 from moelab.infer.fast_decode import FastDecoder, cast_for_decode, fast_generate
 from moelab.infer.generate import SamplingParams, generate
 from moelab.infer.kv_cache import make_cache
 from moelab.model.transformer import Transformer
 from moelab.quant.model import prepack, quantize_model
-from tests.helpers import tiny_config, tiny_mla, tiny_moe
 
 CONFIGS = {
     "moe": lambda: tiny_config(moe=tiny_moe()),

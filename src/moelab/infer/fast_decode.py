@@ -84,10 +84,10 @@ class FastDecoder:
     @torch.no_grad()
     def prefill(self, ids_BP: Tensor, mask_BP: Tensor | None = None) -> Tensor:
         """Run the (left-padded) prompts; returns the last column's logits ``[B, V]``."""
-        B, P = ids_BP.shape
+        P = ids_BP.shape[1]
         if mask_BP is None:
             mask_BP = torch.ones_like(ids_BP)
-        if P > self.max_len:
+        if self.max_len < P:
             raise UserError(f"prompt of {P} tokens does not fit the {self.max_len} preallocated positions")
         self.padded = bool((mask_BP == 0).any())
         pos_BP = (mask_BP.cumsum(1) - 1).clamp(min=0)
@@ -102,7 +102,7 @@ class FastDecoder:
         """One new token per row ``[B, 1]`` → next logits ``[B, V]``."""
         model, cfg = self.model, self.cfg
         L = self.length + 1
-        if L > self.max_len:
+        if self.max_len < L:
             raise UserError(f"the static cache holds {self.max_len} positions; step {L} does not fit")
         self.valid_BM[:, L - 1] = 1
         mask = self.valid_BM[:, :L].bool().view(self.batch, 1, 1, L) if self.padded else None
@@ -141,11 +141,14 @@ class FastDecoder:
         return y_TD.view(B, 1, D)
 
 
+_DEFAULT_PARAMS = SamplingParams()
+
+
 @torch.no_grad()
 def fast_generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    params: SamplingParams | Sequence[SamplingParams] = _DEFAULT_PARAMS,
     tokenizer: TokenizerLike | None = None,
 ) -> list[Completion]:
     """:func:`moelab.infer.generate` on the fast path: same arguments (no streaming or
