@@ -732,22 +732,30 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.ckpt:
-        moe, _ = load_checkpoint_for_inference(args.ckpt, "cpu")
-        if moe.cfg.moe is None:
-            raise UserError(f"--ckpt {args.ckpt}: the checkpoint is dense; bench-decode compares an MoE with its twin")
-        moe = moe.float()
-    else:
-        torch.manual_seed(0)
-        moe = Transformer(mixtral_shaped()).eval()
-    torch.manual_seed(1)
-    dense = Transformer(dense_twin(moe.cfg, "iso_active")).eval()  # random weights: speed only
     quick_dtypes = ["bf16", "int8"] if args.quick else ["fp32", "bf16", "int8", "int4"]
     dtypes = tuple(dict.fromkeys(args.dtypes or quick_dtypes))
     prompt = args.prompt or (32 if args.quick else 128)
     new = args.new or (16 if args.quick else 64)
-    if prompt + new + 1 > moe.cfg.max_seq_len:
-        raise UserError(f"--prompt {prompt} + --new {new} exceeds the model's max_seq_len={moe.cfg.max_seq_len}")
+
+    def check_length(cfg) -> None:
+        if prompt < 1 or new < 1 or prompt + new + 1 > cfg.max_seq_len:
+            raise UserError(
+                f"--prompt {prompt} and --new {new}: both must be >= 1 and prompt + new + 1 <= the model's "
+                f"max_seq_len={cfg.max_seq_len}"
+            )
+
+    if args.ckpt:
+        moe, _ = load_checkpoint_for_inference(args.ckpt, "cpu")
+        if moe.cfg.moe is None:
+            raise UserError(f"--ckpt {args.ckpt}: the checkpoint is dense; bench-decode compares an MoE with its twin")
+        check_length(moe.cfg)
+        moe = moe.float()
+    else:
+        check_length(mixtral_shaped())
+        torch.manual_seed(0)
+        moe = Transformer(mixtral_shaped()).eval()
+    torch.manual_seed(1)
+    dense = Transformer(dense_twin(moe.cfg, "iso_active")).eval()  # random weights: speed only
     res = run_decode_bench(
         moe, dense, dtypes=dtypes, batches=tuple(args.batches or (1, 8)), prompt=prompt, new=new, group=args.group,
         hf_dtypes=() if args.no_hf else tuple(d for d in dtypes if d in ("fp32", "bf16")) or ("bf16",),

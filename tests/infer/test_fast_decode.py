@@ -132,3 +132,11 @@ def test_bench_decode_tiny_run_writes_rows_and_ratios(tmp_path) -> None:
     js, md = write_results(res, tmp_path)
     assert "moelab int8 / moelab bf16 (MoE), batch 1" in js.read_text()
     assert "| moe | transformers | bf16 | 2 |" in md.read_text()
+
+
+def test_bench_decode_cli_rejects_too_long_runs_before_building(capsys) -> None:
+    from moelab.cli import main
+
+    assert main(["bench-decode", "--prompt", "1000", "--new", "64", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_seq_len=1024" in err
