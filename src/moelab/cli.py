@@ -788,6 +788,65 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", metavar="DIR", help="trained checkpoint (default: the Mixtral-shaped config, random weights)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 32-token prompt, 16 decoded, bf16 and int8 only")
+    p.add_argument("--dtype", dest="dtypes", action="append", choices=["fp32", "bf16", "int8", "int4"],
+                   help="repeatable (default all four; --quick: bf16, int8)")
+    p.add_argument("--batch", dest="batches", type=int, action="append", help="repeatable (default 1 and 8)")
+    p.add_argument("--prompt", type=int, help="prompt tokens per row (default 128; --quick 32)")
+    p.add_argument("--new", type=int, help="decoded tokens per row (default 64; --quick 16)")
+    p.add_argument("--group", type=int, default=32, help="int4 group size (default 32)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where decode.json and decode.md go")
+
+
+@command("bench-decode", "decode/prefill tok/s of the fast path (MoE, dense twin, fp32/bf16/int8/int4) vs transformers",
+         _add_bench_decode_args)
+def _run_bench_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from moelab.bench_decode import mixtral_shaped, run_decode_bench, write_results
+    from moelab.model.transformer import Transformer
+    from moelab.model.twins import dense_twin
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick_dtypes = ["bf16", "int8"] if args.quick else ["fp32", "bf16", "int8", "int4"]
+    dtypes = tuple(dict.fromkeys(args.dtypes or quick_dtypes))
+    prompt = args.prompt or (32 if args.quick else 128)
+    new = args.new or (16 if args.quick else 64)
+
+    def check_length(cfg) -> None:
+        if prompt < 1 or new < 1 or prompt + new + 1 > cfg.max_seq_len:
+            raise UserError(
+                f"--prompt {prompt} and --new {new}: both must be >= 1 and prompt + new + 1 <= the model's "
+                f"max_seq_len={cfg.max_seq_len}"
+            )
+
+    if args.ckpt:
+        moe, _ = load_checkpoint_for_inference(args.ckpt, "cpu")
+        if moe.cfg.moe is None:
+            raise UserError(f"--ckpt {args.ckpt}: the checkpoint is dense; bench-decode compares an MoE with its twin")
+        check_length(moe.cfg)
+        moe = moe.float()
+    else:
+        check_length(mixtral_shaped())
+        torch.manual_seed(0)
+        moe = Transformer(mixtral_shaped()).eval()
+    torch.manual_seed(1)
+    dense = Transformer(dense_twin(moe.cfg, "iso_active")).eval()  # random weights: speed only
+    res = run_decode_bench(
+        moe, dense, dtypes=dtypes, batches=tuple(args.batches or (1, 8)), prompt=prompt, new=new, group=args.group,
+        hf_dtypes=() if args.no_hf else tuple(d for d in dtypes if d in ("fp32", "bf16")) or ("bf16",),
+    )  # fmt: skip
+    js, md = write_results(res, args.out)
+    print(res.to_markdown())
+    print(f"wrote {js} and {md}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

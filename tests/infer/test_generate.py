@@ -191,3 +191,13 @@ def test_cuda_generation_matches_cpu_logits(arch: str) -> None:
     cpu = generate(model, prompts, SamplingParams(4, stop_at_eos=False))
     gpu = generate(model.cuda(), prompts, SamplingParams(4, stop_at_eos=False))
     assert [c.token_ids[:2] for c in gpu] == [c.token_ids[:2] for c in cpu]
+
+
+def test_top_p_that_rounds_to_zero_keeps_the_most_likely_token() -> None:
+    # Found by the server's fuzz test: top_p=2.98e-154 is 0 in fp32, which removed every token (NaN sampling).
+    from moelab.infer.generate import filter_logits
+
+    logits = torch.tensor([0.5, 2.0, -1.0, 1.0])
+    out = filter_logits(logits, temperature=1.0, top_k=0, top_p=2.98e-154)
+    assert torch.isfinite(out).tolist() == [False, True, False, False]
+    assert torch.isfinite(out.softmax(-1)).all()

@@ -100,6 +100,7 @@ def filter_logits(logits_V: Tensor, temperature: float, top_k: int, top_p: float
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p  # mass before this token already enough
+        remove_sorted[..., 0] = False  # always keep the most likely token (a top_p that rounds to 0 in fp32)
         remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     return logits

@@ -1,0 +1,233 @@
+"""`moelab bench-decode`: prefill and decode tok/s of the fast path against transformers' `generate`.
+
+One process, one run: the MoE model and its iso-active dense twin, each in fp32 / bf16 / int8 /
+int4 (weight-only, activations in the fast dtype), at batch 1 and batch B, and transformers'
+``generate`` on the same weights exported through the HF interop (Mixtral for the MoE, Llama
+for the twin). Noise between runs on a shared CPU is 20–40%, so compare ratios within one run.
+
+Timing: prefill = one pass over ``prompt`` tokens per row (tok/s counts B·prompt tokens);
+decode = ``new`` cached steps after one warm-up step (tok/s counts B tokens a step). For
+transformers, decode time is ``generate(new+1) − generate(1)`` (both greedy, EOS disabled).
+Memory: bytes of the variant's weights, and the process's resident set (VmRSS) right after the
+variant ran (earlier variants are freed first; the RSS also holds the fp32 base models).
+
+Legend: B batch rows, P prompt tokens, N decoded tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moelab.config import ModelConfig, MoEConfig
+from moelab.hardware import describe
+from moelab.infer.fast_decode import FastDecoder, cast_for_decode, decode_dtype
+
+DTYPES = ("fp32", "bf16", "int8", "int4")
+
+
+def mixtral_shaped() -> ModelConfig:
+    """The issue's default: d 768, 8 layers, 12 heads, 4 KV heads, 8 experts top-2 of hidden 1536,
+    vocab 32000, untied head (288M parameters)."""
+    return ModelConfig(
+        vocab_size=32000, d_model=768, n_layers=8, n_heads=12, n_kv_heads=4, ffn_hidden=3072,
+        max_seq_len=1024, tie_embeddings=False, moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=1536),
+    )  # fmt: skip
+
+
+@dataclass
+class Row:
+    model: str  # "moe" or "dense"
+    impl: str  # "moelab" or "transformers"
+    dtype: str
+    batch: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    weights_mib: float
+    rss_mib: float
+
+
+@dataclass
+class DecodeBenchResult:
+    prompt: int
+    new_tokens: int
+    host: dict = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+
+    def get(self, model: str, impl: str, dtype: str, batch: int) -> Row | None:
+        for r in self.rows:
+            if (r.model, r.impl, r.dtype, r.batch) == (model, impl, dtype, batch):
+                return r
+        return None
+
+    def ratios(self) -> list[tuple[str, float]]:
+        """The issue's acceptance ratios (decode tok/s), for every batch measured."""
+        out = []
+        for b in sorted({r.batch for r in self.rows}):
+            def dec(model, impl, dtype, b=b):
+                r = self.get(model, impl, dtype, b)
+                return None if r is None else r.decode_tok_s
+
+            pairs = [
+                ("moelab bf16 / transformers bf16 (MoE)", dec("moe", "moelab", "bf16"), dec("moe", "transformers", "bf16")),
+                ("moelab int8 / moelab bf16 (MoE)", dec("moe", "moelab", "int8"), dec("moe", "moelab", "bf16")),
+                ("moelab int4 / moelab bf16 (MoE)", dec("moe", "moelab", "int4"), dec("moe", "moelab", "bf16")),
+            ] + [(f"MoE / dense twin, moelab {d}", dec("moe", "moelab", d), dec("dense", "moelab", d)) for d in DTYPES]
+            out += [(f"{name}, batch {b}", a / c) for name, a, c in pairs if a and c]
+        return out
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"prompt {self.prompt} tokens, {self.new_tokens} decoded; torch {self.host.get('torch')}, "
+            f"{self.host.get('threads')} threads, bf16 units: {self.host.get('cpu_bf16_units')}",
+            "",
+            "| model | impl | weights | batch | prefill tok/s | decode tok/s | weights MiB | RSS MiB |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.model} | {r.impl} | {r.dtype} | {r.batch} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} "
+                f"| {r.weights_mib:.0f} | {r.rss_mib:.0f} |"
+            )
+        lines += ["", "| ratio (decode, one run) | value |", "|---|---:|"]
+        lines += [f"| {name} | {v:.2f} |" for name, v in self.ratios()]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "new_tokens": self.new_tokens,
+            "host": self.host,
+            "rows": [asdict(r) for r in self.rows],
+            "ratios": dict(self.ratios()),
+        }
+
+
+def rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def weights_mib(model: nn.Module) -> float:
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values()) / 2**20
+
+
+def variant(base: nn.Module, dtype: str, group: int) -> nn.Module:
+    """``base`` (fp32) as the fast path runs it: cast, or weight-only quantized (experts and every
+    linear outside routers) with activations in the fast dtype."""
+    from moelab.quant.model import prepack, quantize_model
+
+    if dtype == "fp32":
+        return base
+    m = cast_for_decode(base, torch.bfloat16 if dtype == "bf16" else decode_dtype("cpu"))
+    if dtype in ("int8", "int4"):
+        m = prepack(quantize_model(m, bits=8 if dtype == "int8" else 4, group_size=group, only="all"))
+    return m
+
+
+@torch.no_grad()
+def time_moelab(model: nn.Module, batch: int, prompt: int, new: int, seed: int = 0) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.cfg.vocab_size, (batch, prompt), generator=g)
+    dec = FastDecoder(model, batch, prompt + new + 1)
+    t0 = time.perf_counter()
+    logits = dec.prefill(ids)
+    t_prefill = time.perf_counter() - t0
+    tok = logits.argmax(-1, keepdim=True)
+    logits = dec.step(tok)  # warm-up step (first-call allocations, int4 repacking)
+    t0 = time.perf_counter()
+    for _ in range(new):
+        tok = logits.argmax(-1, keepdim=True)
+        logits = dec.step(tok)
+    t_decode = time.perf_counter() - t0
+    return batch * prompt / t_prefill, batch * new / t_decode
+
+
+@torch.no_grad()
+def time_transformers(hf_model, batch: int, prompt: int, new: int, vocab: int, seed: int = 0) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=g)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        hf_model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up
+    t1 = run(1)
+    tn = run(new + 1)
+    return batch * prompt / t1, batch * new / max(tn - t1, 1e-9)
+
+
+def load_hf(model: nn.Module, folder: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from moelab.convert.hf import export_hf
+
+    hf_logging.disable_progress_bar()
+
+    export_hf(model, folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def run_decode_bench(
+    moe: nn.Module,
+    dense: nn.Module,
+    dtypes: tuple[str, ...] = DTYPES,
+    batches: tuple[int, ...] = (1, 8),
+    prompt: int = 128,
+    new: int = 64,
+    group: int = 32,
+    hf_dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    log=print,
+) -> DecodeBenchResult:
+    """Measure every (model, dtype, batch), then transformers on the same fp32 weights."""
+    res = DecodeBenchResult(prompt=prompt, new_tokens=new, host=describe("cpu"))
+    for name, base in (("moe", moe), ("dense", dense)):
+        for dtype in dtypes:
+            m = variant(base, dtype, group)
+            for b in batches:
+                pre, dec = time_moelab(m, b, prompt, new)
+                res.rows.append(Row(name, "moelab", dtype, b, pre, dec, weights_mib(m), rss_mib()))
+                log(f"  {name:5s} moelab       {dtype:4s} batch {b}: prefill {pre:7.0f} tok/s, decode {dec:6.1f} tok/s")
+            del m
+            gc.collect()
+        with tempfile.TemporaryDirectory() as tmp:
+            for dtype in hf_dtypes:
+                hf = load_hf(base, Path(tmp) / name, torch.float32 if dtype == "fp32" else torch.bfloat16)
+                for b in batches:
+                    pre, dec = time_transformers(hf, b, prompt, new, base.cfg.vocab_size)
+                    res.rows.append(Row(name, "transformers", dtype, b, pre, dec, weights_mib(hf), rss_mib()))
+                    log(f"  {name:5s} transformers {dtype:4s} batch {b}: prefill {pre:7.0f} tok/s, decode {dec:6.1f} tok/s")
+                del hf
+                gc.collect()
+    return res
+
+
+def write_results(res: DecodeBenchResult, out_dir: str | Path, stem: str = "decode") -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / f"{stem}.json", out / f"{stem}.md"
+    js.write_text(json.dumps(res.to_json(), indent=2) + "\n", encoding="utf-8")
+    md.write_text(res.to_markdown(), encoding="utf-8")
+    return js, md
+
+
+__all__ = ["DecodeBenchResult", "Row", "mixtral_shaped", "run_decode_bench", "variant", "write_results"]

@@ -1,0 +1,199 @@
+"""Decode fast path: one cached token per row per step with as little work besides the matmuls as possible.
+
+Why: at batch 1 a decode step is a chain of mat-vecs; what decides its speed is the bytes of
+weights read and the Python/allocation work around them. :func:`moelab.infer.generate` runs the
+model's full ``forward`` every step (mask building, ``past_mask`` concatenation, router losses,
+the general dispatch with its ``nonzero``/``index_add``). :class:`FastDecoder` keeps the same
+modules and the same arithmetic but:
+
+- a preallocated (static) KV cache, a preallocated key-validity buffer and position tensor,
+  updated in place: nothing grows or is concatenated per step;
+- no attention mask at all when no row is padded (one query sees every cached key);
+- for a single token, the MoE layer runs only the selected experts, indexed with Python ints
+  from one ``.tolist()`` of the decision: ``w_up[e]`` is a view, so no expert weight is
+  gathered or copied (``W[idx]`` with a tensor ``idx`` copies the chosen experts every token);
+  quantized experts (:class:`moelab.quant.experts.QuantExperts`) keep ``forward_expert`` and
+  work unchanged. Experts are summed in ascending id order from zero, as the ``loop``
+  dispatch does, so fp32 results are bitwise those of the reference. Batched steps use the
+  model's own dispatch backend;
+- no router losses (nothing trains here).
+
+Prefill is the model's own forward into the static cache (one large pass; nothing to gain).
+:func:`decode_dtype` picks bf16 where the CPU has native bf16 units. ``torch.compile`` is not
+used: eager is the reference and the default (see docs/inference.md, "Fast decode").
+
+Tested equal to :func:`moelab.infer.generate` token for token and to the full forward's logits.
+
+Legend: B batch rows, P padded prompt length, M preallocated length, L filled length, D model dim,
+V vocab, K top-k assignments of one token.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from moelab.errors import UserError
+from moelab.hardware import bf16_is_fast
+from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, _Row, sample_token
+from moelab.infer.kv_cache import make_cache
+
+
+def decode_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """bf16 where the device has native bf16 matrix units (detected), else fp32."""
+    return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+
+
+def cast_for_decode(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` in ``dtype`` whose RoPE frequencies stay fp32 (positions in bf16 lose
+    integer precision past 256). The original is left alone."""
+    out = copy.deepcopy(model).to(dtype)
+    rope = getattr(out, "rope", None)
+    if rope is not None:
+        rope.inv_freq = model.rope.inv_freq.detach().clone().float()  # type: ignore[union-attr]
+    return out.eval()
+
+
+class FastDecoder:
+    """Prefill once, then :meth:`step` one token per row.
+
+    Args:
+        model: a causal :class:`moelab.model.transformer.Transformer` (dense or MoE, GQA or MLA,
+            full precision or quantized), used as is (cast it first with :func:`cast_for_decode`).
+        batch: rows B. max_len: positions M to preallocate (prompt plus new tokens).
+    """
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+        cfg = model.cfg
+        if cfg.attention != "causal":
+            raise UserError(f"decoding needs a causal model; this one has attention={cfg.attention!r}")
+        self.model = model.eval()
+        self.cfg = cfg
+        self.batch, self.max_len = batch, max_len
+        self.device = next(model.parameters()).device
+        self.cache = make_cache("static", model, batch, max_len)
+        self.valid_BM = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
+        self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.ones_B1 = torch.ones(batch, 1, dtype=torch.long, device=self.device)
+        self.length = 0
+        self.padded = False
+
+    @torch.no_grad()
+    def prefill(self, ids_BP: Tensor, mask_BP: Tensor | None = None) -> Tensor:
+        """Run the (left-padded) prompts; returns the last column's logits ``[B, V]``."""
+        P = ids_BP.shape[1]
+        if mask_BP is None:
+            mask_BP = torch.ones_like(ids_BP)
+        if self.max_len < P:
+            raise UserError(f"prompt of {P} tokens does not fit the {self.max_len} preallocated positions")
+        self.padded = bool((mask_BP == 0).any())
+        pos_BP = (mask_BP.cumsum(1) - 1).clamp(min=0)
+        logits = self.model(ids_BP, attention_mask=mask_BP, position_ids=pos_BP, cache=self.cache).logits[:, -1]
+        self.valid_BM[:, :P] = mask_BP
+        self.pos_B1.copy_(pos_BP[:, -1:] + 1)
+        self.length = P
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens_B1: Tensor) -> Tensor:
+        """One new token per row ``[B, 1]`` → next logits ``[B, V]``."""
+        model, cfg = self.model, self.cfg
+        L = self.length + 1
+        if self.max_len < L:
+            raise UserError(f"the static cache holds {self.max_len} positions; step {L} does not fit")
+        self.valid_BM[:, L - 1] = 1
+        mask = self.valid_BM[:, :L].bool().view(self.batch, 1, 1, L) if self.padded else None
+        rope = model.rope(self.pos_B1) if cfg.positions == "rope" else None
+        x = model.embed(tokens_B1)
+        if cfg.positions == "learned":
+            x = x + model.pos_embed(self.pos_B1)
+        for i, block in enumerate(model.blocks):
+            x = x + block.attn(block.attn_norm(x), rope, mask, False, self.cache[i])
+            h = block.ffn_norm(x)
+            x = x + (self._moe(block.ffn, h, tokens_B1) if block.is_moe else block.ffn(h))
+        self.length = L
+        self.pos_B1 += 1
+        return model.lm_head(model.norm(x))[:, -1]
+
+    def _moe(self, ffn, h_B1D: Tensor, tokens_B1: Tensor) -> Tensor:
+        """The MoE block on one token per row: the model's router (exact same decision), then
+        only the chosen experts (batch 1) or the model's dispatch (batched)."""
+        B, _, D = h_B1D.shape
+        x_TD = h_B1D.reshape(B, D)
+        decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
+        if B == 1:
+            experts = ffn.experts
+            kept_K = decision.kept.tolist()
+            chosen = sorted((e, a) for a, (e, k) in enumerate(zip(decision.expert.tolist(), kept_K)) if k)
+            y_TD = torch.zeros_like(x_TD)
+            weight_K = decision.weight
+            for e, a in chosen:
+                out_1D = experts.forward_expert(e, x_TD)
+                y_TD = y_TD + out_1D * weight_K[a].to(out_1D.dtype)
+            y_TD = y_TD.to(x_TD.dtype)
+        else:
+            y_TD = ffn.dispatch(x_TD, decision, ffn.experts)
+        if ffn.shared is not None:
+            y_TD = y_TD + ffn.shared(x_TD)
+        return y_TD.view(B, 1, D)
+
+
+_DEFAULT_PARAMS = SamplingParams()
+
+
+@torch.no_grad()
+def fast_generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] = _DEFAULT_PARAMS,
+    tokenizer: TokenizerLike | None = None,
+) -> list[Completion]:
+    """:func:`moelab.infer.generate` on the fast path: same arguments (no streaming or
+    cancelling), same tokens (greedy exactly; sampling with the same per-row generators)."""
+    cfg = model.cfg
+    B = len(prompts)
+    if B == 0:
+        return []
+    per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
+    lengths = [len(p) for p in prompts]
+    for i, n in enumerate(lengths):
+        if n == 0 or n > cfg.max_seq_len:
+            raise UserError(f"prompt {i} has {n} tokens: it needs between 1 and max_seq_len={cfg.max_seq_len}")
+    rows = [_Row(n, p, tokenizer) for n, p in zip(lengths, per_row)]
+    budget = [min(p.max_new_tokens, cfg.max_seq_len - n) for n, p in zip(lengths, per_row)]
+    steps = max(budget)
+    P = max(lengths)
+    pad = 0 if tokenizer is None else tokenizer.pad_id
+    device = next(model.parameters()).device
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    mask = torch.zeros(B, P, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        ids[b, P - lengths[b] :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[b, P - lengths[b] :] = 1
+    dec = FastDecoder(model, B, P + steps)
+    logits_BV = dec.prefill(ids.to(device), mask.to(device))
+    tokens = torch.full((B, 1), pad, dtype=torch.long)
+    for _ in range(steps):
+        logits_cpu = logits_BV.float().cpu()
+        tokens.fill_(pad)
+        for b, row in enumerate(rows):
+            if row.done:
+                continue
+            token = sample_token(logits_cpu[b], row.params, row.generator)
+            tokens[b, 0] = token
+            row.push(token)
+            if not row.done and len(row.out.token_ids) >= budget[b]:
+                row.finish("length")
+        if all(r.done for r in rows):
+            break
+        logits_BV = dec.step(tokens.to(device))
+    for row in rows:
+        if not row.done:
+            row.finish("length")
+    return [r.out for r in rows]
+
+
+__all__ = ["FastDecoder", "cast_for_decode", "decode_dtype", "fast_generate"]

@@ -1,0 +1,142 @@
+"""The decode fast path equals the reference generation and the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.helpers import tiny_config, tiny_mla, tiny_moe
+
+from moelab.infer.fast_decode import FastDecoder, cast_for_decode, fast_generate
+from moelab.infer.generate import SamplingParams, generate
+from moelab.infer.kv_cache import make_cache
+from moelab.model.transformer import Transformer
+from moelab.quant.model import prepack, quantize_model
+
+CONFIGS = {
+    "moe": lambda: tiny_config(moe=tiny_moe()),
+    "dense": lambda: tiny_config(),
+    "moe_shared": lambda: tiny_config(moe=tiny_moe(num_shared_experts=1)),
+    "mla_moe": lambda: tiny_config(moe=tiny_moe(), mla=tiny_mla()),
+}
+PROMPTS = [[5, 17, 3, 40, 2, 9], [11, 4], [60, 61, 62, 1]]
+
+
+def _model(kind: str, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(CONFIGS[kind]()).eval()
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_equals_reference_generate(kind: str, batch: int) -> None:
+    model = _model(kind)
+    prompts = PROMPTS[:batch]
+    params = SamplingParams(max_new_tokens=12)
+    ref = generate(model, prompts, params)
+    fast = fast_generate(model, prompts, params)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in ref]
+    assert all(len(c.token_ids) == 12 for c in fast)
+
+
+def test_seeded_sampling_equals_reference() -> None:
+    model = _model("moe")
+    params = [SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20, seed=s) for s in (1, 2)]
+    ref = generate(model, PROMPTS[:2], params)
+    fast = fast_generate(model, PROMPTS[:2], params)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in ref]
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense", "mla_moe"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cached_logits_equal_full_forward(kind: str, padded: bool) -> None:
+    """Feed a fixed continuation step by step; each step's logits equal the full forward's at that position."""
+    model = _model(kind, seed=1)
+    torch.manual_seed(3)
+    B, P, N = 2, 5, 6
+    seq = torch.randint(0, 90, (B, P + N))
+    mask = torch.ones(B, P, dtype=torch.long)
+    if padded:
+        mask[1, :2] = 0  # row 1 has a 3-token prompt, left-padded
+    dec = FastDecoder(model, B, P + N)
+    got = [dec.prefill(seq[:, :P], mask)]
+    for t in range(P, P + N - 1):
+        got.append(dec.step(seq[:, t : t + 1]))
+    full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long)], dim=1)
+    pos = (full_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = model(seq, attention_mask=full_mask, position_ids=pos).logits
+    for j, logits in enumerate(got):
+        torch.testing.assert_close(logits, want[:, P - 1 + j], rtol=0, atol=1e-5)
+
+
+def test_batch1_moe_step_is_bitwise_the_loop_dispatch() -> None:
+    """Batch 1: the selected-experts path sums in the loop dispatch's order, so fp32 is exact."""
+    model = _model("moe", seed=2)
+    seq = torch.tensor([[7, 8, 9, 10, 11, 12]])
+    dec = FastDecoder(model, 1, 6)
+    dec.prefill(seq[:, :3])
+    make_ref = make_cache("static", model, 1, 6)
+    with torch.no_grad():
+        model(seq[:, :3], attention_mask=torch.ones(1, 3, dtype=torch.long), cache=make_ref)
+        for t in range(3, 6):
+            got = dec.step(seq[:, t : t + 1])
+            past = torch.ones(1, t, dtype=torch.long)
+            ref = model(seq[:, t : t + 1], attention_mask=torch.ones(1, 1, dtype=torch.long),
+                        position_ids=torch.tensor([[t]]), cache=make_ref, past_mask=past).logits[:, -1]
+            assert torch.equal(got, ref)
+
+
+def test_static_cache_is_not_reallocated() -> None:
+    model = _model("moe")
+    dec = FastDecoder(model, 1, 10)
+    ptrs = [c.k.data_ptr() for c in dec.cache]
+    dec.prefill(torch.tensor([[1, 2, 3]]))
+    for t in range(4):
+        dec.step(torch.tensor([[4 + t]]))
+    assert [c.k.data_ptr() for c in dec.cache] == ptrs
+    assert dec.cache.length == 7
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_equal_reference_generate(bits: int) -> None:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(d_model=64, moe=tiny_moe(expert_hidden=64))).eval()
+    q = prepack(quantize_model(model, bits=bits, group_size=32))
+    params = SamplingParams(max_new_tokens=8)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        assert [c.token_ids for c in fast_generate(q, prompts, params)] == [
+            c.token_ids for c in generate(q, prompts, params)
+        ]
+
+
+def test_bf16_copy_keeps_fp32_rope_and_runs() -> None:
+    model = _model("moe")
+    b = cast_for_decode(model, torch.bfloat16)
+    assert b.rope.inv_freq.dtype == torch.float32 and b.embed.weight.dtype == torch.bfloat16
+    assert model.embed.weight.dtype == torch.float32
+    out = fast_generate(b, PROMPTS[:1], SamplingParams(max_new_tokens=4))
+    assert len(out[0].token_ids) == 4
+
+
+def test_bench_decode_tiny_run_writes_rows_and_ratios(tmp_path) -> None:
+    """Plumbing only (no speed assertion): every (model, impl, dtype, batch) row is there."""
+    from moelab.bench_decode import run_decode_bench, write_results
+    from moelab.model.twins import dense_twin
+
+    torch.manual_seed(0)
+    cfg = tiny_config(d_model=64, moe=tiny_moe(expert_hidden=64))
+    moe, dense = Transformer(cfg).eval(), Transformer(dense_twin(cfg, "iso_active")).eval()
+    res = run_decode_bench(moe, dense, dtypes=("bf16", "int8"), batches=(1, 2), prompt=4, new=2, log=lambda s: None)
+    assert len(res.rows) == 2 * (2 * 2 + 2 * 2)  # models × (moelab dtypes + transformers dtypes) × batches
+    assert all(r.decode_tok_s > 0 and r.weights_mib > 0 for r in res.rows)
+    js, md = write_results(res, tmp_path)
+    assert "moelab int8 / moelab bf16 (MoE), batch 1" in js.read_text()
+    assert "| moe | transformers | bf16 | 2 |" in md.read_text()
+
+
+def test_bench_decode_cli_rejects_too_long_runs_before_building(capsys) -> None:
+    from moelab.cli import main
+
+    assert main(["bench-decode", "--prompt", "1000", "--new", "64", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_seq_len=1024" in err
