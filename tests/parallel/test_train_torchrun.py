@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tests.parallel.dist_launch import free_port, worker_env
 
 ARGS = [
@@ -34,7 +33,11 @@ def _train(out: Path, *extra: str, world: int = 1) -> subprocess.CompletedProces
             "--master-port", str(free_port()), "-m", "moelab", "train",
         ]  # fmt: skip
     return subprocess.run(
-        [*cmd, *ARGS, "--out", str(out), *extra], env=worker_env(), capture_output=True, text=True, timeout=120
+        [*cmd, *ARGS, "--out", str(out), *extra],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -60,9 +60,13 @@ class DistributedTrainer(Trainer):
                 "(the ranks already split train.batch_size)"
             )
         if self.bf16:
-            raise UserError("train.precision=bf16 is not supported under torchrun yet: use train.precision=fp32")
+            raise UserError(
+                "train.precision=bf16 is not supported under torchrun yet: use train.precision=fp32"
+            )
         if self.model.cfg.moe is None and layout.ep > 1:
             raise UserError(f"--ep {layout.ep} needs an MoE model: this config is dense")
+        if dp_mode == "fsdp":
+            raise UserError("--dp fsdp is not supported by moelab train yet: use --dp manual or --dp ddp")
         shard_rows(tc.batch_size, layout)  # refuse a batch that does not split before any work
         self.layout = layout
         self.data_parallel = build_data_parallel(dp_mode, layout)
@@ -104,7 +108,9 @@ class DistributedTrainer(Trainer):
             return False
         saved = read_run_config(ckpt)
         if to_dict(saved.model) != to_dict(self.cfg.model) or to_dict(saved.data) != to_dict(self.cfg.data):
-            raise UserError(f"{ckpt} was trained with a different model or data config: resume with the same config")
+            raise UserError(
+                f"{ckpt} was trained with a different model or data config: resume with the same config"
+            )
         model, optimizer, state, _ = load_sharded_checkpoint(ckpt, self.layout, self._optimizer_factory)
         self._install(model, optimizer)
         self.sampler.load_state_dict(state["sampler"])
