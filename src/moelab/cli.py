@@ -594,6 +594,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="start from these weights: moelab/HF model folder, checkpoint or run folder (its model config is the run's)",
     )
+    p.add_argument("--ep", type=int, default=1, metavar="N", help="under torchrun: expert-parallel ranks (divides world size and moe.num_experts)")
+    p.add_argument("--dp", default="manual", metavar="MODE", help="under torchrun: data-parallel mode (manual or ddp; see docs/distributed.md)")
 
 
 @command("train", "train a model on a corpus: metrics.jsonl and checkpoints in a run folder", _add_train_args)
@@ -616,6 +618,12 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         cfg = replace(cfg, train=replace(cfg.train, progress=False))
     out = args.out or f"runs/{cfg.name}"
+    from moelab.parallel.env import launched_by_torchrun
+
+    if launched_by_torchrun() or args.ep > 1:
+        if init is not None:
+            raise UserError("--init is not supported under torchrun yet: train from the weights on one process first")
+        return _run_train_distributed(args, cfg, out)
     with _warnings_as_lines():
         # Resuming reuses the checkpoint's tokenizer instead of training a new one.
         ckpt = latest_checkpoint(out) if args.resume else None
@@ -632,6 +640,34 @@ def _run_train(args: argparse.Namespace) -> int:
             load_init_weights(trainer.model, init)
         result = trainer.train(resume=args.resume, stop_at=args.stop_after)
     print(f"step {trainer.step}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}); checkpoints in {out}/checkpoints")
+    return 0
+
+
+def _run_train_distributed(args: argparse.Namespace, cfg, out: str) -> int:
+    """`moelab train` under torchrun (docs/distributed.md): a failing rank ends the job with one line."""
+    from moelab.data.prepare import prepare_data
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.parallel import build_layout, fail_together, init_distributed, launched_by_torchrun, shutdown
+    from moelab.train.checkpoint import latest_checkpoint
+    from moelab.train.distributed import DistributedTrainer
+
+    if not launched_by_torchrun():
+        raise UserError(f"--ep {args.ep} needs several processes: launch with torchrun --nproc-per-node N -m moelab train ...")
+    env = init_distributed()
+    with fail_together(env), _warnings_as_lines():
+        num_experts = cfg.model.moe.num_experts if cfg.model.moe is not None else None
+        layout = build_layout(env, ep=args.ep, num_experts=num_experts)
+        ckpt = latest_checkpoint(out) if args.resume else None
+        tokenizer = load_tokenizer(ckpt / "tokenizer.json") if ckpt is not None else None
+        cfg, data = prepare_data(cfg, tokenizer=tokenizer)
+        trainer = DistributedTrainer(cfg, out, layout, data=data, dp_mode=args.dp)
+        result = trainer.train(resume=args.resume, stop_at=args.stop_after)
+        if env.is_main:
+            print(
+                f"step {trainer.step}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}) on {env.world_size} ranks "
+                f"(dp {layout.dp}, ep {layout.ep}); checkpoints in {out}/checkpoints"
+            )
+    shutdown()
     return 0
 
 

@@ -3,7 +3,7 @@
 See docs/distributed.md for the launch commands and the layout.
 """
 
-from moelab.parallel.env import DistEnv, fail_together, init_distributed, shutdown
+from moelab.parallel.env import DistEnv, fail_together, init_distributed, launched_by_torchrun, shutdown
 from moelab.parallel.expert_parallel import ExpertShard, full_state_dict, load_full_state_dict, shard_experts
 from moelab.parallel.mesh import ParallelLayout, build_layout
 from moelab.parallel.train_step import StepMetrics, shard_rows, train_step
@@ -20,6 +20,7 @@ __all__ = [
     "fail_together",
     "full_state_dict",
     "init_distributed",
+    "launched_by_torchrun",
     "load_full_state_dict",
     "shard_experts",
     "shard_rows",

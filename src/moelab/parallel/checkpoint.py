@@ -33,18 +33,23 @@ from moelab.train.checkpoint import load_training_state, read_run_config, resolv
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
-def _expert_param_shards(model: nn.Module) -> dict[int, ExpertShard]:
-    """Index in ``model.parameters()`` → the ExpertShard owning that parameter."""
+def _expert_param_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, ExpertShard]:
+    """Index in the optimizer's state dict → the ExpertShard owning that parameter.
+
+    State-dict indices follow the optimizer's param groups in order (the trainer's AdamW has a
+    decay and a no-decay group), not ``model.parameters()``.
+    """
     owners = {
         id(p): m for m in model.modules() if isinstance(m, ExpertShard) for p in m.parameters(recurse=False)
     }
-    return {i: owners[id(p)] for i, p in enumerate(model.parameters()) if id(p) in owners}
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: owners[id(p)] for i, p in enumerate(ordered) if id(p) in owners}
 
 
 def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state dict of the unsharded model (a collective when ep > 1)."""
     sd = optimizer.state_dict()
-    shards = _expert_param_shards(model)
+    shards = _expert_param_shards(model, optimizer)
     state = {}
     for idx, st in sd["state"].items():
         shard = shards.get(idx)
@@ -116,7 +121,7 @@ def load_sharded_checkpoint(
     if layout.ep > 1 or layout.ep_group is not None:
         shard_experts(model, layout.ep_group)
     optimizer = optimizer_factory(model)
-    shards = _expert_param_shards(model)
+    shards = _expert_param_shards(model, optimizer)
     for idx, shard in shards.items():
         sl = slice(shard.first_expert, shard.first_expert + shard.num_experts)
         st = full_sd["state"].get(idx, {})

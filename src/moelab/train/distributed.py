@@ -1,0 +1,196 @@
+"""`moelab train` under torchrun: the Trainer's loop on the parallel/ library functions.
+
+Why a subclass next to :class:`~moelab.train.trainer.Trainer` rather than branches inside it:
+the single-process path stays byte-for-byte what it was; this file only swaps the step, the
+checkpoint I/O and who logs.
+
+Semantics (docs/distributed.md):
+- ``train.batch_size`` is the **global** batch (sequences per optimizer step). Every rank draws
+  the same block indices from the trainer's own sampler (same seed) and keeps its rows
+  ``shard_rows`` of them: the shards are disjoint and together are exactly the batch one
+  process would draw. The learning rate schedule is that of the global batch.
+- Losses are reduced over ranks (LM loss token-mean over the global batch; router aux loss mean
+  over the per-shard aux losses), so logged metrics are identical on every rank.
+- Rank 0 alone writes metrics, the progress bar and checkpoints. Checkpoints are gathered to
+  the ordinary safetensors format, so they load at any world size (including 1).
+
+Legend: W world size, B global batch (sequences).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from moelab.config import RunConfig, to_dict
+from moelab.data.prepare import PreparedData
+from moelab.errors import UserError
+from moelab.moe.balancing import Balancer
+from moelab.parallel.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+from moelab.parallel.expert_parallel import shard_experts
+from moelab.parallel.mesh import ParallelLayout
+from moelab.parallel.train_step import shard_rows, train_step
+from moelab.parallel.wrap import build_data_parallel
+from moelab.train.checkpoint import checkpoint_name, latest_checkpoint, prune_checkpoints, read_run_config
+from moelab.train.logging import MetricsLogger, Progress
+from moelab.train.optim import build_optimizer, lr_at, set_lr
+from moelab.train.trainer import EvalResult, Trainer, eval_record
+
+
+class DistributedTrainer(Trainer):
+    """A :class:`Trainer` whose steps run on ``layout`` (dp × ep ranks); every rank builds one.
+
+    ``dp_mode`` names a :data:`moelab.parallel.DATA_PARALLEL` entry (``manual``/``ddp``).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        layout: ParallelLayout,
+        data: PreparedData | None = None,
+        dp_mode: str = "manual",
+    ) -> None:
+        super().__init__(cfg, run_dir, data=data)
+        tc = self.cfg.train
+        if tc.grad_accum != 1:
+            raise UserError(
+                f"train.grad_accum={tc.grad_accum} is not supported under torchrun yet: use train.grad_accum=1 "
+                "(the ranks already split train.batch_size)"
+            )
+        if self.bf16:
+            raise UserError(
+                "train.precision=bf16 is not supported under torchrun yet: use train.precision=fp32"
+            )
+        if self.model.cfg.moe is None and layout.ep > 1:
+            raise UserError(f"--ep {layout.ep} needs an MoE model: this config is dense")
+        if dp_mode == "fsdp":
+            raise UserError("--dp fsdp is not supported by moelab train yet: use --dp manual or --dp ddp")
+        shard_rows(tc.batch_size, layout)  # refuse a batch that does not split before any work
+        self.layout = layout
+        self.data_parallel = build_data_parallel(dp_mode, layout)
+        self._optimizer_factory = lambda m: build_optimizer(m, tc)
+        self._install(self.model, None)
+
+    def _install(self, model, optimizer) -> None:
+        """Shard ``model``'s experts over ep (unless done), wrap for dp, rebuild the dependants."""
+        if optimizer is None:
+            self.comm = shard_experts(model, self.layout.ep_group) if self.model.cfg.moe is not None else None
+            optimizer = self._optimizer_factory(model)
+        else:
+            self.comm = None
+        self.model, self.optimizer = model, optimizer
+        self.balancer = Balancer(model)
+        self.wrapped = self.data_parallel.wrap(model)
+
+    # ------------------------------------------------------------------ state
+
+    def save(self) -> Path:
+        path = save_sharded_checkpoint(
+            self.run_dir / "checkpoints" / checkpoint_name(self.step),
+            self.model,
+            self.optimizer,
+            self.cfg,
+            self.data.tokenizer,
+            self.layout,
+            self._optimizer_factory,
+            self.train_state(),
+        )
+        if self.layout.env.is_main:
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        return path
+
+    def resume(self) -> bool:
+        """Restore the newest checkpoint (written at any world size) with this rank's experts."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        saved = read_run_config(ckpt)
+        if to_dict(saved.model) != to_dict(self.cfg.model) or to_dict(saved.data) != to_dict(self.cfg.data):
+            raise UserError(
+                f"{ckpt} was trained with a different model or data config: resume with the same config"
+            )
+        model, optimizer, state, _ = load_sharded_checkpoint(ckpt, self.layout, self._optimizer_factory)
+        self._install(model, optimizer)
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.bad_total, self.bad_in_a_row = state["bad_total"], state["bad_in_a_row"]
+        self.tokens_seen = state["tokens_seen"]
+        return True
+
+    # ------------------------------------------------------------------ loop
+
+    def train_step(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc)
+        set_lr(self.optimizer, lr)
+        batch = self.data.splits.train.batch(self.sampler.next_indices(tc.batch_size))  # same on every rank
+        rows = shard_rows(tc.batch_size, self.layout)
+        self.tokens_seen += batch.input_ids.numel()
+        dev = self.layout.env.device
+        m = train_step(
+            self.wrapped,
+            self.data_parallel,
+            self.optimizer,
+            batch.input_ids[rows].to(dev),
+            batch.labels[rows].to(dev),
+            self.layout,
+            comm=self.comm,
+            grad_clip=tc.grad_clip,
+        )
+        self.step += 1
+        return {
+            "kind": "train",
+            "step": self.step,
+            "loss": m.loss + m.aux_loss,
+            "lm_loss": m.loss,
+            "aux_loss": m.aux_loss,
+            "lr": lr,
+            "skipped": False,
+            "bad_steps": self.bad_total,
+            "tokens": self.tokens_seen,
+            "a2a_bytes": m.a2a_bytes,
+            "world_size": self.layout.world_size,
+        }
+
+    def train(self, resume: bool = False, stop_at: int | None = None) -> EvalResult:
+        """Like :meth:`Trainer.train`; collective (every rank calls it), rank 0 writes."""
+        tc = self.cfg.train
+        main = self.layout.env.is_main
+        resumed = self.resume() if resume else False
+        logger = progress = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            logger = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if resumed else None)
+        end = tc.steps if stop_at is None else min(stop_at, tc.steps)
+        if main:
+            progress = Progress(end, self.step, self.run_dir.name, tc.progress)
+        self.model.train()
+        train_time, tok0 = 0.0, self.tokens_seen
+        result: EvalResult | None = None
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                train_time += time.perf_counter() - t0
+                if main and (self.step % tc.log_every == 0 or self.step == end):
+                    rec["tokens_per_s"] = (self.tokens_seen - tok0) / train_time if train_time > 0 else 0.0
+                    rec["train_time_s"] = train_time
+                    logger.log(rec)
+                if main:
+                    progress.update(self.step, f"loss {rec['loss']:.3f}")
+                if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == end:
+                    result = self.evaluate()  # every rank: ep experts answer each other's tokens
+                    if main:
+                        logger.log(eval_record(self.step, self.tokens_seen, result))
+                if tc.save_every and self.step % tc.save_every == 0 and self.step != end:
+                    self.save()
+            if result is None:
+                result = self.evaluate()
+            self.save()
+        finally:
+            if main:
+                progress.close()
+                logger.close()
+        return result
