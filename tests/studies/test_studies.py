@@ -31,8 +31,14 @@ def test_catalog_has_twelve_and_registered_are_in_it():
 
 
 def _cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "moelab", "study", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "moelab", "study", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def test_list_and_unimplemented_error(tmp_path):
@@ -51,12 +57,50 @@ def _finite(x):
     return not isinstance(x, float) or math.isfinite(x)
 
 
+EXPECTED_ARMS = {
+    "capacity": {"cf0.5", "cf1", "cf1.25", "cf2", "dropless"},
+    "routers": {
+        "topk",
+        "switch",
+        "noisy_topk",
+        "expert_choice",
+        "sigmoid_bias",
+        "sigmoid_bias_groups",
+        "hash",
+    },
+    "placement": {"all", "every_other", "first_dense", "last_half"},
+    "granularity": {"E8k2", "E8k2+shared", "E16k4", "E16k4+shared", "E32k8", "E32k8+shared"},
+}
+
+
+def test_shared_corpus_discovery(tmp_path):
+    from moelab.studies.base import shared_corpus
+
+    (tmp_path / "repo" / "src").mkdir(parents=True)
+    (tmp_path / "repo" / "pyproject.toml").write_text("")
+    assert shared_corpus(tmp_path / "repo" / "src" / "x.py") is None
+    (tmp_path / "shared" / "corpus").mkdir(parents=True)
+    assert shared_corpus(tmp_path / "repo" / "src" / "x.py") == tmp_path / "shared" / "corpus"
+
+
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_study_smoke(name, tmp_path):
-    r = _cli(name, "--budget", "smoke", "--seeds", "2", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), cwd=tmp_path)
+    r = _cli(
+        name,
+        "--budget",
+        "smoke",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path / "runs"),
+        "--docs",
+        str(tmp_path / "docs"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads((tmp_path / "docs" / f"{name}.json").read_text())
     assert d["verdict"] in VERDICTS and d["budget"] == "smoke" and d["seeds"] == [0, 1]
+    assert set(d["arms"]) == EXPECTED_ARMS[name]
     assert d["arms"] and _finite(d["arms"]) and _finite(d["numbers"])
     for arm in d["arms"].values():
         assert len(arm["per_seed"]["val_loss"]) == 2

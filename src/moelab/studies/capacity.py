@@ -27,5 +27,10 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         name="capacity",
         claim="dropless routing reaches lower validation loss than capacity factor 1.0",
         method="one MoE per capacity factor (position drop policy) and a dropless one; same data, steps, seeds",
-        budget=budget, seeds=seeds, data=data_label(base), arms=res, verdict=v, verdict_reason=why,
+        budget=budget,
+        seeds=seeds,
+        data=data_label(base),
+        arms=res,
+        verdict=v,
+        verdict_reason=why,
     )
