@@ -883,6 +883,33 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="study name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the twelve studies, one line each")
+    p.add_argument("--budget", choices=["smoke", "full"], default="smoke", help="smoke: sanity only; full: committed results")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    p.add_argument("--out", default="runs/studies", metavar="DIR", help="where the runs go")
+    p.add_argument("--docs", default="docs/studies", metavar="DIR", help="where NAME.md, NAME.json and README.md go")
+
+
+@command("study", "reproduce a claim about MoE: train arms over seeds, write docs/studies/NAME.md + .json", _add_study_args)
+def _run_study(args: argparse.Namespace) -> int:
+    from moelab.errors import UserError
+    from moelab.studies import CATALOG, STUDIES, run_study
+
+    if args.list:
+        for name, line in CATALOG.items():
+            mark = "" if name in STUDIES else " [not implemented]"
+            print(f"{name:18s} {line}{mark}")
+        return 0
+    if not args.name:
+        raise UserError("moelab study needs a NAME or --list")
+    cmd = f"moelab study {args.name} --budget {args.budget} --seeds {args.seeds}"
+    res = run_study(args.name, args.budget, args.seeds, out=args.out, docs=args.docs, command=cmd)
+    print(f"{res.name}: {res.verdict} ({res.verdict_reason}); wrote {args.docs}/{res.name}.md")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

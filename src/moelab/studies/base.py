@@ -1,0 +1,233 @@
+"""Shared machinery of the studies: budgets, seeds, arms trained on the same data, mean ± std,
+the computed verdict, and writing ``docs/studies/NAME.{md,json}`` plus the claims index.
+
+Why one module: every study must obey the same rules (same data order and token budget across
+arms, ≥ 3 seeds, a verdict from the numbers, never by hand), so the rules live in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from moelab.config import ModelConfig, RunConfig, run_preset
+from moelab.errors import UserError
+from moelab.registry import Registry
+
+VERDICTS = ("supported", "not supported", "inconclusive")
+BUDGETS = ("smoke", "full")
+
+# All twelve studies of issue 11, one line each; those in STUDIES are runnable.
+CATALOG: dict[str, str] = {
+    "iso-flop": "MoE (E 4-32, k 2) vs iso-active / iso-total dense: loss vs training FLOPs, compute multiplier",
+    "sqrt-rule": "dense ladder fit loss(N); MoE dense-equivalent size vs sqrt(active x total)",
+    "routers": "topk, switch, noisy_topk, expert_choice, sigmoid_bias, hash at equal budget",
+    "granularity": "fine-grained and shared experts at equal active and total parameters (DeepSeekMoE)",
+    "placement": "MoE in every layer, every other layer, all but the first, only the last half",
+    "capacity": "capacity factor 0.5/1.0/1.25/2.0 vs dropless: loss and drops (drops towards the end)",
+    "data-hunger": "MoE vs dense on unique vs repeated data: does MoE overfit repeated data sooner",
+    "swarm": "request-level routing over dense models vs token-level MoE",
+    "specialisation": "NMI of expert choice with domain/language/position/token; early routing learning",
+    "sparsity": "dense FFN activation sparsity; MoEfication vs MoE from scratch",
+    "gradient-conflict": "per-domain gradient cosine in a dense FFN vs within MoE experts",
+    "hybrid-inference": "bandwidth argument for MoE on CPU+GPU: calc predictions vs published figures",
+}
+
+
+@dataclass
+class StudyResult:
+    """What a study returns: rows of the table, numbers, plots written, and the computed verdict."""
+
+    name: str
+    claim: str
+    method: str
+    budget: str
+    seeds: list[int]
+    data: str  # which corpus was used
+    arms: dict[
+        str, dict[str, Any]
+    ]  # arm → {"config": ..., "per_seed": {metric: [..]}, "mean": .., "std": ..}
+    verdict: str
+    verdict_reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
+    command: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+STUDIES: Registry[Callable[..., StudyResult]] = Registry("study")
+
+
+def verdict(a: list[float], b: list[float], lower_is_better: bool = True, k: float = 2.0) -> tuple[str, str]:
+    """Is arm ``a`` better than arm ``b``? Computed, never hand-written.
+
+    ``supported`` when a's mean beats b's by more than ``k`` × the pooled seed std;
+    ``not supported`` when b beats a by that margin; ``inconclusive`` otherwise (including
+    fewer than 2 seeds per arm, where no spread can be measured).
+    """
+    if len(a) < 2 or len(b) < 2:
+        return "inconclusive", "fewer than 2 seeds per arm: no seed spread"
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    spread = math.sqrt((statistics.stdev(a) ** 2 + statistics.stdev(b) ** 2) / 2)
+    diff = (mb - ma) if lower_is_better else (ma - mb)  # > 0: a better
+    reason = f"difference {diff:+.4f} vs {k:g}x seed std {k * spread:.4f}"
+    if diff > k * spread:
+        return "supported", reason
+    if -diff > k * spread:
+        return "not supported", reason
+    return "inconclusive", reason
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def shared_corpus(start: Path | None = None) -> Path | None:
+    """``shared/corpus`` beside the repository root (as tests/helpers.py looks), or None."""
+    here = (start or Path(__file__)).resolve()
+    for parent in here.parents:
+        cand = parent.parent / "shared" / "corpus"
+        if (parent / "pyproject.toml").is_file() and cand.is_dir():
+            return cand
+    return None
+
+
+def base_run(budget: str) -> RunConfig:
+    """The run every arm starts from: the ``smoke`` preset shrunk further, or ``tiny`` for full."""
+    if budget not in BUDGETS:
+        raise UserError(f"unknown budget {budget!r}: expected one of {', '.join(BUDGETS)}")
+    if budget == "smoke":
+        cfg = run_preset("smoke")
+        tr = replace(
+            cfg.train,
+            steps=8,
+            batch_size=4,
+            warmup_steps=2,
+            eval_every=0,
+            eval_batches=2,
+            log_every=4,
+            progress=False,
+        )
+        data = replace(cfg.data, corpus="builtin", max_bytes_per_domain=20_000, synthetic_docs=20)
+        return replace(cfg, train=tr, data=data)
+    cfg = run_preset("tiny")
+    corpus = shared_corpus()
+    data = replace(cfg.data, corpus=str(corpus)) if corpus else cfg.data
+    return replace(cfg, data=data, train=replace(cfg.train, progress=False))
+
+
+def train_arms(
+    base: RunConfig, arms: dict[str, ModelConfig], seeds: list[int], out: Path, extra: Callable | None = None
+) -> dict[str, dict[str, Any]]:
+    """Train every arm for every seed on the same prepared data (same order, same token budget).
+
+    ``extra(trainer) -> dict[str, float]`` adds per-seed metrics (e.g. drop rates).
+    """
+    from moelab.calc import arch_from_config, flops_per_token
+    from moelab.data.prepare import prepare_data
+    from moelab.train.trainer import Trainer
+
+    base, data = prepare_data(base)
+    result: dict[str, dict[str, Any]] = {}
+    for arm, model_cfg in arms.items():
+        model_cfg = replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
+        per_seed: dict[str, list[float]] = {}
+        for seed in seeds:
+            run = replace(base, name=f"{arm}-s{seed}", model=model_cfg, train=replace(base.train, seed=seed))
+            trainer = Trainer(run, out / arm / f"seed{seed}", data=data)
+            res = trainer.train()
+            fpt = flops_per_token(arch_from_config(model_cfg), base.data.seq_len)["training"]
+            vals = {
+                "val_loss": res.loss,
+                "tokens": float(trainer.tokens_seen),
+                "train_flops": fpt * trainer.tokens_seen,
+            }
+            if extra is not None:
+                vals.update(extra(trainer))
+            for k, v in vals.items():
+                per_seed.setdefault(k, []).append(float(v))
+        result[arm] = {
+            "per_seed": per_seed,
+            "mean": {k: mean_std(v)[0] for k, v in per_seed.items()},
+            "std": {k: mean_std(v)[1] for k, v in per_seed.items()},
+        }
+    return result
+
+
+def data_label(base: RunConfig) -> str:
+    return f"{base.data.corpus} (tokenizer {base.data.tokenizer})"
+
+
+def write_study(res: StudyResult, docs: Path) -> None:
+    """``docs/NAME.json`` (every number) and ``docs/NAME.md`` (method, table, verdict, command),
+    then regenerate ``docs/README.md`` from every JSON there."""
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"{res.name}.json").write_text(json.dumps(res.to_json(), indent=1), encoding="utf-8")
+    metrics = sorted({m for a in res.arms.values() for m in a["mean"]})
+    lines = [
+        f"# study: {res.name}",
+        "",
+        f"**Claim.** {res.claim}",
+        "",
+        f"**Method.** {res.method}",
+        "",
+        f"Budget `{res.budget}`, seeds {res.seeds}, data: {res.data}.",
+        "",
+        "| arm | " + " | ".join(metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
+    ]
+    for arm, a in res.arms.items():
+        cells = [f"{a['mean'][m]:.4g} ± {a['std'][m]:.2g}" if m in a["mean"] else "" for m in metrics]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", f"**Verdict: {res.verdict}** ({res.verdict_reason})", ""]
+    lines += [f"![{p}]({p})" for p in res.plots]
+    lines += ["", "Command:", "", f"    {res.command}", ""]
+    (docs / f"{res.name}.md").write_text("\n".join(lines), encoding="utf-8")
+    write_index(docs)
+
+
+def write_index(docs: Path) -> None:
+    rows = [
+        "# Studies",
+        "",
+        "Generated by `moelab study`; one row per study in the catalog.",
+        "",
+        "| study | claim | verdict | budget |",
+        "|---|---|---|---|",
+    ]
+    for name, line in CATALOG.items():
+        f = docs / f"{name}.json"
+        if f.is_file():
+            d = json.loads(f.read_text(encoding="utf-8"))
+            rows.append(f"| [{name}]({name}.md) | {d['claim']} | {d['verdict']} | {d['budget']} |")
+        else:
+            status = "not run" if name in STUDIES else "not implemented"
+            rows.append(f"| {name} | {line} | {status} | |")
+    (docs / "README.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def run_study(
+    name: str,
+    budget: str = "smoke",
+    seeds: int = 3,
+    out: Path | str = "runs/studies",
+    docs: Path | str = "docs/studies",
+    command: str = "",
+) -> StudyResult:
+    if name not in CATALOG:
+        raise UserError(f"unknown study {name!r}: see `moelab study --list`")
+    if name not in STUDIES:
+        raise UserError(f"study {name!r} is not implemented yet (see `moelab study --list`)")
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    res = STUDIES[name](budget=budget, seeds=list(range(seeds)), out=Path(out) / name)
+    res.command = command or f"moelab study {name} --budget {budget} --seeds {seeds}"
+    write_study(res, Path(docs))
+    return res

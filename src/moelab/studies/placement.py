@@ -1,0 +1,41 @@
+"""Study ``placement``: which layers hold MoE.
+
+Claim (seed note 004; GShard/Switch use every other layer, DeepSeek keeps the first dense): MoE in
+every layer reaches a lower validation loss than MoE in every other layer at the same steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from moelab.config import MoEConfig
+from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms, verdict
+
+
+@STUDIES.register("placement")
+def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
+    base = base_run(budget)
+    moe = base.model.moe or MoEConfig()
+    L = base.model.n_layers
+    arms = {
+        "all": replace(base.model, moe=replace(moe, placement="all")),
+        "every_other": replace(base.model, moe=replace(moe, placement="every_n", every_n=2)),
+        "first_dense": replace(base.model, moe=replace(moe, placement="first_k_dense", first_k_dense=1)),
+        "last_half": replace(
+            base.model, moe=replace(moe, placement="explicit", layers=tuple(range(L // 2, L)))
+        ),
+    }
+    res = train_arms(base, arms, seeds, out)
+    v, why = verdict(res["all"]["per_seed"]["val_loss"], res["every_other"]["per_seed"]["val_loss"])
+    return StudyResult(
+        name="placement",
+        claim="MoE in every layer reaches lower validation loss than MoE in every other layer",
+        method=f"{L}-layer model; MoE layers placed four ways, dense FFN elsewhere; same data, steps and seeds",
+        budget=budget,
+        seeds=seeds,
+        data=data_label(base),
+        arms=res,
+        verdict=v,
+        verdict_reason=why,
+    )

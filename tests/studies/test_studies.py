@@ -1,0 +1,110 @@
+"""Studies: the computed verdict, the catalog, and every implemented study at --budget smoke."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moelab.studies import CATALOG, STUDIES, verdict
+from moelab.studies.base import VERDICTS
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def test_verdict_gives_each_of_the_three():
+    assert verdict([1.0, 1.01, 0.99], [2.0, 2.01, 1.99])[0] == "supported"
+    assert verdict([2.0, 2.01, 1.99], [1.0, 1.01, 0.99])[0] == "not supported"
+    assert verdict([1.0, 1.5, 0.5], [1.1, 1.6, 0.6])[0] == "inconclusive"
+    assert verdict([1.0], [2.0])[0] == "inconclusive"  # no spread with one seed
+    assert verdict([2.0, 2.01], [1.0, 1.01], lower_is_better=False)[0] == "supported"
+
+
+def test_catalog_has_twelve_and_registered_are_in_it():
+    assert len(CATALOG) == 12
+    assert set(STUDIES) <= set(CATALOG)
+
+
+def _cli(*args, cwd):
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "moelab", "study", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def test_list_and_unimplemented_error(tmp_path):
+    r = _cli("--list", cwd=tmp_path)
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 12
+    missing = next(n for n in CATALOG if n not in STUDIES)
+    r = _cli(missing, cwd=tmp_path)
+    assert r.returncode == 2 and "not implemented" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)
+
+
+EXPECTED_ARMS = {
+    "capacity": {"cf0.5", "cf1", "cf1.25", "cf2", "dropless"},
+    "routers": {
+        "topk",
+        "switch",
+        "noisy_topk",
+        "expert_choice",
+        "sigmoid_bias",
+        "sigmoid_bias_groups",
+        "hash",
+    },
+    "placement": {"all", "every_other", "first_dense", "last_half"},
+    "granularity": {"E8k2", "E8k2+shared", "E16k4", "E16k4+shared", "E32k8", "E32k8+shared"},
+}
+
+
+def test_shared_corpus_discovery(tmp_path):
+    from moelab.studies.base import shared_corpus
+
+    (tmp_path / "repo" / "src").mkdir(parents=True)
+    (tmp_path / "repo" / "pyproject.toml").write_text("")
+    assert shared_corpus(tmp_path / "repo" / "src" / "x.py") is None
+    (tmp_path / "shared" / "corpus").mkdir(parents=True)
+    assert shared_corpus(tmp_path / "repo" / "src" / "x.py") == tmp_path / "shared" / "corpus"
+
+
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_study_smoke(name, tmp_path):
+    r = _cli(
+        name,
+        "--budget",
+        "smoke",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path / "runs"),
+        "--docs",
+        str(tmp_path / "docs"),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "docs" / f"{name}.json").read_text())
+    assert d["verdict"] in VERDICTS and d["budget"] == "smoke" and d["seeds"] == [0, 1]
+    assert set(d["arms"]) == EXPECTED_ARMS[name]
+    assert d["arms"] and _finite(d["arms"]) and _finite(d["numbers"])
+    for arm in d["arms"].values():
+        assert len(arm["per_seed"]["val_loss"]) == 2
+        assert 0 < arm["mean"]["val_loss"] < 20
+    index = (tmp_path / "docs" / "README.md").read_text()
+    assert f"[{name}]({name}.md)" in index and "not implemented" in index
+    assert "Verdict:" in (tmp_path / "docs" / f"{name}.md").read_text()
