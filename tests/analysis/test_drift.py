@@ -54,7 +54,9 @@ def test_drift_from_checkpoint_folders(tmp_path):
     assert checkpoint_step(series[0][1]) == 5
     res = drift_from_checkpoints([tmp_path / "run"], batches)
     direct = routing_drift([(5, a), (20, b)], batches)
-    assert res["layers"] == pytest.approx(direct["layers"])
+    assert res["layers"].keys() == direct["layers"].keys()
+    for layer, values in direct["layers"].items():  # pytest >= 9.2 refuses approx on nested containers
+        assert res["layers"][layer] == pytest.approx(values)
     assert res["num_experts"] == E
     with pytest.raises(UserError, match="does not exist"):
         checkpoint_series([tmp_path / "nope"])
