@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moelab.config import RunConfig, to_dict
+from moelab.config import RunConfig
 from moelab.data.prepare import PreparedData
 from moelab.errors import UserError
 from moelab.moe.balancing import Balancer
@@ -32,7 +32,7 @@ from moelab.parallel.expert_parallel import shard_experts
 from moelab.parallel.mesh import ParallelLayout
 from moelab.parallel.train_step import shard_rows, train_step
 from moelab.parallel.wrap import build_data_parallel
-from moelab.train.checkpoint import checkpoint_name, latest_checkpoint, prune_checkpoints, read_run_config
+from moelab.train.checkpoint import checkpoint_name, prune_checkpoints
 from moelab.train.logging import MetricsLogger, Progress
 from moelab.train.optim import build_optimizer, lr_at, set_lr
 from moelab.train.trainer import EvalResult, Trainer, eval_record
@@ -103,14 +103,9 @@ class DistributedTrainer(Trainer):
 
     def resume(self) -> bool:
         """Restore the newest checkpoint (written at any world size) with this rank's experts."""
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = self.checkpoint_to_resume()
         if ckpt is None:
             return False
-        saved = read_run_config(ckpt)
-        if to_dict(saved.model) != to_dict(self.cfg.model) or to_dict(saved.data) != to_dict(self.cfg.data):
-            raise UserError(
-                f"{ckpt} was trained with a different model or data config: resume with the same config"
-            )
         model, optimizer, state, _ = load_sharded_checkpoint(ckpt, self.layout, self._optimizer_factory)
         self._install(model, optimizer)
         self.sampler.load_state_dict(state["sampler"])

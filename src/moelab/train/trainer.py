@@ -174,14 +174,22 @@ class Trainer:
         prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
         return path
 
-    def resume(self) -> bool:
-        """Restore the newest complete checkpoint of ``run_dir``; False when there is none."""
+    def checkpoint_to_resume(self) -> Path | None:
+        """The newest complete checkpoint of ``run_dir`` (None when there is none), after checking that it
+        was trained with this run's model and data config."""
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
-            return False
+            return None
         saved = read_run_config(ckpt)
         if to_dict(saved.model) != to_dict(self.cfg.model) or to_dict(saved.data) != to_dict(self.cfg.data):
             raise UserError(f"{ckpt} was trained with a different model or data config: resume with the same config")
+        return ckpt
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint of ``run_dir``; False when there is none."""
+        ckpt = self.checkpoint_to_resume()
+        if ckpt is None:
+            return False
         state = load_training_state(ckpt, self.model, self.optimizer)
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
