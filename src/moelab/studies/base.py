@@ -85,6 +85,32 @@ def verdict(a: list[float], b: list[float], lower_is_better: bool = True, k: flo
     return "inconclusive", reason
 
 
+def arm_comparison(
+    name: str,
+    claim: str,
+    method: str,
+    budget: str,
+    seeds: list[int],
+    base: RunConfig,
+    arms: dict[str, dict[str, Any]],
+    better: str,
+    than: str,
+) -> StudyResult:
+    """The result of a study whose claim is "arm ``better`` reaches lower validation loss than arm ``than``"."""
+    v, why = verdict(arms[better]["per_seed"]["val_loss"], arms[than]["per_seed"]["val_loss"])
+    return StudyResult(
+        name=name,
+        claim=claim,
+        method=method,
+        budget=budget,
+        seeds=seeds,
+        data=data_label(base),
+        arms=arms,
+        verdict=v,
+        verdict_reason=why,
+    )
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 

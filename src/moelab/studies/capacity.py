@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from moelab.config import MoEConfig
-from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms, verdict
+from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
 FACTORS = (0.5, 1.0, 1.25, 2.0)
 
@@ -22,15 +22,14 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     arms = {f"cf{f:g}": replace(base.model, moe=replace(moe, capacity_factor=f)) for f in FACTORS}
     arms["dropless"] = replace(base.model, moe=replace(moe, capacity_factor=None))
     res = train_arms(base, arms, seeds, out)
-    v, why = verdict(res["dropless"]["per_seed"]["val_loss"], res["cf1"]["per_seed"]["val_loss"])
-    return StudyResult(
-        name="capacity",
+    return arm_comparison(
+        "capacity",
         claim="dropless routing reaches lower validation loss than capacity factor 1.0",
         method="one MoE per capacity factor (position drop policy) and a dropless one; same data, steps, seeds",
         budget=budget,
         seeds=seeds,
-        data=data_label(base),
+        base=base,
         arms=res,
-        verdict=v,
-        verdict_reason=why,
+        better="dropless",
+        than="cf1",
     )

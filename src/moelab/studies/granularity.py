@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from moelab.config import MoEConfig
-from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms, verdict
+from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
 GRAINS = ((8, 2, 1), (16, 4, 2), (32, 8, 4))  # (E, k, g)
 
@@ -34,15 +34,14 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
             ),
         )
     res = train_arms(base, arms, seeds, out)
-    v, why = verdict(res["E32k8+shared"]["per_seed"]["val_loss"], res["E8k2"]["per_seed"]["val_loss"])
-    return StudyResult(
-        name="granularity",
+    return arm_comparison(
+        "granularity",
         claim="fine-grained experts with a shared expert (E32,k8 + 1 shared) beat E8,k2 at equal active and total",
         method=f"coarse expert hidden {F}; fine grain g splits it into F/g; shared arms replace one routed fine expert",
         budget=budget,
         seeds=seeds,
-        data=data_label(base),
+        base=base,
         arms=res,
-        verdict=v,
-        verdict_reason=why,
+        better="E32k8+shared",
+        than="E8k2",
     )

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from moelab.config import MoEConfig
-from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms, verdict
+from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
 
 @STUDIES.register("placement")
@@ -27,15 +27,14 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         ),
     }
     res = train_arms(base, arms, seeds, out)
-    v, why = verdict(res["all"]["per_seed"]["val_loss"], res["every_other"]["per_seed"]["val_loss"])
-    return StudyResult(
-        name="placement",
+    return arm_comparison(
+        "placement",
         claim="MoE in every layer reaches lower validation loss than MoE in every other layer",
         method=f"{L}-layer model; MoE layers placed four ways, dense FFN elsewhere; same data, steps and seeds",
         budget=budget,
         seeds=seeds,
-        data=data_label(base),
+        base=base,
         arms=res,
-        verdict=v,
-        verdict_reason=why,
+        better="all",
+        than="every_other",
     )

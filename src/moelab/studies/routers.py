@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from moelab.config import MoEConfig, RouterConfig
-from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms, verdict
+from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
 
 def _arms(model):
@@ -46,15 +46,14 @@ def _speed(trainer) -> dict[str, float]:
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     base = base_run(budget)
     res = train_arms(base, _arms(base.model), seeds, out, extra=_speed)
-    v, why = verdict(res["sigmoid_bias"]["per_seed"]["val_loss"], res["topk"]["per_seed"]["val_loss"])
-    return StudyResult(
-        name="routers",
+    return arm_comparison(
+        "routers",
         claim="aux-loss-free sigmoid_bias routing reaches lower validation loss than top-k with a balance loss",
         method="one MoE per router (switch at k=1, the rest at the base k); same data, steps and seeds",
         budget=budget,
         seeds=seeds,
-        data=data_label(base),
+        base=base,
         arms=res,
-        verdict=v,
-        verdict_reason=why,
+        better="sigmoid_bias",
+        than="topk",
     )
