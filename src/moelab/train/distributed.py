@@ -19,7 +19,6 @@ Legend: W world size, B global batch (sequences).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,8 @@ from moelab.parallel.mesh import ParallelLayout
 from moelab.parallel.train_step import shard_rows, train_step
 from moelab.parallel.wrap import build_data_parallel
 from moelab.train.checkpoint import checkpoint_name, prune_checkpoints
-from moelab.train.logging import MetricsLogger, Progress
 from moelab.train.optim import build_optimizer, lr_at, set_lr
-from moelab.train.trainer import EvalResult, Trainer, eval_record
+from moelab.train.trainer import Trainer
 
 
 class DistributedTrainer(Trainer):
@@ -149,43 +147,6 @@ class DistributedTrainer(Trainer):
             "world_size": self.layout.world_size,
         }
 
-    def train(self, resume: bool = False, stop_at: int | None = None) -> EvalResult:
-        """Like :meth:`Trainer.train`; collective (every rank calls it), rank 0 writes."""
-        tc = self.cfg.train
-        main = self.layout.env.is_main
-        resumed = self.resume() if resume else False
-        logger = progress = None
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            logger = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if resumed else None)
-        end = tc.steps if stop_at is None else min(stop_at, tc.steps)
-        if main:
-            progress = Progress(end, self.step, self.run_dir.name, tc.progress)
-        self.model.train()
-        train_time, tok0 = 0.0, self.tokens_seen
-        result: EvalResult | None = None
-        try:
-            while self.step < end:
-                t0 = time.perf_counter()
-                rec = self.train_step()
-                train_time += time.perf_counter() - t0
-                if main and (self.step % tc.log_every == 0 or self.step == end):
-                    rec["tokens_per_s"] = (self.tokens_seen - tok0) / train_time if train_time > 0 else 0.0
-                    rec["train_time_s"] = train_time
-                    logger.log(rec)
-                if main:
-                    progress.update(self.step, f"loss {rec['loss']:.3f}")
-                if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == end:
-                    result = self.evaluate()  # every rank: ep experts answer each other's tokens
-                    if main:
-                        logger.log(eval_record(self.step, self.tokens_seen, result))
-                if tc.save_every and self.step % tc.save_every == 0 and self.step != end:
-                    self.save()
-            if result is None:
-                result = self.evaluate()
-            self.save()
-        finally:
-            if main:
-                progress.close()
-                logger.close()
-        return result
+    @property
+    def is_main(self) -> bool:
+        return self.layout.env.is_main

@@ -277,14 +277,26 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.val_batches, self.data.splits.val.label_names, self.bf16)
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs, the progress bar and checkpoint files (rank 0 under torchrun)."""
+        return True
+
     def train(self, resume: bool = False, stop_at: int | None = None) -> EvalResult:
-        """Train to ``train.steps`` (or stop early at ``stop_at`` with a checkpoint); return the final evaluation."""
+        """Train to ``train.steps`` (or stop early at ``stop_at`` with a checkpoint); return the final evaluation.
+
+        Under torchrun every rank runs this loop (steps, evaluation and saving are collective); only
+        :attr:`is_main` logs and shows progress.
+        """
         tc = self.cfg.train
         resumed = self.resume() if resume else False
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        logger = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if resumed else None)
         end = tc.steps if stop_at is None else min(stop_at, tc.steps)
-        progress = Progress(end, self.step, self.run_dir.name, tc.progress)
+        logger: MetricsLogger | _Silent = _Silent()
+        progress: Progress | _Silent = _Silent()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            logger = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if resumed else None)
+            progress = Progress(end, self.step, self.run_dir.name, tc.progress)
         self.model.train()
         train_time, tok0 = 0.0, self.tokens_seen
         result: EvalResult | None = None
@@ -293,7 +305,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 rec = self.train_step()
                 train_time += time.perf_counter() - t0
-                if self.step % tc.log_every == 0 or self.step == end or rec["skipped"]:
+                if self.step % tc.log_every == 0 or self.step == end or rec.get("skipped"):
                     rec["tokens_per_s"] = (self.tokens_seen - tok0) / train_time if train_time > 0 else 0.0
                     rec["train_time_s"] = train_time
                     logger.log(rec)
@@ -312,6 +324,15 @@ class Trainer:
             logger.close()
         return result
 
+
+class _Silent:
+    """Logger and progress bar of a rank that does not write (every call does nothing)."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def update(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def close(self) -> None: ...
 
 def eval_record(step: int, tokens: int, r: EvalResult) -> dict[str, Any]:
     return {
