@@ -8,8 +8,10 @@ for the twin). Noise between runs on a shared CPU is 20–40%, so compare ratios
 Timing: prefill = one pass over ``prompt`` tokens per row (tok/s counts B·prompt tokens);
 decode = ``new`` cached steps after one warm-up step (tok/s counts B tokens a step). For
 transformers, decode time is ``generate(new+1) − generate(1)`` (both greedy, EOS disabled).
-Memory: bytes of the variant's weights, and the process's resident set (VmRSS) right after the
-variant ran (earlier variants are freed first; the RSS also holds the fp32 base models).
+Every variant is built first and then timed once per round, the order rotating each round; a
+row is the median over rounds (``--rounds``), so drift of the machine's speed hits all alike.
+Memory: bytes of the variant's weights, and the process's resident set (VmRSS) at the end, with
+every variant loaded.
 
 Legend: B batch rows, P prompt tokens, N decoded tokens.
 """
@@ -18,9 +20,12 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +34,7 @@ from torch import nn
 from moelab.config import ModelConfig, MoEConfig
 from moelab.hardware import describe
 from moelab.infer.fast_decode import FastDecoder, cast_for_decode, decode_dtype
+from moelab.infer.packed import packed_bytes
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 
@@ -124,7 +130,7 @@ def weights_mib(model: nn.Module) -> float:
     seen = {}
     for t in list(model.parameters()) + list(model.buffers()):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values()) / 2**20
+    return (sum(seen.values()) + packed_bytes(model)) / 2**20
 
 
 def variant(base: nn.Module, dtype: str, group: int) -> nn.Module:
@@ -134,7 +140,7 @@ def variant(base: nn.Module, dtype: str, group: int) -> nn.Module:
 
     if dtype == "fp32":
         return base
-    m = cast_for_decode(base, torch.bfloat16 if dtype == "bf16" else decode_dtype("cpu"))
+    m = cast_for_decode(base, torch.bfloat16 if dtype == "bf16" else decode_dtype("cpu"), pack=dtype == "bf16")
     if dtype in ("int8", "int4"):
         m = prepack(quantize_model(m, bits=8 if dtype == "int8" else 4, group_size=group, only="all"))
     return m
@@ -196,28 +202,44 @@ def run_decode_bench(
     new: int = 64,
     group: int = 32,
     hf_dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    rounds: int = 3,
     log=print,
 ) -> DecodeBenchResult:
-    """Measure every (model, dtype, batch), then transformers on the same fp32 weights."""
+    """Build every (model, impl, dtype) variant first, then time every (variant, batch) once per
+    round, rotating the order each round; each row is the median over rounds.
+
+    Why interleaved: on a shared CPU the speed drifts by 20–40% within minutes; measuring each
+    variant in its own stretch of time turns that drift into fake ratios. Interleaving spreads
+    it over all candidates alike.
+    """
     res = DecodeBenchResult(prompt=prompt, new_tokens=new, host=describe("cpu"))
-    for name, base in (("moe", moe), ("dense", dense)):
-        for dtype in dtypes:
-            m = variant(base, dtype, group)
-            for b in batches:
-                pre, dec = time_moelab(m, b, prompt, new)
-                res.rows.append(Row(name, "moelab", dtype, b, pre, dec, weights_mib(m), rss_mib()))
-                log(f"  {name:5s} moelab       {dtype:4s} batch {b}: prefill {pre:7.0f} tok/s, decode {dec:6.1f} tok/s")
-            del m
-            gc.collect()
-        with tempfile.TemporaryDirectory() as tmp:
+    candidates: list[tuple[tuple[str, str, str, int], nn.Module, Callable[[], tuple[float, float]]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, base in (("moe", moe), ("dense", dense)):
+            for dtype in dtypes:
+                m = variant(base, dtype, group)
+                for b in batches:
+                    candidates.append(((name, "moelab", dtype, b), m, partial(time_moelab, m, b, prompt, new)))
             for dtype in hf_dtypes:
                 hf = load_hf(base, Path(tmp) / name, torch.float32 if dtype == "fp32" else torch.bfloat16)
+                vocab = base.cfg.vocab_size
                 for b in batches:
-                    pre, dec = time_transformers(hf, b, prompt, new, base.cfg.vocab_size)
-                    res.rows.append(Row(name, "transformers", dtype, b, pre, dec, weights_mib(hf), rss_mib()))
-                    log(f"  {name:5s} transformers {dtype:4s} batch {b}: prefill {pre:7.0f} tok/s, decode {dec:6.1f} tok/s")
-                del hf
-                gc.collect()
+                    candidates.append(((name, "transformers", dtype, b), hf, partial(time_transformers, hf, b, prompt, new, vocab)))
+        samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key, _, _ in candidates}
+        for r in range(rounds):
+            shift = r % len(candidates)
+            for key, _, fn in candidates[shift:] + candidates[:shift]:
+                samples[key].append(fn())
+                pre, dec = samples[key][-1]
+                log(f"  round {r + 1}/{rounds} {key[0]:5s} {key[1]:12s} {key[2]:4s} batch {key[3]}: "
+                    f"prefill {pre:7.0f} tok/s, decode {dec:6.1f} tok/s")  # fmt: skip
+        rss = rss_mib()
+        for key, model, _ in candidates:
+            pre = statistics.median(s[0] for s in samples[key])
+            dec = statistics.median(s[1] for s in samples[key])
+            res.rows.append(Row(*key, pre, dec, weights_mib(model), rss))
+    del candidates
+    gc.collect()
     return res
 
 

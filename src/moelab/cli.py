@@ -835,6 +835,7 @@ def _add_bench_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=int, default=32, help="int4 group size (default 32)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--rounds", type=int, help="timed rounds per candidate, interleaved; rows are medians (default 3; --quick 1)")
     p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where decode.json and decode.md go")
 
 
@@ -853,6 +854,9 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
     dtypes = tuple(dict.fromkeys(args.dtypes or quick_dtypes))
     prompt = args.prompt or (32 if args.quick else 128)
     new = args.new or (16 if args.quick else 64)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1:
+        raise UserError(f"--rounds {rounds}: needs at least 1 round")
 
     def check_length(cfg) -> None:
         if prompt < 1 or new < 1 or prompt + new + 1 > cfg.max_seq_len:
@@ -876,6 +880,7 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
     res = run_decode_bench(
         moe, dense, dtypes=dtypes, batches=tuple(args.batches or (1, 8)), prompt=prompt, new=new, group=args.group,
         hf_dtypes=() if args.no_hf else tuple(d for d in dtypes if d in ("fp32", "bf16")) or ("bf16",),
+        rounds=rounds,
     )  # fmt: skip
     js, md = write_results(res, args.out)
     print(res.to_markdown())

@@ -126,7 +126,9 @@ def test_bench_decode_tiny_run_writes_rows_and_ratios(tmp_path) -> None:
     torch.manual_seed(0)
     cfg = tiny_config(d_model=64, moe=tiny_moe(expert_hidden=64))
     moe, dense = Transformer(cfg).eval(), Transformer(dense_twin(cfg, "iso_active")).eval()
-    res = run_decode_bench(moe, dense, dtypes=("bf16", "int8"), batches=(1, 2), prompt=4, new=2, log=lambda s: None)
+    log: list[str] = []
+    res = run_decode_bench(moe, dense, dtypes=("bf16", "int8"), batches=(1, 2), prompt=4, new=2, rounds=2, log=log.append)
+    assert sum("round 2/2" in line for line in log) == len(res.rows)  # every candidate timed in each round
     assert len(res.rows) == 2 * (2 * 2 + 2 * 2)  # models × (moelab dtypes + transformers dtypes) × batches
     assert all(r.decode_tok_s > 0 and r.weights_mib > 0 for r in res.rows)
     js, md = write_results(res, tmp_path)

@@ -1,0 +1,82 @@
+"""oneDNN-prepacked weights compute the same maps as the plain modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.helpers import tiny_config, tiny_moe
+from torch import nn
+
+from moelab.infer.fast_decode import FastDecoder, cast_for_decode
+from moelab.infer.packed import PackedExperts, PackedLinear, pack_for_decode, packed_bytes, packing_available
+from moelab.model.transformer import Transformer
+from moelab.moe.experts import Experts
+
+pytestmark = pytest.mark.skipif(not packing_available(torch.bfloat16), reason="no oneDNN prepacking in this torch build")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 3, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear(dtype: torch.dtype, rows: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(37, 19, bias=bias).to(dtype)  # odd sizes
+    x = torch.randn(2, rows, 37, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(PackedLinear(lin)(x), lin(x), rtol=tol, atol=tol)
+
+
+def test_packed_linear_takes_non_contiguous_input() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(16, 5).t()  # [5, 16], not contiguous
+    torch.testing.assert_close(PackedLinear(lin)(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_packed_experts_equal_experts(activation: str) -> None:
+    torch.manual_seed(0)
+    ex = Experts(num_experts=4, d_model=24, hidden=40, activation=activation)
+    packed = PackedExperts(ex)
+    x = torch.randn(9, 24)
+    counts = [3, 0, 6, 0]  # empty experts
+    torch.testing.assert_close(packed(x, counts), ex(x, counts), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.forward_expert(2, x[:1]), ex.forward_expert(2, x[:1]), rtol=1e-5, atol=1e-5)
+    assert packed(x[:0], [0, 0, 0, 0]).shape == (0, 24)
+    buf = torch.randn(4, 2, 24)
+    torch.testing.assert_close(packed.forward_padded(buf), ex.forward_padded(buf), rtol=1e-5, atol=1e-5)
+    assert not packed.grouped_mm_supported(torch.float32, torch.device("cpu"))
+
+
+def test_pack_for_decode_skips_routers_and_counts_bytes() -> None:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(moe=tiny_moe())).eval().to(torch.bfloat16)
+    n = pack_for_decode(model)
+    kinds = {type(m) for m in model.modules()}
+    assert n > 0 and PackedLinear in kinds and PackedExperts in kinds and Experts not in kinds
+    router_mods = [m for p, m in model.named_modules() if ".router" in f".{p}"]
+    assert any(isinstance(m, nn.Linear) for m in router_mods)  # the gate stays a plain fp32-capable linear
+    assert not any(isinstance(m, PackedLinear) for m in router_mods)
+    assert packed_bytes(model) > 0
+
+
+@pytest.mark.parametrize("moe", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_packed_bf16_decode_tracks_plain_bf16(moe: bool, batch: int) -> None:
+    """Packed and plain bf16 decoders see the same tokens and agree to bf16 precision."""
+    torch.manual_seed(0)
+    base = Transformer(tiny_config(moe=tiny_moe()) if moe else tiny_config()).eval()
+    plain = cast_for_decode(base, torch.bfloat16, pack=False)
+    packed = cast_for_decode(base, torch.bfloat16)
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    ids = torch.randint(0, 90, (batch, 7))
+    a, b = FastDecoder(plain, batch, 12), FastDecoder(packed, batch, 12)
+    torch.testing.assert_close(b.prefill(ids).float(), a.prefill(ids).float(), rtol=0.05, atol=0.05)
+    for t in range(4):
+        tok = torch.full((batch, 1), 3 + t)
+        torch.testing.assert_close(b.step(tok).float(), a.step(tok).float(), rtol=0.05, atol=0.05)
+
+
+def test_fp32_cast_is_not_packed() -> None:
+    base = Transformer(tiny_config()).eval()
+    assert not any(isinstance(m, PackedLinear) for m in cast_for_decode(base, torch.float32).modules())
