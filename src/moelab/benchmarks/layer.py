@@ -1,5 +1,11 @@
 """One FFN layer: MoE (every dispatch backend) vs its iso-active dense twin vs transformers' Mixtral.
 
+In bf16 the MoE and the twin run twice: under autocast with fp32 weights (training with fp32
+master weights: every step casts all E experts' weights, 8× the twin's at E64k8) and with the
+weights stored in bf16 (suffix ``:lowp-weights``; no casts, as inference and transformers' block
+run). Each ``:lowp-weights`` candidate and transformers' block is compared with the
+``dense:lowp-weights`` twin, the others with the autocast twin.
+
 Each candidate runs forward (no grad) and forward+backward (``(y·g).sum()`` with a fixed
 random ``g``: a dense gradient, as in training) on the same input; times are interleaved
 medians and reported as ratios to the dense twin. Achieved GFLOP/s counts the active FFN
@@ -12,6 +18,7 @@ Legend: T tokens, D model dim, E experts, K top-k, F expert hidden.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -41,6 +48,18 @@ class LayerShape:
     def active_flops_forward(self) -> int:
         """SwiGLU FFN FLOPs of the active experts (= the iso-active dense twin), router excluded."""
         return 6 * self.tokens * self.d_model * self.top_k * self.expert_hidden
+
+
+WEIGHTS_SUFFIX = ":lowp-weights"  # candidates whose weights are stored in the low-precision dtype
+
+
+def ratio_base(name: str, names: set[str] | dict) -> str:
+    """The dense twin a candidate is compared with: the low-precision-weight twin for candidates
+    that run with low-precision weights (ours and transformers'), else the autocast twin."""
+    low = f"dense{WEIGHTS_SUFFIX}"
+    if low in names and (name.endswith(WEIGHTS_SUFFIX) or name.startswith("hf:")):
+        return low
+    return "dense"
 
 
 def autocast_for(dtype: torch.dtype, device: torch.device):
@@ -78,6 +97,20 @@ def layer_candidates(
             return fn(x_TD, moe.route(x_TD, (B, S), None, None), moe.experts)
 
         out[f"moe:{name}"] = (run_moe, moe, True)
+    if dtype != torch.float32:
+        # The same weights stored in ``dtype`` and run without autocast: no per-step weight
+        # casts, as transformers' block runs in bf16 (its comparison uses these) and as
+        # inference or bf16-parameter training would.
+        suffix = WEIGHTS_SUFFIX
+        dense_w, moe_w = copy.deepcopy(dense).to(dtype), copy.deepcopy(moe).to(dtype)
+
+        def run_moe_w(x: Tensor, fn=DISPATCHERS["auto"]) -> Tensor:
+            B, S, D = x.shape
+            x_TD = x.reshape(B * S, D)
+            return fn(x_TD, moe_w.route(x_TD, (B, S), None, None), moe_w.experts)
+
+        out[f"dense{suffix}"] = (dense_w, dense_w, False)
+        out[f"moe:auto{suffix}"] = (run_moe_w, moe_w, False)
     if hf:
         hf_dtype = dtype if dtype != torch.float32 else torch.float32
         for impl in hf_impls:
@@ -157,11 +190,13 @@ def bench_layer(
     flops_fb = 3 * shape.active_flops_forward()
     rows = {}
     for name in fb:
+        base = ratio_base(name, fb)
         rows[name] = {
             "fwdbwd_s": fb[name],
-            "fwdbwd_vs_dense": fb[name] / fb["dense"],
+            "fwdbwd_vs_dense": fb[name] / fb[base],
+            "vs": base,
             "fwdbwd_gflops": flops_fb / fb[name] / 1e9,
-            **({"fwd_s": f[name], "fwd_vs_dense": f[name] / f["dense"]} if name in f else {}),
+            **({"fwd_s": f[name], "fwd_vs_dense": f[name] / f[base]} if name in f and base in f else {}),
             **memory[name],
         }
     return {
