@@ -10,7 +10,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moelab.benchmarks.layer import LayerShape, autocast_for, layer_candidates
+from moelab.benchmarks.layer import WEIGHTS_SUFFIX, LayerShape, autocast_for, layer_candidates
 
 
 def main() -> None:
@@ -24,19 +24,27 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--lowp-weights", action="store_true", help="bf16-stored weights, no autocast (no weight casts)")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     shape = LayerShape(args.experts, args.top_k, args.hidden, args.d_model, args.tokens)
     key = "dense" if args.backend == "dense" else f"moe:{args.backend}"
-    fn, module, _ = layer_candidates(shape, dtype, device, [] if key == "dense" else [args.backend], hf=False)[key]
+    low = args.lowp_weights and dtype != torch.float32
+    if low:
+        if args.backend not in ("dense", "auto"):
+            p.error("--lowp-weights profiles the dense twin or the auto backend")
+        key += WEIGHTS_SUFFIX
+    fn, module, _ = layer_candidates(shape, dtype, device, [] if key.startswith("dense") else [args.backend], hf=False)[key]
     x0 = torch.randn(1, shape.tokens, shape.d_model, device=device)
+    if low:
+        x0 = x0.to(dtype)
     g = torch.randn_like(x0)
 
     def step() -> None:
         module.zero_grad(set_to_none=True)
         x = x0.detach().requires_grad_()
-        with autocast_for(dtype, device):
+        with autocast_for(torch.float32 if low else dtype, device):
             y = fn(x)
         (y.float().reshape_as(g) * g).sum().backward()
 

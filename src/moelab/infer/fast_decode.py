@@ -16,7 +16,9 @@ modules and the same arithmetic but:
   work unchanged. Experts are summed in ascending id order from zero, as the ``loop``
   dispatch does, so fp32 results are bitwise those of the reference. Batched steps use the
   model's own dispatch backend;
-- no router losses (nothing trains here);
+- for a single token and a plain softmax top-k router (dropless, eval), the router's own
+  operations without building a RoutingDecision (other routers go through ``route``);
+- no router losses (nothing trains here); ``inference_mode`` for the steps;
 - in bf16, weights prepacked for oneDNN by :func:`cast_for_decode` (:mod:`moelab.infer.packed`).
 
 Prefill is the model's own forward into the static cache (one large pass; nothing to gain).
@@ -42,6 +44,8 @@ from moelab.hardware import bf16_is_fast
 from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, _Row, sample_token
 from moelab.infer.kv_cache import make_cache
 from moelab.infer.packed import pack_for_decode
+from moelab.moe.routers.base import Router
+from moelab.moe.routers.topk import TopKRouter
 
 
 def decode_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -58,12 +62,18 @@ def cast_for_decode(model: nn.Module, dtype: torch.dtype, pack: bool = True) -> 
     quantized next (quantization replaces plain linears and experts).
     """
     out = copy.deepcopy(model).to(dtype)
+    for router, original in zip(_routers(out), _routers(model)):
+        router.float().load_state_dict(original.state_dict())  # router math stays fp32, from the fp32 weights
     rope = getattr(out, "rope", None)
     if rope is not None:
         rope.inv_freq = model.rope.inv_freq.detach().clone().float()  # type: ignore[union-attr]
     if pack and dtype == torch.bfloat16:
         pack_for_decode(out)
     return out.eval()
+
+
+def _routers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, Router)]
 
 
 class FastDecoder:
@@ -106,7 +116,7 @@ class FastDecoder:
         self.length = P
         return logits
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, tokens_B1: Tensor) -> Tensor:
         """One new token per row ``[B, 1]`` → next logits ``[B, V]``."""
         model, cfg = self.model, self.cfg
@@ -132,22 +142,57 @@ class FastDecoder:
         only the chosen experts (batch 1) or the model's dispatch (batched)."""
         B, _, D = h_B1D.shape
         x_TD = h_B1D.reshape(B, D)
-        decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
-        if B == 1:
-            experts = ffn.experts
+        if B == 1 and _plain_topk(ffn):
+            expert_K, weight_K = _topk_choice(ffn.router, x_TD)
+            chosen = sorted((e, a) for a, e in enumerate(expert_K))
+        elif B == 1:
+            decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
             kept_K = decision.kept.tolist()
             chosen = sorted((e, a) for a, (e, k) in enumerate(zip(decision.expert.tolist(), kept_K)) if k)
-            y_TD = torch.zeros_like(x_TD)
             weight_K = decision.weight
+        else:
+            decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
+        if B == 1:
+            experts = ffn.experts
+            y_TD = None  # 0 + a == a exactly, so starting from the first term keeps loop's sums
             for e, a in chosen:
                 out_1D = experts.forward_expert(e, x_TD)
-                y_TD = y_TD + out_1D * weight_K[a].to(out_1D.dtype)
-            y_TD = y_TD.to(x_TD.dtype)
+                term = out_1D * weight_K[a].to(out_1D.dtype)
+                y_TD = term if y_TD is None else y_TD + term
+            y_TD = torch.zeros_like(x_TD) if y_TD is None else y_TD.to(x_TD.dtype)
         else:
             y_TD = ffn.dispatch(x_TD, decision, ffn.experts)
         if ffn.shared is not None:
             y_TD = y_TD + ffn.shared(x_TD)
         return y_TD.view(B, 1, D)
+
+
+def _plain_topk(ffn) -> bool:
+    """A softmax top-k router with nothing that changes its decision for a lone token: no
+    capacity (dropless), no forced balance, eval mode (no jitter)."""
+    router, c = ffn.router, ffn.cfg
+    return (
+        type(router) is TopKRouter
+        and not router.training
+        and not router.cfg.router.force_balanced
+        and c.capacity_factor is None
+        and c.expert_capacity is None
+    )
+
+
+def _topk_choice(router: TopKRouter, x_1D: Tensor) -> tuple[list[int], Tensor]:
+    """:class:`TopKRouter`'s experts and combine weights for one token, the same operations in
+    the same order without building a :class:`RoutingDecision` (≈10 µs instead of ≈55 µs)."""
+    rcfg = router.cfg.router
+    logits_1E = router.logits(x_1D)
+    kept_logits_1K, expert_1K = logits_1E.topk(router.top_k, dim=-1)
+    if rcfg.softmax_after_topk:
+        weight_1K = kept_logits_1K.softmax(dim=-1)
+    else:
+        weight_1K = logits_1E.softmax(dim=-1).gather(1, expert_1K)
+        if rcfg.renormalize:
+            weight_1K = weight_1K / weight_1K.sum(dim=-1, keepdim=True)
+    return expert_1K[0].tolist(), weight_1K[0]
 
 
 _DEFAULT_PARAMS = SamplingParams()
