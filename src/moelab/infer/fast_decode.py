@@ -94,6 +94,7 @@ class FastDecoder:
         self.batch, self.max_len = batch, max_len
         self.device = next(model.parameters()).device
         self.cache = make_cache("static", model, batch, max_len)
+        self.plain_topk = [bool(b.is_moe) and _plain_topk(b.ffn) for b in model.blocks]
         self.valid_BM = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.ones_B1 = torch.ones(batch, 1, dtype=torch.long, device=self.device)
@@ -132,36 +133,36 @@ class FastDecoder:
         for i, block in enumerate(model.blocks):
             x = x + block.attn(block.attn_norm(x), rope, mask, False, self.cache[i])
             h = block.ffn_norm(x)
-            x = x + (self._moe(block.ffn, h, tokens_B1) if block.is_moe else block.ffn(h))
+            x = x + (self._moe(i, block.ffn, h, tokens_B1) if block.is_moe else block.ffn(h))
         self.length = L
         self.pos_B1 += 1
         return model.lm_head(model.norm(x))[:, -1]
 
-    def _moe(self, ffn, h_B1D: Tensor, tokens_B1: Tensor) -> Tensor:
+    def _moe(self, layer: int, ffn, h_B1D: Tensor, tokens_B1: Tensor) -> Tensor:
         """The MoE block on one token per row: the model's router (exact same decision), then
         only the chosen experts (batch 1) or the model's dispatch (batched)."""
         B, _, D = h_B1D.shape
         x_TD = h_B1D.reshape(B, D)
-        if B == 1 and _plain_topk(ffn):
-            expert_K, weight_K = _topk_choice(ffn.router, x_TD)
-            chosen = sorted((e, a) for a, e in enumerate(expert_K))
-        elif B == 1:
+        if B > 1:
             decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
-            kept_K = decision.kept.tolist()
-            chosen = sorted((e, a) for a, (e, k) in enumerate(zip(decision.expert.tolist(), kept_K)) if k)
-            weight_K = decision.weight
+            y_TD = ffn.dispatch(x_TD, decision, ffn.experts)
         else:
-            decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
-        if B == 1:
+            if self.plain_topk[layer]:
+                expert_K, weight_1K = _topk_choice(ffn.router, x_TD)
+                kept_K = [True] * len(expert_K)
+            else:
+                decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
+                expert_K, kept_K, weight_1K = decision.expert.tolist(), decision.kept.tolist(), decision.weight
+            # Weights as Python numbers already rounded to the activations' dtype: ``out * w``
+            # then equals ``out * w_tensor.to(out.dtype)`` bitwise, with no indexing ops.
+            weight_K = weight_1K.reshape(-1).to(x_TD.dtype).tolist()
+            chosen = sorted((e, a) for a, (e, k) in enumerate(zip(expert_K, kept_K)) if k)
             experts = ffn.experts
             y_TD = None  # 0 + a == a exactly, so starting from the first term keeps loop's sums
             for e, a in chosen:
-                out_1D = experts.forward_expert(e, x_TD)
-                term = out_1D * weight_K[a].to(out_1D.dtype)
+                term = experts.forward_expert(e, x_TD) * weight_K[a]
                 y_TD = term if y_TD is None else y_TD + term
             y_TD = torch.zeros_like(x_TD) if y_TD is None else y_TD.to(x_TD.dtype)
-        else:
-            y_TD = ffn.dispatch(x_TD, decision, ffn.experts)
         if ffn.shared is not None:
             y_TD = y_TD + ffn.shared(x_TD)
         return y_TD.view(B, 1, D)
