@@ -20,6 +20,8 @@ Legend: M rows of x, K inputs, N outputs; all weights in ``nn.Linear`` layout ``
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,10 +34,17 @@ from moelab.registry import Registry
 aten = torch.ops.aten
 
 
+@functools.cache
+def _has_kernel(op: str, device_type: str) -> bool:
+    """Asked once per (op, device type): the dispatcher query costs more than a small mat-vec's
+    bookkeeping, and decode calls the kernels hundreds of times per token."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key)
+
+
 def require_op(op: str, device: torch.device) -> None:
     """Raise UserError unless ``aten::op`` has a kernel for ``device``'s type in this build."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key):
+    if not _has_kernel(op, device.type):
         raise UserError(
             f"this PyTorch build ({torch.__version__}) has no {op} kernel for device {device.type!r}: "
             "run the quantized model on CPU, or keep these weights unquantized (--only experts / no quantize)"
@@ -78,11 +87,16 @@ INT4_KERNELS.register("cuda")(
 
 
 def int4_kernel(device: torch.device) -> Int4Kernel:
-    if device.type not in INT4_KERNELS:
-        raise UserError(f"no int4 weight-only kernel for device {device.type!r}; supported: {', '.join(INT4_KERNELS)}")
-    kernel = INT4_KERNELS[device.type]
+    return _int4_kernel(device.type)
+
+
+@functools.cache
+def _int4_kernel(device_type: str) -> Int4Kernel:
+    if device_type not in INT4_KERNELS:
+        raise UserError(f"no int4 weight-only kernel for device {device_type!r}; supported: {', '.join(INT4_KERNELS)}")
+    kernel = INT4_KERNELS[device_type]
     for op in kernel.ops:
-        require_op(op, device)
+        require_op(op, torch.device(device_type))
     return kernel
 
 
