@@ -21,7 +21,6 @@ Legend: M rows of x, K inputs, N outputs; all weights in ``nn.Linear`` layout ``
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable
 from dataclasses import dataclass
 
