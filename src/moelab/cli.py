@@ -403,6 +403,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     _add_sampling_args(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--cache", choices=["static", "dynamic"], default="static", help="KV cache kind")
+    p.add_argument("--fast", action="store_true",
+                   help="decode fast path (moelab.infer.fast_decode): bf16 with prepacked weights where the CPU has "
+                        "bf16 units; prints when done (no streaming)")
     p.add_argument("--offload", action="store_true", help="keep routed experts off the device in a bounded cache")
     p.add_argument("--expert-cache", default="25%", metavar="SIZE", help="experts per layer in the cache: '25%%' or a count")
     p.add_argument("--cache-policy", default="lru", help="lru, lfu or pinned (lfu/pinned use a calibration trace)")
@@ -463,11 +466,23 @@ def _run_generate(args: argparse.Namespace) -> int:
             source=source if args.offload_from == "disk" and source.is_file() else None, device=args.device, counts=counts,
         )
         model.to(args.device)
-    stream = len(prompts) == 1 and not args.json
-    on_text = (lambda row, delta: print(delta, end="", flush=True)) if stream else None
-    if stream:
-        print(prompts[0], end="", flush=True)
-    results = generate(model, ids, params, tok, on_text=on_text, cache=args.cache)
+    if args.fast:
+        from moelab.infer.fast_decode import cast_for_decode, decode_dtype, fast_generate
+
+        if args.offload:
+            raise UserError("--fast and --offload do not combine: the fast path keeps every expert resident")
+        if model.cfg.attention != "causal":
+            raise UserError(f"--fast needs a causal model; this one has attention={model.cfg.attention!r}")
+        quantized = getattr(model, "quant_config", None) is not None
+        fast_model = model if quantized else cast_for_decode(model, decode_dtype(args.device))
+        results = fast_generate(fast_model, ids, params, tok)
+        stream = False
+    else:
+        stream = len(prompts) == 1 and not args.json
+        on_text = (lambda row, delta: print(delta, end="", flush=True)) if stream else None
+        if stream:
+            print(prompts[0], end="", flush=True)
+        results = generate(model, ids, params, tok, on_text=on_text, cache=args.cache)
     if args.json:
         data = {"completions": [dict(prompt=p, text=r.text, finish_reason=r.finish_reason,
                                      prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)

@@ -136,3 +136,23 @@ def test_serve_command_answers_over_http(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_generate_fast_equals_plain_in_fp32(in_code_checkpoint, monkeypatch, capsys) -> None:
+    import moelab.infer.fast_decode as fast_decode
+
+    monkeypatch.setattr(fast_decode, "decode_dtype", lambda device="cpu": torch.float32)
+    argv = ["generate", "ckpt", "--prompt", "Hello", "--prompt", "A longer prompt", "--max-tokens", "8",
+            "--ignore-eos", "--json"]
+    assert cli.main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["completions"]
+    assert cli.main([*argv, "--fast"]) == 0
+    assert json.loads(capsys.readouterr().out)["completions"] == plain
+    assert cli.main(["generate", "ckpt", "--prompt", "x", "--fast", "--offload"]) == 2
+    assert "do not combine" in capsys.readouterr().err
+
+
+def test_generate_fast_runs_in_the_detected_dtype(in_code_checkpoint, capsys) -> None:
+    assert cli.main(["generate", "ckpt", "--prompt", "Hi", "--max-tokens", "4", "--ignore-eos", "--fast"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- 'Hi' (length)\nHi") and len(out.splitlines()) == 2
