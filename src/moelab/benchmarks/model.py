@@ -16,12 +16,13 @@ from moelab.benchmarks.timing import interleaved
 from moelab.config import ModelConfig, preset
 from moelab.model.transformer import Transformer
 from moelab.model.twins import count_params, dense_twin
+from moelab.train.optim import fused_supported
 
 
 def training_step_fn(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, device: torch.device):
     torch.manual_seed(0)
     model = Transformer(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_supported(model) or None)  # as the trainer
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device)
 

@@ -38,7 +38,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused_supported(model) or None,
+    )
+
+
+def fused_supported(model: nn.Module) -> bool:
+    """Whether AdamW's fused kernel can take every parameter: plain float tensors on CPU or CUDA.
+
+    Why it matters for MoE: AdamW touches every parameter every step, active or not, so an MoE
+    with E/k× the twin's parameters pays E/k× its optimizer time. The default CPU implementation
+    loops over parameters in Python; the fused one is one kernel per group (the ``small`` preset,
+    212M parameters: 0.16 s a step instead of 0.97 s on this CPU). Sharded parameters (DTensor,
+    FSDP2) keep the default implementation.
+    """
+    params = list(model.parameters())
+    return bool(params) and all(
+        type(p) is nn.Parameter
+        and p.device.type in ("cpu", "cuda")
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for p in params
     )
 
 
