@@ -573,13 +573,21 @@ def add_run_config_args(p: argparse.ArgumentParser, default_preset: str = "tiny"
         default=[],
         help="override a field: train.steps=200, data.corpus=PATH, model.d_model=256 (moe.* means model.moe.*)",
     )
+    p.add_argument(
+        "--objective",
+        metavar="NAME",
+        help="training objective: causal (default), prefix, mlm, span (= --set train.objective=NAME; docs/objectives.md)",
+    )
 
 
 def run_config_from_args(args: argparse.Namespace, default_preset: str = "tiny"):
     from moelab.config import apply_overrides, load_run_config, normalize_run_overrides, run_preset
 
     cfg = load_run_config(args.config) if args.config else run_preset(args.preset or default_preset)
-    return apply_overrides(cfg, normalize_run_overrides(args.overrides))
+    overrides = list(args.overrides)
+    if getattr(args, "objective", None):
+        overrides.append(f"train.objective={args.objective}")
+    return apply_overrides(cfg, normalize_run_overrides(overrides))
 
 
 @contextlib.contextmanager
@@ -654,7 +662,8 @@ def _run_train(args: argparse.Namespace) -> int:
         if init is not None and ckpt is None:
             load_init_weights(trainer.model, init)
         result = trainer.train(resume=args.resume, stop_at=args.stop_after)
-    print(f"step {trainer.step}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}); checkpoints in {out}/checkpoints")
+    extra = "".join(f", {k} {v:.4f}" for k, v in result.metrics.items() if k not in ("loss", "tokens"))
+    print(f"step {trainer.step}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}{extra}); checkpoints in {out}/checkpoints")
     return 0
 
 
@@ -691,6 +700,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="CORPUS", help="evaluate on all of this corpus (default: the run's validation split)")
     p.add_argument("--batches", type=int, default=None, metavar="N", help="at most N batches (default: all)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--objective", metavar="NAME",
+                   help="evaluate with this objective (default: the one the checkpoint was trained with)")
 
 
 @command("eval", "validation loss and perplexity of a checkpoint, overall and per domain/language", _add_eval_args)
@@ -703,12 +714,23 @@ def _run_eval(args: argparse.Namespace) -> int:
     from moelab.data.corpus import load_corpus
     from moelab.data.loader import build_splits, eval_batches, pack
     from moelab.errors import UserError
+    from moelab.objectives import build_objective
     from moelab.train.checkpoint import load_model, read_run_config, resolve_checkpoint
-    from moelab.train.trainer import evaluate, resolve_precision
+    from moelab.train.objective_step import is_plain_causal
+    from moelab.train.trainer import evaluate, evaluate_with_objective, resolve_precision
 
     with _warnings_as_lines():
         ckpt = resolve_checkpoint(args.checkpoint)
     cfg = read_run_config(ckpt)
+    trained = build_objective(cfg.train.objective)
+    objective = build_objective(args.objective) if args.objective else trained
+    if (objective.architecture == "encoder_decoder") != (trained.architecture == "encoder_decoder") or (
+        trained.architecture != "encoder_decoder" and objective.attention != cfg.model.attention
+    ):
+        raise UserError(
+            f"--objective {objective.name} needs a different model than this checkpoint's ({cfg.train.objective}, "
+            f"attention={cfg.model.attention}): evaluate it with --objective {cfg.train.objective}"
+        )
     model, tok = load_model(ckpt)
     if args.data:
         with _warnings_as_lines():
@@ -720,12 +742,19 @@ def _run_eval(args: argparse.Namespace) -> int:
         docs = load_corpus(cfg.data)
         data = build_splits(docs, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed).val
     bf16 = resolve_precision(cfg.train.precision, torch.device("cpu"))
-    r = evaluate(model, eval_batches(data, cfg.train.batch_size, args.batches), data.label_names, bf16)
-    result = {"checkpoint": str(ckpt), "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens, "loss_by": r.loss_by}
+    batches = eval_batches(data, cfg.train.batch_size, args.batches)
+    if is_plain_causal(objective):
+        r = evaluate(model, batches, data.label_names, bf16)
+    else:
+        objective.check_tokenizer(tok)
+        r = evaluate_with_objective(model, batches, objective, tok, bf16)
+    result = {"checkpoint": str(ckpt), "objective": objective.name, "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens,
+              "loss_by": r.loss_by, "metrics": r.metrics}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"{ckpt}: loss {r.loss:.4f}  ppl {r.ppl:.2f}  ({r.tokens:,} tokens)")
+    extra = "".join(f"  {k} {v:.4f}" for k, v in r.metrics.items() if k not in ("loss", "tokens"))
+    print(f"{ckpt}: objective {objective.name}  loss {r.loss:.4f}  ppl {r.ppl:.2f}{extra}  ({r.tokens:,} tokens)")
     for name, per in r.loss_by.items():
         if name in ("domain", "lang"):
             print(f"  by {name}: " + "  ".join(f"{k} {v:.3f}" for k, v in per.items()))

@@ -28,6 +28,7 @@ from moelab.hardware import describe
 from moelab.model.transformer import Transformer
 from moelab.model.twins import count_params, dense_twin
 from moelab.train.logging import read_metrics
+from moelab.train.objective_step import is_plain_causal, objective_of, prepare_tokenizer
 from moelab.train.trainer import Trainer
 
 
@@ -77,12 +78,22 @@ def run_compare(
     models = compare_models(cfg, iso_total)
     t0 = time.perf_counter()
     cfg, data = prepare_data(cfg)
+    objective = objective_of(cfg)
+    prepare_tokenizer(data.tokenizer, objective)  # before any model reads the vocab size
     prep_s = time.perf_counter() - t0
+    if analysis and not is_plain_causal(objective):
+        analysis = False  # the routing analysis traces next-token batches through a decoder
+        skipped_analysis = f"routing analysis skipped: it runs on causal models; this compare trains {objective.name}"
+    else:
+        skipped_analysis = ""
     summary: dict[str, Any] = {
         "name": cfg.name,
         "command": command,
         "config": to_dict(cfg),
         "hardware": describe(cfg.train.device),
+        "objective": objective.name,
+        "metric": objective.metric,  # the objective's headline number (docs/objectives.md)
+        "architecture": objective.architecture,
         "data": {
             "corpus": cfg.data.corpus,
             "tokenizer": data.tokenizer.kind,
@@ -112,6 +123,8 @@ def run_compare(
             "params_embedding": counts.embedding,
             "final_val_loss": result.loss,
             "final_val_ppl": result.ppl,
+            "final_val_metrics": result.metrics,
+            "final_metric": result.metrics.get(objective.metric, result.loss),
             "val_tokens_evaluated": result.tokens,
             "val_loss_by_domain": result.loss_by.get("domain", {}),
             "val_loss_by_lang": result.loss_by.get("lang", {}),
@@ -130,6 +143,8 @@ def run_compare(
         f"moe_minus_{k}": moe - v["final_val_loss"] for k, v in summary["models"].items() if k != "moe"
     }
     sections_html = ""
+    if skipped_analysis:
+        summary["analysis_skipped"] = skipped_analysis
     if analysis:
         from moelab.report.compare_analysis import run_compare_analysis
 

@@ -415,6 +415,7 @@ def preset(name: str) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- data, training, runs
 
+OBJECTIVE_NAMES = ("causal", "prefix", "mlm", "span")  # = moelab.objectives.OBJECTIVES (tested)
 PRECISIONS = ("fp32", "bf16", "auto")
 TOKENIZERS = ("bpe", "bytes")
 
@@ -467,6 +468,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     precision: str = "auto"  # fp32 | bf16 | auto (bf16 autocast where moelab.hardware.bf16_is_fast)
+    objective: str = "causal"  # causal | prefix | mlm | span (moelab.objectives; span trains an encoder-decoder)
     eval_every: int = 100  # steps; 0 = only at the end
     eval_batches: int = 8
     log_every: int = 10
@@ -493,6 +495,7 @@ class TrainConfig:
         _require(self.eps > 0, "train.eps", self.eps, "must be > 0")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
         _one_of("train.precision", self.precision, PRECISIONS)
+        _one_of("train.objective", self.objective, OBJECTIVE_NAMES)
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,14 @@ def write_report(summary: dict[str, Any], path: str | Path, analysis_html: str =
     return p
 
 
+def _objective_cells(summary: dict[str, Any], m: dict[str, Any]) -> dict[str, str]:
+    """Perplexity for next-token objectives; the objective's own headline metric otherwise."""
+    metric = summary.get("metric", "loss")
+    if summary.get("objective", "causal") == "causal" or metric == "loss":
+        return {"val ppl": f"{m['final_val_ppl']:.2f}"}
+    return {f"val {metric.replace('_', ' ')}": f"{m.get('final_metric', float('nan')):.4f}"}
+
+
 def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
     """One row per model: the numbers of the terminal and HTML tables, formatted."""
     rows = []
@@ -127,7 +135,7 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
                 "params (total)": f"{m['params_total'] / 1e6:.2f}M",
                 "params (active)": f"{m['params_active'] / 1e6:.2f}M",
                 "val loss": f"{m['final_val_loss']:.4f}",
-                "val ppl": f"{m['final_val_ppl']:.2f}",
+                **_objective_cells(summary, m),
                 "tok/s": f"{m['tokens_per_s']:,.0f}",
                 "train FLOPs": f"{m['train_flops']:.2e}",
                 "tokens": f"{m['tokens']:,}",
@@ -149,7 +157,8 @@ def print_table(summary: dict[str, Any], console=None) -> None:
     from rich.table import Table
 
     rows = table_rows(summary)
-    table = Table(title=f"moelab compare: {summary['name']}")
+    objective = summary.get("objective", "causal")
+    table = Table(title=f"moelab compare: {summary['name']} (objective {objective}, metric {summary.get('metric', 'loss')})")
     for col in rows[0]:
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for r in rows:

@@ -61,6 +61,11 @@ class DistributedTrainer(Trainer):
             raise UserError(
                 "train.precision=bf16 is not supported under torchrun yet: use train.precision=fp32"
             )
+        if tc.objective != "causal":
+            raise UserError(
+                f"train.objective={tc.objective} is not supported under torchrun yet: train it in one process "
+                "(the torchrun step feeds next-token batches)"
+            )
         if self.model.cfg.moe is None and layout.ep > 1:
             raise UserError(f"--ep {layout.ep} needs an MoE model: this config is dense")
         if dp_mode == "fsdp":
@@ -106,10 +111,7 @@ class DistributedTrainer(Trainer):
             return False
         model, optimizer, state, _ = load_sharded_checkpoint(ckpt, self.layout, self._optimizer_factory)
         self._install(model, optimizer)
-        self.sampler.load_state_dict(state["sampler"])
-        self.step = state["step"]
-        self.bad_total, self.bad_in_a_row = state["bad_total"], state["bad_in_a_row"]
-        self.tokens_seen = state["tokens_seen"]
+        self._load_train_state(state)
         return True
 
     # ------------------------------------------------------------------ loop

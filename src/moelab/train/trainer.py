@@ -16,6 +16,7 @@ every checkpoint, so a resumed run continues bit for bit on CPU.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import math
 import time
@@ -36,6 +37,7 @@ from moelab.model.transformer import Transformer
 from moelab.moe.balancing import Balancer
 from moelab.moe.health import RouterHealth
 from moelab.moe.stats import RoutingStats
+from moelab.train import objective_step
 from moelab.train.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -58,12 +60,18 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class EvalResult:
-    """Validation loss overall and per label value, and expert load per MoE layer."""
+    """Validation loss overall and per label value, and expert load per MoE layer.
+
+    ``objective`` names the training objective; ``metrics`` holds its own numbers (e.g.
+    ``masked_accuracy`` for mlm, ``target_loss`` for span and prefix; empty for causal).
+    """
 
     loss: float
     tokens: int
     loss_by: dict[str, dict[str, float]] = field(default_factory=dict)  # label name → value → mean loss
     expert_load: dict[int, list[float]] = field(default_factory=dict)  # layer → share of assignments per expert
+    objective: str = "causal"
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def ppl(self) -> float:
@@ -120,6 +128,15 @@ def evaluate(model: Transformer, batches: list[Batch], label_names: dict[str, li
     return EvalResult(loss=total / max(count, 1), tokens=count, loss_by=loss_by, expert_load=expert_load)
 
 
+def evaluate_with_objective(model, batches: list[Batch], objective, tokenizer, bf16: bool = False) -> EvalResult:
+    """:func:`evaluate` for a non-causal objective: its loss, target count and own metrics."""
+    device = next(model.parameters()).device
+    metrics, loads = objective_step.evaluate_objective(model, batches, objective, tokenizer, lambda: autocast(device, bf16))
+    return EvalResult(
+        loss=metrics["loss"], tokens=int(metrics["tokens"]), expert_load=loads, objective=objective.name, metrics=metrics
+    )
+
+
 class Trainer:
     """Trains one model of a :class:`RunConfig` into ``run_dir`` (metrics, checkpoints).
 
@@ -130,8 +147,10 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, data: PreparedData | None = None) -> None:
         if data is None:
             cfg, data = prepare_data(cfg)
-        else:
-            cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size))
+        self.objective = objective_step.objective_of(cfg)
+        objective_step.prepare_tokenizer(data.tokenizer, self.objective)  # before the vocab size is read
+        model_cfg = objective_step.model_config_for(cfg.model, self.objective)
+        cfg = replace(cfg, model=replace(model_cfg, vocab_size=data.tokenizer.vocab_size))
         self.cfg, self.data = cfg, data
         self.run_dir = Path(run_dir)
         tc = cfg.train
@@ -140,7 +159,8 @@ class Trainer:
             raise UserError("train.device=cuda but CUDA is not available: use train.device=cpu")
         self.bf16 = resolve_precision(tc.precision, self.device)
         torch.manual_seed(tc.seed)
-        self.model = Transformer(cfg.model).to(self.device)
+        self.model = objective_step.build_model(cfg.model, self.objective).to(self.device)
+        self.objective_rng = torch.Generator().manual_seed(tc.seed)  # masks, spans, prefixes
         self.optimizer = build_optimizer(self.model, tc)
         self.balancer = Balancer(self.model)
         self.health = RouterHealth(cfg.model.moe) if cfg.model.moe is not None else None
@@ -160,7 +180,17 @@ class Trainer:
             "bad_total": self.bad_total,
             "bad_in_a_row": self.bad_in_a_row,
             "tokens_seen": self.tokens_seen,
+            "objective_rng": base64.b64encode(self.objective_rng.get_state().numpy().tobytes()).decode("ascii"),
         }
+
+    def _load_train_state(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.bad_total, self.bad_in_a_row = state["bad_total"], state["bad_in_a_row"]
+        self.tokens_seen = state["tokens_seen"]
+        if "objective_rng" in state:  # absent in checkpoints written before objectives existed
+            raw = bytearray(base64.b64decode(state["objective_rng"]))
+            self.objective_rng.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
 
     def save(self) -> Path:
         path = save_checkpoint(
@@ -190,11 +220,7 @@ class Trainer:
         ckpt = self.checkpoint_to_resume()
         if ckpt is None:
             return False
-        state = load_training_state(ckpt, self.model, self.optimizer)
-        self.sampler.load_state_dict(state["sampler"])
-        self.step = state["step"]
-        self.bad_total, self.bad_in_a_row = state["bad_total"], state["bad_in_a_row"]
-        self.tokens_seen = state["tokens_seen"]
+        self._load_train_state(load_training_state(ckpt, self.model, self.optimizer))
         return True
 
     # ------------------------------------------------------------------ loop
@@ -202,8 +228,8 @@ class Trainer:
     def _micro_step(self, batch: Batch, scale: float) -> tuple[torch.Tensor, Any]:
         has_moe = bool(self.model.moe_layers)
         with autocast(self.device, self.bf16):
-            out = self.model(
-                batch.input_ids.to(self.device), labels=batch.labels.to(self.device), return_routing=has_moe
+            out = objective_step.forward(
+                self.model, self.objective, batch, self.data.tokenizer, self.objective_rng, self.device, has_moe
             )
         loss = out.total_loss
         if torch.isfinite(loss):
@@ -275,7 +301,9 @@ class Trainer:
             )
 
     def evaluate(self) -> EvalResult:
-        return evaluate(self.model, self.val_batches, self.data.splits.val.label_names, self.bf16)
+        if objective_step.is_plain_causal(self.objective):
+            return evaluate(self.model, self.val_batches, self.data.splits.val.label_names, self.bf16)
+        return evaluate_with_objective(self.model, self.val_batches, self.objective, self.data.tokenizer, self.bf16)
 
     @property
     def is_main(self) -> bool:
@@ -344,5 +372,7 @@ def eval_record(step: int, tokens: int, r: EvalResult) -> dict[str, Any]:
         "val_tokens": r.tokens,
         "val_loss_by": r.loss_by,
         "expert_load": {str(k): v for k, v in r.expert_load.items()},
+        "objective": r.objective,
+        "val_metrics": r.metrics,
     }
 
