@@ -934,7 +934,7 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="study name (see --list)")
-    p.add_argument("--list", action="store_true", help="list the twelve studies, one line each")
+    p.add_argument("--list", action="store_true", help="list every study (issue 11's twelve and issue 14's), one line each")
     p.add_argument("--budget", choices=["smoke", "full"], default="smoke", help="smoke: sanity only; full: committed results")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
     p.add_argument("--out", default="runs/studies", metavar="DIR", help="where the runs go")

@@ -25,8 +25,8 @@ def test_verdict_gives_each_of_the_three():
     assert verdict([2.0, 2.01], [1.0, 1.01], lower_is_better=False)[0] == "supported"
 
 
-def test_catalog_has_twelve_and_registered_are_in_it():
-    assert len(CATALOG) == 12
+def test_catalog_has_thirteen_and_registered_are_in_it():
+    assert len(CATALOG) == 13  # issue 11's twelve + issue 14's encoder-decoder study
     assert set(STUDIES) <= set(CATALOG)
 
 
@@ -43,7 +43,7 @@ def _cli(*args, cwd):
 
 def test_list_and_unimplemented_error(tmp_path):
     r = _cli("--list", cwd=tmp_path)
-    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 12
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == len(CATALOG) == 13
     missing = next(n for n in CATALOG if n not in STUDIES)
     r = _cli(missing, cwd=tmp_path)
     assert r.returncode == 2 and "not implemented" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -83,7 +83,14 @@ def test_shared_corpus_discovery(tmp_path):
     assert shared_corpus(tmp_path / "repo" / "src" / "x.py") == tmp_path / "shared" / "corpus"
 
 
-@pytest.mark.parametrize("name", sorted(STUDIES))
+OWN_TESTS = {"enc-dec-specialisation"}  # studies whose arms are not val_loss arms: own test files
+
+
+def test_every_registered_study_has_a_smoke_test():
+    assert set(STUDIES) == set(EXPECTED_ARMS) | OWN_TESTS
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ARMS))
 def test_study_smoke(name, tmp_path):
     r = _cli(
         name,

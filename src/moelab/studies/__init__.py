@@ -1,7 +1,7 @@
 """``moelab study``: claims about MoE measured with seeds, budgets and a computed verdict.
 
 One file per study; each registers a function ``run(budget, seeds) -> StudyResult`` in
-:data:`STUDIES`. :data:`CATALOG` lists all twelve planned studies (one line each) so that
+:data:`STUDIES`. :data:`CATALOG` lists every planned study (one line each) so that
 ``moelab study --list`` can say which exist; only registered ones are runnable.
 """
 
@@ -11,7 +11,7 @@ import importlib
 
 from moelab.studies.base import CATALOG, STUDIES, StudyResult, run_study, verdict
 
-_MODULES = ("capacity", "routers", "placement", "granularity")
+_MODULES = ("capacity", "routers", "placement", "granularity", "enc_dec_specialisation")
 for _m in _MODULES:
     importlib.import_module(f"moelab.studies.{_m}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from moelab.registry import Registry
 VERDICTS = ("supported", "not supported", "inconclusive")
 BUDGETS = ("smoke", "full")
 
-# All twelve studies of issue 11, one line each; those in STUDIES are runnable.
+# The twelve studies of issue 11 and issue 14's encoder-decoder study, one line each; those in STUDIES run.
 CATALOG: dict[str, str] = {
     "iso-flop": "MoE (E 4-32, k 2) vs iso-active / iso-total dense: loss vs training FLOPs, compute multiplier",
     "sqrt-rule": "dense ladder fit loss(N); MoE dense-equivalent size vs sqrt(active x total)",
@@ -36,6 +37,7 @@ CATALOG: dict[str, str] = {
     "sparsity": "dense FFN activation sparsity; MoEfication vs MoE from scratch",
     "gradient-conflict": "per-domain gradient cosine in a dense FFN vs within MoE experts",
     "hybrid-inference": "bandwidth argument for MoE on CPU+GPU: calc predictions vs published figures",
+    "enc-dec-specialisation": "encoder experts specialise on token identity more than decoder experts (ST-MoE)",
 }
 
 
@@ -195,6 +197,7 @@ def write_study(res: StudyResult, docs: Path) -> None:
     """``docs/NAME.json`` (every number) and ``docs/NAME.md`` (method, table, verdict, command),
     then regenerate ``docs/README.md`` from every JSON there."""
     docs.mkdir(parents=True, exist_ok=True)
+    res.plots = [_place_plot(p, docs) for p in res.plots]
     (docs / f"{res.name}.json").write_text(json.dumps(res.to_json(), indent=1), encoding="utf-8")
     metrics = sorted({m for a in res.arms.values() for m in a["mean"]})
     lines = [
@@ -217,6 +220,17 @@ def write_study(res: StudyResult, docs: Path) -> None:
     lines += ["", "Command:", "", f"    {res.command}", ""]
     (docs / f"{res.name}.md").write_text("\n".join(lines), encoding="utf-8")
     write_index(docs)
+
+
+def _place_plot(plot: str, docs: Path) -> str:
+    """A plot the study wrote elsewhere (its run folder) is copied beside the page; the page links
+    it by file name."""
+    src = Path(plot)
+    if src.is_absolute() or src.parent != Path("."):
+        if src.is_file() and src.resolve() != (docs / src.name).resolve():
+            shutil.copyfile(src, docs / src.name)
+        return src.name
+    return plot
 
 
 def write_index(docs: Path) -> None:
