@@ -644,9 +644,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from moelab.parallel.env import launched_by_torchrun
 
     if launched_by_torchrun() or args.ep > 1:
-        if init is not None:
-            raise UserError("--init is not supported under torchrun yet: train from the weights on one process first")
-        return _run_train_distributed(args, cfg, out)
+        return _run_train_distributed(args, cfg, out, init)
     with _warnings_as_lines():
         # Resuming reuses the checkpoint's tokenizer instead of training a new one.
         ckpt = latest_checkpoint(out) if args.resume else None
@@ -667,7 +665,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_train_distributed(args: argparse.Namespace, cfg, out: str) -> int:
+def _run_train_distributed(args: argparse.Namespace, cfg, out: str, init=None) -> int:
     """`moelab train` under torchrun (docs/distributed.md): a failing rank ends the job with one line."""
     from moelab.data.prepare import prepare_data
     from moelab.data.tokenizer import load_tokenizer
@@ -683,8 +681,15 @@ def _run_train_distributed(args: argparse.Namespace, cfg, out: str) -> int:
         layout = build_layout(env, ep=args.ep, num_experts=num_experts)
         ckpt = latest_checkpoint(out) if args.resume else None
         tokenizer = load_tokenizer(ckpt / "tokenizer.json") if ckpt is not None else None
+        if init is not None and tokenizer is None:
+            tokenizer = init.tokenizer
         cfg, data = prepare_data(cfg, tokenizer=tokenizer)
-        trainer = DistributedTrainer(cfg, out, layout, data=data, dp_mode=args.dp)
+        if init is not None:
+            from moelab.train.init import check_vocab
+
+            check_vocab(init, data.tokenizer)
+        # --init weights go into the full model before its experts are sharded over ep (a resume replaces them)
+        trainer = DistributedTrainer(cfg, out, layout, data=data, dp_mode=args.dp, init=init)
         result = trainer.train(resume=args.resume, stop_at=args.stop_after)
         if env.is_main:
             print(

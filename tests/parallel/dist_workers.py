@@ -10,6 +10,7 @@ Legend: W world size, T tokens per rank, D model dim, E experts, K top-k.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from moelab.moe.layer import MoELayer
 from moelab.parallel import build_data_parallel, build_layout, fail_together, init_distributed, shard_experts
 from moelab.parallel.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from moelab.parallel.expert_parallel import ExpertShard, full_state_dict
-from moelab.parallel.train_step import shard_rows, train_step
+from moelab.parallel.train_step import accumulate_step, shard_rows, train_step
 
 TOL = 1e-5
 GRAD_CLIP = 0.5  # below the tiny model's gradient norm, so clipping is exercised
@@ -250,6 +251,29 @@ def check_training(env, mode: str, ep: int, steps: int = 3) -> None:
         assert comm.bytes_sent > 0, "expert parallel run recorded no all-to-all traffic"
 
 
+def check_bad_step_skipped_together(env) -> None:
+    """A non-finite loss on one rank (rank 1's weights poisoned) skips the step on every rank:
+    no rank updates, and the next finite step trains again."""
+    layout = build_layout(env, ep=1, num_experts=4)
+    torch.manual_seed(0)
+    model = Transformer(model_config())
+    dp = build_data_parallel("manual", layout)
+    opt = make_optimizer(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if layout.rank == 1:
+        with torch.no_grad():
+            model.embed.weight[0].fill_(float("nan"))
+    ids, labels = global_batch(0)
+    ids[:, 0] = 0  # every row reads the poisoned embedding row on rank 1
+    rows = shard_rows(GLOBAL_BATCH, layout)
+    m = accumulate_step(dp.wrap(model), dp, opt, [(ids[rows], labels[rows])], layout, grad_clip=GRAD_CLIP)
+    assert m.skipped and not math.isfinite(m.loss), f"rank {layout.rank}: the NaN step was not skipped ({m})"
+    if layout.rank == 0:
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), f"rank 0 updated {k} on a skipped step"
+    assert not opt.state, "the optimizer stepped on a skipped step"
+
+
 # ----------------------------------------------------------------------------- checkpoints across world sizes
 
 
@@ -291,6 +315,7 @@ def scenario_world2(folder: str) -> None:
         check_ep_dispatch(4)
         for mode, ep in (("ddp", 1), ("manual", 2), ("fsdp", 2)):
             check_training(env, mode, ep)
+        check_bad_step_skipped_together(env)
         save_after_steps(env, folder, ep=2)
 
 

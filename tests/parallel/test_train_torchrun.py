@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tests.parallel.dist_launch import free_port, worker_env
 
 ARGS = [
@@ -81,3 +82,67 @@ def test_bad_layout_ends_job_with_one_line(tmp_path):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("moelab: rank")]
     assert lines and all("--ep" in ln or "ep" in ln for ln in lines), r.stderr[-2000:]
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grad_accum_under_torchrun_matches_one_process(tmp_path):
+    """world 2 × 2 micro-batches = one process × 2 micro-batches of the same global batches."""
+    accum = ["--set", "train.grad_accum=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _train(one, *accum).returncode == 0
+    r = _train(two, *accum, "--ep", "2", world=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
+    assert [x["tokens"] for x in _records(two) if x["kind"] == "train"] == [
+        x["tokens"] for x in _records(one) if x["kind"] == "train"
+    ]
+
+
+def test_bf16_under_torchrun_tracks_one_process(tmp_path):
+    bf16 = ["--set", "train.precision=bf16"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _train(one, *bf16).returncode == 0
+    r = _train(two, *bf16, world=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(two) == pytest.approx(_losses(one), abs=2e-2)  # bf16 matmuls on half the rows each
+
+
+def test_router_stats_and_aux_free_bias_are_global(tmp_path):
+    """sigmoid_bias updates its bias from the loads of the whole global batch on every rank: the
+    world-2 run ends with the one-process bias and logs the same routing statistics."""
+    from moelab.train.checkpoint import load_model
+
+    router = ["--set", "moe.router.name=sigmoid_bias", "--set", "moe.router.bias_update_rate=0.01"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _train(one, *router).returncode == 0
+    r = _train(two, *router, "--ep", "2", world=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _records(one), _records(two)
+    train_a = [x for x in a if x["kind"] == "train"]
+    train_b = [x for x in b if x["kind"] == "train"]
+    stats = {k for k in train_a[-1] if k.startswith("moe/") or k in ("drop_rate", "max_expert_load", "load_entropy")}
+    assert stats and stats <= set(train_b[-1])
+    for k in stats:
+        assert train_b[-1][k] == pytest.approx(train_a[-1][k], abs=1e-6), k
+    ma, _ = load_model(one)
+    mb, _ = load_model(two)
+    bias_a = [m.router.bias for m in ma.moe_layers]
+    bias_b = [m.router.bias for m in mb.moe_layers]
+    assert any(bool(x.abs().sum() > 0) for x in bias_a)  # the bias did move
+    for x, y in zip(bias_a, bias_b):
+        assert torch.equal(x, y)
+
+
+def test_init_under_torchrun_matches_one_process(tmp_path):
+    """--init loads the full weights on every rank before the experts are sharded over ep."""
+    source = tmp_path / "source"
+    assert _train(source).returncode == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _train(one, "--init", str(source)).returncode == 0
+    r = _train(two, "--init", str(source), "--ep", "2", world=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
+    assert _losses(one)[0] < _losses(source)[0] - 0.1  # it started from the trained weights

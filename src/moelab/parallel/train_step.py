@@ -17,7 +17,11 @@ the global batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,6 +30,7 @@ from torch import Tensor, nn
 
 from moelab.errors import UserError
 from moelab.moe.dispatch.ep import CommStats
+from moelab.moe.stats import LayerStats, RoutingStats
 from moelab.parallel.expert_parallel import is_expert_param
 from moelab.parallel.mesh import ParallelLayout
 from moelab.parallel.wrap import DataParallel, unwrap
@@ -41,6 +46,9 @@ class StepMetrics:
     aux_loss: float  # weighted router aux loss, mean over ranks
     tokens: int  # labelled tokens in the global batch
     a2a_bytes: int  # all-to-all bytes sent by all ranks this step (forward + backward)
+    grad_norm: float = float("nan")  # global gradient norm before clipping
+    skipped: bool = False  # non-finite loss or gradient: no update on any rank
+    routing: RoutingStats = field(default_factory=lambda: RoutingStats({}))  # global-batch routing statistics
 
 
 def shard_rows(global_rows: int, layout: ParallelLayout) -> slice:
@@ -115,42 +123,117 @@ def train_step(
     comm: CommStats | None = None,
     grad_clip: float = 0.0,
 ) -> StepMetrics:
-    """Forward, backward, gradient sync, optimizer step on this rank's shard; metrics reduced.
+    """One micro-batch per step: :func:`accumulate_step` with a single ``(input_ids, labels)``."""
+    return accumulate_step(model, data_parallel, optimizer, [(input_ids_BS, labels_BS)], layout, comm, grad_clip)
 
-    ``model`` is what ``data_parallel.wrap`` returned; ``input_ids_BS``/``labels_BS`` are this
-    rank's rows (:func:`shard_rows`). Collective: every rank must call it once per step.
+
+def accumulate_step(
+    model: nn.Module,
+    data_parallel: DataParallel,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[Tensor, Tensor]],
+    layout: ParallelLayout,
+    comm: CommStats | None = None,
+    grad_clip: float = 0.0,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    before_step: Callable[[RoutingStats], None] | None = None,
+) -> StepMetrics:
+    """Forward and backward of every micro-batch, one gradient sync, clip, optimizer step.
+
+    ``micro_batches`` are this rank's rows of each of the step's global micro-batches
+    (:func:`shard_rows` of each). Each micro-batch's objective is scaled by ``1/A`` as the
+    one-process trainer's accumulation does, with the token mean taken over that global
+    micro-batch, so W ranks × A micro-batches equal one process × A micro-batches. Gradients are
+    synchronised once, after the last backward (DDP's ``no_sync`` before it).
+
+    The step is skipped on every rank together when the global loss or the global gradient norm
+    is not finite (both are reduced before the decision). ``before_step`` receives the routing
+    statistics of the whole global batch (loads summed over ranks) between backward and the
+    optimizer step: the aux-loss-free bias update needs the same loads on every rank.
+    Collective: every rank must call it once per step with the same number of micro-batches.
     """
-    W = layout.world_size
-    check_finite_labels(labels_BS, unwrap(model).cfg.vocab_size)
-    local_tokens = int((labels_BS != IGNORE_INDEX).sum())
-    (global_tokens,) = all_reduce_sum([float(local_tokens)], layout)
-    if global_tokens == 0:
-        raise UserError("the global batch has no labelled tokens: check the data")
+    W, A = layout.world_size, len(micro_batches)
+    inner = unwrap(model)
+    for _, labels_BS in micro_batches:
+        check_finite_labels(labels_BS, inner.cfg.vocab_size)
+    local_tokens = [float(int((labels != IGNORE_INDEX).sum())) for _, labels in micro_batches]
+    global_tokens = all_reduce_sum(local_tokens, layout)
+    if min(global_tokens) == 0:
+        raise UserError("a global micro-batch has no labelled tokens: check the data")
     if comm is not None:
         comm.reset()
-    out = model(input_ids_BS)
-    logits = out.logits.float()
-    ce_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        labels_BS.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    aux = out.aux_loss if out.aux_loss is not None else ce_sum.new_zeros(())
-    objective = W * ce_sum / global_tokens + aux
-    objective.backward()
+    has_moe = bool(inner.moe_layers)
+    ce_sums, auxes, stats = [], [], []
+    for i, (input_ids_BS, labels_BS) in enumerate(micro_batches):
+        no_sync = data_parallel.no_sync(model) if i < A - 1 else contextlib.nullcontext()
+        with no_sync:
+            with autocast():
+                out = model(input_ids_BS, return_routing=has_moe)
+            logits = out.logits.float()
+            ce_sum = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels_BS.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            aux = out.aux_loss if out.aux_loss is not None else ce_sum.new_zeros(())
+            ((W * ce_sum / global_tokens[i] + aux) / A).backward()
+        ce_sums.append(float(ce_sum.detach()))
+        auxes.append(float(aux.detach()))
+        if out.routing:
+            stats.append(RoutingStats.from_routing(out.routing))
     data_parallel.sync(model)
-    if grad_clip > 0:
-        clip_grad_norm(model, grad_clip, layout)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     sent = comm.bytes_sent if comm is not None else 0
-    ce_total, aux_total, bytes_total = all_reduce_sum(
-        [float(ce_sum.detach()), float(aux.detach()), float(sent)], layout
-    )
+    reduced = all_reduce_sum([*ce_sums, *auxes, float(sent)], layout)
+    loss = sum(c / n for c, n in zip(reduced[:A], global_tokens)) / A  # mean of micro-batch token means
+    aux_loss = sum(reduced[A : 2 * A]) / (A * W)
+    routing = all_reduce_stats(sum(stats[1:], stats[0]), layout) if stats else RoutingStats({})
+    grad_norm = clip_grad_norm(model, grad_clip if math.isfinite(loss) else 0.0, layout)
+    skipped = not (math.isfinite(loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm))
+    if not skipped:
+        if before_step is not None:
+            before_step(routing)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return StepMetrics(
-        loss=ce_total / global_tokens,
-        aux_loss=aux_total / W,
-        tokens=int(global_tokens),
-        a2a_bytes=int(bytes_total),
+        loss=loss,
+        aux_loss=aux_loss,
+        tokens=int(sum(global_tokens)),
+        a2a_bytes=int(reduced[-1]),
+        grad_norm=grad_norm,
+        skipped=skipped,
+        routing=routing,
     )
+
+
+def all_reduce_stats(stats: RoutingStats, layout: ParallelLayout) -> RoutingStats:
+    """Routing statistics of the global batch: loads summed over every rank, rates weighted by counts.
+
+    Every rank routes its own tokens over all E experts (routers are replicated, also under ep),
+    so the sum over the world is the global batch's load, as one process would count it.
+    """
+    if not (dist.is_initialized() and layout.world_size > 1) or not stats.layers:
+        return stats
+    layers = sorted(stats.layers)
+    rows = []
+    for i in layers:
+        s = stats.layers[i]
+        n = float(s.load.sum())
+        rows.append(torch.cat([
+            s.load.double(), s.kept_load.double(),
+            torch.tensor([s.drop_rate * n, s.mean_top1_prob * s.num_tokens, float(s.num_tokens), n], dtype=torch.float64),
+        ]))  # fmt: skip
+    flat = torch.cat(rows).to(layout.env.device)
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    out, offset = {}, 0
+    for i, row in zip(layers, rows):
+        E = stats.layers[i].load.numel()
+        part = flat[offset : offset + row.numel()]
+        offset += row.numel()
+        drop_n, top1_n, tokens, n = part[2 * E :].tolist()
+        out[i] = LayerStats(
+            load=part[:E].round().long(),
+            kept_load=part[E : 2 * E].round().long(),
+            drop_rate=drop_n / n if n > 0 else 0.0,
+            mean_top1_prob=top1_n / tokens if tokens > 0 else stats.layers[i].mean_top1_prob,
+            num_tokens=int(tokens),
+        )
+    return RoutingStats(out)

@@ -18,6 +18,7 @@ Legend: W world size, dp data-parallel size, ep expert-parallel size.
 
 from __future__ import annotations
 
+import contextlib
 from typing import ClassVar
 
 import torch
@@ -74,6 +75,10 @@ class DataParallel:
         """Make every rank's gradients those of the global objective (see module doc)."""
         raise NotImplementedError
 
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Context for a backward whose gradients are only accumulated (not the step's last)."""
+        return contextlib.nullcontext()
+
 
 DATA_PARALLEL: Registry[type[DataParallel]] = Registry("data-parallel mode")
 
@@ -106,6 +111,10 @@ class DDPDataParallel(DataParallel):
     def sync(self, model: nn.Module) -> None:
         _, expert = _split_params(unwrap(model))
         _all_reduce_grads(expert, self.layout.dp_group, self.layout.world_size)
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """DDP all-reduces during every backward unless told not to."""
+        return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 @DATA_PARALLEL.register("fsdp")

@@ -9,8 +9,12 @@ Semantics (docs/distributed.md):
   the same block indices from the trainer's own sampler (same seed) and keeps its rows
   ``shard_rows`` of them: the shards are disjoint and together are exactly the batch one
   process would draw. The learning rate schedule is that of the global batch.
+- ``train.grad_accum`` global micro-batches per step, each sharded the same way; one gradient
+  sync per step. bf16 autocast as in one process.
 - Losses are reduced over ranks (LM loss token-mean over the global batch; router aux loss mean
-  over the per-shard aux losses), so logged metrics are identical on every rank.
+  over the per-shard aux losses), and routing statistics are those of the global batch (loads
+  summed over ranks), so logged metrics, health checks, the Balancer's bias updates and the
+  skip decision for a non-finite step are identical on every rank.
 - Rank 0 alone writes metrics, the progress bar and checkpoints. Checkpoints are gathered to
   the ordinary safetensors format, so they load at any world size (including 1).
 
@@ -19,6 +23,7 @@ Legend: W world size, B global batch (sequences).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +34,12 @@ from moelab.moe.balancing import Balancer
 from moelab.parallel.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from moelab.parallel.expert_parallel import shard_experts
 from moelab.parallel.mesh import ParallelLayout
-from moelab.parallel.train_step import shard_rows, train_step
+from moelab.parallel.train_step import accumulate_step, shard_rows
 from moelab.parallel.wrap import build_data_parallel
 from moelab.train.checkpoint import checkpoint_name, prune_checkpoints
+from moelab.train.init import InitSource, load_init_weights
 from moelab.train.optim import build_optimizer, lr_at, set_lr
-from moelab.train.trainer import Trainer
+from moelab.train.trainer import RouterHealthWarning, Trainer, autocast
 
 
 class DistributedTrainer(Trainer):
@@ -49,18 +55,12 @@ class DistributedTrainer(Trainer):
         layout: ParallelLayout,
         data: PreparedData | None = None,
         dp_mode: str = "manual",
+        init: InitSource | None = None,
     ) -> None:
         super().__init__(cfg, run_dir, data=data)
+        if init is not None:  # before _install shards the experts: every rank loads the full weights
+            load_init_weights(self.model, init)
         tc = self.cfg.train
-        if tc.grad_accum != 1:
-            raise UserError(
-                f"train.grad_accum={tc.grad_accum} is not supported under torchrun yet: use train.grad_accum=1 "
-                "(the ranks already split train.batch_size)"
-            )
-        if self.bf16:
-            raise UserError(
-                "train.precision=bf16 is not supported under torchrun yet: use train.precision=fp32"
-            )
         if tc.objective != "causal":
             raise UserError(
                 f"train.objective={tc.objective} is not supported under torchrun yet: train it in one process "
@@ -120,34 +120,52 @@ class DistributedTrainer(Trainer):
         tc = self.cfg.train
         lr = lr_at(self.step, tc)
         set_lr(self.optimizer, lr)
-        batch = self.data.splits.train.batch(self.sampler.next_indices(tc.batch_size))  # same on every rank
         rows = shard_rows(tc.batch_size, self.layout)
-        self.tokens_seen += batch.input_ids.numel()
         dev = self.layout.env.device
-        m = train_step(
+        micro = []
+        for _ in range(tc.grad_accum):  # the same global micro-batches as one process draws
+            batch = self.data.splits.train.batch(self.sampler.next_indices(tc.batch_size))  # same on every rank
+            self.tokens_seen += batch.input_ids.numel()
+            micro.append((batch.input_ids[rows].to(dev), batch.labels[rows].to(dev)))
+        m = accumulate_step(
             self.wrapped,
             self.data_parallel,
             self.optimizer,
-            batch.input_ids[rows].to(dev),
-            batch.labels[rows].to(dev),
+            micro,
             self.layout,
             comm=self.comm,
             grad_clip=tc.grad_clip,
+            autocast=lambda: autocast(dev, self.bf16),
+            before_step=self.balancer.update,
         )
         self.step += 1
-        return {
+        if m.skipped:
+            self.bad_total += 1
+            self.bad_in_a_row += 1
+        else:
+            self.bad_in_a_row = 0
+        rec: dict[str, Any] = {
             "kind": "train",
             "step": self.step,
             "loss": m.loss + m.aux_loss,
             "lm_loss": m.loss,
             "aux_loss": m.aux_loss,
             "lr": lr,
-            "skipped": False,
+            "grad_norm": m.grad_norm,
+            "skipped": m.skipped,
             "bad_steps": self.bad_total,
             "tokens": self.tokens_seen,
             "a2a_bytes": m.a2a_bytes,
             "world_size": self.layout.world_size,
         }
+        if m.routing.layers:  # global-batch statistics: the same on every rank
+            rec.update(m.routing.summary())
+            if self.health is not None:
+                rec.update(self.health.metrics(m.routing))
+                for message in self.health.observe(self.step, m.routing):
+                    if self.is_main:
+                        warnings.warn(message, RouterHealthWarning, stacklevel=2)
+        return rec
 
     @property
     def is_main(self) -> bool:
