@@ -1,38 +1,66 @@
 """Where offloaded experts live: CPU memory (pinned with CUDA) or a memory-mapped safetensors file.
 
-A store returns one expert's ``(w_up [m·F, D], w_down [D, F])`` in its own memory; the
-:class:`moelab.infer.offload.LayerExpertCache` copies it to the compute device.
+A store returns one expert's *payload*, the tensors its forward needs, in its own memory; the
+:class:`moelab.infer.offload.LayerExpertCache` copies them to the compute device:
+- full-precision experts: ``(w_up [m·F, D], w_down [D, F])``;
+- weight-only quantized experts (:class:`moelab.quant.experts.QuantExperts`): ``(up qweight,
+  up scales, down qweight, down scales)`` — int8 ``[N, K]`` with per-channel scales, int4
+  nibbles with group-wise scales and zeros — so the bytes a tier moves are the quantized bytes.
 
-Legend: E experts, D model dim, F expert hidden, m up-projection multiplier.
+Legend: E experts, D model dim, F expert hidden, m up-projection multiplier, N/K a projection's
+output/input features.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from moelab.errors import UserError
 
+Payload = tuple[Tensor, ...]
+
+
+def expert_payloads(experts: nn.Module, device: torch.device | str = "cpu") -> list[Payload]:
+    """Every expert's payload (module doc); int4 weights packed for ``device``'s kernel."""
+    from moelab.quant.experts import QuantExperts
+
+    if isinstance(experts, QuantExperts):
+        dev = torch.device(device)
+        return [(*experts.up[e].payload(dev), *experts.down[e].payload(dev)) for e in range(experts.num_experts)]
+    return [(experts.w_up[e], experts.w_down[e]) for e in range(experts.num_experts)]
+
+
+def payload_bytes(payload: Payload) -> int:
+    return sum(t.numel() * t.element_size() for t in payload)
+
 
 class MemoryStore:
-    """Expert weights in CPU memory: ``w_up [E, m·F, D]`` and ``w_down [E, D, F]`` per layer."""
+    """Expert payloads in CPU memory, ready for the compute device (``needs_prepare`` False)."""
 
-    def __init__(self, weights: dict[int, tuple[Tensor, Tensor]], pin: bool = False) -> None:
-        self.weights = {
-            i: tuple(w.detach().to("cpu", copy=True).pin_memory() if pin else w.detach().to("cpu", copy=True) for w in pair)
-            for i, pair in weights.items()
-        }
+    needs_prepare = False
 
-    def load(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
-        w_up, w_down = self.weights[layer]
-        return w_up[expert], w_down[expert]
+    def __init__(self, payloads: dict[int, list[Payload]], pin: bool = False) -> None:
+        def keep(t: Tensor) -> Tensor:
+            t = t.detach().to("cpu", copy=True)
+            return t.pin_memory() if pin else t
+
+        self.payloads = {layer: [tuple(keep(t) for t in p) for p in per] for layer, per in payloads.items()}
+
+    def load(self, layer: int, expert: int) -> Payload:
+        return self.payloads[layer][expert]
 
 
 class SafetensorsStore:
-    """Expert weights read from a (memory-mapped) safetensors file, one expert slice at a time.
+    """Expert payloads read from a (memory-mapped) safetensors file, one expert slice at a time.
 
-    Tensor names follow moelab's state dict: ``blocks.{layer}.ffn.experts.w_up`` / ``w_down``.
+    Tensor names follow moelab's state dicts: ``blocks.{layer}.ffn.experts.w_up`` / ``w_down``
+    (stacked), or, for a checkpoint written by ``moelab quantize``,
+    ``blocks.{layer}.ffn.experts.up.{e}.qweight`` / ``.scales`` (int8) or ``.scales_zeros`` (int4).
+    Quantized int4 weights are stored as plain nibbles, so they are packed for the device's
+    kernel after each fetch (``needs_prepare``).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -43,13 +71,22 @@ class SafetensorsStore:
         self.path = str(path)
         self._file = safe_open(self.path, framework="pt", device="cpu")
         self._names = set(self._file.keys())
+        self.needs_prepare = any(".ffn.experts.up." in n for n in self._names)
 
-    def load(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
-        names = (f"blocks.{layer}.ffn.experts.w_up", f"blocks.{layer}.ffn.experts.w_down")
+    def load(self, layer: int, expert: int) -> Payload:
+        prefix = f"blocks.{layer}.ffn.experts"
+        stacked = (f"{prefix}.w_up", f"{prefix}.w_down")
+        if all(n in self._names for n in stacked):
+            return tuple(self._file.get_slice(n)[expert] for n in stacked)
+        names = []
+        for proj in ("up", "down"):
+            base = f"{prefix}.{proj}.{expert}"
+            scales = f"{base}.scales" if f"{base}.scales" in self._names else f"{base}.scales_zeros"
+            names += [f"{base}.qweight", scales]
         missing = [n for n in names if n not in self._names]
         if missing:
-            raise UserError(f"{self.path} has no tensor {missing[0]!r}: is it a moelab MoE checkpoint?")
-        return tuple(self._file.get_slice(n)[expert] for n in names)  # type: ignore[return-value]
+            raise UserError(f"{self.path} has no tensor {stacked[0]!r} or {missing[0]!r}: is it a moelab MoE checkpoint?")
+        return tuple(self._file.get_tensor(n) for n in names)
 
 
 def export_experts(model: nn.Module, path: str | Path) -> Path:
@@ -65,4 +102,4 @@ def export_experts(model: nn.Module, path: str | Path) -> Path:
     return Path(path)
 
 
-__all__ = ["MemoryStore", "SafetensorsStore", "export_experts"]
+__all__ = ["MemoryStore", "Payload", "SafetensorsStore", "expert_payloads", "export_experts", "payload_bytes"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +41,16 @@ from torch import Tensor, nn
 from moelab.config import ConfigError
 from moelab.errors import UserError
 from moelab.infer.cache_policy import CACHE_POLICIES, CachePolicy, LFUPolicy, LRUPolicy, PinnedPolicy
-from moelab.infer.expert_store import MemoryStore, SafetensorsStore, export_experts
+from moelab.infer.expert_store import (
+    MemoryStore,
+    Payload,
+    SafetensorsStore,
+    expert_payloads,
+    export_experts,
+    payload_bytes,
+)
 from moelab.moe.experts import activate
+from moelab.quant.experts import QuantExperts
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -50,7 +58,9 @@ from moelab.moe.experts import activate
 @dataclass
 class OffloadStats:
     """Counters for one run. ``lookups = hits + misses``; ``bytes_moved = misses · expert_bytes``
-    (demand fetches) and ``prefetch_bytes = prefetch_loads · expert_bytes``."""
+    (demand fetches) and ``prefetch_bytes = prefetch_loads · expert_bytes``, where
+    ``expert_bytes`` is one expert's payload as stored: quantized experts move their int8/int4
+    weights and scales, not full-precision ones."""
 
     lookups: int = 0
     hits: int = 0
@@ -97,27 +107,32 @@ class LayerExpertCache:
         stats: OffloadStats,
         expert_bytes: int,
         stream=None,
+        prepare: Callable[[Payload], Payload] | None = None,
     ) -> None:
         self.layer, self.num_experts, self.capacity = layer, num_experts, capacity
         self.policy, self.store, self.device, self.stats = policy, store, torch.device(device), stats
         self.expert_bytes = expert_bytes
         self.stream = stream  # CUDA side stream for prefetch copies, or None
-        self.slots: dict[int, tuple[Tensor, Tensor, object]] = {}  # expert → (w_up, w_down, event)
+        self.prepare = prepare  # applied on the device after each copy (int4 packing from disk)
+        self.slots: dict[int, tuple[Payload, object]] = {}  # expert → (payload on the device, event)
         self.unused_prefetch: set[int] = set()
         for e in policy.initial()[:capacity]:
             self._insert(e, self._copy(e, None), protected=set())
 
-    def _copy(self, expert: int, stream) -> tuple[Tensor, Tensor, object]:
-        w_up, w_down = self.store.load(self.layer, expert)
+    def _copy(self, expert: int, stream) -> tuple[Payload, object]:
+        payload = self.store.load(self.layer, expert)
         if self.device.type == "cuda" and stream is not None:
             with torch.cuda.stream(stream):
-                up, down = w_up.to(self.device, non_blocking=True), w_down.to(self.device, non_blocking=True)
+                moved = tuple(t.to(self.device, non_blocking=True) for t in payload)
+                if self.prepare is not None:
+                    moved = self.prepare(moved)
                 event = torch.cuda.Event()
                 event.record(stream)
-            return up, down, event
-        return w_up.to(self.device, copy=True), w_down.to(self.device, copy=True), None
+            return moved, event
+        moved = tuple(t.to(self.device, copy=True) for t in payload)
+        return (self.prepare(moved) if self.prepare is not None else moved), None
 
-    def _insert(self, expert: int, entry: tuple[Tensor, Tensor, object], protected: set[int]) -> bool:
+    def _insert(self, expert: int, entry: tuple[Payload, object], protected: set[int]) -> bool:
         if len(self.slots) >= self.capacity:
             victim = self.policy.victim(self.slots.keys(), protected | {expert})
             if victim is None:
@@ -129,8 +144,8 @@ class LayerExpertCache:
         self.policy.inserted(expert)
         return True
 
-    def get(self, expert: int) -> tuple[Tensor, Tensor]:
-        """Weights of ``expert`` on the compute device, fetched when not resident."""
+    def get(self, expert: int) -> Payload:
+        """The payload of ``expert`` (its weight tensors) on the compute device, fetched when not resident."""
         s, L = self.stats, self.layer
         s.count(L, "lookups")
         entry = self.slots.get(expert)
@@ -139,7 +154,7 @@ class LayerExpertCache:
             if expert in self.unused_prefetch:
                 self.unused_prefetch.discard(expert)
                 s.count(L, "prefetch_hits")
-            event = entry[2]
+            event = entry[1]
             if event is not None:  # a prefetch copy on the side stream: wait for it once
                 current = torch.cuda.current_stream(self.device)
                 if not event.query():
@@ -147,9 +162,9 @@ class LayerExpertCache:
                     s.count(L, "stalls")
                     current.wait_event(event)
                     s.stall_s += time.perf_counter() - t0
-                entry[0].record_stream(current)  # allocated on the side stream, used on this one
-                entry[1].record_stream(current)
-                entry = (entry[0], entry[1], None)
+                for t in entry[0]:
+                    t.record_stream(current)  # allocated on the side stream, used on this one
+                entry = (entry[0], None)
                 self.slots[expert] = entry
         else:
             t0 = time.perf_counter()
@@ -161,7 +176,7 @@ class LayerExpertCache:
             if self.policy.admit(expert):
                 self._insert(expert, entry, protected=set())
         self.policy.touch(expert)
-        return entry[0], entry[1]
+        return entry[0]
 
     def prefetch(self, experts: list[int]) -> None:
         """Bring ``experts`` (most wanted first) in ahead of use, never evicting one of them."""
@@ -180,17 +195,67 @@ class LayerExpertCache:
 # ----------------------------------------------------------------------------- the module
 
 
+class ExpertRunner:
+    """One expert's forward from its payload ``(w_up, w_down)``: full-precision experts."""
+
+    def __init__(self, activation: str) -> None:
+        self.activation = activation
+
+    def prepare(self, payload: Payload) -> Payload:
+        return payload
+
+    def __call__(self, payload: Payload, x_nD: Tensor) -> Tensor:
+        w_up, w_down = payload
+        return F.linear(activate(F.linear(x_nD, w_up), self.activation), w_down)
+
+
+class QuantExpertRunner(ExpertRunner):
+    """One quantized expert's forward from ``(up qweight, up scales, down qweight, down scales)``
+    through :meth:`QuantLinear.apply_with`, with the same arithmetic as ``QuantExperts``."""
+
+    def __init__(self, experts: nn.Module, device: torch.device) -> None:
+        from moelab.quant.linear import QuantLinear
+
+        super().__init__(experts.activation)
+        self.device = device
+
+        def shell(ql: QuantLinear) -> QuantLinear:  # shapes and settings only: the weights come from payloads
+            out = QuantLinear(ql.in_features, ql.out_features, ql.bits, ql.group_size)
+            for name in ("qweight", "scales", "scales_zeros"):
+                if hasattr(out, name):
+                    setattr(out, name, torch.empty(0))
+            return out
+
+        self.up, self.down = shell(experts.up[0]), shell(experts.down[0])
+
+    def prepare(self, payload: Payload) -> Payload:
+        """Plain int4 nibbles read from a checkpoint → the device kernel's layout (int8: as is)."""
+        if self.up.bits == 8:
+            return payload
+        from moelab.quant import kernels
+        from moelab.quant.linear import unpack_nibbles
+
+        uq, us, dq, ds = payload
+        return (kernels.pack_int4(unpack_nibbles(uq), self.device), us, kernels.pack_int4(unpack_nibbles(dq), self.device), ds)
+
+    def __call__(self, payload: Payload, x_nD: Tensor) -> Tensor:
+        uq, us, dq, ds = payload
+        return self.down.apply_with(activate(self.up.apply_with(x_nD, uq, us), self.activation), dq, ds)
+
+
 class OffloadedExperts(nn.Module):
     """The ``Experts`` interface over a :class:`LayerExpertCache` (no parameters of its own)."""
 
-    def __init__(self, cache: LayerExpertCache, d_model: int, hidden: int, activation: str) -> None:
+    def __init__(
+        self, cache: LayerExpertCache, d_model: int, hidden: int, activation: str, runner: ExpertRunner | None = None
+    ) -> None:
         super().__init__()
         self.cache = cache
         self.num_experts, self.d_model, self.hidden, self.activation = cache.num_experts, d_model, hidden, activation
+        self.runner = runner or ExpertRunner(activation)
 
     def forward_expert(self, e: int, x_nD: Tensor) -> Tensor:
-        w_up, w_down = self.cache.get(e)
-        return F.linear(activate(F.linear(x_nD, w_up), self.activation), w_down)
+        return self.runner(self.cache.get(e), x_nD)
 
     def forward(self, x_RD: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
         outs = [self.forward_expert(e, x) for e, (x, n) in enumerate(zip(x_RD.split(tokens_per_expert_E), tokens_per_expert_E)) if n]
@@ -261,10 +326,8 @@ class Offloader:
         policy_cls = CACHE_POLICIES[policy]
         device = torch.device(device) if device is not None else next(model.parameters()).device
         use_cuda = device.type == "cuda"
-        if source is None:
-            store = MemoryStore({i: (b.ffn.experts.w_up, b.ffn.experts.w_down) for i, b in moe_blocks}, pin=use_cuda)
-        else:
-            store = SafetensorsStore(source)
+        payloads = {i: expert_payloads(b.ffn.experts, device) for i, b in moe_blocks}
+        store = MemoryStore(payloads, pin=use_cuda) if source is None else SafetensorsStore(source)
         self.stats = OffloadStats()
         self.stream = torch.cuda.Stream(device) if use_cuda and prefetch else None
         self.caches: dict[int, LayerExpertCache] = {}
@@ -274,12 +337,13 @@ class Offloader:
             layer, experts = block.ffn, block.ffn.experts
             E = experts.num_experts
             cap = parse_capacity(capacity, E)
-            expert_bytes = (experts.w_up[0].numel() + experts.w_down[0].numel()) * experts.w_up.element_size()
+            runner = QuantExpertRunner(experts, device) if isinstance(experts, QuantExperts) else ExpertRunner(experts.activation)
             cache = LayerExpertCache(
-                i, E, cap, policy_cls(cap, (counts or {}).get(i)), store, device, self.stats, expert_bytes, self.stream
-            )
+                i, E, cap, policy_cls(cap, (counts or {}).get(i)), store, device, self.stats,
+                payload_bytes(payloads[i][0]), self.stream, prepare=runner.prepare if store.needs_prepare else None,
+            )  # fmt: skip
             self.caches[i] = cache
-            layer.experts = OffloadedExperts(cache, experts.d_model, experts.hidden, experts.activation)
+            layer.experts = OffloadedExperts(cache, experts.d_model, experts.hidden, experts.activation, runner)
             layer.dispatch = DISPATCHERS["loop"]
         self.handles = []
         if prefetch:

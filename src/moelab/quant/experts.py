@@ -54,7 +54,7 @@ class QuantExperts(nn.Module):
         if name in ("w_up", "w_down"):
             raise NoStackedWeightsError(
                 f"quantized experts (int{self.bits}) have no stacked {name} tensor: this path (e.g. expert "
-                "offloading or a grouped-matmul dispatch) needs full-precision experts; use the unquantized "
+                "parallel or grouped-matmul dispatch) needs full-precision experts; use the unquantized "
                 "checkpoint, or quantize with a scope that leaves the experts alone"
             )
         return super().__getattr__(name)

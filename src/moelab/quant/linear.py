@@ -124,16 +124,30 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[..., K] → [..., N]``. Each step is skipped when it has nothing to do: at decode a
-        mat-vec takes tens of µs, so Python bookkeeping is a real share of the time."""
+        """``[..., K] → [..., N]``."""
+        if self.bits == 8:
+            return self.apply_with(x, self.qweight, self.scales)
+        packed = self.qweight if self.layout == x.device.type else self.pack_for(x.device)
+        return self.apply_with(x, packed, self.scales_zeros)
+
+    def payload(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(qweight, scales)`` ready for :meth:`apply_with` on ``device`` (int4: packed for its
+        kernel). What expert offloading stores, moves and caches instead of the module."""
+        if self.bits == 8:
+            return self.qweight, self.scales
+        return self.pack_for(torch.device(device)), self.scales_zeros
+
+    def apply_with(self, x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+        """This layer's map with the given weight tensors (the module's own, or an offloaded copy
+        of them: int4 ``qweight`` in the kernel layout of ``x``'s device).
+
+        Each step is skipped when it has nothing to do: at decode a mat-vec takes tens of µs, so
+        Python bookkeeping is a real share of the time.
+        """
         lead = x.shape[:-1]
         x_MK = x.reshape(-1, self.in_features)
         if x_MK.shape[0] == 0:
             return x.new_zeros(*lead, self.out_features)
-        if self.bits == 8:
-            scales = self.scales
-        else:
-            scales = self.scales_zeros
         if x_MK.dtype != scales.dtype:
             x_MK = x_MK.to(scales.dtype)
         if self.k_padded != self.in_features:
@@ -141,10 +155,9 @@ class QuantLinear(nn.Module):
         if not x_MK.is_contiguous():
             x_MK = x_MK.contiguous()
         if self.bits == 8:
-            y_MN = kernels.int8_matmul(x_MK, self.qweight, scales)
+            y_MN = kernels.int8_matmul(x_MK, qweight, scales)
         else:
-            packed = self.qweight if self.layout == x_MK.device.type else self.pack_for(x_MK.device)
-            y_MN = kernels.int4_matmul(x_MK, packed, self.group_size, scales)
+            y_MN = kernels.int4_matmul(x_MK, qweight, self.group_size, scales)
             if self.n_padded != self.out_features:
                 y_MN = y_MN[:, : self.out_features]
         if self.bias is not None:
