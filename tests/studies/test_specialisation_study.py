@@ -1,0 +1,36 @@
+"""Study ``specialisation`` (issue 11, OpenMoE questions): smoke run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from moelab.studies.base import VERDICTS
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def test_smoke_run_writes_nmi_per_label_drift_and_plot(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    docs = tmp_path / "docs"
+    r = subprocess.run(
+        [sys.executable, "-m", "moelab", "study", "specialisation", "--budget", "smoke", "--seeds", "2",
+         "--out", str(tmp_path / "runs"), "--docs", str(docs)],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    d = json.loads((docs / "specialisation.json").read_text())
+    assert d["verdict"] in VERDICTS and d["seeds"] == [0, 1]
+    assert set(d["arms"]) == {"domain", "lang", "position", "token", "agreement@25%"}
+    for name, arm in d["arms"].items():
+        (values,) = arm["per_seed"].values()
+        assert len(values) == 2 and all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), name
+    for seed in d["numbers"]["per_seed"]:
+        steps, drift = seed["drift_steps"], seed["drift_mean"]
+        assert steps == sorted(steps) and len(steps) >= 2 and drift[-1] == 1.0  # the final checkpoint is the final routing
+    assert (docs / "specialisation.png").stat().st_size > 1000
+    assert "Verdict:" in (docs / "specialisation.md").read_text()
