@@ -83,7 +83,7 @@ def test_shared_corpus_discovery(tmp_path):
     assert shared_corpus(tmp_path / "repo" / "src" / "x.py") == tmp_path / "shared" / "corpus"
 
 
-OWN_TESTS = {"enc-dec-specialisation", "specialisation"}  # studies whose arms are not val_loss arms: own test files
+OWN_TESTS = {"enc-dec-specialisation", "specialisation", "gradient-conflict"}  # studies whose arms are not val_loss arms: own test files
 
 
 def test_every_registered_study_has_a_smoke_test():

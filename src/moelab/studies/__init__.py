@@ -11,7 +11,15 @@ import importlib
 
 from moelab.studies.base import CATALOG, STUDIES, StudyResult, run_study, verdict
 
-_MODULES = ("capacity", "routers", "placement", "granularity", "enc_dec_specialisation", "specialisation")
+_MODULES = (
+    "capacity",
+    "routers",
+    "placement",
+    "granularity",
+    "enc_dec_specialisation",
+    "specialisation",
+    "gradient_conflict",
+)
 for _m in _MODULES:
     importlib.import_module(f"moelab.studies.{_m}")
 

@@ -1,4 +1,4 @@
-"""Study ``specialisation`` (issue 11, OpenMoE questions): smoke run through the CLI."""
+"""Studies built on moelab.analysis (issue 11): specialisation and gradient-conflict smoke runs through the CLI."""
 
 from __future__ import annotations
 
@@ -34,3 +34,21 @@ def test_smoke_run_writes_nmi_per_label_drift_and_plot(tmp_path) -> None:
         assert steps == sorted(steps) and len(steps) >= 2 and drift[-1] == 1.0  # the final checkpoint is the final routing
     assert (docs / "specialisation.png").stat().st_size > 1000
     assert "Verdict:" in (docs / "specialisation.md").read_text()
+
+
+def test_gradient_conflict_smoke(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    docs = tmp_path / "docs"
+    r = subprocess.run(
+        [sys.executable, "-m", "moelab", "study", "gradient-conflict", "--budget", "smoke", "--seeds", "2",
+         "--out", str(tmp_path / "runs"), "--docs", str(docs)],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    d = json.loads((docs / "gradient-conflict.json").read_text())
+    assert d["verdict"] in VERDICTS and set(d["arms"]) == {"dense FFN", "MoE experts", "MoE whole layer"}
+    for arm in d["arms"].values():
+        assert all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in arm["per_seed"]["cosine"])
+    seed = d["numbers"]["per_seed"][0]
+    assert len(seed["domains"]) >= 2 and len(seed["dense FFN"]) == len(seed["MoE experts"]) >= 1
+    assert (docs / "gradient-conflict.png").stat().st_size > 1000
