@@ -58,7 +58,9 @@ def _finite(x):
 
 
 EXPECTED_ARMS = {
-    "capacity": {"cf0.5", "cf1", "cf1.25", "cf2", "dropless"},
+    "capacity": {
+        "cf0.5", "cf1", "cf1.25", "cf2", "cf0.5-score", "cf1-score", "cf1.25-score", "cf2-score", "dropless",
+    },
     "routers": {
         "topk",
         "switch",
@@ -115,3 +117,8 @@ def test_study_smoke(name, tmp_path):
     index = (tmp_path / "docs" / "README.md").read_text()
     assert f"[{name}]({name}.md)" in index and "not implemented" in index
     assert "Verdict:" in (tmp_path / "docs" / f"{name}.md").read_text()
+    if name == "capacity":  # drops measured per arm: none without a capacity, some at factor 0.5
+        arms = d["arms"]
+        assert arms["dropless"]["mean"]["drop_rate"] == 0.0
+        assert arms["cf0.5"]["mean"]["drop_rate"] > 0.2 and arms["cf0.5-score"]["mean"]["drop_rate"] > 0.2
+        assert all(0.0 <= a["mean"]["drop_last_quarter"] <= 1.0 for a in arms.values())

@@ -1,7 +1,14 @@
-"""Study ``capacity``: capacity factor 0.5, 1.0, 1.25, 2.0 against dropless.
+"""Study ``capacity``: capacity factor 0.5, 1.0, 1.25, 2.0 with the ``position`` and ``score``
+drop policies, against dropless.
 
-Claim (seed note 004, Switch/GShard): a capacity limit drops tokens and costs loss; dropless is
-at least as good as any capacity factor. Verdict: dropless vs capacity 1.0 on validation loss.
+Claims (seed note 004, Switch/GShard, OpenMoE): a capacity limit drops tokens and costs loss, so
+dropless is at least as good as any capacity factor; and with the ``position`` policy (earliest
+assignments win) the drops fall towards the end of the sequence ("drops towards the end").
+Verdict: dropless vs capacity 1.0 (position policy) on validation loss.
+
+Each model is also measured on held-out blocks, one sequence per forward pass so the capacity
+group is the sequence (as in OpenMoE; ``moelab.analysis.drops``): drop rate overall and in the
+first and last quarter of the sequence, averaged over MoE layers.
 """
 
 from __future__ import annotations
@@ -9,23 +16,67 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from moelab.analysis.drops import drop_rate_by_position, quarter_rates
 from moelab.config import MoEConfig
 from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
 FACTORS = (0.5, 1.0, 1.25, 2.0)
+POLICIES = ("position", "score")
+DROP_BATCHES = 4
+
+
+@torch.no_grad()
+def drops_by_position(trainer) -> dict[str, float]:
+    """Drop rate overall, in the first and in the last quarter of each sequence (mean over layers)."""
+    model = trainer.model
+    model.eval()
+    S = trainer.cfg.data.seq_len
+    positions: dict[int, list[np.ndarray]] = {}
+    kept: dict[int, list[np.ndarray]] = {}
+    for b in trainer.val_batches[:DROP_BATCHES]:
+        for row in b.input_ids.split(1):
+            for layer, d in (model(row, return_routing=True).routing or {}).items():
+                positions.setdefault(layer, []).append(d.token.cpu().numpy())
+                kept.setdefault(layer, []).append(d.kept.cpu().numpy())
+    if not positions:
+        return {}
+    overall, first, last = [], [], []
+    for layer in positions:
+        k = np.concatenate(kept[layer])
+        curve = drop_rate_by_position(np.concatenate(positions[layer]), k, S)
+        f, la = quarter_rates(curve)
+        overall.append(float((~k.astype(bool)).mean()))
+        first.append(f)
+        last.append(la)
+    return {
+        "drop_rate": float(np.mean(overall)),
+        "drop_first_quarter": float(np.mean(first)),
+        "drop_last_quarter": float(np.mean(last)),
+    }
 
 
 @STUDIES.register("capacity")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     base = base_run(budget)
     moe = base.model.moe or MoEConfig()
-    arms = {f"cf{f:g}": replace(base.model, moe=replace(moe, capacity_factor=f)) for f in FACTORS}
+    arms = {}
+    for policy in POLICIES:
+        suffix = "" if policy == "position" else f"-{policy}"
+        for f in FACTORS:
+            arms[f"cf{f:g}{suffix}"] = replace(base.model, moe=replace(moe, capacity_factor=f, drop_policy=policy))
     arms["dropless"] = replace(base.model, moe=replace(moe, capacity_factor=None))
-    res = train_arms(base, arms, seeds, out)
+    res = train_arms(base, arms, seeds, out, extra=drops_by_position)
     return arm_comparison(
         "capacity",
         claim="dropless routing reaches lower validation loss than capacity factor 1.0",
-        method="one MoE per capacity factor (position drop policy) and a dropless one; same data, steps, seeds",
+        method=(
+            "one MoE per capacity factor and drop policy (position: earliest assignments win; score: highest "
+            "router weight wins) and a dropless one; same data, steps, seeds; drop rates on held-out sequences "
+            "(overall, first and last quarter)"
+        ),
         budget=budget,
         seeds=seeds,
         base=base,
