@@ -70,6 +70,8 @@ EXPECTED_ARMS = {
     },
     "placement": {"all", "every_other", "first_dense", "last_half"},
     "granularity": {"E8k2", "E8k2+shared", "E16k4", "E16k4+shared", "E32k8", "E32k8+shared"},
+    "iso-flop": {"E4", "E8", "E16", "E32", "dense_iso_active", "dense_long"}
+    | {f"dense_iso_total_E{e}" for e in (4, 8, 16, 32)},
 }
 
 

@@ -11,7 +11,13 @@ import importlib
 
 from moelab.studies.base import CATALOG, STUDIES, StudyResult, run_study, verdict
 
-_MODULES = ("capacity", "routers", "placement", "granularity")
+_MODULES = (
+    "capacity",
+    "routers",
+    "placement",
+    "granularity",
+    "iso_flop",
+)
 for _m in _MODULES:
     importlib.import_module(f"moelab.studies.{_m}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -150,11 +151,18 @@ def base_run(budget: str) -> RunConfig:
 
 
 def train_arms(
-    base: RunConfig, arms: dict[str, ModelConfig], seeds: list[int], out: Path, extra: Callable | None = None
+    base: RunConfig,
+    arms: dict[str, ModelConfig],
+    seeds: list[int],
+    out: Path,
+    extra: Callable | None = None,
+    curves: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Train every arm for every seed on the same prepared data (same order, same token budget).
 
     ``extra(trainer) -> dict[str, float]`` adds per-seed metrics (e.g. drop rates).
+    ``curves=True`` also keeps, per seed, the held-out loss at every evaluation of the run
+    (``train.eval_every``) as ``arm["curves"] = [{"tokens": [..], "flops": [..], "val_loss": [..]}]``.
     """
     from moelab.calc import arch_from_config, flops_per_token
     from moelab.data.prepare import prepare_data
@@ -165,6 +173,7 @@ def train_arms(
     for arm, model_cfg in arms.items():
         model_cfg = replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
         per_seed: dict[str, list[float]] = {}
+        curve_list: list[dict[str, list[float]]] = []
         for seed in seeds:
             run = replace(base, name=f"{arm}-s{seed}", model=model_cfg, train=replace(base.train, seed=seed))
             trainer = Trainer(run, out / arm / f"seed{seed}", data=data)
@@ -177,6 +186,15 @@ def train_arms(
             }
             if extra is not None:
                 vals.update(extra(trainer))
+            if curves:
+                pts = eval_points(trainer.run_dir / "metrics.jsonl")
+                curve_list.append(
+                    {
+                        "tokens": [t for t, _ in pts],
+                        "flops": [fpt * t for t, _ in pts],
+                        "val_loss": [v for _, v in pts],
+                    }
+                )
             for k, v in vals.items():
                 per_seed.setdefault(k, []).append(float(v))
         result[arm] = {
@@ -184,7 +202,19 @@ def train_arms(
             "mean": {k: mean_std(v)[0] for k, v in per_seed.items()},
             "std": {k: mean_std(v)[1] for k, v in per_seed.items()},
         }
+        if curves:
+            result[arm]["curves"] = curve_list
     return result
+
+
+def eval_points(metrics: Path) -> list[tuple[float, float]]:
+    """(tokens seen, validation loss) of every eval record in a run's ``metrics.jsonl``, in order."""
+    pts = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "eval":
+            pts.append((float(rec["tokens"]), float(rec["val_loss"])))
+    return pts
 
 
 def data_label(base: RunConfig) -> str:
@@ -195,6 +225,14 @@ def write_study(res: StudyResult, docs: Path) -> None:
     """``docs/NAME.json`` (every number) and ``docs/NAME.md`` (method, table, verdict, command),
     then regenerate ``docs/README.md`` from every JSON there."""
     docs.mkdir(parents=True, exist_ok=True)
+    # Plots are written under the run folder; the page shows copies beside the .md (names only).
+    placed = []
+    for p in res.plots:
+        src = Path(p)
+        if src.parent.resolve() != docs.resolve():
+            shutil.copyfile(src, docs / src.name)
+        placed.append(src.name)
+    res.plots = placed
     (docs / f"{res.name}.json").write_text(json.dumps(res.to_json(), indent=1), encoding="utf-8")
     metrics = sorted({m for a in res.arms.values() for m in a["mean"]})
     lines = [

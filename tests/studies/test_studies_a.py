@@ -1,0 +1,67 @@
+"""Studies of part A (iso-flop): the compute-multiplier math by hand, and the study at --budget smoke."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from moelab.studies.base import VERDICTS
+from moelab.studies.curves import compute_multiplier, flops_to_reach, multiplier_verdict
+
+
+def test_flops_to_reach_interpolates_in_log_flops():
+    # Loss 3 at 1e6 FLOPs, 2 at 1e8: loss 2.5 is halfway in log10 FLOPs → 1e7.
+    assert flops_to_reach([1e6, 1e8], [3.0, 2.0], 2.5) == pytest.approx(1e7)
+    # Target hit exactly at a point; before the first point; never reached.
+    assert flops_to_reach([1e6, 1e7, 1e8], [3.0, 2.0, 1.5], 2.0) == pytest.approx(1e7)
+    assert flops_to_reach([1e6, 1e8], [3.0, 2.0], 3.5) == 1e6
+    assert flops_to_reach([1e6, 1e8], [3.0, 2.0], 1.0) is None
+
+
+def test_compute_multiplier_and_lower_bound():
+    m, lb = compute_multiplier([1e6, 1e8], [3.0, 2.0], 5e6, 2.5)  # dense needs 1e7
+    assert m == pytest.approx(2.0) and not lb
+    m, lb = compute_multiplier([1e6, 1e8], [3.0, 2.0], 5e6, 1.0)  # dense never gets there
+    assert m == pytest.approx(20.0) and lb
+
+
+def test_multiplier_verdict_rule():
+    assert multiplier_verdict([2.0, 2.1, 1.9])[0] == "supported"  # 2 - 2*0.1 > 1
+    assert multiplier_verdict([0.5, 0.6, 0.4])[0] == "not supported"
+    assert multiplier_verdict([1.0, 1.5, 0.5])[0] == "inconclusive"
+    assert multiplier_verdict([3.0])[0] == "inconclusive"
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)
+
+
+def test_iso_flop_smoke(tmp_path, monkeypatch):
+    from moelab.studies import run_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    run_study("iso-flop", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    d = json.loads((tmp_path / "docs" / "iso-flop.json").read_text())
+    arms = {"E4", "E8", "E16", "E32", "dense_iso_active", "dense_long"} | {
+        f"dense_iso_total_E{e}" for e in (4, 8, 16, 32)
+    }
+    assert set(d["arms"]) == arms
+    assert d["verdict"] in VERDICTS and _finite(d["arms"]) and _finite(d["numbers"])
+    for a in d["arms"].values():
+        assert len(a["per_seed"]["val_loss"]) == 3 and len(a["curves"]) == 3
+        assert len(a["curves"][0]["flops"]) >= 2
+    # dense_long trains 4x the steps of the others on the same data: 4x the FLOPs of its twin.
+    assert d["arms"]["dense_long"]["mean"]["train_flops"] == pytest.approx(
+        4 * d["arms"]["dense_iso_active"]["mean"]["train_flops"]
+    )
+    assert set(d["numbers"]["multiplier"]) == {"E4", "E8", "E16", "E32"}
+    for p in d["plots"]:
+        assert (tmp_path / "docs" / p).is_file()
+    assert "iso-flop.png" in (tmp_path / "docs" / "iso-flop.md").read_text()
