@@ -65,3 +65,47 @@ def test_iso_flop_smoke(tmp_path, monkeypatch):
     for p in d["plots"]:
         assert (tmp_path / "docs" / p).is_file()
     assert "iso-flop.png" in (tmp_path / "docs" / "iso-flop.md").read_text()
+
+
+def test_power_law_fit_recovers_synthetic_curve():
+    from moelab.studies.powerlaw import equivalent_size, fit_power_law
+
+    a, b, c = 50.0, 0.3, 2.0
+    ns = [1e4, 3e4, 1e5, 3e5, 1e6]
+    fa, fb, fc = fit_power_law(ns, [a * n**-b + c for n in ns], grid=2000)
+    assert fb == pytest.approx(b, rel=0.02) and fc == pytest.approx(c, abs=0.02)
+    assert equivalent_size(fa, fb, fc, a * 2e5**-b + c) == pytest.approx(2e5, rel=0.05)
+    assert equivalent_size(fa, fb, fc, fc - 0.1) is None
+
+
+def test_alpha_fit_and_verdict():
+    from moelab.studies.powerlaw import alpha_verdict, fit_alpha
+
+    act, tot = [1.0e5, 1.0e5, 1.0e5], [4.0e5, 8.0e5, 1.6e6]
+    n_eq = [math.sqrt(x * y) for x, y in zip(act, tot)]  # exactly the sqrt rule
+    alpha, se = fit_alpha(act, tot, n_eq)
+    assert alpha == pytest.approx(0.5) and se == pytest.approx(0.0, abs=1e-12)
+    # log(N_eq/T) = [-0.5, -1.0] at x = [-1, -2] → α = (0.5 + 2)/(1 + 4) = 0.5; residuals 0.
+    assert alpha_verdict(0.5, 0.01)[0] == "supported"
+    assert alpha_verdict(0.9, 0.01)[0] == "not supported"
+    assert alpha_verdict(0.5, 0.3)[0] == "inconclusive"
+
+
+def test_sqrt_rule_smoke(tmp_path, monkeypatch):
+    from moelab.studies import run_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    run_study("sqrt-rule", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    d = json.loads((tmp_path / "docs" / "sqrt-rule.json").read_text())
+    ladder = {arm for arm in d["arms"] if arm.startswith("dense_h")}
+    assert len(ladder) >= 4 and {"E4", "E8", "E16"} <= set(d["arms"])
+    assert d["verdict"] in VERDICTS and _finite(d["arms"]) and _finite(d["numbers"])
+    assert len(d["numbers"]["fits_per_seed"]) == 3
+    n = len(d["numbers"]["n_eq_points"]) + d["numbers"]["points_without_n_eq"]
+    assert n == 3 * 3  # every (MoE, seed) is accounted for
+    for e in ("E4", "E8", "E16"):
+        p = d["numbers"]["params"][e]
+        assert p["active"] < p["total"]
+    for p in d["plots"]:
+        assert (tmp_path / "docs" / p).is_file()

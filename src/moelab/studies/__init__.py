@@ -17,6 +17,7 @@ _MODULES = (
     "placement",
     "granularity",
     "iso_flop",
+    "sqrt_rule",
 )
 for _m in _MODULES:
     importlib.import_module(f"moelab.studies.{_m}")
