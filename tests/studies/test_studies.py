@@ -73,6 +73,7 @@ EXPECTED_ARMS = {
     "iso-flop": {"E4", "E8", "E16", "E32", "dense_iso_active", "dense_long"}
     | {f"dense_iso_total_E{e}" for e in (4, 8, 16, 32)},
     "sqrt-rule": {"dense_h64", "dense_h128", "dense_h256", "dense_h512", "dense_h1024", "E4", "E8", "E16"},
+    "data-hunger": {f"{k}_{t}" for k in ("moe", "dense") for t in ("unique", "x4", "x16")},
 }
 
 

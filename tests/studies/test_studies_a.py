@@ -109,3 +109,58 @@ def test_sqrt_rule_smoke(tmp_path, monkeypatch):
         assert p["active"] < p["total"]
     for p in d["plots"]:
         assert (tmp_path / "docs" / p).is_file()
+
+
+def test_train_fraction_validated_and_restricts_the_sampler(tmp_path):
+    from dataclasses import replace
+
+    from moelab.config import DataConfig
+    from moelab.data.prepare import prepare_data
+    from moelab.errors import ConfigError
+    from moelab.studies.base import base_run
+    from moelab.train.trainer import Trainer
+
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"data\.train_fraction"):
+            DataConfig(train_fraction=bad)
+    base, data = prepare_data(base_run("smoke"))
+    n = data.splits.train.num_blocks
+    run = replace(base, data=replace(base.data, train_fraction=0.25))
+    run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
+    t = Trainer(run, tmp_path / "r", data=data)
+    assert t.sampler.num_blocks == round(n * 0.25) < n
+    seen = {i for _ in range(20) for i in t.sampler.next_indices(4)}
+    assert max(seen) < round(n * 0.25)
+
+
+def test_gap_curve_reads_train_and_eval_records(tmp_path):
+    from moelab.studies.data_hunger import gap_curve
+
+    recs = [
+        {"step": 1, "loss": 4.0},
+        {"step": 2, "loss": 3.0},
+        {"kind": "eval", "step": 2, "val_loss": 3.6},
+        {"step": 3, "loss": 2.0},
+        {"kind": "eval", "step": 3, "val_loss": 3.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    c = gap_curve(tmp_path / "metrics.jsonl")
+    assert [p["gap"] for p in c] == pytest.approx([3.6 - 3.5, 3.0 - 2.0])
+
+
+def test_data_hunger_smoke(tmp_path, monkeypatch):
+    from moelab.studies import run_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    run_study("data-hunger", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    d = json.loads((tmp_path / "docs" / "data-hunger.json").read_text())
+    assert set(d["arms"]) == {f"{k}_{t}" for k in ("moe", "dense") for t in ("unique", "x4", "x16")}
+    assert d["verdict"] in VERDICTS and _finite(d["arms"]) and _finite(d["numbers"]["curves"])
+    a = d["arms"]
+    # Same token budget; the 1/16 subset is repeated 16x as often as the unique data.
+    assert a["moe_x16"]["mean"]["tokens"] == a["moe_unique"]["mean"]["tokens"]
+    assert a["moe_x16"]["mean"]["epochs"] == pytest.approx(16 * a["moe_unique"]["mean"]["epochs"], rel=0.1)
+    assert len(d["numbers"]["curves"]["dense_x16"]) == 3
+    for p in d["plots"]:
+        assert (tmp_path / "docs" / p).is_file()

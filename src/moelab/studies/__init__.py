@@ -18,6 +18,7 @@ _MODULES = (
     "granularity",
     "iso_flop",
     "sqrt_rule",
+    "data_hunger",
 )
 for _m in _MODULES:
     importlib.import_module(f"moelab.studies.{_m}")
