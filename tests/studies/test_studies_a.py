@@ -164,3 +164,23 @@ def test_data_hunger_smoke(tmp_path, monkeypatch):
     assert len(d["numbers"]["curves"]["dense_x16"]) == 3
     for p in d["plots"]:
         assert (tmp_path / "docs" / p).is_file()
+
+
+def test_train_arms_records_loss_by_label_and_page_shows_it(tmp_path):
+    from moelab.studies.base import StudyResult, base_run, train_arms, write_study
+
+    base = base_run("smoke")
+    arms = train_arms(base, {"m": base.model}, [0, 1], tmp_path / "runs", by_label=True)
+    by = arms["m"]["by_label"]
+    assert by, "the builtin corpus is labelled by domain"
+    for values in by.values():
+        for v in values.values():
+            assert len(v["per_seed"]) == 2 and math.isfinite(v["mean"])
+            assert v["mean"] == pytest.approx(sum(v["per_seed"]) / 2)
+    assert "by_label" not in train_arms(base, {"m": base.model}, [0], tmp_path / "r2")["m"]  # off at smoke
+    res = StudyResult("x", "c", "m", "smoke", [0, 1], "d", arms, "inconclusive", "r")
+    write_study(res, tmp_path / "docs")
+    page = (tmp_path / "docs" / "x.md").read_text()
+    name = sorted(by)[0]
+    if len(by[name]) <= 12:
+        assert f"Validation loss by {name}" in page
