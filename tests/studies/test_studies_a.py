@@ -184,3 +184,24 @@ def test_train_arms_records_loss_by_label_and_page_shows_it(tmp_path):
     name = sorted(by)[0]
     if len(by[name]) <= 12:
         assert f"Validation loss by {name}" in page
+
+
+def test_sparsity_smoke(tmp_path, monkeypatch):
+    from moelab.studies import run_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    run_study("sparsity", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    d = json.loads((tmp_path / "docs" / "sparsity.json").read_text())
+    a = d["arms"]
+    assert set(a) == {"dense", "moefied_k1", "moefied_k2", "moefied_k4", "scratch_k1", "scratch_k2"}
+    assert d["verdict"] in VERDICTS and _finite(a) and _finite(d["numbers"])
+    # MoEfication with k = E sums every neuron group: it is the dense model again.
+    assert a["moefied_k4"]["per_seed"]["val_loss"] == pytest.approx(
+        a["dense"]["per_seed"]["val_loss"], abs=1e-4
+    )
+    for seed_points in d["numbers"]["sparsity"].values():
+        assert len(seed_points) == 4
+        assert all(0.0 <= f <= 1.0 for p in seed_points for f in p["layers"].values())
+    for p in d["plots"]:
+        assert (tmp_path / "docs" / p).is_file()

@@ -19,6 +19,7 @@ _MODULES = (
     "iso_flop",
     "sqrt_rule",
     "data_hunger",
+    "sparsity",
 )
 for _m in _MODULES:
     importlib.import_module(f"moelab.studies.{_m}")
