@@ -439,6 +439,7 @@ class DataConfig:
     synthetic_docs: int = 400  # documents per synthetic domain (builtin and synthetic corpora)
     tokenizer_train_bytes: int = 4_000_000  # text used to train the BPE tokenizer
     seed: int = 0
+    train_fraction: float = 1.0  # train on the first fraction of training blocks only (repeated-data studies)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.corpus, str) and bool(self.corpus), "data.corpus", self.corpus, "must be a name or path")
@@ -450,6 +451,7 @@ class DataConfig:
         _require(
             self.tokenizer_train_bytes >= 1, "data.tokenizer_train_bytes", self.tokenizer_train_bytes, "must be >= 1"
         )
+        _require(0.0 < self.train_fraction <= 1.0, "data.train_fraction", self.train_fraction, "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,11 @@ EXPECTED_ARMS = {
     },
     "placement": {"all", "every_other", "first_dense", "last_half"},
     "granularity": {"E8k2", "E8k2+shared", "E16k4", "E16k4+shared", "E32k8", "E32k8+shared"},
+    "iso-flop": {"E4", "E8", "E16", "E32", "dense_iso_active", "dense_long"}
+    | {f"dense_iso_total_E{e}" for e in (4, 8, 16, 32)},
+    "sqrt-rule": {"dense_h64", "dense_h128", "dense_h256", "dense_h512", "dense_h1024", "E4", "E8", "E16"},
+    "data-hunger": {f"{k}_{t}" for k in ("moe", "dense") for t in ("unique", "x4", "x16")},
+    "sparsity": {"dense", "moefied_k1", "moefied_k2", "moefied_k4", "scratch_k1", "scratch_k2"},
 }
 
 

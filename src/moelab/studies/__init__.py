@@ -19,6 +19,10 @@ _MODULES = (
     "enc_dec_specialisation",
     "specialisation",
     "gradient_conflict",
+    "iso_flop",
+    "sqrt_rule",
+    "data_hunger",
+    "sparsity",
 )
 for _m in _MODULES:
     importlib.import_module(f"moelab.studies.{_m}")

@@ -152,12 +152,25 @@ def base_run(budget: str) -> RunConfig:
 
 
 def train_arms(
-    base: RunConfig, arms: dict[str, ModelConfig], seeds: list[int], out: Path, extra: Callable | None = None
+    base: RunConfig,
+    arms: dict[str, ModelConfig],
+    seeds: list[int],
+    out: Path,
+    extra: Callable | None = None,
+    curves: bool = False,
+    by_label: bool | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train every arm for every seed on the same prepared data (same order, same token budget).
 
     ``extra(trainer) -> dict[str, float]`` adds per-seed metrics (e.g. drop rates).
+    ``curves=True`` also keeps, per seed, the held-out loss at every evaluation of the run
+    (``train.eval_every``) as ``arm["curves"] = [{"tokens": [..], "flops": [..], "val_loss": [..]}]``.
+    ``by_label`` (default: on except at the smoke budget, whose base run is named ``smoke``) keeps the
+    final validation loss per label value of a labelled corpus (domain, language) as
+    ``arm["by_label"] = {label: {value: {"per_seed": [..], "mean": .., "std": ..}}}``.
     """
+    if by_label is None:
+        by_label = base.name != "smoke"
     from moelab.calc import arch_from_config, flops_per_token
     from moelab.data.prepare import prepare_data
     from moelab.train.trainer import Trainer
@@ -167,6 +180,8 @@ def train_arms(
     for arm, model_cfg in arms.items():
         model_cfg = replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
         per_seed: dict[str, list[float]] = {}
+        curve_list: list[dict[str, list[float]]] = []
+        labels: dict[str, dict[str, list[float]]] = {}
         for seed in seeds:
             run = replace(base, name=f"{arm}-s{seed}", model=model_cfg, train=replace(base.train, seed=seed))
             trainer = Trainer(run, out / arm / f"seed{seed}", data=data)
@@ -179,14 +194,48 @@ def train_arms(
             }
             if extra is not None:
                 vals.update(extra(trainer))
+            if curves:
+                pts = eval_points(trainer.run_dir / "metrics.jsonl")
+                curve_list.append(
+                    {
+                        "tokens": [t for t, _ in pts],
+                        "flops": [fpt * t for t, _ in pts],
+                        "val_loss": [v for _, v in pts],
+                    }
+                )
             for k, v in vals.items():
                 per_seed.setdefault(k, []).append(float(v))
+            if by_label:
+                for name, by_value in res.loss_by.items():
+                    for value, loss in by_value.items():
+                        labels.setdefault(name, {}).setdefault(str(value), []).append(float(loss))
         result[arm] = {
             "per_seed": per_seed,
             "mean": {k: mean_std(v)[0] for k, v in per_seed.items()},
             "std": {k: mean_std(v)[1] for k, v in per_seed.items()},
         }
+        if curves:
+            result[arm]["curves"] = curve_list
+        if labels:
+            result[arm]["by_label"] = {
+                name: {
+                    value: {"per_seed": xs, "mean": mean_std(xs)[0], "std": mean_std(xs)[1]}
+                    for value, xs in by_value.items()
+                    if len(xs) == len(seeds)  # a value missing from some seed's held-out set is left out
+                }
+                for name, by_value in labels.items()
+            }
     return result
+
+
+def eval_points(metrics: Path) -> list[tuple[float, float]]:
+    """(tokens seen, validation loss) of every eval record in a run's ``metrics.jsonl``, in order."""
+    pts = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "eval":
+            pts.append((float(rec["tokens"]), float(rec["val_loss"])))
+    return pts
 
 
 def data_label(base: RunConfig) -> str:
@@ -215,6 +264,7 @@ def write_study(res: StudyResult, docs: Path) -> None:
     for arm, a in res.arms.items():
         cells = [f"{a['mean'][m]:.4g} ± {a['std'][m]:.2g}" if m in a["mean"] else "" for m in metrics]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += label_tables(res.arms)
     lines += ["", f"**Verdict: {res.verdict}** ({res.verdict_reason})", ""]
     lines += [f"![{p}]({p})" for p in res.plots]
     lines += ["", "Command:", "", f"    {res.command}", ""]
@@ -231,6 +281,25 @@ def _place_plot(plot: str, docs: Path) -> str:
             shutil.copyfile(src, docs / src.name)
         return src.name
     return plot
+
+
+def label_tables(arms: dict[str, dict[str, Any]], max_cols: int = 12) -> list[str]:
+    """One markdown table per label (domain, language): validation loss per value, arms as rows.
+
+    Labels with more than ``max_cols`` values stay in the JSON only (too wide to read)."""
+    names = sorted({n for a in arms.values() for n in a.get("by_label", {})})
+    lines: list[str] = []
+    for name in names:
+        values = sorted({v for a in arms.values() for v in a.get("by_label", {}).get(name, {})})
+        if not values or len(values) > max_cols:
+            continue
+        lines += ["", f"Validation loss by {name}:", "", "| arm | " + " | ".join(values) + " |"]
+        lines.append("|---" * (len(values) + 1) + "|")
+        for arm, a in arms.items():
+            cell = a.get("by_label", {}).get(name, {})
+            cells = [f"{cell[v]['mean']:.4g} ± {cell[v]['std']:.2g}" if v in cell else "" for v in values]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_index(docs: Path) -> None:

@@ -164,7 +164,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc)
         self.balancer = Balancer(self.model)
         self.health = RouterHealth(cfg.model.moe) if cfg.model.moe is not None else None
-        self.sampler = Sampler(data.splits.train.num_blocks, seed=tc.seed)
+        # data.train_fraction < 1: sample only the first blocks (the same data repeated more epochs).
+        n_train = max(1, round(data.splits.train.num_blocks * cfg.data.train_fraction))
+        self.sampler = Sampler(n_train, seed=tc.seed)
         self.val_batches = eval_batches(data.splits.val, tc.batch_size, tc.eval_batches)
         self.step = 0
         self.bad_total = 0

@@ -1,0 +1,138 @@
+"""Study ``sqrt-rule``: is an MoE worth a dense model of size sqrt(active × total)?
+
+Claim (seed note 002): an MoE's dense-equivalent size is about sqrt(active · total), i.e.
+``N_eq = active^α · total^(1−α)`` with α = 0.5.
+
+Arms: a dense ladder of five FFN widths (1, 2, 4, 8, 16 × the preset's expert_hidden) and MoEs
+E = 4, 8, 16 with k = 2, all with the same data order, steps and seeds. N = non-embedding
+parameters (``count_params``: total for dense; active and total for MoE). Per seed, the ladder is
+fitted as ``L(N) = a·N^(-b) + c`` (:mod:`moelab.studies.powerlaw`), each MoE's final validation
+loss is inverted to ``N_eq``, and α is the least-squares slope of ``log(N_eq/total)`` on
+``log(active/total)`` over every (MoE, seed) point, with its standard error. Points whose loss the
+fitted curve never reaches (below its floor c) have no N_eq and are counted in the JSON.
+
+Verdict: interval α ± 2·se; inconclusive when its half-width is > 0.5, supported when it
+contains 0.5, not supported when it excludes it.
+
+Full budget: tiny preset, 8 arms × 3 seeds at the preset's steps (the widest dense arm is the
+slowest); not run here, the lead runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from moelab.config import ModelConfig, MoEConfig
+from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms
+from moelab.studies.powerlaw import alpha_verdict, equivalent_size, fit_alpha, fit_power_law
+
+WIDTHS = (1, 2, 4, 8, 16)
+EXPERTS = (4, 8, 16)
+
+
+def _params(cfg: ModelConfig, vocab: int) -> tuple[float, float]:
+    from moelab.model.transformer import Transformer
+    from moelab.model.twins import count_params
+
+    pc = count_params(Transformer(replace(cfg, vocab_size=vocab)))
+    return float(pc.active), float(pc.total)
+
+
+def _plot(ladder: list[tuple[float, float]], moes: list[tuple[str, float, float]], fit, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([n for n, _ in ladder], [v for _, v in ladder], label="dense ladder (mean)")
+    a, b, c = fit
+    lo, hi = min(n for n, _ in ladder) / 2, max(n for n, _ in ladder) * 2
+    xs = [lo * (hi / lo) ** (i / 50) for i in range(51)]
+    ax.plot(xs, [a * x**-b + c for x in xs], label=f"fit a·N^-{b:.2f} + {c:.2f}")
+    for name, sq, loss in moes:
+        ax.scatter([sq], [loss], marker="x")
+        ax.annotate(f"{name} @ sqrt(A·T)", (sq, loss), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("validation loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@STUDIES.register("sqrt-rule")
+def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
+    base = base_run(budget)
+    moe0 = base.model.moe or MoEConfig()
+    h = moe0.expert_hidden
+    models = {f"dense_h{w * h}": replace(base.model, moe=None, ffn_hidden=w * h) for w in WIDTHS}
+    models.update({f"E{e}": replace(base.model, moe=replace(moe0, num_experts=e, top_k=2)) for e in EXPERTS})
+    res = train_arms(base, models, seeds, out)
+    from moelab.data.prepare import prepare_data
+
+    vocab = prepare_data(base)[1].tokenizer.vocab_size
+    sizes = {arm: _params(cfg, vocab) for arm, cfg in models.items()}
+    dense = [f"dense_h{w * h}" for w in WIDTHS]
+    pts_a, pts_t, pts_n, missing = [], [], [], 0
+    fits: list[list[float]] = []
+    for i in range(len(seeds)):
+        fit = fit_power_law([sizes[d][1] for d in dense], [res[d]["per_seed"]["val_loss"][i] for d in dense])
+        fits.append(list(fit))
+        for e in EXPERTS:
+            arm = f"E{e}"
+            n_eq = equivalent_size(*fit, res[arm]["per_seed"]["val_loss"][i])
+            res[arm]["per_seed"].setdefault("n_eq_found", []).append(float(n_eq is not None))
+            if n_eq is None:
+                missing += 1
+                continue
+            act, tot = sizes[arm]
+            pts_a.append(act)
+            pts_t.append(tot)
+            pts_n.append(n_eq)
+    numbers: dict[str, Any] = {
+        "params": {arm: {"active": a, "total": t} for arm, (a, t) in sizes.items()},
+        "fits_per_seed": fits,
+        "n_eq_points": [{"active": a, "total": t, "n_eq": n} for a, t, n in zip(pts_a, pts_t, pts_n)],
+        "points_without_n_eq": missing,
+    }
+    if len(pts_n) >= 2:
+        alpha, se = fit_alpha(pts_a, pts_t, pts_n)
+        numbers.update(alpha=alpha, alpha_se=se, alpha_interval=[alpha - 2 * se, alpha + 2 * se])
+        v, why = alpha_verdict(alpha, se)
+    else:
+        v, why = "inconclusive", f"only {len(pts_n)} MoE losses within the dense fit's range: no alpha"
+    if missing:
+        why += f"; {missing} (MoE, seed) losses below the fitted floor had no N_eq"
+    mean_fit = fit_power_law([sizes[d][1] for d in dense], [res[d]["mean"]["val_loss"] for d in dense])
+    out.mkdir(parents=True, exist_ok=True)
+    plot = out / "sqrt-rule.png"
+    _plot(
+        [(sizes[d][1], res[d]["mean"]["val_loss"]) for d in dense],
+        [
+            (f"E{e}", math.sqrt(sizes[f"E{e}"][0] * sizes[f"E{e}"][1]), res[f"E{e}"]["mean"]["val_loss"])
+            for e in EXPERTS
+        ],
+        mean_fit,
+        plot,
+    )
+    return StudyResult(
+        name="sqrt-rule",
+        claim="an MoE's dense-equivalent size is sqrt(active x total) (alpha = 0.5)",
+        method=(
+            f"dense ladder ffn_hidden={[w * h for w in WIDTHS]} fitted per seed as L = a*N^-b + c; "
+            f"MoE E={list(EXPERTS)}, k=2 inverted to N_eq; alpha from log(N_eq/T) = alpha*log(A/T)"
+        ),
+        budget=budget,
+        seeds=seeds,
+        data=data_label(base),
+        arms=res,
+        verdict=v,
+        verdict_reason=why,
+        numbers=numbers,
+        plots=[str(plot)],
+    )

@@ -1,0 +1,207 @@
+"""Studies of part A (iso-flop): the compute-multiplier math by hand, and the study at --budget smoke."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from moelab.studies.base import VERDICTS
+from moelab.studies.curves import compute_multiplier, flops_to_reach, multiplier_verdict
+
+
+def test_flops_to_reach_interpolates_in_log_flops():
+    # Loss 3 at 1e6 FLOPs, 2 at 1e8: loss 2.5 is halfway in log10 FLOPs → 1e7.
+    assert flops_to_reach([1e6, 1e8], [3.0, 2.0], 2.5) == pytest.approx(1e7)
+    # Target hit exactly at a point; before the first point; never reached.
+    assert flops_to_reach([1e6, 1e7, 1e8], [3.0, 2.0, 1.5], 2.0) == pytest.approx(1e7)
+    assert flops_to_reach([1e6, 1e8], [3.0, 2.0], 3.5) == 1e6
+    assert flops_to_reach([1e6, 1e8], [3.0, 2.0], 1.0) is None
+
+
+def test_compute_multiplier_and_lower_bound():
+    m, lb = compute_multiplier([1e6, 1e8], [3.0, 2.0], 5e6, 2.5)  # dense needs 1e7
+    assert m == pytest.approx(2.0) and not lb
+    m, lb = compute_multiplier([1e6, 1e8], [3.0, 2.0], 5e6, 1.0)  # dense never gets there
+    assert m == pytest.approx(20.0) and lb
+
+
+def test_multiplier_verdict_rule():
+    assert multiplier_verdict([2.0, 2.1, 1.9])[0] == "supported"  # 2 - 2*0.1 > 1
+    assert multiplier_verdict([0.5, 0.6, 0.4])[0] == "not supported"
+    assert multiplier_verdict([1.0, 1.5, 0.5])[0] == "inconclusive"
+    assert multiplier_verdict([3.0])[0] == "inconclusive"
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)
+
+
+def test_iso_flop_smoke(tmp_path, monkeypatch):
+    from moelab.studies import run_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    run_study("iso-flop", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    d = json.loads((tmp_path / "docs" / "iso-flop.json").read_text())
+    arms = {"E4", "E8", "E16", "E32", "dense_iso_active", "dense_long"} | {
+        f"dense_iso_total_E{e}" for e in (4, 8, 16, 32)
+    }
+    assert set(d["arms"]) == arms
+    assert d["verdict"] in VERDICTS and _finite(d["arms"]) and _finite(d["numbers"])
+    for a in d["arms"].values():
+        assert len(a["per_seed"]["val_loss"]) == 3 and len(a["curves"]) == 3
+        assert len(a["curves"][0]["flops"]) >= 2
+    # dense_long trains 4x the steps of the others on the same data: 4x the FLOPs of its twin.
+    assert d["arms"]["dense_long"]["mean"]["train_flops"] == pytest.approx(
+        4 * d["arms"]["dense_iso_active"]["mean"]["train_flops"]
+    )
+    assert set(d["numbers"]["multiplier"]) == {"E4", "E8", "E16", "E32"}
+    for p in d["plots"]:
+        assert (tmp_path / "docs" / p).is_file()
+    assert "iso-flop.png" in (tmp_path / "docs" / "iso-flop.md").read_text()
+
+
+def test_power_law_fit_recovers_synthetic_curve():
+    from moelab.studies.powerlaw import equivalent_size, fit_power_law
+
+    a, b, c = 50.0, 0.3, 2.0
+    ns = [1e4, 3e4, 1e5, 3e5, 1e6]
+    fa, fb, fc = fit_power_law(ns, [a * n**-b + c for n in ns], grid=2000)
+    assert fb == pytest.approx(b, rel=0.02) and fc == pytest.approx(c, abs=0.02)
+    assert equivalent_size(fa, fb, fc, a * 2e5**-b + c) == pytest.approx(2e5, rel=0.05)
+    assert equivalent_size(fa, fb, fc, fc - 0.1) is None
+
+
+def test_alpha_fit_and_verdict():
+    from moelab.studies.powerlaw import alpha_verdict, fit_alpha
+
+    act, tot = [1.0e5, 1.0e5, 1.0e5], [4.0e5, 8.0e5, 1.6e6]
+    n_eq = [math.sqrt(x * y) for x, y in zip(act, tot)]  # exactly the sqrt rule
+    alpha, se = fit_alpha(act, tot, n_eq)
+    assert alpha == pytest.approx(0.5) and se == pytest.approx(0.0, abs=1e-12)
+    # log(N_eq/T) = [-0.5, -1.0] at x = [-1, -2] → α = (0.5 + 2)/(1 + 4) = 0.5; residuals 0.
+    assert alpha_verdict(0.5, 0.01)[0] == "supported"
+    assert alpha_verdict(0.9, 0.01)[0] == "not supported"
+    assert alpha_verdict(0.5, 0.3)[0] == "inconclusive"
+
+
+def test_sqrt_rule_smoke(tmp_path, monkeypatch):
+    from moelab.studies import run_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    run_study("sqrt-rule", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    d = json.loads((tmp_path / "docs" / "sqrt-rule.json").read_text())
+    ladder = {arm for arm in d["arms"] if arm.startswith("dense_h")}
+    assert len(ladder) >= 4 and {"E4", "E8", "E16"} <= set(d["arms"])
+    assert d["verdict"] in VERDICTS and _finite(d["arms"]) and _finite(d["numbers"])
+    assert len(d["numbers"]["fits_per_seed"]) == 3
+    n = len(d["numbers"]["n_eq_points"]) + d["numbers"]["points_without_n_eq"]
+    assert n == 3 * 3  # every (MoE, seed) is accounted for
+    for e in ("E4", "E8", "E16"):
+        p = d["numbers"]["params"][e]
+        assert p["active"] < p["total"]
+    for p in d["plots"]:
+        assert (tmp_path / "docs" / p).is_file()
+
+
+def test_train_fraction_validated_and_restricts_the_sampler(tmp_path):
+    from dataclasses import replace
+
+    from moelab.config import DataConfig
+    from moelab.data.prepare import prepare_data
+    from moelab.errors import ConfigError
+    from moelab.studies.base import base_run
+    from moelab.train.trainer import Trainer
+
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"data\.train_fraction"):
+            DataConfig(train_fraction=bad)
+    base, data = prepare_data(base_run("smoke"))
+    n = data.splits.train.num_blocks
+    run = replace(base, data=replace(base.data, train_fraction=0.25))
+    run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
+    t = Trainer(run, tmp_path / "r", data=data)
+    assert t.sampler.num_blocks == round(n * 0.25) < n
+    seen = {i for _ in range(20) for i in t.sampler.next_indices(4)}
+    assert max(seen) < round(n * 0.25)
+
+
+def test_gap_curve_reads_train_and_eval_records(tmp_path):
+    from moelab.studies.data_hunger import gap_curve
+
+    recs = [
+        {"step": 1, "loss": 4.0},
+        {"step": 2, "loss": 3.0},
+        {"kind": "eval", "step": 2, "val_loss": 3.6},
+        {"step": 3, "loss": 2.0},
+        {"kind": "eval", "step": 3, "val_loss": 3.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    c = gap_curve(tmp_path / "metrics.jsonl")
+    assert [p["gap"] for p in c] == pytest.approx([3.6 - 3.5, 3.0 - 2.0])
+
+
+def test_data_hunger_smoke(tmp_path, monkeypatch):
+    from moelab.studies import run_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    run_study("data-hunger", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    d = json.loads((tmp_path / "docs" / "data-hunger.json").read_text())
+    assert set(d["arms"]) == {f"{k}_{t}" for k in ("moe", "dense") for t in ("unique", "x4", "x16")}
+    assert d["verdict"] in VERDICTS and _finite(d["arms"]) and _finite(d["numbers"]["curves"])
+    a = d["arms"]
+    # Same token budget; the 1/16 subset is repeated 16x as often as the unique data.
+    assert a["moe_x16"]["mean"]["tokens"] == a["moe_unique"]["mean"]["tokens"]
+    assert a["moe_x16"]["mean"]["epochs"] == pytest.approx(16 * a["moe_unique"]["mean"]["epochs"], rel=0.1)
+    assert len(d["numbers"]["curves"]["dense_x16"]) == 3
+    for p in d["plots"]:
+        assert (tmp_path / "docs" / p).is_file()
+
+
+def test_train_arms_records_loss_by_label_and_page_shows_it(tmp_path):
+    from moelab.studies.base import StudyResult, base_run, train_arms, write_study
+
+    base = base_run("smoke")
+    arms = train_arms(base, {"m": base.model}, [0, 1], tmp_path / "runs", by_label=True)
+    by = arms["m"]["by_label"]
+    assert by, "the builtin corpus is labelled by domain"
+    for values in by.values():
+        for v in values.values():
+            assert len(v["per_seed"]) == 2 and math.isfinite(v["mean"])
+            assert v["mean"] == pytest.approx(sum(v["per_seed"]) / 2)
+    assert "by_label" not in train_arms(base, {"m": base.model}, [0], tmp_path / "r2")["m"]  # off at smoke
+    res = StudyResult("x", "c", "m", "smoke", [0, 1], "d", arms, "inconclusive", "r")
+    write_study(res, tmp_path / "docs")
+    page = (tmp_path / "docs" / "x.md").read_text()
+    name = sorted(by)[0]
+    if len(by[name]) <= 12:
+        assert f"Validation loss by {name}" in page
+
+
+def test_sparsity_smoke(tmp_path, monkeypatch):
+    from moelab.studies import run_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    run_study("sparsity", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    d = json.loads((tmp_path / "docs" / "sparsity.json").read_text())
+    a = d["arms"]
+    assert set(a) == {"dense", "moefied_k1", "moefied_k2", "moefied_k4", "scratch_k1", "scratch_k2"}
+    assert d["verdict"] in VERDICTS and _finite(a) and _finite(d["numbers"])
+    # MoEfication with k = E sums every neuron group: it is the dense model again.
+    assert a["moefied_k4"]["per_seed"]["val_loss"] == pytest.approx(
+        a["dense"]["per_seed"]["val_loss"], abs=1e-4
+    )
+    for seed_points in d["numbers"]["sparsity"].values():
+        assert len(seed_points) == 4
+        assert all(0.0 <= f <= 1.0 for p in seed_points for f in p["layers"].values())
+    for p in d["plots"]:
+        assert (tmp_path / "docs" / p).is_file()
