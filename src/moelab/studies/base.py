@@ -97,9 +97,14 @@ def arm_comparison(
     arms: dict[str, dict[str, Any]],
     better: str,
     than: str,
+    metric: str = "val_loss",
+    lower_is_better: bool = True,
+    numbers: dict[str, Any] | None = None,
+    plots: list[str] | None = None,
 ) -> StudyResult:
-    """The result of a study whose claim is "arm ``better`` reaches lower validation loss than arm ``than``"."""
-    v, why = verdict(arms[better]["per_seed"]["val_loss"], arms[than]["per_seed"]["val_loss"])
+    """The result of a study whose claim is "arm ``better`` beats arm ``than`` on ``metric``"
+    (by default: reaches a lower validation loss), the verdict computed by :func:`verdict`."""
+    v, why = verdict(arms[better]["per_seed"][metric], arms[than]["per_seed"][metric], lower_is_better)
     return StudyResult(
         name=name,
         claim=claim,
@@ -110,11 +115,22 @@ def arm_comparison(
         arms=arms,
         verdict=v,
         verdict_reason=why,
+        numbers=numbers or {},
+        plots=plots or [],
     )
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def arm_summary(per_seed: dict[str, list[float]]) -> dict[str, Any]:
+    """One arm of a study: ``{"per_seed": {metric: [..]}, "mean": {metric: ..}, "std": {metric: ..}}``."""
+    return {
+        "per_seed": per_seed,
+        "mean": {k: mean_std(v)[0] for k, v in per_seed.items()},
+        "std": {k: mean_std(v)[1] for k, v in per_seed.items()},
+    }
 
 
 def shared_corpus(start: Path | None = None) -> Path | None:
@@ -209,11 +225,7 @@ def train_arms(
                 for name, by_value in res.loss_by.items():
                     for value, loss in by_value.items():
                         labels.setdefault(name, {}).setdefault(str(value), []).append(float(loss))
-        result[arm] = {
-            "per_seed": per_seed,
-            "mean": {k: mean_std(v)[0] for k, v in per_seed.items()},
-            "std": {k: mean_std(v)[1] for k, v in per_seed.items()},
-        }
+        result[arm] = arm_summary(per_seed)
         if curves:
             result[arm]["curves"] = curve_list
         if labels:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.model.twins import dense_twin
+from moelab.studies import plots
 from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms, verdict
 
 FRACTIONS = {"unique": 1.0, "x4": 0.25, "x16": 1.0 / 16}
@@ -47,12 +48,7 @@ def gap_curve(metrics: Path) -> list[dict[str, float]]:
 
 
 def _plot(curves: dict[str, list[list[dict[str, float]]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.subplots(figsize=(7, 4.5))
     for arm, per_seed in curves.items():
         n = min(len(c) for c in per_seed)
         steps = [per_seed[0][i]["step"] for i in range(n)]
@@ -61,9 +57,7 @@ def _plot(curves: dict[str, list[list[dict[str, float]]]], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("validation − train loss (mean over seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save(fig, path, dpi=100)
 
 
 @STUDIES.register("data-hunger")
@@ -90,7 +84,6 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     v, why = verdict(
         res["moe_x16"]["per_seed"]["gap"], res["dense_x16"]["per_seed"]["gap"], lower_is_better=False
     )
-    out.mkdir(parents=True, exist_ok=True)
     plot = out / "data-hunger.png"
     _plot(curves, plot)
     return StudyResult(

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from moelab.analysis.specialization import nmi
-from moelab.data.prepare import prepare_data
-from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, mean_std, verdict
+from moelab.studies import plots
+from moelab.studies.base import STUDIES, StudyResult, arm_comparison, arm_summary, base_run, train_arms
 from moelab.train.objective_step import EVAL_SEED
 from moelab.train.trainer import Trainer
 
@@ -65,12 +65,7 @@ def token_nmi_per_layer(trainer: Trainer) -> dict[str, list[float]]:
 
 
 def _plot(per_seed: list[dict[str, list[float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plots.subplots(figsize=(6, 3.5))
     for stack, color in (("encoder", "tab:blue"), ("decoder", "tab:orange")):
         arr = np.array([s[stack] for s in per_seed])  # [seeds, layers]
         xs = np.arange(arr.shape[1])
@@ -79,10 +74,7 @@ def _plot(per_seed: list[dict[str, list[float]]], path: Path) -> None:
     ax.set_ylabel("NMI(top-1 expert; token id)")
     ax.set_title("Expert-token specialisation, mean ± std over seeds")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 @STUDIES.register("enc-dec-specialisation")
@@ -92,26 +84,21 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     if budget == "full":
         train = replace(train, steps=FULL_STEPS)
     base = replace(base, train=train)
-    base, data = prepare_data(base)
     per_seed: list[dict[str, list[float]]] = []
-    for seed in seeds:
-        run_cfg = replace(base, name=f"enc-dec-s{seed}", train=replace(base.train, seed=seed))
-        trainer = Trainer(run_cfg, out / f"seed{seed}", data=data)
-        trainer.train()
+
+    def probe(trainer: Trainer) -> dict[str, float]:
         per_seed.append(token_nmi_per_layer(trainer))
-    arms = {}
-    for stack in ("encoder", "decoder"):
-        means = [statistics.fmean(s[stack]) for s in per_seed]
-        arms[stack] = {
-            "per_seed": {"token_nmi": means},
-            "mean": {"token_nmi": mean_std(means)[0]},
-            "std": {"token_nmi": mean_std(means)[1]},
-        }
-    v, why = verdict(arms["encoder"]["per_seed"]["token_nmi"], arms["decoder"]["per_seed"]["token_nmi"], lower_is_better=False)
+        return {}
+
+    train_arms(base, {"enc-dec": base.model}, seeds, out, extra=probe)
+    arms = {
+        stack: arm_summary({"token_nmi": [statistics.fmean(s[stack]) for s in per_seed]})
+        for stack in ("encoder", "decoder")
+    }
     plot = out / "enc-dec-specialisation.png"
     _plot(per_seed, plot)
-    return StudyResult(
-        name="enc-dec-specialisation",
+    return arm_comparison(
+        "enc-dec-specialisation",
         claim="encoder experts specialise more on token identity than decoder experts (ST-MoE)",
         method=(
             "per seed an MoE encoder-decoder (MoE in both stacks) trained with T5 span corruption; on held-out "
@@ -119,10 +106,12 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         ),
         budget=budget,
         seeds=seeds,
-        data=data_label(base),
+        base=base,
         arms=arms,
-        verdict=v,
-        verdict_reason=why,
+        better="encoder",
+        than="decoder",
+        metric="token_nmi",
+        lower_is_better=False,
         numbers={"token_nmi_per_layer": per_seed, "steps": base.train.steps},
         plots=[str(plot)],
     )

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from moelab.analysis.gradient_conflict import gradient_conflict
-from moelab.data.prepare import prepare_data
 from moelab.model.twins import dense_twin
-from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, mean_std, verdict
+from moelab.studies import plots
+from moelab.studies.base import STUDIES, StudyResult, arm_comparison, arm_summary, base_run, train_arms
 from moelab.train.trainer import Trainer
 
 FULL_STEPS = 400
@@ -38,12 +38,7 @@ ARMS = ("dense FFN", "MoE experts", "MoE whole layer")
 
 
 def _plot(per_seed: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plots.subplots(figsize=(6, 3.6))
     for arm in ARMS:
         arr = np.array([s[arm] for s in per_seed])  # [seeds, layers]
         ax.errorbar(np.arange(arr.shape[1]), arr.mean(0), yerr=arr.std(0), marker="o", capsize=3, label=arm)
@@ -52,10 +47,7 @@ def _plot(per_seed: list[dict], path: Path) -> None:
     ax.set_ylabel("mean cosine between domain gradients")
     ax.set_title("Gradient agreement between domains (mean ± std over seeds)")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 @STUDIES.register("gradient-conflict")
@@ -63,35 +55,29 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     base = base_run(budget)
     steps = FULL_STEPS if budget == "full" else base.train.steps
     base = replace(base, train=replace(base.train, steps=steps, eval_every=0))
-    base, data = prepare_data(base)
-    models = {"moe": base.model, "dense": dense_twin(base.model, "iso_active")}
-    per_seed = []
-    for seed in seeds:
-        layers: dict[str, list[float]] = {}
-        domains: list[str] = []
-        for name, model_cfg in models.items():
-            run_cfg = replace(base, name=f"gc-{name}-s{seed}", model=model_cfg, train=replace(base.train, seed=seed))
-            trainer = Trainer(run_cfg, out / name / f"seed{seed}", data=data)
-            trainer.train()
-            names = data.splits.val.label_names.get("domain")
-            g = gradient_conflict(trainer.model, trainer.val_batches[:EVAL_BATCHES], "domain", names)
-            domains = g["values"]
-            entries = [g["layers"][k] for k in sorted(g["layers"], key=int)]
-            if name == "dense":
-                layers["dense FFN"] = [e["mean_offdiag"] for e in entries]
-            else:
-                layers["MoE whole layer"] = [e["mean_offdiag"] for e in entries]
-                layers["MoE experts"] = [e.get("per_expert_mean_offdiag", 0.0) for e in entries]
-        per_seed.append({"seed": seed, "domains": domains, **layers})
-    arms = {}
-    for arm in ARMS:
-        means = [statistics.fmean(s[arm]) for s in per_seed]
-        arms[arm] = {"per_seed": {"cosine": means}, "mean": {"cosine": mean_std(means)[0]}, "std": {"cosine": mean_std(means)[1]}}
-    v, why = verdict(arms["MoE experts"]["per_seed"]["cosine"], arms["dense FFN"]["per_seed"]["cosine"], lower_is_better=False)
+    layers: dict[int, dict[str, list[float]]] = {}  # seed → arm → cosine per layer
+    domains: list[str] = []
+
+    def probe(trainer: Trainer) -> dict[str, float]:
+        names = trainer.data.splits.val.label_names.get("domain")
+        g = gradient_conflict(trainer.model, trainer.val_batches[:EVAL_BATCHES], "domain", names)
+        domains[:] = g["values"]
+        entries = [g["layers"][k] for k in sorted(g["layers"], key=int)]
+        seed = layers.setdefault(trainer.cfg.train.seed, {})
+        if trainer.cfg.model.moe is None:
+            seed["dense FFN"] = [e["mean_offdiag"] for e in entries]
+        else:
+            seed["MoE whole layer"] = [e["mean_offdiag"] for e in entries]
+            seed["MoE experts"] = [e.get("per_expert_mean_offdiag", 0.0) for e in entries]
+        return {}
+
+    train_arms(base, {"moe": base.model, "dense": dense_twin(base.model, "iso_active")}, seeds, out, extra=probe)
+    per_seed = [{"seed": seed, "domains": domains, **layers[seed]} for seed in seeds]
+    arms = {arm: arm_summary({"cosine": [statistics.fmean(s[arm]) for s in per_seed]}) for arm in ARMS}
     plot = out / "gradient-conflict.png"
     _plot(per_seed, plot)
-    return StudyResult(
-        name="gradient-conflict",
+    return arm_comparison(
+        "gradient-conflict",
         claim="MoE experts see less gradient conflict between domains than a dense FFN (higher cosine)",
         method=(
             f"per seed an MoE and its iso-active dense twin, {steps} steps on the same data; on held-out blocks the "
@@ -100,10 +86,12 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         ),
         budget=budget,
         seeds=seeds,
-        data=data_label(base),
+        base=base,
         arms=arms,
-        verdict=v,
-        verdict_reason=why,
+        better="MoE experts",
+        than="dense FFN",
+        metric="cosine",
+        lower_is_better=False,
         numbers={"per_seed": per_seed, "steps": steps},
         plots=[str(plot)],
     )

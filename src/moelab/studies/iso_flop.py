@@ -27,6 +27,7 @@ from typing import Any
 
 from moelab.config import MoEConfig
 from moelab.model.twins import dense_twin
+from moelab.studies import plots
 from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms
 from moelab.studies.curves import compute_multiplier, multiplier_verdict
 
@@ -36,12 +37,7 @@ HEADLINE = "E8"
 
 
 def _plot(arms: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.subplots(figsize=(7, 4.5))
     for arm, a in arms.items():
         c = a["curves"]
         n = min(len(x["flops"]) for x in c)
@@ -52,9 +48,7 @@ def _plot(arms: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("training FLOPs (calc, attention included)")
     ax.set_ylabel("validation loss (mean over seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save(fig, path, dpi=100)
 
 
 @STUDIES.register("iso-flop")
@@ -101,7 +95,6 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     if any(head["lower_bound"]):
         reason += "; dense never reached the MoE's loss for some seeds: those multipliers are lower bounds"
     docs_plot = out / "iso-flop.png"
-    out.mkdir(parents=True, exist_ok=True)
     _plot(res, docs_plot)
     return StudyResult(
         name="iso-flop",

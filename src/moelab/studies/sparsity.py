@@ -31,27 +31,15 @@ from typing import Any
 import torch
 
 from moelab.config import MoEConfig
-from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, mean_std, train_arms, verdict
+from moelab.studies import plots
+from moelab.studies.base import STUDIES, StudyResult, arm_summary, base_run, data_label, train_arms, verdict
 
 STAGES = 4
 MAIN_TAU = 0.1
 
 
-def _arm(per_seed: dict[str, list[float]]) -> dict[str, Any]:
-    return {
-        "per_seed": per_seed,
-        "mean": {k: mean_std(v)[0] for k, v in per_seed.items()},
-        "std": {k: mean_std(v)[1] for k, v in per_seed.items()},
-    }
-
-
 def _plot(sparsity: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.subplots(figsize=(7, 4.5))
     first = next(iter(sparsity.values()))
     for layer in first[0]["layers"]:
         steps = [p["step"] for p in first]
@@ -62,9 +50,7 @@ def _plot(sparsity: dict[str, list[dict[str, Any]]], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel(f"active neuron fraction (|h| > {MAIN_TAU:g}·max), mean over seeds")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save(fig, path, dpi=100)
 
 
 @STUDIES.register("sparsity")
@@ -117,7 +103,7 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
                 loss = lm_loss(with_top_k(moe_model, k), val_ids)
             per[f"moefied_k{k}"].setdefault("val_loss", []).append(loss)
             per[f"moefied_k{k}"].setdefault("k_over_E", []).append(k / E)
-    arms = {name: _arm(ps) for name, ps in per.items()}
+    arms = {name: arm_summary(ps) for name, ps in per.items()}
 
     def extra(trainer) -> dict[str, float]:
         with torch.no_grad():
@@ -130,9 +116,8 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         a["per_seed"]["trainer_val_loss"] = a["per_seed"]["val_loss"]
         a["per_seed"]["val_loss"] = a["per_seed"].pop("lm_loss")
         a["per_seed"]["k_over_E"] = [int(arm[-1]) / E] * len(seeds)
-        arms[arm] = _arm(a["per_seed"])
+        arms[arm] = arm_summary(a["per_seed"])
     v, why = verdict(arms["scratch_k1"]["per_seed"]["val_loss"], arms["moefied_k1"]["per_seed"]["val_loss"])
-    out.mkdir(parents=True, exist_ok=True)
     plot = out / "sparsity.png"
     _plot(sparsity, plot)
     return StudyResult(

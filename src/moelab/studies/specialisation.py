@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from moelab.analysis.drift import agreement, checkpoint_series, top1_by_layer
+from moelab.analysis.drift import drift_from_checkpoints, top1_by_layer
 from moelab.analysis.specialization import nmi, position_buckets
-from moelab.data.prepare import prepare_data
-from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, mean_std, verdict
+from moelab.studies import plots
+from moelab.studies.base import STUDIES, StudyResult, arm_comparison, arm_summary, base_run, train_arms
 from moelab.train.trainer import Trainer
 
 FULL_STEPS = 400
@@ -51,12 +51,7 @@ def _labels(batches, seq_len: int) -> dict[str, np.ndarray]:
 
 
 def _plot(per_seed: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a, b) = plots.subplots(1, 2, figsize=(10, 3.6))
     for label in LABELS:
         arr = np.array([s["nmi"][label] for s in per_seed])  # [seeds, layers]
         a.errorbar(np.arange(arr.shape[1]), arr.mean(0), yerr=arr.std(0), marker="o", capsize=3, label=label)
@@ -71,10 +66,7 @@ def _plot(per_seed: list[dict], path: Path) -> None:
     b.set_ylim(0, 1.02)
     b.set_title("Early routing learning")
     b.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 @STUDIES.register("specialisation")
@@ -83,43 +75,28 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     steps = FULL_STEPS if budget == "full" else base.train.steps
     every = max(1, steps // 10)
     base = replace(base, train=replace(base.train, steps=steps, save_every=every, keep_last=steps // every + 1, eval_every=0))
-    base, data = prepare_data(base)
     per_seed = []
-    for seed in seeds:
-        run_cfg = replace(base, name=f"specialisation-s{seed}", train=replace(base.train, seed=seed))
-        trainer = Trainer(run_cfg, out / f"seed{seed}", data=data)
-        trainer.train()
+
+    def probe(trainer: Trainer) -> dict[str, float]:
         batches = trainer.val_batches[:EVAL_BATCHES]
         labels = _labels(batches, base.data.seq_len)
         final = top1_by_layer(trainer.model, batches)
-        layers = sorted(final)
-        nmis = {k: [nmi(final[i], labels[k]) for i in layers] for k in LABELS}
-        from moelab.train.checkpoint import load_model
+        nmis = {k: [nmi(final[i], labels[k]) for i in sorted(final)] for k in LABELS}
+        drift = drift_from_checkpoints([trainer.run_dir], batches)  # agreement of every checkpoint with the last
+        drift_mean = [statistics.fmean(step) for step in zip(*drift["layers"].values())]
+        per_seed.append({"seed": trainer.cfg.train.seed, "nmi": nmis, "drift_steps": drift["steps"], "drift_mean": drift_mean})
+        return {}
 
-        drift_steps, drift_mean = [], []
-        for step, path in checkpoint_series([out / f"seed{seed}"]):
-            model, _ = load_model(path)
-            top = top1_by_layer(model, batches)
-            drift_steps.append(step)
-            drift_mean.append(statistics.fmean(agreement(top[i], final[i]) for i in layers))
-        per_seed.append({"seed": seed, "nmi": nmis, "drift_steps": drift_steps, "drift_mean": drift_mean})
-    arms = {}
-    for label in LABELS:
-        means = [statistics.fmean(s["nmi"][label]) for s in per_seed]
-        arms[label] = {"per_seed": {"nmi": means}, "mean": {"nmi": mean_std(means)[0]}, "std": {"nmi": mean_std(means)[1]}}
+    train_arms(base, {"moe": base.model}, seeds, out, extra=probe)
+    arms = {label: arm_summary({"nmi": [statistics.fmean(s["nmi"][label]) for s in per_seed]}) for label in LABELS}
     quarter = [
         next((a for st, a in zip(s["drift_steps"], s["drift_mean"]) if st >= steps // 4), float("nan")) for s in per_seed
     ]
-    arms["agreement@25%"] = {
-        "per_seed": {"agreement": quarter},
-        "mean": {"agreement": mean_std(quarter)[0]},
-        "std": {"agreement": mean_std(quarter)[1]},
-    }
-    v, why = verdict(arms["token"]["per_seed"]["nmi"], arms["domain"]["per_seed"]["nmi"], lower_is_better=False)
+    arms["agreement@25%"] = arm_summary({"agreement": quarter})
     plot = out / "specialisation.png"
     _plot(per_seed, plot)
-    return StudyResult(
-        name="specialisation",
+    return arm_comparison(
+        "specialisation",
         claim="expert choice follows token identity more than domain (OpenMoE); routing is learned early",
         method=(
             f"per seed one MoE, {steps} steps, checkpoint every {every}; on held-out blocks NMI(top-1 expert; "
@@ -129,10 +106,12 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         ),
         budget=budget,
         seeds=seeds,
-        data=data_label(base),
+        base=base,
         arms=arms,
-        verdict=v,
-        verdict_reason=why,
+        better="token",
+        than="domain",
+        metric="nmi",
+        lower_is_better=False,
         numbers={"per_seed": per_seed, "steps": steps, "num_experts": base.model.moe.num_experts if base.model.moe else 0},
         plots=[str(plot)],
     )

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.config import ModelConfig, MoEConfig
+from moelab.studies import plots
 from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms
 from moelab.studies.powerlaw import alpha_verdict, equivalent_size, fit_alpha, fit_power_law
 
@@ -42,12 +43,7 @@ def _params(cfg: ModelConfig, vocab: int) -> tuple[float, float]:
 
 
 def _plot(ladder: list[tuple[float, float]], moes: list[tuple[str, float, float]], fit, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.subplots(figsize=(7, 4.5))
     ax.scatter([n for n, _ in ladder], [v for _, v in ladder], label="dense ladder (mean)")
     a, b, c = fit
     lo, hi = min(n for n, _ in ladder) / 2, max(n for n, _ in ladder) * 2
@@ -60,9 +56,7 @@ def _plot(ladder: list[tuple[float, float]], moes: list[tuple[str, float, float]
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save(fig, path, dpi=100)
 
 
 @STUDIES.register("sqrt-rule")
@@ -109,7 +103,6 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     if missing:
         why += f"; {missing} (MoE, seed) losses below the fitted floor had no N_eq"
     mean_fit = fit_power_law([sizes[d][1] for d in dense], [res[d]["mean"]["val_loss"] for d in dense])
-    out.mkdir(parents=True, exist_ok=True)
     plot = out / "sqrt-rule.png"
     _plot(
         [(sizes[d][1], res[d]["mean"]["val_loss"]) for d in dense],
