@@ -42,3 +42,27 @@ class CharTestTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(chr(32 + i) for i in ids if 0 <= i < 90)
+
+
+def study_cli(*args: str, cwd: Path):
+    """``python -m moelab study ARGS`` in a subprocess on one thread, with this checkout's ``src`` first."""
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "moelab", "study", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def all_finite(x) -> bool:
+    """Every float in a nested JSON-like structure of dicts and lists is finite."""
+    import math
+
+    if isinstance(x, dict):
+        return all(all_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(all_finite(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from moelab.studies.base import VERDICTS
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+from helpers import study_cli
 
 
 def test_smoke_run_writes_nmi_per_label_drift_and_plot(tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     docs = tmp_path / "docs"
-    r = subprocess.run(
-        [sys.executable, "-m", "moelab", "study", "specialisation", "--budget", "smoke", "--seeds", "2",
-         "--out", str(tmp_path / "runs"), "--docs", str(docs)],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    r = study_cli(
+        "specialisation",
+        "--budget",
+        "smoke",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path / "runs"),
+        "--docs",
+        str(docs),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads((docs / "specialisation.json").read_text())
     assert d["verdict"] in VERDICTS and d["seeds"] == [0, 1]
@@ -31,19 +33,27 @@ def test_smoke_run_writes_nmi_per_label_drift_and_plot(tmp_path) -> None:
         assert len(values) == 2 and all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), name
     for seed in d["numbers"]["per_seed"]:
         steps, drift = seed["drift_steps"], seed["drift_mean"]
-        assert steps == sorted(steps) and len(steps) >= 2 and drift[-1] == 1.0  # the final checkpoint is the final routing
+        assert (
+            steps == sorted(steps) and len(steps) >= 2 and drift[-1] == 1.0
+        )  # the final checkpoint is the final routing
     assert (docs / "specialisation.png").stat().st_size > 1000
     assert "Verdict:" in (docs / "specialisation.md").read_text()
 
 
 def test_gradient_conflict_smoke(tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     docs = tmp_path / "docs"
-    r = subprocess.run(
-        [sys.executable, "-m", "moelab", "study", "gradient-conflict", "--budget", "smoke", "--seeds", "2",
-         "--out", str(tmp_path / "runs"), "--docs", str(docs)],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    r = study_cli(
+        "gradient-conflict",
+        "--budget",
+        "smoke",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path / "runs"),
+        "--docs",
+        str(docs),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads((docs / "gradient-conflict.json").read_text())
     assert d["verdict"] in VERDICTS and set(d["arms"]) == {"dense FFN", "MoE experts", "MoE whole layer"}

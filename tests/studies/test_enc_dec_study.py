@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 
 from moelab.analysis.specialization import nmi
 from moelab.studies.base import VERDICTS
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+from helpers import study_cli
 
 
 def test_smoke_run_writes_page_json_and_plot(tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     docs = tmp_path / "docs"
-    r = subprocess.run(
-        [sys.executable, "-m", "moelab", "study", "enc-dec-specialisation", "--budget", "smoke", "--seeds", "3",
-         "--out", str(tmp_path / "runs"), "--docs", str(docs)],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    r = study_cli(
+        "enc-dec-specialisation",
+        "--budget",
+        "smoke",
+        "--seeds",
+        "3",
+        "--out",
+        str(tmp_path / "runs"),
+        "--docs",
+        str(docs),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads((docs / "enc-dec-specialisation.json").read_text())
     assert d["verdict"] in VERDICTS and d["seeds"] == [0, 1, 2] and set(d["arms"]) == {"encoder", "decoder"}
@@ -33,7 +35,10 @@ def test_smoke_run_writes_page_json_and_plot(tmp_path) -> None:
         assert len(values) == 3 and all(0.0 <= v <= 1.0 and math.isfinite(v) for v in values)
     layers = d["numbers"]["token_nmi_per_layer"]
     assert len(layers) == 3 and all(len(s["encoder"]) == len(s["decoder"]) >= 1 for s in layers)
-    assert d["plots"] == ["enc-dec-specialisation.png"] and (docs / "enc-dec-specialisation.png").stat().st_size > 1000
+    assert (
+        d["plots"] == ["enc-dec-specialisation.png"]
+        and (docs / "enc-dec-specialisation.png").stat().st_size > 1000
+    )
     page = (docs / "enc-dec-specialisation.md").read_text()
     assert "Verdict:" in page and "moelab study enc-dec-specialisation --budget smoke --seeds 3" in page
     assert "[enc-dec-specialisation](enc-dec-specialisation.md)" in (docs / "README.md").read_text()

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from moelab.studies import CATALOG, STUDIES, verdict
 from moelab.studies.base import VERDICTS
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+from helpers import all_finite, study_cli
 
 
 def test_verdict_gives_each_of_the_three():
@@ -30,31 +25,12 @@ def test_catalog_has_thirteen_and_registered_are_in_it():
     assert set(STUDIES) <= set(CATALOG)
 
 
-def _cli(*args, cwd):
-    env = {
-        **os.environ,
-        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "moelab", "study", *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
-
-
 def test_list_and_unimplemented_error(tmp_path):
-    r = _cli("--list", cwd=tmp_path)
+    r = study_cli("--list", cwd=tmp_path)
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == len(CATALOG) == 13
     missing = next(n for n in CATALOG if n not in STUDIES)
-    r = _cli(missing, cwd=tmp_path)
+    r = study_cli(missing, cwd=tmp_path)
     assert r.returncode == 2 and "not implemented" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-
-
-def _finite(x):
-    if isinstance(x, dict):
-        return all(_finite(v) for v in x.values())
-    if isinstance(x, list):
-        return all(_finite(v) for v in x)
-    return not isinstance(x, float) or math.isfinite(x)
 
 
 EXPECTED_ARMS = {
@@ -99,7 +75,7 @@ def test_every_registered_study_has_a_smoke_test():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_ARMS))
 def test_study_smoke(name, tmp_path):
-    r = _cli(
+    r = study_cli(
         name,
         "--budget",
         "smoke",
@@ -115,7 +91,7 @@ def test_study_smoke(name, tmp_path):
     d = json.loads((tmp_path / "docs" / f"{name}.json").read_text())
     assert d["verdict"] in VERDICTS and d["budget"] == "smoke" and d["seeds"] == [0, 1]
     assert set(d["arms"]) == EXPECTED_ARMS[name]
-    assert d["arms"] and _finite(d["arms"]) and _finite(d["numbers"])
+    assert d["arms"] and all_finite(d["arms"]) and all_finite(d["numbers"])
     for arm in d["arms"].values():
         assert len(arm["per_seed"]["val_loss"]) == 2
         assert 0 < arm["mean"]["val_loss"] < 20

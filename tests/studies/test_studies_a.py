@@ -10,6 +10,8 @@ import pytest
 from moelab.studies.base import VERDICTS
 from moelab.studies.curves import compute_multiplier, flops_to_reach, multiplier_verdict
 
+from helpers import all_finite
+
 
 def test_flops_to_reach_interpolates_in_log_flops():
     # Loss 3 at 1e6 FLOPs, 2 at 1e8: loss 2.5 is halfway in log10 FLOPs → 1e7.
@@ -34,14 +36,6 @@ def test_multiplier_verdict_rule():
     assert multiplier_verdict([3.0])[0] == "inconclusive"
 
 
-def _finite(x):
-    if isinstance(x, dict):
-        return all(_finite(v) for v in x.values())
-    if isinstance(x, list):
-        return all(_finite(v) for v in x)
-    return not isinstance(x, float) or math.isfinite(x)
-
-
 def test_iso_flop_smoke(tmp_path, monkeypatch):
     from moelab.studies import run_study
 
@@ -53,7 +47,7 @@ def test_iso_flop_smoke(tmp_path, monkeypatch):
         f"dense_iso_total_E{e}" for e in (4, 8, 16, 32)
     }
     assert set(d["arms"]) == arms
-    assert d["verdict"] in VERDICTS and _finite(d["arms"]) and _finite(d["numbers"])
+    assert d["verdict"] in VERDICTS and all_finite(d["arms"]) and all_finite(d["numbers"])
     for a in d["arms"].values():
         assert len(a["per_seed"]["val_loss"]) == 3 and len(a["curves"]) == 3
         assert len(a["curves"][0]["flops"]) >= 2
@@ -100,7 +94,7 @@ def test_sqrt_rule_smoke(tmp_path, monkeypatch):
     d = json.loads((tmp_path / "docs" / "sqrt-rule.json").read_text())
     ladder = {arm for arm in d["arms"] if arm.startswith("dense_h")}
     assert len(ladder) >= 4 and {"E4", "E8", "E16"} <= set(d["arms"])
-    assert d["verdict"] in VERDICTS and _finite(d["arms"]) and _finite(d["numbers"])
+    assert d["verdict"] in VERDICTS and all_finite(d["arms"]) and all_finite(d["numbers"])
     assert len(d["numbers"]["fits_per_seed"]) == 3
     n = len(d["numbers"]["n_eq_points"]) + d["numbers"]["points_without_n_eq"]
     assert n == 3 * 3  # every (MoE, seed) is accounted for
@@ -156,7 +150,7 @@ def test_data_hunger_smoke(tmp_path, monkeypatch):
     run_study("data-hunger", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
     d = json.loads((tmp_path / "docs" / "data-hunger.json").read_text())
     assert set(d["arms"]) == {f"{k}_{t}" for k in ("moe", "dense") for t in ("unique", "x4", "x16")}
-    assert d["verdict"] in VERDICTS and _finite(d["arms"]) and _finite(d["numbers"]["curves"])
+    assert d["verdict"] in VERDICTS and all_finite(d["arms"]) and all_finite(d["numbers"]["curves"])
     a = d["arms"]
     # Same token budget; the 1/16 subset is repeated 16x as often as the unique data.
     assert a["moe_x16"]["mean"]["tokens"] == a["moe_unique"]["mean"]["tokens"]
@@ -195,7 +189,7 @@ def test_sparsity_smoke(tmp_path, monkeypatch):
     d = json.loads((tmp_path / "docs" / "sparsity.json").read_text())
     a = d["arms"]
     assert set(a) == {"dense", "moefied_k1", "moefied_k2", "moefied_k4", "scratch_k1", "scratch_k2"}
-    assert d["verdict"] in VERDICTS and _finite(a) and _finite(d["numbers"])
+    assert d["verdict"] in VERDICTS and all_finite(a) and all_finite(d["numbers"])
     # MoEfication with k = E sums every neuron group: it is the dense model again.
     assert a["moefied_k4"]["per_seed"]["val_loss"] == pytest.approx(
         a["dense"]["per_seed"]["val_loss"], abs=1e-4
