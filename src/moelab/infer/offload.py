@@ -49,7 +49,7 @@ from moelab.infer.expert_store import (
     export_experts,
     payload_bytes,
 )
-from moelab.moe.experts import activate
+from moelab.moe.experts import PerExpertModule, activate
 from moelab.quant.experts import QuantExperts
 
 # ----------------------------------------------------------------------------- statistics
@@ -243,7 +243,7 @@ class QuantExpertRunner(ExpertRunner):
         return self.down.apply_with(activate(self.up.apply_with(x_nD, uq, us), self.activation), dq, ds)
 
 
-class OffloadedExperts(nn.Module):
+class OffloadedExperts(PerExpertModule):
     """The ``Experts`` interface over a :class:`LayerExpertCache` (no parameters of its own)."""
 
     def __init__(
@@ -256,10 +256,6 @@ class OffloadedExperts(nn.Module):
 
     def forward_expert(self, e: int, x_nD: Tensor) -> Tensor:
         return self.runner(self.cache.get(e), x_nD)
-
-    def forward(self, x_RD: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
-        outs = [self.forward_expert(e, x) for e, (x, n) in enumerate(zip(x_RD.split(tokens_per_expert_E), tokens_per_expert_E)) if n]
-        return torch.cat(outs) if outs else x_RD.new_zeros(0, self.d_model)
 
     def extra_repr(self) -> str:
         return f"layer={self.cache.layer}, capacity={self.cache.capacity}/{self.num_experts}, device={self.cache.device}"

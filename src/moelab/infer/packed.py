@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moelab.moe.experts import Experts, activate
+from moelab.moe.experts import Experts, PerExpertModule, activate
 
 
 def packing_available(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
@@ -67,7 +67,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
 
 
-class PackedExperts(nn.Module):
+class PackedExperts(PerExpertModule):
     """E experts with each expert's ``w_up`` ``[m·F, D]`` and ``w_down`` ``[D, F]`` prepacked.
 
     Offers the per-expert interface the decode path and the ``loop``/``sorted`` dispatch use
@@ -87,22 +87,6 @@ class PackedExperts(nn.Module):
         """One expert on its rows: ``[n, D] → [n, D]``."""
         h = _packed_linear(x_nD, self._up[e], None, self.up_rows)
         return _packed_linear(activate(h, self.activation), self._down[e], None, self.d_model)
-
-    def forward(self, x_RD: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
-        """Rows grouped by expert (``tokens_per_expert_E`` rows each, in order) → ``[R, D]``."""
-        outs = [
-            self.forward_expert(e, x_nD)
-            for e, (x_nD, n) in enumerate(zip(x_RD.split(tokens_per_expert_E), tokens_per_expert_E))
-            if n > 0
-        ]
-        return torch.cat(outs, dim=0) if outs else x_RD.new_zeros(0, self.d_model)
-
-    def grouped_mm_supported(self, dtype: torch.dtype, device: torch.device) -> bool:
-        return False
-
-    def forward_padded(self, x_ECD: Tensor) -> Tensor:
-        """A capacity buffer ``[E, C, D] → [E, C, D]`` one expert at a time (``padded`` backend)."""
-        return torch.stack([self.forward_expert(e, x_CD) for e, x_CD in enumerate(x_ECD.unbind(0))])
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, packed=oneDNN"

@@ -87,6 +87,39 @@ def grouped_mm_available() -> bool:
     return hasattr(F, "grouped_mm")
 
 
+class PerExpertModule(nn.Module):
+    """Experts known only through ``forward_expert(e, x_nD)`` (quantized, prepacked, offloaded):
+    the batched forms every dispatch backend calls, built from it one expert at a time.
+
+    Subclasses set ``num_experts`` and ``d_model`` and implement ``forward_expert``.
+    """
+
+    num_experts: int
+    d_model: int
+
+    def forward_expert(self, e: int, x_nD: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_RD: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
+        """Rows grouped by expert (``tokens_per_expert_E`` rows each, in order) → ``[R, D]``."""
+        outs = [
+            self.forward_expert(e, x_nD)
+            for e, (x_nD, n) in enumerate(zip(x_RD.split(tokens_per_expert_E), tokens_per_expert_E))
+            if n > 0
+        ]
+        return torch.cat(outs, dim=0) if outs else x_RD.new_zeros(0, self.d_model)
+
+    def grouped_mm_supported(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Never: grouped matmuls need stacked full-precision weights; the grouped_mm and auto
+        backends then take their per-expert path, which calls :meth:`forward`."""
+        return False
+
+    def forward_padded(self, x_ECD: Tensor) -> Tensor:
+        """A capacity buffer ``[E, C, D] → [E, C, D]`` one expert at a time (the ``padded``
+        backend); padding rows are zeros in and out (no biases)."""
+        return torch.stack([self.forward_expert(e, x_CD) for e, x_CD in enumerate(x_ECD.unbind(0))])
+
+
 class Experts(nn.Module):
     """E feed-forward experts with stacked weights."""
 

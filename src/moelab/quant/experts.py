@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.errors import UserError
-from moelab.moe.experts import Experts, activate, up_multiplier
+from moelab.moe.experts import Experts, PerExpertModule, activate, up_multiplier
 from moelab.quant.linear import QuantLinear
 
 
@@ -27,7 +27,7 @@ class NoStackedWeightsError(UserError, AttributeError):
     """
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(PerExpertModule):
     """E quantized feed-forward experts (inference only: weights are buffers, not parameters)."""
 
     def __init__(
@@ -62,27 +62,6 @@ class QuantExperts(nn.Module):
     def forward_expert(self, e: int, x_nD: Tensor) -> Tensor:
         """One expert on its rows: ``[n, D] → [n, D]``."""
         return self.down[e](activate(self.up[e](x_nD), self.activation))
-
-    def forward(self, x_RD: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
-        """Rows grouped by expert (``tokens_per_expert_E`` rows each, in order) → ``[R, D]``."""
-        outs = [
-            self.forward_expert(e, x_nD)
-            for e, (x_nD, n) in enumerate(zip(x_RD.split(tokens_per_expert_E), tokens_per_expert_E))
-            if n > 0
-        ]
-        if not outs:
-            return x_RD.new_zeros(0, self.d_model)
-        return torch.cat(outs, dim=0)
-
-    def grouped_mm_supported(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """Never: grouped matmuls need stacked full-precision weights; the grouped_mm and auto
-        backends then take their per-expert path, which calls :meth:`forward`."""
-        return False
-
-    def forward_padded(self, x_ECD: Tensor) -> Tensor:
-        """A capacity buffer ``[E, C, D] → [E, C, D]``, one quantized expert at a time (the
-        ``padded`` backend); padding rows are zeros in and out (no biases)."""
-        return torch.stack([self.forward_expert(e, x_CD) for e, x_CD in enumerate(x_ECD.unbind(0))])
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
