@@ -182,17 +182,11 @@ def _plain_topk(ffn) -> bool:
 
 
 def _topk_choice(router: TopKRouter, x_1D: Tensor) -> tuple[list[int], Tensor]:
-    """:class:`TopKRouter`'s experts and combine weights for one token, the same operations in
-    the same order without building a :class:`RoutingDecision` (≈10 µs instead of ≈55 µs)."""
-    rcfg = router.cfg.router
+    """:class:`TopKRouter`'s experts and combine weights for one token, through the router's own
+    operations without building a :class:`RoutingDecision` (≈10 µs instead of ≈55 µs)."""
     logits_1E = router.logits(x_1D)
     kept_logits_1K, expert_1K = logits_1E.topk(router.top_k, dim=-1)
-    if rcfg.softmax_after_topk:
-        weight_1K = kept_logits_1K.softmax(dim=-1)
-    else:
-        weight_1K = logits_1E.softmax(dim=-1).gather(1, expert_1K)
-        if rcfg.renormalize:
-            weight_1K = weight_1K / weight_1K.sum(dim=-1, keepdim=True)
+    weight_1K = router.combine_weights(kept_logits_1K, expert_1K, logits_1E.softmax(dim=-1))
     return expert_1K[0].tolist(), weight_1K[0]
 
 

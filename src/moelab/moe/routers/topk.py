@@ -40,10 +40,17 @@ class TopKRouter(Router):
             kept_logits_TK = logits_TE.gather(1, expert_TK)
         else:
             kept_logits_TK, expert_TK = logits_TE.topk(self.top_k, dim=-1)
-        if rcfg.softmax_after_topk:
-            weight_TK = kept_logits_TK.softmax(dim=-1)
-        else:
-            weight_TK = scores_TE.gather(1, expert_TK)
-            if rcfg.renormalize:
-                weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        weight_TK = self.combine_weights(kept_logits_TK, expert_TK, scores_TE)
         return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)
+
+    def combine_weights(self, kept_logits_TK: Tensor, expert_TK: Tensor, scores_TE: Tensor) -> Tensor:
+        """``[T, K]`` weights of the kept experts: softmax over the kept logits, or their
+        probabilities (renormalised to sum to 1 where configured). Also what batch-1 decoding
+        calls (``moelab.infer.fast_decode``), so the two can never differ."""
+        rcfg = self.cfg.router
+        if rcfg.softmax_after_topk:
+            return kept_logits_TK.softmax(dim=-1)
+        weight_TK = scores_TE.gather(1, expert_TK)
+        if rcfg.renormalize:
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        return weight_TK
