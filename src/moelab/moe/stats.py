@@ -120,6 +120,10 @@ class RoutingStats:
             layers[i] = layers[i] + s if i in layers else s
         return RoutingStats(layers)
 
+    def load_shares(self) -> dict[int, list[float]]:
+        """Per layer, each expert's share of the assignments (what an evaluation reports)."""
+        return {i: s.load_fraction.tolist() for i, s in self.layers.items()}
+
     def summary(self) -> dict[str, float]:
         """Scalars to log: drop rate, max expert share and load entropy averaged over layers."""
         if not self.layers:

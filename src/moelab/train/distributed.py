@@ -23,7 +23,6 @@ Legend: W world size, B global batch (sequences).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from moelab.parallel.wrap import build_data_parallel
 from moelab.train.checkpoint import checkpoint_name, prune_checkpoints
 from moelab.train.init import InitSource, load_init_weights
 from moelab.train.optim import build_optimizer, lr_at, set_lr
-from moelab.train.trainer import RouterHealthWarning, Trainer, autocast
+from moelab.train.trainer import Trainer, autocast
 
 
 class DistributedTrainer(Trainer):
@@ -158,13 +157,7 @@ class DistributedTrainer(Trainer):
             "a2a_bytes": m.a2a_bytes,
             "world_size": self.layout.world_size,
         }
-        if m.routing.layers:  # global-batch statistics: the same on every rank
-            rec.update(m.routing.summary())
-            if self.health is not None:
-                rec.update(self.health.metrics(m.routing))
-                for message in self.health.observe(self.step, m.routing):
-                    if self.is_main:
-                        warnings.warn(message, RouterHealthWarning, stacklevel=2)
+        rec.update(self.routing_metrics(m.routing))  # global-batch statistics: the same on every rank
         return rec
 
     @property

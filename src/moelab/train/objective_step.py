@@ -93,7 +93,7 @@ def evaluate_objective(
     gen = torch.Generator().manual_seed(EVAL_SEED)
     tb = token_bytes(tokenizer)
     sums: dict[str, float] = {}
-    loads: dict[int, torch.Tensor] = {}
+    routing = RoutingStats({})  # summed over batches
     has_moe = bool(model.moe_layers)
     for b in batches:
         ob = objective.prepare(b.input_ids, b.labels, tokenizer, gen).to(device)
@@ -101,8 +101,7 @@ def evaluate_objective(
             out = model(**ob.model_inputs(), return_routing=has_moe)
         add_sums(sums, objective.metric_sums(out.logits.float(), ob, tb.to(device) if tb is not None else None))
         if has_moe:
-            for i, s in RoutingStats.from_routing(out.routing).layers.items():
-                loads[i] = loads.get(i, torch.zeros_like(s.load)) + s.load
+            routing = routing + RoutingStats.from_routing(out.routing)
     model.train(was_training)
-    expert_load = {i: (n.double() / n.sum().clamp_min(1)).tolist() for i, n in loads.items()}
+    expert_load = routing.load_shares()
     return objective.summarize(sums), expert_load

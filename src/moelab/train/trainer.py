@@ -97,7 +97,7 @@ def evaluate(model: Transformer, batches: list[Batch], label_names: dict[str, li
     device = next(model.parameters()).device
     total, count = 0.0, 0
     sums: dict[str, dict[int, list[float]]] = {k: {} for k in label_names}
-    loads: dict[int, torch.Tensor] = {}
+    routing = RoutingStats({})  # summed over batches
     has_moe = bool(model.moe_layers)
     for b in batches:
         with autocast(device, bf16):
@@ -117,14 +117,13 @@ def evaluate(model: Transformer, batches: list[Batch], label_names: dict[str, li
                 acc[0] += float(vals[sel].sum())
                 acc[1] += int(sel.sum())
         if has_moe:
-            for i, s in RoutingStats.from_routing(out.routing).layers.items():
-                loads[i] = loads.get(i, torch.zeros_like(s.load)) + s.load
+            routing = routing + RoutingStats.from_routing(out.routing)
     model.train(was_training)
     loss_by = {
         name: {label_names[name][v]: acc[0] / acc[1] for v, acc in sorted(per.items()) if acc[1] > 0}
         for name, per in sums.items()
     }
-    expert_load = {i: (n.double() / n.sum().clamp_min(1)).tolist() for i, n in loads.items()}
+    expert_load = routing.load_shares()
     return EvalResult(loss=total / max(count, 1), tokens=count, loss_by=loss_by, expert_load=expert_load)
 
 
@@ -287,13 +286,21 @@ class Trainer:
             "tokens": self.tokens_seen,
         }
         rec.update({k: sum(v) / len(v) for k, v in aux_vals.items()})
-        if stats:
-            rec.update(routing.summary())
-        if self.health is not None and stats:
-            rec.update(self.health.metrics(routing))
-            for message in self.health.observe(self.step, routing):
-                warnings.warn(message, RouterHealthWarning, stacklevel=2)
+        rec.update(self.routing_metrics(routing))
         return rec
+
+    def routing_metrics(self, routing: RoutingStats) -> dict[str, Any]:
+        """The step's routing statistics and router-health metrics for its log record (empty for a
+        dense model); one warning per layer on collapse or dead experts, from the main process."""
+        if not routing.layers:
+            return {}
+        out = routing.summary()
+        if self.health is not None:
+            out.update(self.health.metrics(routing))
+            for message in self.health.observe(self.step, routing):
+                if self.is_main:
+                    warnings.warn(message, RouterHealthWarning, stacklevel=3)
+        return out
 
     def check_diverged(self) -> None:
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
