@@ -338,18 +338,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     The model is in eval mode on ``device``. Raises UserError for a missing, damaged or
     pickle-bearing checkpoint.
     """
-    from moelab.model.transformer import Transformer
 
     ckpt = resolve_checkpoint(path)
     model = _encoder_decoder(ckpt)
     if model is None:
-        run = read_run_config(ckpt)
-        if run.train.objective == "causal":
-            model = Transformer(run.model)
-        else:  # the model its objective trained (span: an encoder-decoder derived from run.model)
-            from moelab.train.objective_step import build_model, objective_of
+        from moelab.train.objective_step import build_model, objective_of
 
-            model = build_model(run.model, objective_of(run))
+        run = read_run_config(ckpt)
+        model = build_model(run.model, objective_of(run))  # span: an encoder-decoder derived from run.model
     quant = _quantization(ckpt)
     if quant is not None:  # written by `moelab quantize`: rebuild the quantized modules before loading
         from moelab.quant.model import prepare_quantized

@@ -35,6 +35,7 @@ from moelab.parallel.expert_parallel import shard_experts
 from moelab.parallel.mesh import ParallelLayout
 from moelab.parallel.train_step import accumulate_step, shard_rows
 from moelab.parallel.wrap import build_data_parallel
+from moelab.train import objective_step
 from moelab.train.checkpoint import checkpoint_name, prune_checkpoints
 from moelab.train.init import InitSource, load_init_weights
 from moelab.train.optim import build_optimizer, lr_at, set_lr
@@ -60,7 +61,7 @@ class DistributedTrainer(Trainer):
         if init is not None:  # before _install shards the experts: every rank loads the full weights
             load_init_weights(self.model, init)
         tc = self.cfg.train
-        if tc.objective != "causal":
+        if not objective_step.is_plain_causal(self.objective):
             raise UserError(
                 f"train.objective={tc.objective} is not supported under torchrun yet: train it in one process "
                 "(the torchrun step feeds next-token batches)"
