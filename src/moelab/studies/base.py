@@ -143,8 +143,14 @@ def shared_corpus(start: Path | None = None) -> Path | None:
     return None
 
 
-def base_run(budget: str) -> RunConfig:
-    """The run every arm starts from: the ``smoke`` preset shrunk further, or ``tiny`` for full."""
+def base_run(budget: str, full_steps: int = 200) -> RunConfig:
+    """The run every arm starts from: the ``smoke`` preset shrunk further, or ``tiny`` for full.
+
+    ``full`` trains the ``tiny`` model for ``full_steps`` steps (each study picks its own so that
+    every arm and seed fit in a few minutes to half an hour on 2 CPU cores: the preset's 1000 steps
+    × arms × seeds would take hours), warm-up a tenth of that, and evaluates only at the end
+    unless the study asks for curves.
+    """
     if budget not in BUDGETS:
         raise UserError(f"unknown budget {budget!r}: expected one of {', '.join(BUDGETS)}")
     if budget == "smoke":
@@ -164,7 +170,10 @@ def base_run(budget: str) -> RunConfig:
     cfg = run_preset("tiny")
     corpus = shared_corpus()
     data = replace(cfg.data, corpus=str(corpus)) if corpus else cfg.data
-    return replace(cfg, data=data, train=replace(cfg.train, progress=False))
+    train = replace(
+        cfg.train, steps=full_steps, warmup_steps=min(50, full_steps // 4), eval_every=0, progress=False
+    )
+    return replace(cfg, data=data, train=train)
 
 
 def train_arms(

@@ -23,6 +23,8 @@ from moelab.analysis.drops import drop_rate_by_position, quarter_rates
 from moelab.config import MoEConfig
 from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
+FULL_STEPS = 100  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
 FACTORS = (0.5, 1.0, 1.25, 2.0)
 POLICIES = ("position", "score")
 DROP_BATCHES = 4
@@ -60,7 +62,7 @@ def drops_by_position(trainer) -> dict[str, float]:
 
 @STUDIES.register("capacity")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
+    base = base_run(budget, FULL_STEPS)
     moe = base.model.moe or MoEConfig()
     arms = {}
     for policy in POLICIES:

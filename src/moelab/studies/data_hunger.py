@@ -4,8 +4,9 @@ Claim (seed note 004): with the same data repeated many epochs, an MoE's train/v
 grows more than the dense's; here: the MoE's gap at 16× repetition exceeds the dense's.
 
 Arms: MoE (the preset's) and its iso-active dense twin, each on unique data
-(``data.train_fraction`` = 1), on the first 1/4 and on the first 1/16 of the training blocks, at
-the same token budget, data order rule and seeds — so the subsets are seen 4× and 16× as often.
+(``data.train_fraction`` = 1) and on the first fraction of the training blocks that the run's
+token budget reads 4× and 16× (``fraction = steps·batch·seq_len ÷ (epochs · training tokens)``),
+at the same token budget, data order rule and seeds.
 Gap = validation loss − mean training loss of the logged steps since the previous evaluation,
 at every evaluation (curves in ``numbers.curves``, plotted); the per-seed metric ``gap`` is the final one.
 Measured epochs (tokens seen ÷ tokens in the subset) are recorded per arm.
@@ -14,7 +15,7 @@ Verdict (framework ``verdict``, higher gap = the claim): supported when the MoE'
 1/16 exceeds the dense's by more than 2× the pooled seed std, not supported when the dense's
 exceeds the MoE's by that margin, else inconclusive.
 
-Full budget: tiny preset, 6 arms × 3 seeds at the preset's steps; not run here.
+Full budget: tiny preset, 6 arms × 3 seeds at ``FULL_STEPS`` steps.
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from moelab.config import RunConfig
 from moelab.model.twins import dense_twin
 from moelab.studies import plots
 from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms, verdict
 
-FRACTIONS = {"unique": 1.0, "x4": 0.25, "x16": 1.0 / 16}
+FULL_STEPS = 160  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
+EPOCHS = {"unique": None, "x4": 4, "x16": 16}  # None: every training block (no repetition)
+
+
+def repeat_fractions(base: RunConfig, train_blocks: int) -> dict[str, float]:
+    """``data.train_fraction`` per arm so that the run's tokens read the subset ``EPOCHS`` times."""
+    budget = base.train.steps * base.train.batch_size
+    return {
+        tag: 1.0 if epochs is None else min(1.0, max(1, round(budget / epochs)) / train_blocks)
+        for tag, epochs in EPOCHS.items()
+    }
 
 
 def gap_curve(metrics: Path) -> list[dict[str, float]]:
@@ -62,13 +75,16 @@ def _plot(curves: dict[str, list[list[dict[str, float]]]], path: Path) -> None:
 
 @STUDIES.register("data-hunger")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
+    base = base_run(budget, FULL_STEPS)
     base = replace(base, train=replace(base.train, eval_every=max(1, base.train.steps // 4), log_every=1))
+    from moelab.data.prepare import prepare_data
+
+    fractions = repeat_fractions(base, prepare_data(base)[1].splits.train.num_blocks)
     moe = base.model
     dense = dense_twin(moe, "iso_active")
     res: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[list[dict[str, float]]]] = {}
-    for tag, frac in FRACTIONS.items():
+    for tag, frac in fractions.items():
         b = replace(base, data=replace(base.data, train_fraction=frac))
         for kind, cfg in (("moe", moe), ("dense", dense)):
             arm = f"{kind}_{tag}"
@@ -90,8 +106,8 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         name="data-hunger",
         claim="with data repeated 16x, the MoE's train/validation gap exceeds its iso-active dense twin's",
         method=(
-            "MoE and iso-active dense twin on unique data, the first 1/4 and the first 1/16 of the training "
-            f"blocks (data.train_fraction), {base.train.steps} steps each; gap = val loss - train loss "
+            "MoE and iso-active dense twin on unique data and on the first fraction of the training blocks "
+            f"that the budget reads 4x and 16x (data.train_fraction {fractions}), {base.train.steps} steps each; gap = val loss - train loss "
             f"at every eval ({base.train.eval_every} steps)"
         ),
         budget=budget,
@@ -100,6 +116,6 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         arms=res,
         verdict=v,
         verdict_reason="MoE gap minus dense gap at x16: " + why,
-        numbers={"curves": curves, "fractions": FRACTIONS},
+        numbers={"curves": curves, "fractions": fractions, "target_epochs": EPOCHS},
         plots=[str(plot)],
     )

@@ -79,11 +79,8 @@ def _plot(per_seed: list[dict[str, list[float]]], path: Path) -> None:
 
 @STUDIES.register("enc-dec-specialisation")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
-    train = replace(base.train, objective="span", eval_every=0)
-    if budget == "full":
-        train = replace(train, steps=FULL_STEPS)
-    base = replace(base, train=train)
+    base = base_run(budget, FULL_STEPS)
+    base = replace(base, train=replace(base.train, objective="span"))
     per_seed: list[dict[str, list[float]]] = []
 
     def probe(trainer: Trainer) -> dict[str, float]:

@@ -21,7 +21,6 @@ Legend: D domains.
 from __future__ import annotations
 
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +51,7 @@ def _plot(per_seed: list[dict], path: Path) -> None:
 
 @STUDIES.register("gradient-conflict")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
-    steps = FULL_STEPS if budget == "full" else base.train.steps
-    base = replace(base, train=replace(base.train, steps=steps, eval_every=0))
+    base = base_run(budget, FULL_STEPS)
     layers: dict[int, dict[str, list[float]]] = {}  # seed → arm → cosine per layer
     domains: list[str] = []
 
@@ -80,7 +77,7 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         "gradient-conflict",
         claim="MoE experts see less gradient conflict between domains than a dense FFN (higher cosine)",
         method=(
-            f"per seed an MoE and its iso-active dense twin, {steps} steps on the same data; on held-out blocks the "
+            f"per seed an MoE and its iso-active dense twin, {base.train.steps} steps on the same data; on held-out blocks the "
             "cosine between per-domain LM gradients on each FFN layer (dense: whole FFN; MoE: inside each expert, "
             "and over the whole layer), mean over domain pairs and layers"
         ),
@@ -92,6 +89,6 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         than="dense FFN",
         metric="cosine",
         lower_is_better=False,
-        numbers={"per_seed": per_seed, "steps": steps},
+        numbers={"per_seed": per_seed, "steps": base.train.steps},
         plots=[str(plot)],
     )

@@ -13,12 +13,14 @@ from pathlib import Path
 from moelab.config import MoEConfig
 from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
+FULL_STEPS = 150  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
 GRAINS = ((8, 2, 1), (16, 4, 2), (32, 8, 4))  # (E, k, g)
 
 
 @STUDIES.register("granularity")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
+    base = base_run(budget, FULL_STEPS)
     moe = base.model.moe or MoEConfig()
     F = max(16, moe.expert_hidden - moe.expert_hidden % 4)  # coarse expert hidden, divisible by every g
     arms = {}

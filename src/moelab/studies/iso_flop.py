@@ -31,6 +31,8 @@ from moelab.studies import plots
 from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms
 from moelab.studies.curves import compute_multiplier, multiplier_verdict
 
+FULL_STEPS = 100  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
 EXPERTS = (4, 8, 16, 32)
 LONG = 4  # dense_long trains this many times the steps
 HEADLINE = "E8"
@@ -53,7 +55,7 @@ def _plot(arms: dict[str, dict[str, Any]], path: Path) -> None:
 
 @STUDIES.register("iso-flop")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
+    base = base_run(budget, FULL_STEPS)
     steps = base.train.steps
     base = replace(base, train=replace(base.train, eval_every=max(1, steps // 4)))
     moe0 = base.model.moe or MoEConfig()

@@ -12,10 +12,12 @@ from pathlib import Path
 from moelab.config import MoEConfig
 from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
+FULL_STEPS = 200  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
 
 @STUDIES.register("placement")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
+    base = base_run(budget, FULL_STEPS)
     moe = base.model.moe or MoEConfig()
     L = base.model.n_layers
     arms = {

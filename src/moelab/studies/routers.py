@@ -12,6 +12,8 @@ from pathlib import Path
 from moelab.config import MoEConfig, RouterConfig
 from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
+FULL_STEPS = 150  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
 
 def _arms(model):
     moe = model.moe or MoEConfig()
@@ -44,7 +46,7 @@ def _speed(trainer) -> dict[str, float]:
 
 @STUDIES.register("routers")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
+    base = base_run(budget, FULL_STEPS)
     res = train_arms(base, _arms(base.model), seeds, out, extra=_speed)
     return arm_comparison(
         "routers",

@@ -34,6 +34,8 @@ from moelab.config import MoEConfig
 from moelab.studies import plots
 from moelab.studies.base import STUDIES, StudyResult, arm_summary, base_run, data_label, train_arms, verdict
 
+FULL_STEPS = 200  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
 STAGES = 4
 MAIN_TAU = 0.1
 
@@ -61,7 +63,7 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     from moelab.data.prepare import prepare_data
     from moelab.train.trainer import Trainer
 
-    base = base_run(budget)
+    base = base_run(budget, FULL_STEPS)
     moe0 = base.model.moe or MoEConfig()
     E, h = moe0.num_experts, moe0.expert_hidden
     ks = sorted({1, 2, E})

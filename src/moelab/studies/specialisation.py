@@ -71,10 +71,10 @@ def _plot(per_seed: list[dict], path: Path) -> None:
 
 @STUDIES.register("specialisation")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
-    steps = FULL_STEPS if budget == "full" else base.train.steps
+    base = base_run(budget, FULL_STEPS)
+    steps = base.train.steps
     every = max(1, steps // 10)
-    base = replace(base, train=replace(base.train, steps=steps, save_every=every, keep_last=steps // every + 1, eval_every=0))
+    base = replace(base, train=replace(base.train, save_every=every, keep_last=steps // every + 1))
     per_seed = []
 
     def probe(trainer: Trainer) -> dict[str, float]:

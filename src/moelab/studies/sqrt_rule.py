@@ -30,6 +30,8 @@ from moelab.studies import plots
 from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms
 from moelab.studies.powerlaw import alpha_verdict, equivalent_size, fit_alpha, fit_power_law
 
+FULL_STEPS = 150  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
 WIDTHS = (1, 2, 4, 8, 16)
 EXPERTS = (4, 8, 16)
 
@@ -61,7 +63,7 @@ def _plot(ladder: list[tuple[float, float]], moes: list[tuple[str, float, float]
 
 @STUDIES.register("sqrt-rule")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base = base_run(budget)
+    base = base_run(budget, FULL_STEPS)
     moe0 = base.model.moe or MoEConfig()
     h = moe0.expert_hidden
     models = {f"dense_h{w * h}": replace(base.model, moe=None, ffn_hidden=w * h) for w in WIDTHS}
