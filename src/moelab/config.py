@@ -439,7 +439,7 @@ class DataConfig:
     synthetic_docs: int = 400  # documents per synthetic domain (builtin and synthetic corpora)
     tokenizer_train_bytes: int = 4_000_000  # text used to train the BPE tokenizer
     seed: int = 0
-    train_fraction: float = 1.0  # train on the first fraction of training blocks only (repeated-data studies)
+    train_fraction: float = 1.0  # train on this fraction of the training blocks, evenly spaced (repeated-data studies)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.corpus, str) and bool(self.corpus), "data.corpus", self.corpus, "must be a name or path")

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from moelab.studies.base import VERDICTS
 from moelab.studies.curves import compute_multiplier, flops_to_reach, multiplier_verdict
@@ -122,9 +123,17 @@ def test_train_fraction_validated_and_restricts_the_sampler(tmp_path):
     run = replace(base, data=replace(base.data, train_fraction=0.25))
     run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
     t = Trainer(run, tmp_path / "r", data=data)
-    assert t.sampler.num_blocks == round(n * 0.25) < n
-    seen = {i for _ in range(20) for i in t.sampler.next_indices(4)}
-    assert max(seen) < round(n * 0.25)
+    m = round(n * 0.25)
+    assert t.sampler.num_blocks == t.train_split.num_blocks == m < n
+    # The subset is evenly spaced over the split: the same blocks as the full split's, every domain kept.
+    from moelab.data.loader import evenly_spaced
+
+    full, sub = data.splits.train, t.train_split
+    picked = evenly_spaced(n, m)
+    assert torch.equal(sub.batch(list(range(m))).input_ids, full.batch(picked).input_ids)
+    assert torch.equal(sub.batch([m - 1]).labels, full.batch([picked[-1]]).labels)
+    domains = lambda split: set(split.label_ids_N["domain"].unique().tolist())  # noqa: E731
+    assert domains(sub) == domains(full) and len(domains(full)) > 1
 
 
 def test_gap_curve_reads_train_and_eval_records(tmp_path):

@@ -63,6 +63,20 @@ class PackedData:
     def num_tokens(self) -> int:
         return int(self.tokens_N.numel())
 
+    def subset(self, block_idx: list[int]) -> PackedData:
+        """Only the blocks ``block_idx``, in that order (a domain's blocks, a repeated-data subset)."""
+        L = self.seq_len + 1
+        pos = (torch.as_tensor(block_idx, dtype=torch.long)[:, None] * L + torch.arange(L)[None, :]).reshape(-1)
+        return PackedData(
+            self.tokens_N[pos],
+            {k: v[pos] for k, v in self.label_ids_N.items()},
+            self.doc_N[pos],
+            self.label_names,
+            self.doc_names,
+            self.seq_len,
+            self.eos_id,
+        )
+
     def batch(self, block_idx: Tensor | list[int]) -> Batch:
         """The blocks ``block_idx`` as a :class:`Batch`."""
         idx_B = torch.as_tensor(block_idx, dtype=torch.long)
@@ -208,11 +222,24 @@ class Sampler:
         self.seed, self.epoch, self.pos, self._perm = state["seed"], state["epoch"], state["pos"], None
 
 
+def evenly_spaced(total: int, n: int) -> list[int]:
+    """``n`` block indices spread evenly over ``range(total)``: a sample of every domain, since
+    documents are stored grouped by domain."""
+    return [(i * total) // n for i in range(n)]
+
+
+def repeated_subset(data: PackedData, fraction: float) -> PackedData:
+    """``data.train_fraction``: a fraction of the training blocks, evenly spaced over the split so
+    that every domain keeps its share; trained for the same steps, it is read more epochs."""
+    if fraction >= 1.0:
+        return data
+    return data.subset(evenly_spaced(data.num_blocks, max(1, round(data.num_blocks * fraction))))
+
+
 def eval_batches(data: PackedData, batch_size: int, max_batches: int | None = None) -> list[Batch]:
     """Validation batches: all blocks, or ``max_batches·batch_size`` blocks evenly spaced over the
     split (documents are grouped by domain, so the first blocks alone would miss domains).
     The same batches every time."""
     total = data.num_blocks
-    n = total if max_batches is None else min(total, max_batches * batch_size)
-    idx = [(i * total) // n for i in range(n)]
-    return [data.batch(idx[i : i + batch_size]) for i in range(0, n, batch_size)]
+    idx = evenly_spaced(total, total if max_batches is None else min(total, max_batches * batch_size))
+    return [data.batch(idx[i : i + batch_size]) for i in range(0, len(idx), batch_size)]

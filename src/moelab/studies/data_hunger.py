@@ -4,7 +4,7 @@ Claim (seed note 004): with the same data repeated many epochs, an MoE's train/v
 grows more than the dense's; here: the MoE's gap at 16× repetition exceeds the dense's.
 
 Arms: MoE (the preset's) and its iso-active dense twin, each on unique data
-(``data.train_fraction`` = 1) and on the first fraction of the training blocks that the run's
+(``data.train_fraction`` = 1) and on an evenly spaced fraction of the training blocks (every domain keeps its share) that the run's
 token budget reads 4× and 16× (``fraction = steps·batch·seq_len ÷ (epochs · training tokens)``),
 at the same token budget, data order rule and seeds.
 Gap = validation loss − mean training loss of the logged steps since the previous evaluation,
@@ -93,7 +93,7 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
             def extra(trainer, arm=arm) -> dict[str, float]:
                 c = gap_curve(trainer.run_dir / "metrics.jsonl")
                 curves[arm].append(c)
-                n = max(1, round(trainer.data.splits.train.num_blocks * trainer.cfg.data.train_fraction))
+                n = trainer.train_split.num_blocks
                 return {"gap": c[-1]["gap"], "epochs": trainer.tokens_seen / (n * trainer.cfg.data.seq_len)}
 
             res.update(train_arms(b, {arm: cfg}, seeds, out, extra=extra))
@@ -106,7 +106,7 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         name="data-hunger",
         claim="with data repeated 16x, the MoE's train/validation gap exceeds its iso-active dense twin's",
         method=(
-            "MoE and iso-active dense twin on unique data and on the first fraction of the training blocks "
+            "MoE and iso-active dense twin on unique data and on an evenly spaced fraction of the training blocks "
             f"that the budget reads 4x and 16x (data.train_fraction {fractions}), {base.train.steps} steps each; gap = val loss - train loss "
             f"at every eval ({base.train.eval_every} steps)"
         ),

@@ -124,7 +124,7 @@ class DistributedTrainer(Trainer):
         dev = self.layout.env.device
         micro = []
         for _ in range(tc.grad_accum):  # the same global micro-batches as one process draws
-            batch = self.data.splits.train.batch(self.sampler.next_indices(tc.batch_size))  # same on every rank
+            batch = self.train_split.batch(self.sampler.next_indices(tc.batch_size))  # same on every rank
             self.tokens_seen += batch.input_ids.numel()
             micro.append((batch.input_ids[rows].to(dev), batch.labels[rows].to(dev)))
         m = accumulate_step(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.config import RunConfig, to_dict
-from moelab.data.loader import IGNORE_INDEX, Batch, Sampler, eval_batches
+from moelab.data.loader import IGNORE_INDEX, Batch, Sampler, eval_batches, repeated_subset
 from moelab.data.prepare import PreparedData, prepare_data
 from moelab.errors import UserError
 from moelab.hardware import bf16_is_fast
@@ -163,9 +163,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc)
         self.balancer = Balancer(self.model)
         self.health = RouterHealth(cfg.model.moe) if cfg.model.moe is not None else None
-        # data.train_fraction < 1: sample only the first blocks (the same data repeated more epochs).
-        n_train = max(1, round(data.splits.train.num_blocks * cfg.data.train_fraction))
-        self.sampler = Sampler(n_train, seed=tc.seed)
+        self.train_split = repeated_subset(data.splits.train, cfg.data.train_fraction)
+        self.sampler = Sampler(self.train_split.num_blocks, seed=tc.seed)
         self.val_batches = eval_batches(data.splits.val, tc.batch_size, tc.eval_batches)
         self.step = 0
         self.bad_total = 0
@@ -246,7 +245,7 @@ class Trainer:
         losses, lm, aux_vals, stats = [], [], {}, []
         finite = True
         for _ in range(tc.grad_accum):
-            batch = self.data.splits.train.batch(self.sampler.next_indices(tc.batch_size))
+            batch = self.train_split.batch(self.sampler.next_indices(tc.batch_size))
             self.tokens_seen += batch.input_ids.numel()
             loss, out = self._micro_step(batch, 1.0 / tc.grad_accum)
             finite = finite and bool(torch.isfinite(loss))
