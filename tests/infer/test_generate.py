@@ -10,6 +10,7 @@ import torch
 
 from moelab.config import ConfigError
 from moelab.errors import UserError
+from moelab.infer.fast_decode import fast_generate
 from moelab.infer.generate import SamplingParams, filter_logits, generate, generate_text
 from moelab.infer.kv_cache import cache_for_config
 from moelab.model.transformer import Transformer
@@ -178,6 +179,12 @@ def test_context_limit_and_errors() -> None:
         SamplingParams(top_p=0.0)
     with pytest.raises(UserError, match="causal"):
         generate(_model(None, attention="bidirectional"), [[1, 2]], SamplingParams(3))
+    V = model.cfg.vocab_size
+    for bad in ([1, V], [-1, 2]):  # a tokenizer that does not match the model: one clear error, both paths
+        with pytest.raises(UserError, match=f"token id {bad[0] if bad[0] < 0 else V}.*vocabulary of {V}"):
+            generate(model, [[1, 2], bad], SamplingParams(3))
+        with pytest.raises(UserError, match="outside the model's vocabulary"):
+            fast_generate(model, [bad], SamplingParams(3))
 
 
 @pytest.mark.gpu

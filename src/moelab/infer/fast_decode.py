@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from moelab.errors import UserError
 from moelab.hardware import bf16_is_fast
-from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, _Row, sample_token
+from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, _Row, check_prompts, sample_token
 from moelab.infer.kv_cache import make_cache
 from moelab.infer.packed import pack_for_decode
 from moelab.moe.routers.base import Router
@@ -207,10 +207,7 @@ def fast_generate(
     if B == 0:
         return []
     per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
-    lengths = [len(p) for p in prompts]
-    for i, n in enumerate(lengths):
-        if n == 0 or n > cfg.max_seq_len:
-            raise UserError(f"prompt {i} has {n} tokens: it needs between 1 and max_seq_len={cfg.max_seq_len}")
+    lengths = check_prompts(prompts, cfg)
     rows = [_Row(n, p, tokenizer) for n, p in zip(lengths, per_row)]
     budget = [min(p.max_new_tokens, cfg.max_seq_len - n) for n, p in zip(lengths, per_row)]
     steps = max(budget)

@@ -168,6 +168,24 @@ class _Row:
 
 
 @torch.no_grad()
+def check_prompts(prompts: Sequence[Sequence[int]], cfg) -> list[int]:
+    """Each prompt's length, after one clear error for an empty prompt, one longer than the
+    context, or a token id outside the vocabulary (a tokenizer that does not match the model)."""
+    lengths = [len(p) for p in prompts]
+    for i, (n, prompt) in enumerate(zip(lengths, prompts)):
+        if n == 0:
+            raise UserError(f"prompt {i} is empty: generation needs at least one token (e.g. the BOS token)")
+        if n > cfg.max_seq_len:
+            raise UserError(f"prompt {i} has {n} tokens, more than the model's context (max_seq_len={cfg.max_seq_len})")
+        bad = [t for t in prompt if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise UserError(
+                f"prompt {i} has token id {int(bad[0])}, outside the model's vocabulary of {cfg.vocab_size}: "
+                "encode prompts with the checkpoint's own tokenizer"
+            )
+    return lengths
+
+
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -199,12 +217,7 @@ def generate(
     per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
     if len(per_row) != B:
         raise ValueError(f"got {len(per_row)} SamplingParams for {B} prompts")
-    lengths = [len(p) for p in prompts]
-    for i, n in enumerate(lengths):
-        if n == 0:
-            raise UserError(f"prompt {i} is empty: generation needs at least one token (e.g. the BOS token)")
-        if n > cfg.max_seq_len:
-            raise UserError(f"prompt {i} has {n} tokens, more than the model's context (max_seq_len={cfg.max_seq_len})")
+    lengths = check_prompts(prompts, cfg)
     model.eval()
     device = next(model.parameters()).device
     rows = [_Row(n, p, tokenizer) for n, p in zip(lengths, per_row)]
