@@ -241,3 +241,37 @@ def test_calc_command(capsys) -> None:
     data = json.loads(capsys.readouterr().out)
     assert data["arch"]["num_experts"] == 8
     assert main(["calc", "mixtral-8x7b", "--set", "moe.top_k=1"]) == 2
+
+
+def test_split_tokens_per_s_by_hand() -> None:
+    """A model too big for the GPU: what fits is read at GPU bandwidth, the rest at CPU bandwidth."""
+    from moelab.calc import Arch, split_tokens_per_s
+
+    # MoE: attention 4·(1+2)·4 + 4·4 = 64, router 4·4 = 16, norms 3·4 = 12, head 40 (the input
+    # embedding, 40, stays in RAM): 132 non-routed bytes read per token at 8 bits; 4 experts of
+    # 3·4·2 = 24, top-1. GPU 180 B: the 132 non-routed bytes, then 48 of the 96 expert bytes →
+    # f = 0.5. Per token: GPU 132 + 0.5·24 = 144 B at 100 B/s, CPU 12 B at 10 B/s → 1.44 s + 1.2 s.
+    moe = Arch("t", 10, 4, 1, 1, 1, 4, 8, num_experts=4, top_k=1, expert_hidden=2, moe_layers=1)
+    assert (count(moe).routed_experts, count(moe).routed_active) == (96, 24)
+    s = split_tokens_per_s(moe, 100e-9, 10e-9, 180e-9, bits_per_weight=8)
+    assert s["expert_fraction_on_gpu"] == pytest.approx(0.5)
+    assert (s["gpu_bytes"], s["cpu_bytes"]) == (pytest.approx(144), pytest.approx(12))
+    assert s["tokens_per_s"] == pytest.approx(1 / 2.64)
+    assert s["gpu_resident_bytes"] == pytest.approx(180)
+    assert s["cpu_resident_bytes"] == pytest.approx(count(moe).total - 180)
+    # Dense, FFN 3·4·8 = 96: 212 B read per token; KV at context 2 in bf16 = 2·(2·4·2) = 32 B on
+    # the GPU, so 144 B of GPU memory leave 112 B of weights: GPU 112 + 32 B, CPU 100 B.
+    dense = Arch("d", 10, 4, 1, 1, 1, 4, 8)
+    s = split_tokens_per_s(dense, 100e-9, 10e-9, 144e-9, context=2, bits_per_weight=8)
+    assert (s["gpu_bytes"], s["cpu_bytes"]) == (pytest.approx(144), pytest.approx(100))
+    assert s["tokens_per_s"] == pytest.approx(1 / (1.44 + 10.0))
+    assert s["expert_fraction_on_gpu"] == 0.0
+    # Limits: all on the GPU is decode_tokens_per_s at GPU bandwidth; exactly the non-routed
+    # part on the GPU is hybrid_tokens_per_s; dtype bytes when no bits are given.
+    a = PRESETS["mixtral-8x7b"]
+    big = split_tokens_per_s(a, 1000, 50, 1e6, "int4", 512)["tokens_per_s"]
+    assert big == pytest.approx(decode_tokens_per_s(a, 1000, "int4", 512))
+    room = (count(a).non_expert - count(a).embedding) * 2 + kv_bytes_per_token(a) * 512
+    assert split_tokens_per_s(a, 1000, 50, room / 1e9, "bf16", 512)["tokens_per_s"] == pytest.approx(
+        hybrid_tokens_per_s(a, 1000, 50, "bf16", 512)
+    )

@@ -252,6 +252,58 @@ def hybrid_tokens_per_s(
     return 1.0 / (gpu_bytes / (gpu_bandwidth_gbs * 1e9) + cpu_bytes / (cpu_bandwidth_gbs * 1e9))
 
 
+def split_tokens_per_s(
+    a: Arch,
+    gpu_bandwidth_gbs: float,
+    cpu_bandwidth_gbs: float,
+    gpu_memory_gb: float,
+    dtype: str = "bf16",
+    context: int = 0,
+    kv_dtype: str = "bf16",
+    bits_per_weight: float | None = None,
+) -> dict[str, float]:
+    """Batch-1 decode of a model too big for VRAM: what fits on the GPU is read at GPU bandwidth,
+    the rest at CPU bandwidth, each side computing on its own weights, one after the other.
+
+    Why: :func:`hybrid_tokens_per_s` assumes the GPU holds exactly the non-routed weights; on a
+    consumer card (24 GB) a dense 70B model does not fit and an MoE leaves room for some experts.
+    This is llama.cpp's layer split (``-ngl``) for a dense model, and for an MoE its
+    "non-expert tensors on the GPU first" placement.
+
+    Placement (bytes are parameters × ``bits_per_weight``/8, or ``dtype``'s bytes):
+    - the KV cache at ``context`` sits on the GPU; ``gpu_memory_gb`` minus it is the weight room;
+    - the input embedding is a lookup and stays in CPU RAM (not read per token, not placed);
+    - the non-routed weights read per token (attention, dense FFNs, shared experts, routers,
+      norms, LM head) go first; if they do not all fit, that fraction spills to the CPU;
+    - the room left holds a fraction ``f`` of every layer's routed experts; a token's routed
+      bytes are read from the GPU in proportion ``f`` (routing is taken as uniform over experts).
+
+    Returns ``tokens_per_s`` and the parts: ``gpu_bytes`` / ``cpu_bytes`` read per token,
+    ``gpu_resident_bytes``, ``cpu_resident_bytes`` (weights left in RAM, input embedding included)
+    and ``expert_fraction_on_gpu`` (``f``; 0 for a dense model).
+    """
+    p = count(a)
+    b = dtype_bytes(dtype) if bits_per_weight is None else bits_per_weight / 8.0
+    kv = kv_bytes_per_token(a, kv_dtype) * context
+    room = max(0.0, gpu_memory_gb * 1e9 - kv)
+    shared = (_read_per_token(a) - p.routed_active) * b  # non-routed bytes, all read per token
+    gpu_shared = min(shared, room)
+    routed_stored = p.routed_experts * b
+    f = min(1.0, (room - gpu_shared) / routed_stored) if routed_stored else 0.0
+    gpu_bytes = gpu_shared + f * p.routed_active * b + kv
+    cpu_bytes = (shared - gpu_shared) + (1.0 - f) * p.routed_active * b
+    seconds = gpu_bytes / (gpu_bandwidth_gbs * 1e9) + cpu_bytes / (cpu_bandwidth_gbs * 1e9)
+    gpu_resident = gpu_shared + f * routed_stored
+    return {
+        "tokens_per_s": 1.0 / seconds,
+        "gpu_bytes": gpu_bytes,
+        "cpu_bytes": cpu_bytes,
+        "gpu_resident_bytes": gpu_resident,
+        "cpu_resident_bytes": p.total * b - gpu_resident,
+        "expert_fraction_on_gpu": f,
+    }
+
+
 def arch_from_config(cfg: ModelConfig, name: str = "config") -> Arch:
     """The calculator's view of a moelab model config (counts equal ``count_params``)."""
     if cfg.layer_ffn_hidden and len(set(cfg.layer_ffn_hidden)) > 1:
@@ -448,4 +500,5 @@ __all__ = [
     "replace",
     "report",
     "resolve",
+    "split_tokens_per_s",
 ]

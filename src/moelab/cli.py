@@ -952,9 +952,10 @@ def _run_study(args: argparse.Namespace) -> int:
     from moelab.studies import CATALOG, STUDIES, run_study
 
     if args.list:
+        width = max(map(len, CATALOG))
         for name, line in CATALOG.items():
             mark = "" if name in STUDIES else " [not implemented]"
-            print(f"{name:18s} {line}{mark}")
+            print(f"{name:{width}s}  {line}{mark}")
         return 0
     if not args.name:
         raise UserError("moelab study needs a NAME or --list")

@@ -23,6 +23,8 @@ _MODULES = (
     "sqrt_rule",
     "data_hunger",
     "sparsity",
+    "swarm",
+    "hybrid_inference",
 )
 for _m in _MODULES:
     importlib.import_module(f"moelab.studies.{_m}")
