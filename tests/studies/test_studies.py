@@ -98,6 +98,10 @@ def test_study_smoke(name, tmp_path):
     for arm in d["arms"].values():
         assert len(arm["per_seed"]["val_loss"]) == 2
         assert 0 < arm["mean"]["val_loss"] < 20
+    if name == "routers":  # the router metrics; expert choice is balanced by construction
+        assert all({"load_cv", "dead_experts", "drop_rate", "tokens_per_s"} <= set(a["mean"]) for a in d["arms"].values())
+        assert d["arms"]["expert_choice"]["mean"]["load_cv"] < 1e-9 < d["arms"]["topk"]["mean"]["load_cv"]
+    assert d["plots"] and all((tmp_path / "docs" / p).is_file() for p in d["plots"])
     index = (tmp_path / "docs" / "README.md").read_text()
     assert f"[{name}]({name}.md)" in index
     assert "Verdict:" in (tmp_path / "docs" / f"{name}.md").read_text()

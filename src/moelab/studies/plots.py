@@ -28,3 +28,22 @@ def save(fig: Any, path: Path, dpi: int = 110) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def arm_bars(arms: dict[str, dict[str, Any]], metrics: list[str], path: Path, title: str = "") -> None:
+    """One panel per metric: a bar per arm, mean ± std over seeds (the default figure of a study
+    that compares arms on a few scalars). Loss panels zoom on the range the arms span."""
+    fig, axes = subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1.5, 3.8), squeeze=False)
+    names = list(arms)
+    for ax, metric in zip(axes[0], metrics):
+        means = [arms[a]["mean"].get(metric, float("nan")) for a in names]
+        stds = [arms[a]["std"].get(metric, 0.0) for a in names]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        finite = [m for m in means if m == m]
+        if metric.endswith("loss") and finite:
+            ax.set_ylim(min(finite) - 0.3, max(finite) + 0.2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save(fig, path)

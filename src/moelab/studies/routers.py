@@ -1,7 +1,10 @@
 """Study ``routers``: every registered router family at equal budget.
 
 Claim (seed note 004, DeepSeek-V3): aux-loss-free balancing (``sigmoid_bias``) reaches a lower
-validation loss than softmax top-k with a balance loss. Every router also reports tokens/s.
+validation loss than softmax top-k with a balance loss. Every router also reports its training
+tokens/s and, on held-out batches after training, its load balance: the coefficient of variation
+of the experts' loads (std / mean, 0 = balanced), the dead experts (under a tenth of the uniform
+share) and the drop rate, each a mean over MoE layers.
 """
 
 from __future__ import annotations
@@ -9,10 +12,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from moelab.config import MoEConfig, RouterConfig
+from moelab.moe.stats import RoutingStats
 from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
 
 FULL_STEPS = 150  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+HEALTH_BATCHES = 8  # held-out batches the load statistics are measured on
+DEAD_SHARE = 0.1  # an expert is dead below this fraction of the uniform share 1/E
 
 
 def _arms(model):
@@ -44,14 +52,42 @@ def _speed(trainer) -> dict[str, float]:
     return {"tokens_per_s": float(train[-1].get("tokens_per_s", 0.0))} if train else {}
 
 
+@torch.no_grad()
+def held_out_routing(trainer) -> dict[str, float]:
+    """Load CV, dead experts per layer and drop rate on held-out batches (means over MoE layers)."""
+    model = trainer.model
+    model.eval()
+    stats = RoutingStats({})
+    for b in trainer.val_batches[:HEALTH_BATCHES]:
+        stats = stats + RoutingStats.from_routing(model(b.input_ids.to(trainer.device), return_routing=True).routing)
+    layers = list(stats.layers.values())
+    if not layers:
+        return {}
+    cv, dead = [], []
+    for s in layers:
+        load = s.load.double()
+        cv.append(float(load.std(unbiased=False) / load.mean().clamp_min(1e-12)))
+        dead.append(float((s.load_fraction < DEAD_SHARE / load.numel()).sum()))
+    n = len(layers)
+    return {"load_cv": sum(cv) / n, "dead_experts": sum(dead) / n, "drop_rate": sum(s.drop_rate for s in layers) / n}
+
+
+def _metrics(trainer) -> dict[str, float]:
+    return {**_speed(trainer), **held_out_routing(trainer)}
+
+
 @STUDIES.register("routers")
 def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     base = base_run(budget, FULL_STEPS)
-    res = train_arms(base, _arms(base.model), seeds, out, extra=_speed)
+    res = train_arms(base, _arms(base.model), seeds, out, extra=_metrics)
     return arm_comparison(
         "routers",
         claim="aux-loss-free sigmoid_bias routing reaches lower validation loss than top-k with a balance loss",
-        method="one MoE per router (switch at k=1, the rest at the base k); same data, steps and seeds",
+        method=(
+            "one MoE per router (switch at k=1, the rest at the base k); same data, steps and seeds; load CV, "
+            f"dead experts (< {DEAD_SHARE:g}/E of the assignments) and drop rate on {HEALTH_BATCHES} held-out "
+            "batches after training, means over MoE layers; tokens/s of the last training steps"
+        ),
         budget=budget,
         seeds=seeds,
         base=base,
