@@ -165,14 +165,16 @@ def _add_output_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--family", metavar="MODEL_TYPE", help="Hugging Face family for --to hf (default: the one that fits)")
 
 
-def _write_model(model, args: argparse.Namespace) -> None:
-    from moelab.convert.hf import export_hf, save_moelab
+def _write_model(model, args: argparse.Namespace, src: str) -> None:
+    """Write ``model`` to ``args.out`` as ``args.to`` with the tokenizer of folder ``src`` beside it."""
+    from moelab.convert.hf import copy_tokenizer, export_hf, save_moelab
 
     if args.to == "hf":
         export_hf(model, args.out, family=args.family)
     else:
         save_moelab(model, args.out)
-    print(f"wrote {args.to} folder {args.out}")
+    copied = copy_tokenizer(src, args.out, args.to)
+    print(f"wrote {args.to} folder {args.out}" + (f" (with {', '.join(copied)})" if copied else ""))
 
 
 def _byte_batches(path: str, vocab_size: int, seq_len: int, count: int, seed: int, offset: int = 0):
@@ -216,7 +218,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     model = load_any(args.src)
     args.to = args.to or ("moelab" if is_hf_folder(args.src) else "hf")
     args.out = args.dst
-    _write_model(model, args)
+    _write_model(model, args, args.src)
     return 0
 
 
@@ -254,7 +256,7 @@ def _run_upcycle(args: argparse.Namespace) -> int:
     )
     model = upcycle(load_any(args.ckpt), moe, args.granularity, args.noise, args.router_init, args.seed)
     print(f"upcycled: MoE layers {model.cfg.moe_layers}, {args.experts} experts of hidden {model.cfg.moe.expert_hidden}")
-    _write_model(model, args)
+    _write_model(model, args, args.ckpt)
     return 0
 
 
@@ -294,7 +296,7 @@ def _run_moefy(args: argparse.Namespace) -> int:
     if args.out:
         from moelab.convert.moefy import moefy
 
-        _write_model(with_top_k(moefy(dense, calib, args.experts, args.top_k, args.split, args.router, args.seed), args.top_k), args)
+        _write_model(with_top_k(moefy(dense, calib, args.experts, args.top_k, args.split, args.router, args.seed), args.top_k), args, args.ckpt)
     return 0
 
 
@@ -315,7 +317,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     counts = None
     if args.data:
         counts = expert_counts(model, _byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
-    _write_model(merge_similar(model, args.experts, counts, args.by), args)
+    _write_model(merge_similar(model, args.experts, counts, args.by), args, args.ckpt)
     return 0
 
 
@@ -337,7 +339,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     for layer, c in counts.items():
         gone = sorted(set(range(len(c))) - set(keep[layer]))
         print(f"layer {layer}: removing experts {gone} (tokens {[int(c[e]) for e in gone]})")
-    _write_model(prune_experts(model, keep), args)
+    _write_model(prune_experts(model, keep), args, args.ckpt)
     return 0
 
 

@@ -88,3 +88,29 @@ def test_moefy_reports_losses(dense_dir, capsys) -> None:
 def test_convert_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert "is not a moelab model folder" in capsys.readouterr().err
+
+
+def test_written_folders_carry_the_tokenizer_and_generate_from_them(tmp_path, capsys) -> None:
+    """upcycle → convert keep the source's tokenizer, so `moelab generate` runs on what they wrote."""
+    from moelab.data.tokenizer import BytesTokenizer, train_bpe
+
+    model = Transformer(ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=64))
+    save_moelab(model, tmp_path / "dense")
+    BytesTokenizer().save(tmp_path / "dense")
+    assert main(["upcycle", str(tmp_path / "dense"), "--experts", "4", "--out", str(tmp_path / "moe")]) == 0
+    assert "(with tokenizer.json)" in capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "moe"), "--prompt", "hi", "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("hi")
+    # a bytes tokenizer is moelab's own format: an HF export leaves it out
+    assert main(["convert", str(tmp_path / "moe"), str(tmp_path / "hf"), "--family", "mixtral"]) == 0
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    # a BPE tokenizer.json is a HF file: it goes with the HF export
+    bpe = train_bpe(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=259)
+    bpe.save(tmp_path / "moe")
+    assert main(["convert", str(tmp_path / "moe"), str(tmp_path / "hf2"), "--family", "mixtral"]) == 0
+    assert (tmp_path / "hf2" / "tokenizer.json").read_text() == (tmp_path / "moe" / "tokenizer.json").read_text()
+    assert main(["generate", str(tmp_path / "hf2"), "--prompt", "the fox", "--max-tokens", "3"]) == 0
+    capsys.readouterr()
+    (tmp_path / "moe" / "tokenizer.json").unlink()
+    assert main(["generate", str(tmp_path / "moe"), "--prompt", "hi"]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err

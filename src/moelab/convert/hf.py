@@ -14,6 +14,7 @@ a ``model:`` section, the model part of a training checkpoint.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,39 @@ def export_hf(model: Transformer, path: str | Path, family: str | None = None) -
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path, to: str) -> list[str]:
+    """Copy the tokenizer files of folder ``src`` beside a model written to ``dst``; return their names.
+
+    Why: every conversion keeps the vocabulary, so the written folder is only usable by
+    ``generate``, ``serve`` or ``train --init`` with the source's tokenizer beside it. moelab's
+    bytes tokenizer file is not a Hugging Face file, so a ``to="hf"`` export leaves it out
+    rather than write a ``tokenizer.json`` that ``AutoTokenizer`` cannot read.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir() or src.resolve() == dst.resolve():
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = src / name
+        if not f.is_file():
+            continue
+        if to == "hf" and name == "tokenizer.json" and '"moelab_tokenizer"' in f.read_text(encoding="utf-8")[:200]:
+            continue
+        shutil.copyfile(f, dst / name)
+        copied.append(name)
+    return copied
 
 
 # --------------------------------------------------------------------------- moelab folders

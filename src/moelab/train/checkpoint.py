@@ -339,6 +339,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     pickle-bearing checkpoint.
     """
 
+    if is_model_folder(Path(path)):
+        return _load_model_folder(Path(path), device)
     ckpt = resolve_checkpoint(path)
     model = _encoder_decoder(ckpt)
     if model is None:
@@ -354,6 +356,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     load_weights(model, ckpt, device)
     model.to(device).eval()
     return model, load_tokenizer(ckpt / "tokenizer.json")
+
+
+def is_model_folder(p: Path) -> bool:
+    """A folder of weights without training state, written by ``convert``/``upcycle``/``moefy``/
+    ``merge``/``prune`` (``config.yaml`` + ``model.safetensors``) or a Hugging Face folder.
+
+    Training checkpoints carry ``state.json`` and a completion marker; these folders carry neither
+    (an unmarked training checkpoint is still refused as half-written)."""
+    if not p.is_dir() or (p / MARKER).exists() or (p / "state.json").exists():
+        return False
+    from moelab.convert.hf import is_hf_folder
+
+    return is_hf_folder(p) or ((p / "config.yaml").is_file() and (p / "model.safetensors").is_file())
+
+
+def _load_model_folder(p: Path, device: str | torch.device):
+    from moelab.convert.hf import load_any
+
+    refuse_pickles(p)
+    tok = p / "tokenizer.json"
+    if not tok.is_file():
+        raise UserError(
+            f"{p} has no tokenizer.json: put the tokenizer the model was trained with beside model.safetensors "
+            "(moelab's conversion commands copy it from their source folder)"
+        )
+    model = load_any(p)
+    return model.to(device).eval(), load_tokenizer(tok)
 
 
 def load_training_state(
