@@ -121,6 +121,36 @@ def test_counts_from_config_equal_count_params(moe, tie: bool, mla) -> None:
     assert ours.active == theirs.active + theirs.embedding
 
 
+FAMILY_OPTIONS = {
+    # GPT-2: LayerNorm, GELU, biases everywhere, learned positions
+    "gpt2-like": dict(
+        norm="layernorm", activation="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, positions="learned"
+    ),
+    "qwen2-like": dict(qkv_bias=True),
+    "qwen3-like": dict(qk_norm="head"),
+    "olmoe-like": dict(qk_norm="proj", moe=tiny_moe()),
+    "qwen2-moe-like": dict(qkv_bias=True, moe=tiny_moe(num_shared_experts=1, shared_gate=True)),
+}
+
+
+@pytest.mark.parametrize("options", FAMILY_OPTIONS.values(), ids=FAMILY_OPTIONS.keys())
+def test_counts_and_flops_of_imported_family_options(options) -> None:
+    """Biases, learned positions, q/k norms and a shared-expert gate are counted like the model's
+    own parameters; biases and lookups add no matmul FLOPs."""
+    cfg = tiny_config(**options)
+    model = Transformer(cfg).eval()
+    ours, theirs = count(arch_from_config(cfg)), count_params(model)
+    assert ours.total == theirs.total_with_embedding
+    assert ours.active == theirs.active + theirs.embedding
+    S = 16
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, cfg.vocab_size, (1, S)))
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    weight_matmuls = by_op.get("aten.mm", 0) + by_op.get("aten.addmm", 0)  # addmm: a linear with bias
+    flops = flops_per_token(arch_from_config(cfg), context=S)
+    assert weight_matmuls / S == flops["forward"] - flops["forward_attention"]
+
+
 @pytest.mark.parametrize("mla", [None, tiny_mla(q_lora_rank=10)], ids=["gqa", "mla"])
 @pytest.mark.parametrize("moe", [None, tiny_moe()])
 def test_forward_flops_equal_torch_flop_counter(moe, mla) -> None:

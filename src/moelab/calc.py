@@ -12,9 +12,10 @@ Conventions:
 - ``total`` counts every weight once (a tied head is the embedding). ``active`` counts what one
   token uses: attention, dense FFNs, top-k routed plus shared experts, routers, norms, the input
   embedding table and the LM head (the convention of Mixtral's, Qwen's and OLMoE's published
-  numbers).
+  numbers), plus the options imported families carry: linear biases (GPT-2, Qwen2), a learned
+  position table (GPT-2), q/k norms (Qwen3, OLMoE) and a shared-expert gate (Qwen2-MoE).
 - FLOPs per token: 2 per multiply-accumulate of the active matmul weights (the input embedding
-  is a lookup, not a matmul) plus attention's ``QKᵀ`` and ``AV`` over ``context`` keys:
+  and a position table are lookups, biases and norms are not multiplied) plus attention's ``QKᵀ`` and ``AV`` over ``context`` keys:
   ``2·layers·heads·(d_qk + d_v)·context``. Training is 3× forward (backward = 2× forward).
 - Decode is bandwidth-bound at batch 1: every active weight byte and the whole KV cache are
   read once per token, so tokens/s = bandwidth / bytes per token.
@@ -49,6 +50,10 @@ class Arch:
     tie_embeddings: bool = False
     norm_params: int = 1  # parameters per norm per channel: 1 (RMSNorm) or 2 (LayerNorm with bias)
     qk_norm: str = "none"  # none | head (Qwen3: over head_dim) | full (OLMoE: over all heads)
+    qkv_bias: bool = False  # biases on q/k/v (Qwen2, GPT-2)
+    out_bias: bool = False  # bias on the attention output (GPT-2)
+    mlp_bias: bool = False  # biases in the dense FFN layers (GPT-2)
+    position_rows: int = 0  # rows of a learned position table (GPT-2: its context length); 0 = RoPE
     # MoE
     num_experts: int = 0  # 0 = dense model
     top_k: int = 0
@@ -57,6 +62,7 @@ class Arch:
     shared_hidden: int = 0  # hidden size of one shared expert
     moe_layers: int = 0  # how many layers are MoE (the others are dense)
     router_bias: bool = False  # a per-expert bias (DeepSeek-V3's aux-loss-free balancing)
+    shared_gate: bool = False  # one sigmoid gate row per layer on the shared experts (Qwen2-MoE)
     # MLA (DeepSeek-V2/V3); attention="gqa" ignores these
     attention: str = "gqa"
     q_lora_rank: int = 0
@@ -113,6 +119,8 @@ class Params:
     shared_experts: int
     router: int
     norms: int
+    biases: int = 0  # linear-layer biases: read per token, added, not multiplied
+    positions: int = 0  # learned position table (one row read per token)
 
     @property
     def non_expert(self) -> int:
@@ -141,7 +149,14 @@ def attention_params(a: Arch) -> int:
         return q + kv_a + kv_b + H * a.v_head_dim * D + attention_norm_params(a)
     qkv = D * (H + 2 * a.n_kv_heads) * a.head_dim
     out = H * a.head_dim * D
-    return qkv + out + attention_norm_params(a)
+    return qkv + out + attention_norm_params(a) + attention_bias_params(a)
+
+
+def attention_bias_params(a: Arch) -> int:
+    """Biases of one layer's attention projections (GQA only: MLA has none)."""
+    if a.attention == "mla":
+        return 0
+    return int(a.qkv_bias) * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + int(a.out_bias) * a.d_model
 
 
 def attention_norm_params(a: Arch) -> int:
@@ -157,16 +172,19 @@ def count(a: Arch) -> Params:
     L, D = a.n_layers, a.d_model
     attn = L * attention_params(a)
     n_dense = L - a.moe_layers if a.is_moe else L
-    dense = n_dense * a.mult * D * a.ffn_hidden
+    dense_bias = n_dense * ((a.mult - 1) * a.ffn_hidden + D) if a.mlp_bias else 0
+    dense = n_dense * a.mult * D * a.ffn_hidden + dense_bias
     per_expert = a.mult * D * a.expert_hidden
     routed = a.moe_layers * a.num_experts * per_expert if a.is_moe else 0
     routed_active = a.moe_layers * a.top_k * per_expert if a.is_moe else 0
     shared = a.moe_layers * a.num_shared_experts * a.mult * D * a.shared_hidden if a.is_moe else 0
+    shared += a.moe_layers * D if a.is_moe and a.shared_gate and a.num_shared_experts else 0
     router = a.moe_layers * a.num_experts * (D + int(a.router_bias)) if a.is_moe else 0
     norms = (2 * L + 1) * D * a.norm_params
     embedding = a.vocab_size * D
     head = 0 if a.tie_embeddings else a.vocab_size * D
-    common = attn + dense + shared + router + norms + embedding + head
+    positions = a.position_rows * D
+    common = attn + dense + shared + router + norms + embedding + head + positions
     return Params(
         total=common + routed,
         active=common + routed_active,
@@ -179,19 +197,22 @@ def count(a: Arch) -> Params:
         shared_experts=shared,
         router=router,
         norms=norms,
+        biases=L * attention_bias_params(a) + dense_bias,
+        positions=positions,
     )
 
 
 def _read_per_token(a: Arch) -> int:
-    """Active weights read per token: the input embedding is one row (ignored), a tied head
-    reads the whole table."""
+    """Active weights read per token: the input embedding and a learned position table are one
+    row each (ignored), a tied head reads the whole table."""
     p = count(a)
-    return p.active - p.embedding + (p.embedding if a.tie_embeddings else 0)
+    return p.active - p.embedding - p.positions + (p.embedding if a.tie_embeddings else 0)
 
 
 def flops_per_token(a: Arch, context: int) -> dict[str, float]:
     """Forward and training FLOPs per token with ``context`` keys attended (attention included)."""
-    matmul = _read_per_token(a) - count(a).norms - a.n_layers * attention_norm_params(a)
+    p = count(a)
+    matmul = _read_per_token(a) - p.norms - p.biases - a.n_layers * attention_norm_params(a)
     attn = 2.0 * a.n_layers * a.n_heads * (a.qk_dim + a.v_dim) * context
     forward = 2.0 * matmul + attn
     return {"forward": forward, "forward_attention": attn, "training": 3.0 * forward}
@@ -321,6 +342,12 @@ def arch_from_config(cfg: ModelConfig, name: str = "config") -> Arch:
         activation=cfg.activation,
         tie_embeddings=cfg.tie_embeddings,
         norm_params=1 if cfg.norm == "rmsnorm" else 2,
+        qk_norm={"none": "none", "head": "head", "proj": "full"}[cfg.qk_norm],
+        qkv_bias=cfg.qkv_bias,
+        out_bias=cfg.out_bias,
+        mlp_bias=cfg.mlp_bias,
+        position_rows=cfg.max_seq_len if cfg.positions == "learned" else 0,
+        shared_gate=bool(moe and moe.shared_gate),
         num_experts=moe.num_experts if moe else 0,
         top_k=moe.top_k if moe else 0,
         expert_hidden=moe.expert_hidden if moe else 0,
