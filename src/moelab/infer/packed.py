@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moelab.model.surgery import set_module, weight_modules
 from moelab.moe.experts import Experts, PerExpertModule, activate
 
 
@@ -112,18 +113,20 @@ def pack_for_decode(model: nn.Module, rows_hint: int = 1) -> int:
 
     ``rows_hint`` is the batch oneDNN tunes the layout for (any batch still works).
     """
-    targets: list[tuple[str, nn.Module]] = []
-    for path, mod in model.named_modules():
-        routed = ".router" in f".{path}"
-        if isinstance(mod, Experts) or (isinstance(mod, nn.Linear) and not routed):
-            weight = mod.w_up if isinstance(mod, Experts) else mod.weight
-            if packing_available(weight.dtype, weight.device):
-                targets.append((path, mod))
+    targets = [
+        (path, mod)
+        for path, mod in weight_modules(model)
+        if packing_available(*_weight_dtype_device(mod))
+    ]
     for path, mod in targets:
         new = PackedExperts(mod, rows_hint) if isinstance(mod, Experts) else PackedLinear(mod, rows_hint)  # type: ignore[arg-type]
-        parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
+        set_module(model, path, new)
     return len(targets)
+
+
+def _weight_dtype_device(mod: nn.Module) -> tuple[torch.dtype, torch.device]:
+    weight = mod.w_up if isinstance(mod, Experts) else mod.weight
+    return weight.dtype, weight.device
 
 
 __all__ = ["PackedExperts", "PackedLinear", "pack_for_decode", "packed_bytes", "packing_available"]

@@ -16,25 +16,11 @@ import torch
 from torch import nn
 
 from moelab.errors import UserError
+from moelab.model.surgery import set_module, weight_modules
 from moelab.moe.experts import Experts
 from moelab.quant.experts import QuantExperts
 from moelab.quant.linear import QuantLinear
 from moelab.quant.spec import RECORD_FORMAT, RECORD_VERSION, QuantConfig
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
-
-
-def _targets(model: nn.Module, only: str) -> list[tuple[str, nn.Module]]:
-    """Modules to replace: Experts always; with ``only='all'`` every nn.Linear outside routers."""
-    found: list[tuple[str, nn.Module]] = []
-    for path, mod in model.named_modules():
-        if isinstance(mod, Experts) or (only == "all" and isinstance(mod, nn.Linear) and ".router" not in f".{path}"):
-            found.append((path, mod))
-    return found
 
 
 def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 32, only: str = "experts") -> nn.Module:
@@ -46,7 +32,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 32, only: 
     group sizes or scopes.
     """
     cfg = QuantConfig(bits=bits, group_size=group_size, only=only)
-    targets = _targets(model, cfg.only)
+    targets = weight_modules(model, linears=cfg.only == "all")
     if not targets:
         raise UserError(f"nothing to quantize with only={only!r}: the model has no experts (use only='all')")
     for path, mod in targets:
@@ -54,7 +40,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 32, only: 
             new: nn.Module = QuantExperts.from_experts(mod, cfg.bits, cfg.group_size)
         else:
             new = QuantLinear.from_linear(mod, cfg.bits, cfg.group_size)  # type: ignore[arg-type]
-        _set_module(model, path, new)
+        set_module(model, path, new)
     model.quant_config = cfg  # type: ignore[assignment]
     return model.eval()
 
@@ -83,14 +69,14 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             for e in range(mod.num_experts):
                 experts.w_up[e] = mod.up[e].dequantized_weight()
                 experts.w_down[e] = mod.down[e].dequantized_weight()
-            _set_module(model, path, experts.to(mod.up[0].qweight.device))
+            set_module(model, path, experts.to(mod.up[0].qweight.device))
     for path, mod in list(model.named_modules()):
         if isinstance(mod, QuantLinear):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             lin.weight.copy_(mod.dequantized_weight())
             if mod.bias is not None:
                 lin.bias.copy_(mod.bias)
-            _set_module(model, path, lin.to(mod.qweight.device))
+            set_module(model, path, lin.to(mod.qweight.device))
     if hasattr(model, "quant_config"):
         del model.quant_config
     return model
@@ -152,7 +138,7 @@ def prepare_quantized(model: nn.Module, record: dict[str, Any]) -> nn.Module:
             new = QuantLinear(**args)
         else:
             raise UserError(f"unknown quantized module kind {spec['kind']!r} for {path!r}")
-        _set_module(model, path, new)
+        set_module(model, path, new)
     if record.get("only"):
         model.quant_config = QuantConfig(record["bits"], record["group_size"], record["only"])  # type: ignore[assignment]
     return model
