@@ -21,10 +21,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from moelab.calc import arch_from_config, flops_per_token
 from moelab.config import ModelConfig, RunConfig, to_dict
 from moelab.data.prepare import prepare_data
 from moelab.errors import UserError
 from moelab.hardware import describe
+from moelab.model.encoder_decoder import EncoderDecoder
 from moelab.model.transformer import Transformer
 from moelab.model.twins import count_params, dense_twin
 from moelab.train.logging import read_metrics
@@ -32,8 +34,16 @@ from moelab.train.objective_step import is_plain_causal, objective_of, prepare_t
 from moelab.train.trainer import Trainer
 
 
-def train_flops_per_token(cfg: ModelConfig, active_params: int, seq_len: int) -> float:
-    """Kaplan training FLOPs per token: forward + backward = 3 × forward."""
+def train_flops_per_token(cfg: ModelConfig, active_params: int, seq_len: int, encoder_decoder: bool = False) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward).
+
+    A decoder or encoder: ``moelab calc``'s count (every active matmul, the LM head, attention
+    over ``seq_len`` keys), the same formula the studies use. An encoder–decoder (the ``span``
+    objective), which calc does not describe: Kaplan's 6·(active non-embedding parameters +
+    head) plus 6·layers·seq_len·d_model for attention.
+    """
+    if not encoder_decoder:
+        return flops_per_token(arch_from_config(cfg), seq_len)["training"]
     return 6.0 * (active_params + cfg.d_model * cfg.vocab_size) + 6.0 * cfg.n_layers * seq_len * cfg.d_model
 
 
@@ -114,7 +124,8 @@ def run_compare(
         counts = count_params(trainer.model)
         records = read_metrics(out / name)
         last_train = [r for r in records if r.get("kind") == "train"][-1]
-        fpt = train_flops_per_token(run_cfg.model, counts.active, cfg.data.seq_len)
+        encoder_decoder = isinstance(trainer.model, EncoderDecoder)
+        fpt = train_flops_per_token(run_cfg.model, counts.active, cfg.data.seq_len, encoder_decoder)
         summary["models"][name] = {
             "kind": "moe" if model_cfg.moe is not None else "dense",
             "ffn_hidden": model_cfg.ffn_hidden,
@@ -134,6 +145,7 @@ def run_compare(
             "wall_s": wall,
             "tokens": trainer.tokens_seen,
             "flops_per_token": fpt,
+            "flops_formula": "kaplan-6N (encoder-decoder)" if encoder_decoder else "calc",
             "train_flops": fpt * trainer.tokens_seen,
             "skipped_steps": trainer.bad_total,
             "history": _history(records),

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,18 @@ def test_compare_smoke_writes_report_and_summary(tmp_path, capsys) -> None:
         assert h["val_loss"][-1] < h["val_loss"][0] or h["loss"][-1] < h["loss"][0]
         assert h["loss"][-1] < math.log(summary["data"]["vocab_size"])  # learned something beyond uniform
         assert m["tokens_per_s"] > 0 and m["train_flops"] > 0
+        assert m["flops_formula"] == "calc"  # the formula studies and `moelab calc` use
         assert set(m["val_loss_by_domain"]) >= {"code", "prose", "arithmetic"}
     assert models["moe"]["params_total"] > models["dense_iso_active"]["params_total"]
     assert models["moe"]["params_active"] - models["dense_iso_active"]["params_active"] < 1000  # router only
     assert len(models["moe"]["expert_load"]) == 2 and not models["dense_iso_active"]["expert_load"]
+    from moelab.calc import arch_from_config, flops_per_token
+    from moelab.config import ModelConfig, from_dict
+
+    moe_cfg = from_dict(ModelConfig, summary["config"]["model"])
+    moe_cfg = replace(moe_cfg, vocab_size=summary["data"]["vocab_size"])
+    want = flops_per_token(arch_from_config(moe_cfg), summary["config"]["data"]["seq_len"])["training"]
+    assert models["moe"]["train_flops"] == pytest.approx(want * models["moe"]["tokens"])
     assert summary["verdict"]["moe_minus_dense_iso_active"] == pytest.approx(
         models["moe"]["final_val_loss"] - models["dense_iso_active"]["final_val_loss"]
     )
