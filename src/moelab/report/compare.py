@@ -62,7 +62,7 @@ def make_plots(summary: dict[str, Any]) -> dict[str, str]:
         flops = [t * m["flops_per_token"] for t in h["eval_tokens"]]
         ax.plot(flops, h["val_loss"], "o-", color=COLORS.get(name), label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (6·N_active·tokens + attention)")
+    ax.set_xlabel("training FLOPs (moelab calc: active matmuls + attention, × 3)")
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
