@@ -10,7 +10,8 @@ import re
 import pytest
 
 from moelab.config import DataConfig
-from moelab.data.corpus import CORPORA, load_corpus, split_long
+from moelab.data.corpus import CORPORA, cap_by_domain, load_corpus, split_long
+from moelab.data.document import Document
 from moelab.data.synthetic import GENERATORS, synthetic_documents
 from moelab.errors import UserError
 
@@ -106,11 +107,58 @@ def test_split_long_cuts_at_lines() -> None:
     assert "".join(parts) == text and all(len(p) <= 500 for p in parts)
 
 
+def _doc(i: int, domain: str, lang: str, size: int = 10) -> Document:
+    return Document(f"{domain}-{lang}-{i}", "x" * size, {"domain": domain, "lang": lang})
+
+
+def test_cap_spreads_over_languages_stored_one_after_another() -> None:
+    """A corpus stored language after language must not lose its later languages to the cap."""
+    docs = [_doc(i, "code", "python") for i in range(50)] + [_doc(i, "code", "go") for i in range(50)]
+    docs += [_doc(i, "prose", lang) for lang in ("en", "de", "ja") for i in range(20)]
+    kept = cap_by_domain(docs, max_bytes=200)
+    by = {}
+    for d in kept:
+        key = (d.labels["domain"], d.labels["lang"])
+        by[key] = by.get(key, 0) + len(d.text)
+    assert by == {("code", "python"): 100, ("code", "go"): 100, ("prose", "en"): 70, ("prose", "de"): 70, ("prose", "ja"): 60}
+    assert [docs.index(d) for d in kept] == sorted(docs.index(d) for d in kept)  # original order kept
+
+
+def test_cap_balances_bytes_and_lets_small_buckets_run_out() -> None:
+    docs = [_doc(0, "q", "zh", size=5)] + [_doc(i, "q", "en", size=10) for i in range(10)]
+    docs += [_doc(i, "q", "ru", size=30) for i in range(3)]
+    kept = cap_by_domain(docs, max_bytes=100)
+    langs = [d.labels["lang"] for d in kept]
+    assert langs.count("zh") == 1  # ran out, the others went on
+    assert sum(len(d.text) for d in kept) >= 100 and sum(len(d.text) for d in kept) - 30 < 100
+    assert abs(10 * langs.count("en") - 30 * langs.count("ru")) <= 30
+    one_bucket = [_doc(i, "code", "python") for i in range(10)]
+    assert cap_by_domain(one_bucket, 35) == one_bucket[:4]  # one bucket: the plain in-order cap
+
+
+def test_folder_of_jsonl_skips_its_readme(tmp_path) -> None:
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "uno", "domain": "quotes"}) + "\n")
+    (tmp_path / "README.md").write_text("# about this corpus\n")
+    (tmp_path / "stats.json").write_text("{}")
+    docs = load_corpus(DataConfig(corpus=str(tmp_path)))
+    assert [d.text for d in docs] == ["uno"]
+
+
 @pytest.mark.skipif(not (SHARED_CORPUS / "valid.jsonl.gz").exists(), reason="shared corpus absent")
 def test_shared_corpus_loads_with_labels() -> None:
     docs = load_corpus(DataConfig(corpus=str(SHARED_CORPUS / "valid.jsonl.gz"), max_bytes_per_domain=50_000))
     assert {"code", "manual"} <= {d.labels["domain"] for d in docs}
     assert {"python", "en"} <= {d.labels["lang"] for d in docs}
+
+
+@pytest.mark.skipif(not (SHARED_CORPUS / "train.jsonl.gz").exists(), reason="shared corpus absent")
+def test_capped_shared_corpus_keeps_every_language_and_source() -> None:
+    """The shared corpus is stored bucket by bucket; a cap far below its size still sees all of them."""
+    docs = load_corpus(DataConfig(corpus=str(SHARED_CORPUS), max_bytes_per_domain=200_000))
+    assert {d.labels["lang"] for d in docs} == {"python", "go", "en", "de", "fr", "es", "ru", "ja", "zh"}
+    assert {d.labels["domain"] for d in docs} == {"code", "docs", "manual", "quotes"}
+    assert len({d.labels["source"] for d in docs}) == 6
 
 
 def test_hf_dataset_saved_to_disk(tmp_path) -> None:

@@ -105,6 +105,8 @@ def test_study_smoke(name, tmp_path):
     index = (tmp_path / "docs" / "README.md").read_text()
     assert f"[{name}]({name}.md)" in index
     assert "Verdict:" in (tmp_path / "docs" / f"{name}.md").read_text()
+    assert d["wall_s"] > 0 and d["threads"] >= 1  # how long it took, on how many threads
+    assert f"Wall time {d['wall_s'] / 60:.1f} min" in (tmp_path / "docs" / f"{name}.md").read_text()
     if name == "capacity":  # drops measured per arm: none without a capacity, some at factor 0.5
         arms = d["arms"]
         assert arms["dropless"]["mean"]["drop_rate"] == 0.0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import gzip
+import heapq
 import io
 import json
 import os
@@ -92,16 +93,34 @@ def _docs(doc_id: str, text: str, labels: dict[str, str]) -> list[Document]:
 
 
 def cap_by_domain(docs: list[Document], max_bytes: int) -> list[Document]:
-    """Keep documents in order until each ``domain`` label holds ``max_bytes`` characters."""
-    used: dict[str, int] = {}
-    out = []
-    for d in docs:
+    """Keep about ``max_bytes`` characters of each ``domain`` label, spread evenly over its sub-buckets.
+
+    A domain's documents fall into buckets by their other labels (``lang``, ``source``, ...).
+    Corpora are often stored bucket after bucket (all Python code, then all Go code), so keeping
+    documents in file order until the cap is hit would silently drop every later language or
+    source. Instead each pick takes the next document of the domain's bucket that holds the
+    fewest characters so far (ties: the bucket seen first), until the domain reaches
+    ``max_bytes``; a bucket that runs out stops competing. The kept documents keep their
+    original order. With one bucket per domain this is the plain in-order cap.
+    """
+    buckets: dict[str, dict[tuple[tuple[str, str], ...], list[int]]] = {}
+    for i, d in enumerate(docs):
         dom = d.labels.get("domain", "text")
-        if used.get(dom, 0) >= max_bytes:
-            continue
-        used[dom] = used.get(dom, 0) + len(d.text)
-        out.append(d)
-    return out
+        key = tuple(sorted((k, v) for k, v in d.labels.items() if k != "domain"))
+        buckets.setdefault(dom, {}).setdefault(key, []).append(i)
+    keep: list[int] = []
+    for by_key in buckets.values():
+        queues = list(by_key.values())
+        heap = [(0, b, 0) for b in range(len(queues))]  # (characters taken, bucket, next position)
+        used = 0
+        while used < max_bytes and heap:
+            taken, b, pos = heapq.heappop(heap)
+            i = queues[b][pos]
+            keep.append(i)
+            used += len(docs[i].text)
+            if pos + 1 < len(queues[b]):
+                heapq.heappush(heap, (taken + len(docs[i].text), b, pos + 1))
+    return [docs[i] for i in sorted(keep)]
 
 
 # ----------------------------------------------------------------------------- files
@@ -153,16 +172,21 @@ def load_files(path: Path) -> list[Document]:
     """Documents from a ``.txt`` file, a JSONL(.gz) file, or every such file under a folder.
 
     In a folder, a file's first sub-folder names its ``domain`` (``data/code/a.py`` → ``code``).
+    A folder that holds JSONL files is a JSONL corpus: the other files beside them (a README,
+    statistics) describe the data and are not read as documents.
     """
     if not path.exists():
         raise UserError(f"corpus path {str(path)!r} does not exist (give a .txt/.jsonl file, a folder, or a name)")
     skips = SkipCounter(f"corpus {path}")
     docs: list[Document] = []
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    jsonl_only = len(files) > 1 and any(_is_jsonl(f) for f in files)
     for f in files:
         rel = f.name if f == path else str(f.relative_to(path))
         if _is_jsonl(f):
             docs.extend(_read_jsonl(f, skips, rel))
+            continue
+        if jsonl_only:  # documentation beside the data, by design: no warning
             continue
         if f != path and not f.name.endswith(TEXT_SUFFIXES):
             skips.skip("files with other suffixes")

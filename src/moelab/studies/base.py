@@ -11,10 +11,13 @@ import json
 import math
 import shutil
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from moelab.config import ModelConfig, RunConfig, run_preset
 from moelab.errors import UserError
@@ -61,6 +64,8 @@ class StudyResult:
     numbers: dict[str, Any] = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
     command: str = ""
+    wall_s: float | None = None  # set by run_study: how long the whole study took
+    threads: int | None = None  # torch threads it ran with
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -262,7 +267,13 @@ def eval_points(metrics: Path) -> list[tuple[float, float]]:
 
 
 def data_label(base: RunConfig) -> str:
-    return f"{base.data.corpus} (tokenizer {base.data.tokenizer})"
+    """Which corpus a study used, as a reader of the page finds it (the shared corpus by its
+    place beside the repository, not this machine's absolute path)."""
+    corpus = base.data.corpus
+    shared = shared_corpus()
+    if shared is not None and Path(corpus).expanduser().resolve() == shared.resolve():
+        corpus = "../shared/corpus"
+    return f"{corpus} (tokenizer {base.data.tokenizer})"
 
 
 def write_study(res: StudyResult, docs: Path) -> None:
@@ -298,6 +309,9 @@ def write_study(res: StudyResult, docs: Path) -> None:
     lines += ["", f"**Verdict: {res.verdict}** ({res.verdict_reason})", ""]
     lines += [f"![{p}]({p})" for p in res.plots]
     lines += ["", "Command:", "", f"    {res.command}", ""]
+    if res.wall_s is not None:
+        threads = f"{res.threads} torch thread" + ("s" if res.threads != 1 else "")
+        lines += [f"Wall time {res.wall_s / 60:.1f} min with {threads}.", ""]
     (docs / f"{res.name}.md").write_text("\n".join(lines), encoding="utf-8")
     write_index(docs)
 
@@ -367,7 +381,9 @@ def run_study(
         raise UserError(f"study {name!r} is not implemented yet (see `moelab study --list`)")
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
+    start = time.perf_counter()
     res = STUDIES[name](budget=budget, seeds=list(range(seeds)), out=Path(out) / name)
+    res.wall_s, res.threads = round(time.perf_counter() - start, 1), torch.get_num_threads()
     res.command = command or f"moelab study {name} --budget {budget} --seeds {seeds}"
     write_study(res, Path(docs))
     return res
