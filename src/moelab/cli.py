@@ -946,6 +946,10 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
     p.add_argument("--out", default="runs/studies", metavar="DIR", help="where the runs go")
     p.add_argument("--docs", default="docs/studies", metavar="DIR", help="where NAME.md, NAME.json and README.md go")
+    p.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="train N runs side by side, each on threads/N torch threads (tiny models: faster than threads)",
+    )  # fmt: skip
 
 
 @command("study", "reproduce a claim about MoE: train arms over seeds, write docs/studies/NAME.md + .json", _add_study_args)
@@ -961,8 +965,8 @@ def _run_study(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise UserError("moelab study needs a NAME or --list")
-    cmd = f"moelab study {args.name} --budget {args.budget} --seeds {args.seeds}"
-    res = run_study(args.name, args.budget, args.seeds, out=args.out, docs=args.docs, command=cmd)
+    cmd = f"moelab study {args.name} --budget {args.budget} --seeds {args.seeds}" + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+    res = run_study(args.name, args.budget, args.seeds, out=args.out, docs=args.docs, command=cmd, jobs=args.jobs)
     print(f"{res.name}: {res.verdict} ({res.verdict_reason}); wrote {args.docs}/{res.name}.md")
     return 0
 

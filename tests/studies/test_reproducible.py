@@ -59,3 +59,24 @@ def test_smoke_study_twice_writes_identical_numbers(tmp_path):
         run_study("placement", "smoke", 2, out=tmp_path / f"runs{i}", docs=tmp_path / f"docs{i}")
         runs.append(json.loads((tmp_path / f"docs{i}" / "placement.json").read_text()))
     assert runs[0]["arms"] == runs[1]["arms"] and runs[0]["verdict_reason"] == runs[1]["verdict_reason"]
+
+
+def test_runs_side_by_side_give_the_sequential_numbers(tmp_path):
+    """--jobs 2 trains the (arm, seed) runs in two one-thread worker processes: the numbers equal a
+    sequential one-thread run, and the page says how it ran."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run_study("placement", "smoke", 2, out=tmp_path / "seq", docs=tmp_path / "d_seq")
+        torch.set_num_threads(2)
+        run_study("placement", "smoke", 2, out=tmp_path / "par", docs=tmp_path / "d_par", jobs=2)
+    finally:
+        torch.set_num_threads(before)
+    seq = json.loads((tmp_path / "d_seq" / "placement.json").read_text())
+    par = json.loads((tmp_path / "d_par" / "placement.json").read_text())
+    assert seq["arms"] == par["arms"] and seq["numbers"] == par["numbers"]
+    assert (par["jobs"], par["threads"]) == (2, 1) and (seq["jobs"], seq["threads"]) == (1, 1)
+    assert "2 runs side by side of 1 torch thread each" in (tmp_path / "d_par" / "placement.md").read_text()
+    assert all((tmp_path / "par" / "placement" / arm / "seed1" / "metrics.jsonl").is_file() for arm in par["arms"])

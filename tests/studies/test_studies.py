@@ -33,6 +33,8 @@ def test_list_shows_every_study_and_unknown_is_one_line_error(tmp_path):
     assert len({line.index(CATALOG[line.split()[0]]) for line in lines}) == 1  # one aligned column
     r = study_cli("no-such-study", cwd=tmp_path)
     assert r.returncode == 2 and "unknown study" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = study_cli("placement", "--jobs", "0", cwd=tmp_path)
+    assert r.returncode == 2 and "--jobs must be >= 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 EXPECTED_ARMS = {

@@ -65,7 +65,8 @@ class StudyResult:
     plots: list[str] = field(default_factory=list)
     command: str = ""
     wall_s: float | None = None  # set by run_study: how long the whole study took
-    threads: int | None = None  # torch threads it ran with
+    threads: int | None = None  # torch threads per run
+    jobs: int | None = None  # runs trained side by side (``--jobs``)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -183,6 +184,28 @@ def base_run(budget: str, full_steps: int = 200) -> RunConfig:
     return replace(cfg, data=data, train=train)
 
 
+JOBS: dict[str, int] = {"jobs": 1, "threads": 1}  # set by run_study: runs side by side, threads each
+
+
+def train_one(spec: Any, data: Any, extra: Callable | None = None) -> tuple[dict[str, float], dict[str, list[float]], dict]:
+    """Train one (arm, seed) run of :func:`train_arms` on prepared ``data``; returns its numbers,
+    its held-out curve (tokens, FLOPs, loss at every evaluation) and its loss per label value."""
+    from moelab.calc import arch_from_config, flops_per_token
+    from moelab.train.trainer import Trainer
+
+    base = spec.base
+    run = replace(base, name=f"{spec.arm}-s{spec.seed}", model=spec.model, train=replace(base.train, seed=spec.seed))
+    trainer = Trainer(run, spec.run_dir, data=data)
+    res = trainer.train()
+    fpt = flops_per_token(arch_from_config(spec.model), base.data.seq_len)["training"]
+    vals = {"val_loss": res.loss, "tokens": float(trainer.tokens_seen), "train_flops": fpt * trainer.tokens_seen}
+    if extra is not None:
+        vals.update(extra(trainer))
+    pts = eval_points(trainer.run_dir / "metrics.jsonl")
+    curve = {"tokens": [t for t, _ in pts], "flops": [fpt * t for t, _ in pts], "val_loss": [v for _, v in pts]}
+    return vals, curve, res.loss_by
+
+
 def train_arms(
     base: RunConfig,
     arms: dict[str, ModelConfig],
@@ -203,42 +226,33 @@ def train_arms(
     """
     if by_label is None:
         by_label = base.name != "smoke"
-    from moelab.calc import arch_from_config, flops_per_token
     from moelab.data.prepare import prepare_data
-    from moelab.train.trainer import Trainer
+    from moelab.studies.parallel import RunSpec, parallel_ok, run_parallel
 
     base, data = prepare_data(base)
+    specs = [
+        RunSpec(arm, seed, replace(model_cfg, vocab_size=data.tokenizer.vocab_size), base, out / arm / f"seed{seed}")
+        for arm, model_cfg in arms.items()
+        for seed in seeds
+    ]
+    if parallel_ok(extra, JOBS["jobs"], len(specs)):
+        outcomes = run_parallel(specs, base, JOBS["jobs"], JOBS["threads"])
+    else:
+        outcomes = [train_one(spec, data, extra) for spec in specs]
     result: dict[str, dict[str, Any]] = {}
-    for arm, model_cfg in arms.items():
-        model_cfg = replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
+    for arm in arms:
         per_seed: dict[str, list[float]] = {}
         curve_list: list[dict[str, list[float]]] = []
         labels: dict[str, dict[str, list[float]]] = {}
-        for seed in seeds:
-            run = replace(base, name=f"{arm}-s{seed}", model=model_cfg, train=replace(base.train, seed=seed))
-            trainer = Trainer(run, out / arm / f"seed{seed}", data=data)
-            res = trainer.train()
-            fpt = flops_per_token(arch_from_config(model_cfg), base.data.seq_len)["training"]
-            vals = {
-                "val_loss": res.loss,
-                "tokens": float(trainer.tokens_seen),
-                "train_flops": fpt * trainer.tokens_seen,
-            }
-            if extra is not None:
-                vals.update(extra(trainer))
+        for spec, (vals, curve, loss_by) in zip(specs, outcomes):
+            if spec.arm != arm:
+                continue
             if curves:
-                pts = eval_points(trainer.run_dir / "metrics.jsonl")
-                curve_list.append(
-                    {
-                        "tokens": [t for t, _ in pts],
-                        "flops": [fpt * t for t, _ in pts],
-                        "val_loss": [v for _, v in pts],
-                    }
-                )
+                curve_list.append(curve)
             for k, v in vals.items():
                 per_seed.setdefault(k, []).append(float(v))
             if by_label:
-                for name, by_value in res.loss_by.items():
+                for name, by_value in loss_by.items():
                     for value, loss in by_value.items():
                         labels.setdefault(name, {}).setdefault(str(value), []).append(float(loss))
         result[arm] = arm_summary(per_seed)
@@ -311,6 +325,8 @@ def write_study(res: StudyResult, docs: Path) -> None:
     lines += ["", "Command:", "", f"    {res.command}", ""]
     if res.wall_s is not None:
         threads = f"{res.threads} torch thread" + ("s" if res.threads != 1 else "")
+        if (res.jobs or 1) > 1:
+            threads = f"{res.jobs} runs side by side of {threads} each"
         lines += [f"Wall time {res.wall_s / 60:.1f} min with {threads}.", ""]
     (docs / f"{res.name}.md").write_text("\n".join(lines), encoding="utf-8")
     write_index(docs)
@@ -374,16 +390,27 @@ def run_study(
     out: Path | str = "runs/studies",
     docs: Path | str = "docs/studies",
     command: str = "",
+    jobs: int = 1,
 ) -> StudyResult:
+    """Run study ``name`` and write its page. ``jobs`` > 1 trains that many (arm, seed) runs side
+    by side, each on ``torch.get_num_threads() // jobs`` threads (runs with a probe stay
+    sequential); the numbers equal a sequential run with that many threads per run."""
     if name not in CATALOG:
         raise UserError(f"unknown study {name!r}: see `moelab study --list`")
     if name not in STUDIES:
         raise UserError(f"study {name!r} is not implemented yet (see `moelab study --list`)")
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}")
+    threads = max(1, torch.get_num_threads() // jobs) if jobs > 1 else torch.get_num_threads()
+    JOBS.update(jobs=jobs, threads=threads)
     start = time.perf_counter()
-    res = STUDIES[name](budget=budget, seeds=list(range(seeds)), out=Path(out) / name)
-    res.wall_s, res.threads = round(time.perf_counter() - start, 1), torch.get_num_threads()
+    try:
+        res = STUDIES[name](budget=budget, seeds=list(range(seeds)), out=Path(out) / name)
+    finally:
+        JOBS.update(jobs=1, threads=1)
+    res.wall_s, res.threads, res.jobs = round(time.perf_counter() - start, 1), threads, jobs
     res.command = command or f"moelab study {name} --budget {budget} --seeds {seeds}"
     write_study(res, Path(docs))
     return res
