@@ -142,6 +142,8 @@ def copy_tokenizer(src: str | Path, dst: str | Path, to: str) -> list[str]:
     bytes tokenizer file is not a Hugging Face file, so a ``to="hf"`` export leaves it out
     rather than write a ``tokenizer.json`` that ``AutoTokenizer`` cannot read.
     """
+    from moelab.data.tokenizer import is_bytes_tokenizer_file
+
     src, dst = Path(src), Path(dst)
     if not src.is_dir() or src.resolve() == dst.resolve():
         return []
@@ -150,7 +152,7 @@ def copy_tokenizer(src: str | Path, dst: str | Path, to: str) -> list[str]:
         f = src / name
         if not f.is_file():
             continue
-        if to == "hf" and name == "tokenizer.json" and '"moelab_tokenizer"' in f.read_text(encoding="utf-8")[:200]:
+        if to == "hf" and name == "tokenizer.json" and is_bytes_tokenizer_file(f):
             continue
         shutil.copyfile(f, dst / name)
         copied.append(name)

@@ -254,7 +254,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"tokenizer file {str(p)!r} is not valid JSON: {exc}") from None
-    if isinstance(data, dict) and data.get("moelab_tokenizer") == "bytes":
+    if _is_bytes_spec(data):
         return BytesTokenizer(data.get("extra_specials", ()))
     from tokenizers import Tokenizer as _Tok
 
@@ -268,11 +268,25 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def tokenizer_from_json(text: str) -> Tokenizer:
     """A tokenizer from the text of a ``tokenizer.json``."""
     data = json.loads(text)
-    if isinstance(data, dict) and data.get("moelab_tokenizer") == "bytes":
+    if _is_bytes_spec(data):
         return BytesTokenizer(data.get("extra_specials", ()))
     from tokenizers import Tokenizer as _Tok
 
     return HFTokenizer(_Tok.from_str(text))
+
+
+def _is_bytes_spec(data: object) -> bool:
+    """``data`` (a parsed ``tokenizer.json``) is moelab's bytes tokenizer, not a HF file."""
+    return isinstance(data, dict) and data.get("moelab_tokenizer") == "bytes"
+
+
+def is_bytes_tokenizer_file(path: str | Path) -> bool:
+    """Whether the ``tokenizer.json`` at ``path`` is moelab's bytes tokenizer (a file that is not
+    valid JSON is not)."""
+    try:
+        return _is_bytes_spec(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 __all__ = [
@@ -283,6 +297,7 @@ __all__ = [
     "BytesTokenizer",
     "HFTokenizer",
     "Tokenizer",
+    "is_bytes_tokenizer_file",
     "load_tokenizer",
     "sentinel_token",
     "tokenizer_from_json",
