@@ -239,14 +239,15 @@ def train_arms(
         outcomes = run_parallel(specs, base, JOBS["jobs"], JOBS["threads"])
     else:
         outcomes = [train_one(spec, data, extra) for spec in specs]
+    by_arm: dict[str, list[tuple[Any, ...]]] = {arm: [] for arm in arms}
+    for spec, outcome in zip(specs, outcomes):
+        by_arm[spec.arm].append(outcome)  # seed order kept
     result: dict[str, dict[str, Any]] = {}
-    for arm in arms:
+    for arm, runs in by_arm.items():
         per_seed: dict[str, list[float]] = {}
         curve_list: list[dict[str, list[float]]] = []
         labels: dict[str, dict[str, list[float]]] = {}
-        for spec, (vals, curve, loss_by) in zip(specs, outcomes):
-            if spec.arm != arm:
-                continue
+        for vals, curve, loss_by in runs:
             if curves:
                 curve_list.append(curve)
             for k, v in vals.items():
