@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from moelab.cache import cache_dir
 from moelab.config import DataConfig
 from moelab.data.document import Document
 from moelab.data.synthetic import synthetic_documents
@@ -43,14 +44,6 @@ CORPORA: Registry[CorpusFn] = Registry("corpus")
 
 MAX_DOC_CHARS = 16_000  # longer texts are cut at line breaks: keeps batches mixed and the split fine-grained
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
-
-
-def cache_dir() -> Path:
-    """Where built corpora are cached: ``$MOELAB_CACHE`` or ``~/.cache/moelab`` (documented env var)."""
-    root = os.environ.get("MOELAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moelab"
-    )
-    return Path(root)
 
 
 class SkipCounter:

@@ -59,7 +59,7 @@ class SafetensorsStore:
     Tensor names follow moelab's state dicts: ``blocks.{layer}.ffn.experts.w_up`` / ``w_down``
     (stacked), or, for a checkpoint written by ``moelab quantize``,
     ``blocks.{layer}.ffn.experts.up.{e}.qweight`` / ``.scales`` (int8) or ``.scales_zeros`` (int4).
-    Quantized int4 weights are stored as plain nibbles, so they are packed for the device's
+    Quantized weights are stored in their plain form, so they are packed for the device's
     kernel after each fetch (``needs_prepare``).
     """
 

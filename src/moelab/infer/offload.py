@@ -113,7 +113,7 @@ class LayerExpertCache:
         self.policy, self.store, self.device, self.stats = policy, store, torch.device(device), stats
         self.expert_bytes = expert_bytes
         self.stream = stream  # CUDA side stream for prefetch copies, or None
-        self.prepare = prepare  # applied on the device after each copy (int4 packing from disk)
+        self.prepare = prepare  # applied on the device after each copy (packing for the kernel, from disk)
         self.slots: dict[int, tuple[Payload, object]] = {}  # expert → (payload on the device, event)
         self.unused_prefetch: set[int] = set()
         for e in policy.initial()[:capacity]:
@@ -229,14 +229,9 @@ class QuantExpertRunner(ExpertRunner):
         self.up, self.down = shell(experts.up[0]), shell(experts.down[0])
 
     def prepare(self, payload: Payload) -> Payload:
-        """Plain int4 nibbles read from a checkpoint → the device kernel's layout (int8: as is)."""
-        if self.up.bits == 8:
-            return payload
-        from moelab.quant import kernels
-        from moelab.quant.linear import unpack_nibbles
-
+        """Weights in their stored form, read from a checkpoint → the device kernel's layout."""
         uq, us, dq, ds = payload
-        return (kernels.pack_int4(unpack_nibbles(uq), self.device), us, kernels.pack_int4(unpack_nibbles(dq), self.device), ds)
+        return (self.up.kernel_layout(uq, self.device), us, self.down.kernel_layout(dq, self.device), ds)
 
     def __call__(self, payload: Payload, x_nD: Tensor) -> Tensor:
         uq, us, dq, ds = payload

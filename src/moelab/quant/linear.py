@@ -6,9 +6,10 @@ Buffers (what ``state_dict`` holds; safetensors-friendly, device-independent):
   byte j, 2j+1 in the high one) and ``scales_zeros`` ``[Kp/group, Np, 2]``.
 - ``bias`` ``[N]`` when the layer had one.
 
-In memory an int4 ``qweight`` is kept in the layout of its device's kernel (same shape and
-size; the layouts are private to each kernel): a state-dict hook turns it back into plain
-nibbles on save, a load pre-hook packs on load, and a first call on another device repacks.
+In memory ``qweight`` is kept in the layout of the kernel that runs on its device (the layouts
+are private to each kernel, see ``moelab.quant.kernels``; ``layout`` names it, None = plain): a
+state-dict hook turns it back into the plain form on save, a load pre-hook makes it plain on
+load, and the first call on a device packs (or repacks) it.
 Floating buffers follow ``model.to(dtype)``; the kernel runs in the scales' dtype (x is cast to
 it and the output cast back to x's dtype).
 
@@ -63,9 +64,9 @@ class QuantLinear(nn.Module):
             self.n_padded = round_up(out_features, INT4_N_MULTIPLE)
             self.register_buffer("qweight", torch.zeros(self.n_padded, self.k_padded // 2, dtype=torch.uint8))
             self.register_buffer("scales_zeros", torch.zeros(self.k_padded // group_size, self.n_padded, 2))
-            self.layout: str | None = None  # device type qweight is packed for; None = plain nibbles
-            self.register_state_dict_post_hook(_int4_state_dict_hook)
-            self.register_load_state_dict_pre_hook(_int4_load_hook)
+        self.layout: str | None = None  # the kernel qweight is packed for (kernels.WeightKernel.name); None = plain
+        self.register_state_dict_post_hook(_plain_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_plain_load_hook)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @property
@@ -95,29 +96,44 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 32) -> QuantLinear:
         return cls.from_weight(linear.weight.detach(), bits, group_size, linear.bias)
 
-    # ------------------------------------------------------------------ int4 layouts
+    # ------------------------------------------------------------------ layouts
+
+    @property
+    def rows(self) -> int:
+        """Rows of the stored weight (int4 pads N to a multiple of 16)."""
+        return self.out_features if self.bits == 8 else self.n_padded
+
+    @property
+    def plain_shape(self) -> tuple[int, int]:
+        """Shape of the stored weight: int8 ``[N, Kp]``, int4 ``[Np, Kp/2]``."""
+        return (self.rows, self.k_padded if self.bits == 8 else self.k_padded // 2)
 
     def plain_qweight(self) -> Tensor:
-        """The int4 weight as plain nibbles ``[Np, Kp/2]`` whatever the in-memory layout."""
+        """The stored form (int8 ``[N, Kp]``, int4 nibbles ``[Np, Kp/2]``) whatever the in-memory layout."""
         if self.layout is None:
             return self.qweight
-        packed = self.qweight.to(self.layout)  # a move keeps the old device's layout
-        q_NK = kernels.unpack_int4(packed, self.group_size, self.n_padded, self.k_padded)
-        return pack_nibbles(q_NK).to(self.qweight.device)
+        kernel = kernels.kernel_named(self.layout)
+        return kernel.unpack(self.qweight, self.group_size, self.rows, self.k_padded)
+
+    def kernel_layout(self, plain: Tensor, device: torch.device) -> Tensor:
+        """A stored-form weight of this layer's shape → the layout of ``device``'s kernel (for
+        offloaded copies, which arrive plain from a checkpoint)."""
+        return kernels.kernel_for(self.bits, torch.device(device).type).pack(plain.to(device))
 
     def pack_for(self, device: torch.device) -> Tensor:
-        """The int4 weight in ``device``'s kernel layout, packing (once) if it is not yet."""
-        if self.layout != device.type:
+        """The weight in ``device``'s kernel layout, packing (once) if it is not yet."""
+        kernel = kernels.kernel_for(self.bits, device.type)
+        if self.layout != kernel.name:
             plain = self.plain_qweight()
-            self.qweight = kernels.pack_int4(unpack_nibbles(plain), device)
-            self.layout = device.type
+            self.qweight = kernel.pack(plain.to(device))
+            self.layout = kernel.name
         return self.qweight
 
     def dequantized_weight(self) -> Tensor:
         """ŵ ``[N, K]`` in fp32 (the formulas of ``moelab.quant.weights``, padding cut off)."""
         n, k = self.out_features, self.in_features
         if self.bits == 8:
-            return dequantize_int8(self.qweight, self.scales)[:n, :k]
+            return dequantize_int8(self.plain_qweight(), self.scales)[:n, :k]
         q_NK = unpack_nibbles(self.plain_qweight())
         return dequantize_int4(q_NK, self.scales_zeros, self.group_size)[:n, :k]
 
@@ -125,21 +141,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., K] → [..., N]``."""
-        if self.bits == 8:
-            return self.apply_with(x, self.qweight, self.scales)
-        packed = self.qweight if self.layout == x.device.type else self.pack_for(x.device)
-        return self.apply_with(x, packed, self.scales_zeros)
+        kernel = kernels.kernel_for(self.bits, x.device.type)
+        packed = self.qweight if self.layout == kernel.name else self.pack_for(x.device)
+        return self.apply_with(x, packed, self.scales if self.bits == 8 else self.scales_zeros)
 
     def payload(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(qweight, scales)`` ready for :meth:`apply_with` on ``device`` (int4: packed for its
-        kernel). What expert offloading stores, moves and caches instead of the module."""
-        if self.bits == 8:
-            return self.qweight, self.scales
-        return self.pack_for(torch.device(device)), self.scales_zeros
+        """``(qweight, scales)`` ready for :meth:`apply_with` on ``device`` (packed for its kernel).
+        What expert offloading stores, moves and caches instead of the module."""
+        return self.pack_for(torch.device(device)), self.scales if self.bits == 8 else self.scales_zeros
 
     def apply_with(self, x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
         """This layer's map with the given weight tensors (the module's own, or an offloaded copy
-        of them: int4 ``qweight`` in the kernel layout of ``x``'s device).
+        of them), ``qweight`` in the layout of the kernel of ``x``'s device.
 
         Each step is skipped when it has nothing to do: at decode a mat-vec takes tens of µs, so
         Python bookkeeping is a real share of the time.
@@ -154,12 +167,8 @@ class QuantLinear(nn.Module):
             x_MK = F.pad(x_MK, (0, self.k_padded - self.in_features))
         if not x_MK.is_contiguous():
             x_MK = x_MK.contiguous()
-        if self.bits == 8:
-            y_MN = kernels.int8_matmul(x_MK, qweight, scales)
-        else:
-            y_MN = kernels.int4_matmul(x_MK, qweight, self.group_size, scales)
-            if self.n_padded != self.out_features:
-                y_MN = y_MN[:, : self.out_features]
+        kernel = kernels.kernel_for(self.bits, x.device.type)
+        y_MN = kernels.matmul(kernel, x_MK, qweight, scales, self.out_features, self.group_size)
         if self.bias is not None:
             y_MN = y_MN + self.bias.to(y_MN.dtype)
         if y_MN.dtype != x.dtype:
@@ -171,15 +180,16 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
 
 
-def _int4_state_dict_hook(module: QuantLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """Save plain nibbles, not a kernel's private layout."""
+def _plain_state_dict_hook(module: QuantLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """Save the stored form, not a kernel's private layout."""
     key = prefix + "qweight"
     if key in state_dict and module.layout is not None:
         state_dict[key] = module.plain_qweight().detach()
 
 
-def _int4_load_hook(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
-    """Loaded weights are plain nibbles: the module's qweight becomes plain too (packed on first use)."""
-    if prefix + "qweight" in state_dict:
-        module.qweight = torch.empty_like(module.qweight, device=module.qweight.device)
+def _plain_load_hook(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
+    """Loaded weights are in the stored form: the module's qweight becomes plain too (packed on first use)."""
+    key = prefix + "qweight"
+    if key in state_dict:
+        module.qweight = torch.empty(module.plain_shape, dtype=module.qweight.dtype, device=module.qweight.device)
         module.layout = None

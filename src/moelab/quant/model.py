@@ -47,12 +47,12 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 32, only: 
 
 @torch.no_grad()
 def prepack(model: nn.Module) -> nn.Module:
-    """Pack every int4 weight for the device it is on now, instead of on its first call.
+    """Pack every quantized weight for the kernel of the device it is on now, instead of on its first call.
 
     For decode loops and ``torch.compile``: after this, forward never mutates a buffer.
     """
     for mod in model.modules():
-        if isinstance(mod, QuantLinear) and mod.bits == 4:
+        if isinstance(mod, QuantLinear):
             mod.pack_for(mod.qweight.device)
     return model
 

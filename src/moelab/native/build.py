@@ -1,0 +1,117 @@
+"""Compile moelab's C kernels once per machine and load them with ctypes.
+
+Why C through ctypes and not a PyTorch C++ extension: the kernels are plain loops over raw
+buffers (no ATen types), so a C compiler builds them in a fraction of a second, where an
+extension that includes torch's headers takes most of a minute. ``-march=native`` lets the
+compiler use what this CPU has (AVX-512 here), so the build is cached per (source, compiler,
+CPU flags) under ``$MOELAB_CACHE/native/`` and written atomically.
+
+Nothing depends on it: without a C compiler, on a build failure, or with ``MOELAB_NATIVE=0``
+:func:`library` returns None (the reason is in :func:`unavailable_reason`) and the quantized
+layers use PyTorch's kernels instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+from moelab.cache import cache_dir
+from moelab.hardware import cpu_flags
+
+SOURCE = Path(__file__).with_name("qmatmul.c")
+VERSION = 1  # must equal moelab_native_version() in the source
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+ENV_SWITCH = "MOELAB_NATIVE"  # "0" turns the kernels off
+
+_reason: str | None = None
+
+
+def compiler() -> str | None:
+    """``$CC``, else ``cc`` or ``gcc`` on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(out: Path, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile :data:`SOURCE` into the shared library ``out`` (atomically); raises on failure."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC or install gcc)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [cc, *FLAGS, *extra_flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {result.stderr.strip()[:2000]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _cache_key(extra_flags: tuple[str, ...]) -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join((str(compiler()), *FLAGS, *extra_flags, platform.machine())).encode())
+    h.update(" ".join(sorted(cpu_flags())).encode())
+    return h.hexdigest()[:16]
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Open a built library and declare its entry points' argument types."""
+    lib = ctypes.CDLL(str(path))
+    if lib.moelab_native_version() != VERSION:
+        raise RuntimeError(f"{path} is version {lib.moelab_native_version()}, expected {VERSION}")
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.moelab_q8_matmul.argtypes = [p, p, p, p, i, i, i, i, i]
+    lib.moelab_q4_matmul.argtypes = [p, p, i, p, p, i, i, i, i, i, i]
+    return lib
+
+
+@functools.cache
+def library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None when they cannot be had here (see module doc)."""
+    global _reason
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        _reason = f"turned off by {ENV_SWITCH}=0"
+        return None
+    path = cache_dir() / "native" / _cache_key(extra_flags) / "libmoelab_qmatmul.so"
+    try:
+        if not path.exists():
+            build(path, extra_flags)
+        return load(path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _reason = str(exc)
+        warnings.warn(
+            f"moelab's native int8/int4 kernels are unavailable ({exc}); using PyTorch's kernels "
+            f"(slower decoding). Set {ENV_SWITCH}=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` returned None (None when it did not)."""
+    return _reason
+
+
+def reset() -> None:
+    """Forget the loaded library and every kernel choice made from it (after changing ``MOELAB_NATIVE``)."""
+    global _reason
+    _reason = None
+    library.cache_clear()
+    from moelab.quant import kernels
+
+    kernels.clear_choices()

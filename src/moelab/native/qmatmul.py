@@ -1,0 +1,78 @@
+"""Python side of the native weight-only matmuls: the 16-row layout and the calls.
+
+The layout (see ``qmatmul.c``): the rows of a plain ``[N, C]`` weight (C = K int8 values, or
+K/2 bytes of int4 nibble pairs) are padded to a multiple of 16 and interleaved 16 at a time,
+``[N/16, C, 16]``, so that a mat-vec reads one contiguous stream. Stored flat as ``[Np, C]``
+(the plain shape when N is a multiple of 16) so that buffers keep their rank.
+
+Legend: M rows of x, K inputs, N outputs, Np = N rounded up to 16, C bytes per plain row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moelab.native.build import library
+
+BLOCK = 16
+
+
+def interleave_rows(plain_NC: Tensor) -> Tensor:
+    """Plain ``[N, C]`` → the 16-row interleaved layout, flat ``[Np, C]`` (zero rows appended)."""
+    n, c = plain_NC.shape
+    n_padded = -(-n // BLOCK) * BLOCK
+    if n_padded != n:
+        plain_NC = torch.cat([plain_NC, plain_NC.new_zeros(n_padded - n, c)])
+    return plain_NC.reshape(n_padded // BLOCK, BLOCK, c).transpose(1, 2).contiguous().reshape(n_padded, c)
+
+
+def deinterleave_rows(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`interleave_rows`: the first ``n`` plain rows ``[n, C]``."""
+    n_padded, c = packed.shape
+    return packed.reshape(n_padded // BLOCK, c, BLOCK).transpose(1, 2).reshape(n_padded, c)[:n].contiguous()
+
+
+def _check(x_MK: Tensor, scales: Tensor, k: int) -> int:
+    """The C code trusts its arguments: shapes, dtypes and contiguity are checked here."""
+    if x_MK.device.type != "cpu" or x_MK.dtype not in (torch.bfloat16, torch.float32) or x_MK.dtype != scales.dtype:
+        raise ValueError(f"native kernels take CPU bf16/fp32 x with scales of the same dtype, got {x_MK.dtype}/{scales.dtype}")
+    if x_MK.dim() != 2 or x_MK.shape[1] != k or k % 4 or not (x_MK.is_contiguous() and scales.is_contiguous()):
+        raise ValueError(f"native kernels take contiguous x [M, {k}] (K a multiple of 4), got {tuple(x_MK.shape)}")
+    return int(x_MK.dtype == torch.bfloat16)
+
+
+def q8_matmul(x_MK: Tensor, packed: Tensor, scales_N: Tensor, n: int) -> Tensor:
+    """``x · (q · scale)ᵀ → [M, n]`` with ``packed`` from :func:`interleave_rows` of int8 ``q [n, K]``."""
+    bf16 = _check(x_MK, scales_N, packed.shape[1])
+    if scales_N.numel() < n or packed.shape[0] < n:
+        raise ValueError(f"int8 weight {tuple(packed.shape)} / scales {tuple(scales_N.shape)} hold fewer than {n} rows")
+    m, k = x_MK.shape
+    y = x_MK.new_empty(m, n)
+    if m == 0:
+        return y
+    rc = library().moelab_q8_matmul(  # type: ignore[union-attr]
+        x_MK.data_ptr(), packed.data_ptr(), scales_N.data_ptr(), y.data_ptr(), m, n, k, bf16, torch.get_num_threads()
+    )
+    if rc != 0:
+        raise MemoryError("native int8 matmul could not allocate its scratch buffers")
+    return y
+
+
+def q4_matmul(x_MK: Tensor, packed: Tensor, group_size: int, scales_zeros_GN2: Tensor, n: int) -> Tensor:
+    """``x · ((q − 8) · scale + zero)ᵀ → [M, n]``; ``packed`` is :func:`interleave_rows` of the
+    plain nibble pairs ``[Np, K/2]``, ``scales_zeros`` ``[K/group, Np, 2]``."""
+    bf16 = _check(x_MK, scales_zeros_GN2, 2 * packed.shape[1])
+    m, k = x_MK.shape
+    if k % group_size or scales_zeros_GN2.shape != (k // group_size, packed.shape[0], 2) or packed.shape[0] < n:
+        raise ValueError(f"int4 weight {tuple(packed.shape)} / scales {tuple(scales_zeros_GN2.shape)} do not fit K={k}, group {group_size}")
+    y = x_MK.new_empty(m, n)
+    if m == 0:
+        return y
+    rc = library().moelab_q4_matmul(  # type: ignore[union-attr]
+        x_MK.data_ptr(), packed.data_ptr(), group_size, scales_zeros_GN2.data_ptr(), y.data_ptr(),
+        m, n, packed.shape[0], k, bf16, torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("native int4 matmul could not allocate its scratch buffers")
+    return y
