@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from moelab.errors import UserError
 from moelab.hardware import bf16_is_fast
+from moelab.infer.fused import block_step
 from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, _Row, check_prompts, sample_token
 from moelab.infer.kv_cache import make_cache
 from moelab.infer.packed import pack_for_decode
@@ -53,13 +54,13 @@ def decode_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     return torch.bfloat16 if bf16_is_fast(device) else torch.float32
 
 
-def cast_for_decode(model: nn.Module, dtype: torch.dtype, pack: bool = True) -> nn.Module:
+def cast_for_decode(model: nn.Module, dtype: torch.dtype, pack: bool = True, backend: str = "auto") -> nn.Module:
     """A copy of ``model`` in ``dtype`` whose RoPE frequencies stay fp32 (positions in bf16 lose
     integer precision past 256). The original is left alone.
 
-    ``pack``: in bf16 on a CPU, hold the linear and expert weights prepacked for oneDNN
-    (:mod:`moelab.infer.packed`; 2× faster mat-vecs here). Leave it off for a copy that is to be
-    quantized next (quantization replaces plain linears and experts).
+    ``pack``: in bf16 on a CPU, hold the linear and expert weights prepacked (:mod:`moelab.infer.packed`:
+    moelab's native layout, or oneDNN's with ``backend="onednn"``; 2–3× faster mat-vecs here).
+    Leave it off for a copy that is to be quantized next (quantization replaces plain linears and experts).
     """
     out = copy.deepcopy(model).to(dtype)
     for router, original in zip(_routers(out), _routers(model)):
@@ -68,7 +69,7 @@ def cast_for_decode(model: nn.Module, dtype: torch.dtype, pack: bool = True) -> 
     if rope is not None:
         rope.inv_freq = model.rope.inv_freq.detach().clone().float()  # type: ignore[union-attr]
     if pack and dtype == torch.bfloat16:
-        pack_for_decode(out)
+        pack_for_decode(out, backend=backend)
     return out.eval()
 
 
@@ -83,9 +84,11 @@ class FastDecoder:
         model: a causal :class:`moelab.model.transformer.Transformer` (dense or MoE, GQA or MLA,
             full precision or quantized), used as is (cast it first with :func:`cast_for_decode`).
         batch: rows B. max_len: positions M to preallocate (prompt plus new tokens).
+        fused: at batch 1, run each feed-forward block whose weights are in a native layout as
+            one native call (:mod:`moelab.infer.fused`); False keeps the modules' own path.
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, fused: bool = True) -> None:
         cfg = model.cfg
         if cfg.attention != "causal":
             raise UserError(f"decoding needs a causal model; this one has attention={cfg.attention!r}")
@@ -95,6 +98,11 @@ class FastDecoder:
         self.device = next(model.parameters()).device
         self.cache = make_cache("static", model, batch, max_len)
         self.plain_topk = [bool(b.is_moe) and _plain_topk(b.ffn) for b in model.blocks]
+        act_dtype = model.embed.weight.dtype
+        use_fused = fused and batch == 1 and self.device.type == "cpu"
+        self.ffn_steps = [
+            block_step(b, act_dtype, topk) if use_fused else None for b, topk in zip(model.blocks, self.plain_topk)
+        ]
         self.valid_BM = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.ones_B1 = torch.ones(batch, 1, dtype=torch.long, device=self.device)
@@ -133,7 +141,11 @@ class FastDecoder:
         for i, block in enumerate(model.blocks):
             x = x + block.attn(block.attn_norm(x), rope, mask, False, self.cache[i])
             h = block.ffn_norm(x)
-            x = x + (self._moe(i, block.ffn, h, tokens_B1) if block.is_moe else block.ffn(h))
+            fused = self.ffn_steps[i]
+            if fused is not None:
+                x = x + fused(h)
+            else:
+                x = x + (self._moe(i, block.ffn, h, tokens_B1) if block.is_moe else block.ffn(h))
         self.length = L
         self.pos_B1 += 1
         return model.lm_head(model.norm(x))[:, -1]

@@ -27,9 +27,12 @@ from pathlib import Path
 from moelab.cache import cache_dir
 from moelab.hardware import cpu_flags
 
-SOURCE = Path(__file__).with_name("qmatmul.c")
-VERSION = 1  # must equal moelab_native_version() in the source
+HERE = Path(__file__).parent
+SOURCES = (HERE / "qmatmul.c", HERE / "decode.c")  # compiled into one library
+HEADERS = (HERE / "blocks.h",)
+VERSION = 2  # must equal moelab_native_version() in qmatmul.c
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+LIBS = ("-lm",)
 ENV_SWITCH = "MOELAB_NATIVE"  # "0" turns the kernels off
 
 _reason: str | None = None
@@ -41,7 +44,7 @@ def compiler() -> str | None:
 
 
 def build(out: Path, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile :data:`SOURCE` into the shared library ``out`` (atomically); raises on failure."""
+    """Compile :data:`SOURCES` into the shared library ``out`` (atomically); raises on failure."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
@@ -50,7 +53,8 @@ def build(out: Path, extra_flags: tuple[str, ...] = ()) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [cc, *FLAGS, *extra_flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            [cc, *FLAGS, *extra_flags, f"-I{HERE}", *map(str, SOURCES), *LIBS, "-o", tmp],
+            capture_output=True, text=True, timeout=300,
         )
         if result.returncode != 0:
             raise RuntimeError(f"{cc} failed: {result.stderr.strip()[:2000]}")
@@ -62,8 +66,8 @@ def build(out: Path, extra_flags: tuple[str, ...] = ()) -> Path:
 
 
 def _cache_key(extra_flags: tuple[str, ...]) -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join((str(compiler()), *FLAGS, *extra_flags, platform.machine())).encode())
+    h = hashlib.sha256(b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS)))
+    h.update(" ".join((str(compiler()), *FLAGS, *LIBS, *extra_flags, platform.machine())).encode())
     h.update(" ".join(sorted(cpu_flags())).encode())
     return h.hexdigest()[:16]
 
@@ -76,6 +80,9 @@ def load(path: Path) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.moelab_q8_matmul.argtypes = [p, p, p, p, i, i, i, i, i]
     lib.moelab_q4_matmul.argtypes = [p, p, i, p, p, i, i, i, i, i, i]
+    lib.moelab_bf16_matmul.argtypes = [p, p, p, i, i, i, i]
+    lib.moelab_ffn_vec.argtypes = [p, p, p, p, i, i]
+    lib.moelab_moe_vec.argtypes = [p, p, p, i, i, i, p, p, p, p, i, i]
     return lib
 
 

@@ -76,3 +76,34 @@ def q4_matmul(x_MK: Tensor, packed: Tensor, group_size: int, scales_zeros_GN2: T
     if rc != 0:
         raise MemoryError("native int4 matmul could not allocate its scratch buffers")
     return y
+
+
+def bf16_pack(w_NK: Tensor) -> Tensor:
+    """A bf16 weight ``[N, K]`` (K % 8 == 0) → the pair layout: 16 rows interleaved, two inputs per
+    32-bit lane, flat ``[Np, K/2]`` int32."""
+    k = w_NK.shape[1]
+    if w_NK.dtype != torch.bfloat16 or k % 8:
+        raise ValueError(f"bf16_pack takes a bf16 [N, K] weight with K % 8 == 0, got {w_NK.dtype} {tuple(w_NK.shape)}")
+    return interleave_rows(w_NK.detach().contiguous().view(torch.int32))
+
+
+def bf16_unpack(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`bf16_pack`: the bf16 weight ``[n, K]``."""
+    return deinterleave_rows(packed, n).view(torch.bfloat16)
+
+
+def bf16_matmul(x_MK: Tensor, packed: Tensor, n: int) -> Tensor:
+    """``x · wᵀ → [M, n]`` in bf16 (fp32 sums, one rounding) with ``packed`` from :func:`bf16_pack`."""
+    k = 2 * packed.shape[1]
+    if x_MK.dtype != torch.bfloat16 or x_MK.device.type != "cpu":
+        raise ValueError(f"the native bf16 kernel takes CPU bf16 x, got {x_MK.dtype} on {x_MK.device}")
+    if x_MK.dim() != 2 or x_MK.shape[1] != k or not x_MK.is_contiguous() or packed.shape[0] < n:
+        raise ValueError(f"the native bf16 kernel takes contiguous x [M, {k}], got {tuple(x_MK.shape)}")
+    m = x_MK.shape[0]
+    y = x_MK.new_empty(m, n)
+    if m == 0:
+        return y
+    rc = library().moelab_bf16_matmul(x_MK.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())  # type: ignore[union-attr]
+    if rc != 0:
+        raise MemoryError("native bf16 matmul could not allocate its scratch buffers")
+    return y

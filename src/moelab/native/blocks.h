@@ -1,0 +1,360 @@
+/* Per-block kernels shared by the matmul (qmatmul.c) and fused decode (decode.c) entry points.
+ *
+ * A "block" is 16 consecutive output rows of a weight in the interleaved layout (see
+ * qmatmul.c). Every function here computes the 16 fp32 sums of one block, for one row of x
+ * (fused paths), a few rows (one conversion of the weights feeds every row), or many rows
+ * (dequantize the block once into a K x 16 fp32 scratch, then multiply).
+ */
+#ifndef MOELAB_BLOCKS_H
+#define MOELAB_BLOCKS_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MOELAB_AVX512 1
+#else
+#define MOELAB_AVX512 0
+#endif
+
+#define BLOCK 16
+#define UNUSED __attribute__((unused))
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float load_el(const void* p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+static inline void store_el(void* p, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t*)p)[i] = f32_to_bf16(v);
+    else
+        ((float*)p)[i] = v;
+}
+
+static float* to_f32(const void* x, int64_t n, int bf16) {
+    float* out = (float*)aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64));
+    if (!out) return NULL;
+    for (int64_t i = 0; i < n; i++) out[i] = load_el(x, i, bf16);
+    return out;
+}
+
+/* ------------------------------------------------------------------ dequantize one block */
+
+/* w[k*16 + r] = q of row 16b+r at input k (int8; the row scale is applied to the sums). */
+static void q8_dequant_block(const int8_t* blk, int K, float* w) {
+    for (int64_t i = 0; i < (int64_t)K * BLOCK; i++) w[i] = (float)blk[i];
+}
+
+/* w[k*16 + r] = (q - 8) * scale + zero of row 16b+r at input k, group k/group. */
+static void q4_dequant_block(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, int bf16, float* w) {
+    for (int k = 0; k < K; k += 2) {
+        const uint8_t* pair = blk + (int64_t)(k / 2) * BLOCK;
+        int64_t base = ((int64_t)(k / group) * Np + (int64_t)b * BLOCK) * 2;
+        for (int r = 0; r < BLOCK; r++) {
+            float s = load_el(sz, base + 2 * r, bf16), z = load_el(sz, base + 2 * r + 1, bf16);
+            w[(int64_t)k * BLOCK + r] = (float)((int)(pair[r] & 15) - 8) * s + z;
+            w[(int64_t)(k + 1) * BLOCK + r] = (float)((int)(pair[r] >> 4) - 8) * s + z;
+        }
+    }
+}
+
+/* out[m*16 + r] = sum_k w[k*16 + r] * x[m, k] for the M rows of x (K % 4 == 0): four rows of x
+ * share each load of w; a lone row (or the last few) uses four accumulators over k instead. */
+static void block_gemm(const float* w, int K, const float* xf, int M, float* out) {
+    int m = 0;
+#if MOELAB_AVX512
+    for (; m + 4 <= M; m += 4) {
+        const float *x0 = xf + (int64_t)m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int k = 0; k < K; k++) {
+            __m512 wk = _mm512_load_ps(w + (int64_t)k * BLOCK);
+            a0 = _mm512_fmadd_ps(wk, _mm512_set1_ps(x0[k]), a0);
+            a1 = _mm512_fmadd_ps(wk, _mm512_set1_ps(x1[k]), a1);
+            a2 = _mm512_fmadd_ps(wk, _mm512_set1_ps(x2[k]), a2);
+            a3 = _mm512_fmadd_ps(wk, _mm512_set1_ps(x3[k]), a3);
+        }
+        _mm512_storeu_ps(out + (m + 0) * BLOCK, a0);
+        _mm512_storeu_ps(out + (m + 1) * BLOCK, a1);
+        _mm512_storeu_ps(out + (m + 2) * BLOCK, a2);
+        _mm512_storeu_ps(out + (m + 3) * BLOCK, a3);
+    }
+    for (; m < M; m++) {
+        const float* xm = xf + (int64_t)m * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int k = 0; k < K; k += 4) {
+            const float* wk = w + (int64_t)k * BLOCK;
+            a0 = _mm512_fmadd_ps(_mm512_load_ps(wk), _mm512_set1_ps(xm[k]), a0);
+            a1 = _mm512_fmadd_ps(_mm512_load_ps(wk + 16), _mm512_set1_ps(xm[k + 1]), a1);
+            a2 = _mm512_fmadd_ps(_mm512_load_ps(wk + 32), _mm512_set1_ps(xm[k + 2]), a2);
+            a3 = _mm512_fmadd_ps(_mm512_load_ps(wk + 48), _mm512_set1_ps(xm[k + 3]), a3);
+        }
+        _mm512_storeu_ps(out + m * BLOCK, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    }
+#else
+    for (; m < M; m++) {
+        const float* xm = xf + (int64_t)m * K;
+        float acc[4][BLOCK] = {{0}};
+        for (int k = 0; k < K; k += 4)
+            for (int p = 0; p < 4; p++)
+                for (int r = 0; r < BLOCK; r++) acc[p][r] += w[(int64_t)(k + p) * BLOCK + r] * xm[k + p];
+        for (int r = 0; r < BLOCK; r++) out[m * BLOCK + r] = (acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r]);
+    }
+#endif
+}
+
+/* ------------------------------------------------------------------ fused single-row paths */
+
+#if MOELAB_AVX512
+static inline __m512 lane_i8(__m512i v, int lane) {
+    __m128i b = lane == 0 ? _mm512_castsi512_si128(v)
+              : lane == 1 ? _mm512_extracti32x4_epi32(v, 1)
+              : lane == 2 ? _mm512_extracti32x4_epi32(v, 2)
+                          : _mm512_extracti32x4_epi32(v, 3);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+/* One int8 block times one x row: 64-byte loads, four independent accumulators. */
+static __m512 q8_block_vec(const int8_t* blk, int K, const float* xf) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int k = 0; k < K; k += 4) {
+        __m512i v = _mm512_loadu_si512((const void*)(blk + (int64_t)k * BLOCK));
+        a0 = _mm512_fmadd_ps(lane_i8(v, 0), _mm512_set1_ps(xf[k]), a0);
+        a1 = _mm512_fmadd_ps(lane_i8(v, 1), _mm512_set1_ps(xf[k + 1]), a1);
+        a2 = _mm512_fmadd_ps(lane_i8(v, 2), _mm512_set1_ps(xf[k + 2]), a2);
+        a3 = _mm512_fmadd_ps(lane_i8(v, 3), _mm512_set1_ps(xf[k + 3]), a3);
+    }
+    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+}
+
+/* The 16 (scale, zero) pairs of one block and group, deinterleaved to fp32. */
+static inline void load_scales_zeros(const void* sz, int64_t base, int bf16, __m512* s, __m512* z) {
+    if (bf16) {
+        __m512i v = _mm512_loadu_si512((const void*)((const uint16_t*)sz + base));
+        *s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        *z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+    } else {
+        const float* f = (const float*)sz + base;
+        __m512 lo = _mm512_loadu_ps(f), hi = _mm512_loadu_ps(f + 16);
+        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        *s = _mm512_permutex2var_ps(lo, even, hi);
+        *z = _mm512_permutex2var_ps(lo, odd, hi);
+    }
+}
+
+/* One int4 block times one x row, group by group: sum (q - 8) x, then scale it and add zero * sum x. */
+static __m512 q4_block_vec(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, int bf16,
+                           const float* xf, const float* xsum) {
+    const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+    __m512 y = _mm512_setzero_ps();
+    for (int g0 = 0; g0 < K; g0 += group) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int k = g0; k < g0 + group; k += 8) {
+            __m512i v = _mm512_loadu_si512((const void*)(blk + (int64_t)(k / 2) * BLOCK));
+            for (int lane = 0; lane < 4; lane++) {
+                __m128i bytes = lane == 0 ? _mm512_castsi512_si128(v)
+                              : lane == 1 ? _mm512_extracti32x4_epi32(v, 1)
+                              : lane == 2 ? _mm512_extracti32x4_epi32(v, 2)
+                                          : _mm512_extracti32x4_epi32(v, 3);
+                __m512i u = _mm512_cvtepu8_epi32(bytes);
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(u, low), eight));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(u, 4), eight));
+                int kk = k + 2 * lane;
+                if (lane & 1) {
+                    a2 = _mm512_fmadd_ps(lo, _mm512_set1_ps(xf[kk]), a2);
+                    a3 = _mm512_fmadd_ps(hi, _mm512_set1_ps(xf[kk + 1]), a3);
+                } else {
+                    a0 = _mm512_fmadd_ps(lo, _mm512_set1_ps(xf[kk]), a0);
+                    a1 = _mm512_fmadd_ps(hi, _mm512_set1_ps(xf[kk + 1]), a1);
+                }
+            }
+        }
+        __m512 s, z;
+        load_scales_zeros(sz, ((int64_t)(g0 / group) * Np + (int64_t)b * BLOCK) * 2, bf16, &s, &z);
+        __m512 dot = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        y = _mm512_fmadd_ps(s, dot, y);
+        y = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[g0 / group]), y);
+    }
+    return y;
+}
+
+/* One int8 block times 2..8 rows of x: each 64-byte load is converted once and used by every row. */
+static void q8_block_rows(const int8_t* blk, int K, const float* xf, int M, float* out) {
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        const int mc = M - m0 < 4 ? M - m0 : 4;
+        const float* x0 = xf + (int64_t)m0 * K;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int k = 0; k < K; k += 4) {
+            __m512i v = _mm512_loadu_si512((const void*)(blk + (int64_t)k * BLOCK));
+            for (int lane = 0; lane < 4; lane++) {
+                __m512 w = lane_i8(v, lane);
+                for (int j = 0; j < mc; j++) acc[j] = _mm512_fmadd_ps(w, _mm512_set1_ps(x0[(int64_t)j * K + k + lane]), acc[j]);
+            }
+        }
+        for (int j = 0; j < mc; j++) _mm512_storeu_ps(out + (m0 + j) * BLOCK, acc[j]);
+    }
+}
+
+#if defined(__AVX512BF16__)
+#define MOELAB_BF16DOT 1
+/* The nibble pairs of one 16-byte lane as 16 lanes of two bf16 values (128 + q_even, 128 + q_odd):
+ * 0x4300 | q is the bf16 of 128 + q exactly, so dpbf16 multiplies the integers by x with no
+ * conversion instruction; the 128 (and the 8 of q - 8) come back out through sum x. */
+static inline __m512i q4_lane_bf16(__m512i v, int lane) {
+    __m128i bytes = lane == 0 ? _mm512_castsi512_si128(v)
+                  : lane == 1 ? _mm512_extracti32x4_epi32(v, 1)
+                  : lane == 2 ? _mm512_extracti32x4_epi32(v, 2)
+                              : _mm512_extracti32x4_epi32(v, 3);
+    __m512i u = _mm512_cvtepu8_epi32(bytes);
+    __m512i hi = _mm512_slli_epi32(u, 12);                                   /* high nibble → bits 16..19 */
+    __m512i both = _mm512_ternarylogic_epi32(_mm512_set1_epi32(0x0000000f), u, hi, 0xca); /* mask ? u : hi */
+    return _mm512_ternarylogic_epi32(both, _mm512_set1_epi32(0x000f000f), _mm512_set1_epi32(0x43004300), 0xea); /* (a & b) | c */
+}
+
+/* One int4 block times M <= 8 bf16 rows of x (x as uint32 pairs), group by group. Inlined per M
+ * (see q4_bf16dot) so the row loops unroll; P accumulators per row hide the dot's latency. */
+static inline __attribute__((always_inline)) void q4_block_bf16dot_m(const uint8_t* blk, int K, int group, const void* sz,
+                                                                    int Np, int b, const uint32_t* xp, const float* xsum,
+                                                                    const int M, float* out) {
+    enum { P_MAX = 4 };
+    const int P = M == 1 ? 4 : M == 2 ? 2 : 1;
+    const int groups = K / group;
+    __m512 y[8];
+    for (int m = 0; m < M; m++) y[m] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512 acc[8][P_MAX];
+        for (int m = 0; m < M; m++)
+            for (int p = 0; p < P; p++) acc[m][p] = _mm512_setzero_ps();
+        for (int k = g * group; k < (g + 1) * group; k += 8) {
+            __m512i v = _mm512_loadu_si512((const void*)(blk + (int64_t)(k / 2) * BLOCK));
+            for (int lane = 0; lane < 4; lane++) {
+                __m512bh w = (__m512bh)q4_lane_bf16(v, lane);
+                for (int m = 0; m < M; m++) {
+                    __m512bh xx = (__m512bh)_mm512_set1_epi32((int)xp[(int64_t)m * (K / 2) + k / 2 + lane]);
+                    acc[m][lane % P] = _mm512_dpbf16_ps(acc[m][lane % P], w, xx);
+                }
+            }
+        }
+        __m512 s, z;
+        load_scales_zeros(sz, ((int64_t)g * Np + (int64_t)b * BLOCK) * 2, 1, &s, &z);
+        for (int m = 0; m < M; m++) {
+            __m512 sum = acc[m][0];
+            for (int p = 1; p < P; p++) sum = _mm512_add_ps(sum, acc[m][p]);
+            float sx = xsum[m * groups + g];
+            __m512 dot = _mm512_sub_ps(sum, _mm512_set1_ps(136.0f * sx));
+            y[m] = _mm512_fmadd_ps(s, dot, y[m]);
+            y[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx), y[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) _mm512_storeu_ps(out + m * BLOCK, y[m]);
+}
+
+static void q4_block_bf16dot(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, const uint32_t* xp,
+                             const float* xsum, int M, float* out) {
+    switch (M) {
+#define CASE(m) \
+    case m: q4_block_bf16dot_m(blk, K, group, sz, Np, b, xp, xsum, m, out); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+}
+#else
+#define MOELAB_BF16DOT 0
+#endif
+#endif
+
+
+#ifndef MOELAB_BF16DOT
+#define MOELAB_BF16DOT 0
+#endif
+
+/* ------------------------------------------------------------------ bf16 weights
+ * Layout: blk [K/2][16] uint32, lane r of pair j = w[r, 2j] | w[r, 2j+1] << 16 (K % 8 == 0). */
+
+static UNUSED void bf16_dequant_block(const uint32_t* blk, int K, float* w) {
+    for (int j = 0; j < K / 2; j++)
+        for (int r = 0; r < BLOCK; r++) {
+            uint32_t v = blk[(int64_t)j * BLOCK + r];
+            w[(int64_t)(2 * j) * BLOCK + r] = bf16_to_f32((uint16_t)(v & 0xffffu));
+            w[(int64_t)(2 * j + 1) * BLOCK + r] = bf16_to_f32((uint16_t)(v >> 16));
+        }
+}
+
+#if MOELAB_AVX512
+/* One bf16 block times one row of x, given as bf16 pairs xp (dot-product units) or fp32 xf. */
+static UNUSED __m512 bf16_block_vec(const uint32_t* blk, int K, const uint32_t* xp, const float* xf) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#if MOELAB_BF16DOT
+    (void)xf;
+    for (int j = 0; j < K / 2; j += 4) {
+        const uint32_t* p = blk + (int64_t)j * BLOCK;
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_set1_epi32((int)xp[j]));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(p + 16), (__m512bh)_mm512_set1_epi32((int)xp[j + 1]));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(p + 32), (__m512bh)_mm512_set1_epi32((int)xp[j + 2]));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(p + 48), (__m512bh)_mm512_set1_epi32((int)xp[j + 3]));
+    }
+#else
+    (void)xp;
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (int j = 0; j < K / 2; j += 2) {
+        __m512i v = _mm512_loadu_si512((const void*)(blk + (int64_t)j * BLOCK));
+        __m512i u = _mm512_loadu_si512((const void*)(blk + (int64_t)(j + 1) * BLOCK));
+        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_set1_ps(xf[2 * j]), a0);
+        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_set1_ps(xf[2 * j + 1]), a1);
+        a2 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(u, 16)), _mm512_set1_ps(xf[2 * j + 2]), a2);
+        a3 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(u, high)), _mm512_set1_ps(xf[2 * j + 3]), a3);
+    }
+#endif
+    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+}
+
+#if MOELAB_BF16DOT
+/* One bf16 block times M <= 8 bf16 rows of x (pairs): one load of the weights feeds every row. */
+static inline __attribute__((always_inline)) void bf16_block_rows_m(const uint32_t* blk, int K, const uint32_t* xp,
+                                                                   const int M, float* out) {
+    enum { P_MAX = 4 };
+    const int P = M == 1 ? 4 : M == 2 ? 2 : 1;
+    __m512 acc[8][P_MAX];
+    for (int m = 0; m < M; m++)
+        for (int p = 0; p < P; p++) acc[m][p] = _mm512_setzero_ps();
+    for (int j = 0; j < K / 2; j++) {
+        __m512bh w = (__m512bh)_mm512_loadu_si512((const void*)(blk + (int64_t)j * BLOCK));
+        for (int m = 0; m < M; m++)
+            acc[m][j % P] = _mm512_dpbf16_ps(acc[m][j % P], w, (__m512bh)_mm512_set1_epi32((int)xp[(int64_t)m * (K / 2) + j]));
+    }
+    for (int m = 0; m < M; m++) {
+        __m512 sum = acc[m][0];
+        for (int p = 1; p < P; p++) sum = _mm512_add_ps(sum, acc[m][p]);
+        _mm512_storeu_ps(out + m * BLOCK, sum);
+    }
+}
+
+static UNUSED void bf16_block_rows(const uint32_t* blk, int K, const uint32_t* xp, int M, float* out) {
+    switch (M) {
+#define CASE(m) \
+    case m: bf16_block_rows_m(blk, K, xp, m, out); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+}
+#endif
+#endif
+
+#endif

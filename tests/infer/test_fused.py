@@ -1,0 +1,136 @@
+"""Fused batch-1 feed-forward steps (one native call per block) against the modules they replace."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.helpers import tiny_config, tiny_moe
+from torch import nn
+
+from moelab.config import RouterConfig
+from moelab.infer.fast_decode import FastDecoder, _plain_topk, _topk_choice, cast_for_decode
+from moelab.infer.fused import block_step, fused_ffn, fused_moe, route_mode
+from moelab.infer.packed import native_available
+from moelab.model.mlp import DenseMLP, GatedDenseMLP
+from moelab.model.transformer import Transformer
+from moelab.quant import quantize_model
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="moelab's native kernels do not build here")
+
+VARIANTS = ["bf16", "int8-bf16", "int4-bf16", "int8-fp32", "int4-fp32"]
+
+
+def decode_copy(model: nn.Module, variant: str) -> nn.Module:
+    """``model`` as the fast decoder runs it: bf16 in the native layout, or quantized (every
+    linear but routers) with bf16 or fp32 activations."""
+    if variant == "bf16":
+        return cast_for_decode(model, torch.bfloat16)
+    bits, act = variant.split("-")
+    dtype = torch.bfloat16 if act == "bf16" else torch.float32
+    base = cast_for_decode(model, dtype, pack=False)
+    return quantize_model(base, bits=int(bits[3:]), group_size=32, only="all")
+
+
+def tol(variant: str) -> float:
+    return 1e-4 if variant.endswith("fp32") else 3e-2
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_ffn_equals_dense_mlp(variant: str) -> None:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(d_model=64, ffn_hidden=96)).eval()
+    dec = decode_copy(model, variant)
+    act = dec.embed.weight.dtype
+    mlp = dec.blocks[0].ffn
+    step = fused_ffn(mlp, act)
+    assert step is not None
+    for _ in range(3):
+        x = torch.randn(64).to(act)
+        torch.testing.assert_close(step(x).float(), mlp(x[None]).float()[0], rtol=tol(variant), atol=tol(variant))
+
+
+ROUTERS = {
+    "renormalize": RouterConfig(),
+    "probs": RouterConfig(renormalize=False),
+    "softmax_after_topk": RouterConfig(softmax_after_topk=True),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", list(ROUTERS))
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_fused_moe_routes_and_computes_like_the_modules(variant: str, mode: str, top_k: int) -> None:
+    """Same experts as the router's own operations, same combine weights, same output to rounding."""
+    torch.manual_seed(0)
+    cfg = tiny_config(d_model=64, moe=tiny_moe(num_experts=6, top_k=top_k, expert_hidden=64, router=ROUTERS[mode]))
+    dec = decode_copy(Transformer(cfg).eval(), variant)
+    act = dec.embed.weight.dtype
+    ffn = dec.blocks[1].ffn
+    assert _plain_topk(ffn) and route_mode(ffn.router) == mode
+    step = fused_moe(ffn, act)
+    assert step is not None
+    for _ in range(5):
+        x = torch.randn(64).to(act)
+        y = step(x)
+        experts, weights = _topk_choice(ffn.router, x[None])
+        assert step.ids == sorted(experts)
+        expected_w = dict(zip(experts, weights.to(act).tolist()))
+        for e, w in zip(step.ids, step.weights):
+            assert w == pytest.approx(expected_w[e], rel=1e-6 if act == torch.float32 else 1e-2)
+        ref = sum(ffn.experts.forward_expert(e, x[None])[0].float() * expected_w[e] for e in sorted(experts))
+        torch.testing.assert_close(y.float(), ref, rtol=tol(variant), atol=tol(variant))
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8-bf16", "int4-fp32"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_fast_decoder_with_fused_blocks_tracks_the_unfused_one(variant: str, shared: bool) -> None:
+    """Whole decode steps, fused or not: same greedy tokens, logits equal to rounding; a shared
+    expert is added to the fused routed output."""
+    torch.manual_seed(0)
+    moe = tiny_moe(num_experts=4, top_k=2, expert_hidden=64, num_shared_experts=1 if shared else 0, placement="first_k_dense")
+    cfg = tiny_config(d_model=64, ffn_hidden=96, moe=moe)
+    dec_model = decode_copy(Transformer(cfg).eval(), variant)
+    fused, plain = FastDecoder(dec_model, 1, 20), FastDecoder(dec_model, 1, 20, fused=False)
+    assert all(s is not None for s in fused.ffn_steps) and all(s is None for s in plain.ffn_steps)
+    ids = torch.randint(0, 90, (1, 6))
+    a, b = fused.prefill(ids), plain.prefill(ids)
+    for _ in range(6):
+        tok = b.argmax(-1, keepdim=True)
+        a, b = fused.step(tok), plain.step(tok)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        torch.testing.assert_close(a.float(), b.float(), rtol=5 * tol(variant), atol=5 * tol(variant))
+
+
+def test_blocks_that_do_not_qualify_keep_their_modules() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(d_model=64, ffn_hidden=96, moe=tiny_moe(expert_hidden=64, placement="first_k_dense"))
+    model = Transformer(cfg).eval()
+    fp32 = cast_for_decode(model, torch.float32)
+    assert all(block_step(b, torch.float32, True) is None for b in fp32.blocks)  # plain fp32 weights
+    bf16 = cast_for_decode(model, torch.bfloat16)
+    assert block_step(bf16.blocks[1], torch.bfloat16, False) is None  # router the fused call cannot reproduce
+    gelu = cast_for_decode(nn.ModuleList([DenseMLP(64, 96, "gelu")]), torch.bfloat16)[0]
+    assert fused_ffn(gelu, torch.bfloat16) is None
+    gated = cast_for_decode(nn.ModuleList([GatedDenseMLP(64, 96, "swiglu")]), torch.bfloat16)[0]
+    assert fused_ffn(gated, torch.bfloat16) is None  # its own sigmoid gate
+    odd = quantize_model(cast_for_decode(model, torch.bfloat16, pack=False), bits=4, group_size=128, only="all")
+    assert fused_ffn(odd.blocks[0].ffn, torch.bfloat16) is None  # K = 64 padded to the group of 128
+    assert FastDecoder(bf16, 2, 20).ffn_steps == [None, None]  # batched decoding keeps the dispatch
+
+
+def test_fused_decoder_greedy_tokens_equal_reference_generation_on_int8() -> None:
+    """End to end through fast_generate: the fused int8 decoder's greedy tokens equal `generate`
+    on the same quantized model (fp32 activations: only summation order differs)."""
+    from moelab.infer.fast_decode import fast_generate
+    from moelab.infer.generate import SamplingParams, generate
+
+    torch.manual_seed(0)
+    cfg = tiny_config(d_model=64, ffn_hidden=96, moe=tiny_moe(expert_hidden=64, placement="first_k_dense"))
+    model = decode_copy(Transformer(cfg).eval(), "int8-fp32")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(max_new_tokens=8)
+    ref = [c.token_ids for c in generate(copy.deepcopy(model), prompts, params)]
+    got = [fast_generate(model, [p], params)[0].token_ids for p in prompts]
+    assert got == ref
