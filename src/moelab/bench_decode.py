@@ -138,9 +138,9 @@ def variant(base: nn.Module, dtype: str, group: int) -> nn.Module:
     linear outside routers) with activations in the fast dtype."""
     from moelab.quant.model import prepack, quantize_model
 
-    if dtype == "fp32":
-        return base
-    m = cast_for_decode(base, torch.bfloat16 if dtype == "bf16" else decode_dtype("cpu"), pack=dtype == "bf16")
+    if dtype in ("fp32", "bf16"):
+        return cast_for_decode(base, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    m = cast_for_decode(base, decode_dtype("cpu"), pack=False)
     if dtype in ("int8", "int4"):
         m = prepack(quantize_model(m, bits=8 if dtype == "int8" else 4, group_size=group, only="all"))
     return m

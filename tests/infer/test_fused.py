@@ -19,14 +19,14 @@ from moelab.quant import quantize_model
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="moelab's native kernels do not build here")
 
-VARIANTS = ["bf16", "int8-bf16", "int4-bf16", "int8-fp32", "int4-fp32"]
+VARIANTS = ["bf16", "fp32", "int8-bf16", "int4-bf16", "int8-fp32", "int4-fp32"]
 
 
 def decode_copy(model: nn.Module, variant: str) -> nn.Module:
     """``model`` as the fast decoder runs it: bf16 in the native layout, or quantized (every
     linear but routers) with bf16 or fp32 activations."""
-    if variant == "bf16":
-        return cast_for_decode(model, torch.bfloat16)
+    if variant in ("bf16", "fp32"):
+        return cast_for_decode(model, torch.bfloat16 if variant == "bf16" else torch.float32)
     bits, act = variant.split("-")
     dtype = torch.bfloat16 if act == "bf16" else torch.float32
     base = cast_for_decode(model, dtype, pack=False)
@@ -34,7 +34,7 @@ def decode_copy(model: nn.Module, variant: str) -> nn.Module:
 
 
 def tol(variant: str) -> float:
-    return 1e-4 if variant.endswith("fp32") else 3e-2
+    return 1e-4 if variant.endswith("fp32") else 3e-2  # fp32: summation order; bf16: roundings
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -83,7 +83,7 @@ def test_fused_moe_routes_and_computes_like_the_modules(variant: str, mode: str,
         torch.testing.assert_close(y.float(), ref, rtol=tol(variant), atol=tol(variant))
 
 
-@pytest.mark.parametrize("variant", ["bf16", "int8-bf16", "int4-fp32"])
+@pytest.mark.parametrize("variant", ["bf16", "fp32", "int8-bf16", "int4-fp32"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_fast_decoder_with_fused_blocks_tracks_the_unfused_one(variant: str, shared: bool) -> None:
     """Whole decode steps, fused or not: same greedy tokens, logits equal to rounding; a shared
@@ -107,7 +107,7 @@ def test_blocks_that_do_not_qualify_keep_their_modules() -> None:
     torch.manual_seed(0)
     cfg = tiny_config(d_model=64, ffn_hidden=96, moe=tiny_moe(expert_hidden=64, placement="first_k_dense"))
     model = Transformer(cfg).eval()
-    fp32 = cast_for_decode(model, torch.float32)
+    fp32 = cast_for_decode(model, torch.float32, pack=False)
     assert all(block_step(b, torch.float32, True) is None for b in fp32.blocks)  # plain fp32 weights
     bf16 = cast_for_decode(model, torch.bfloat16)
     assert block_step(bf16.blocks[1], torch.bfloat16, False) is None  # router the fused call cannot reproduce

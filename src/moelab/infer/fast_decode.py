@@ -58,8 +58,9 @@ def cast_for_decode(model: nn.Module, dtype: torch.dtype, pack: bool = True, bac
     """A copy of ``model`` in ``dtype`` whose RoPE frequencies stay fp32 (positions in bf16 lose
     integer precision past 256). The original is left alone.
 
-    ``pack``: in bf16 on a CPU, hold the linear and expert weights prepacked (:mod:`moelab.infer.packed`:
-    moelab's native layout, or oneDNN's with ``backend="onednn"``; 2–3× faster mat-vecs here).
+    ``pack``: on a CPU, hold the linear and expert weights prepacked (:mod:`moelab.infer.packed`:
+    moelab's native layouts for bf16 and fp32, or oneDNN's for bf16 with ``backend="onednn"``;
+    2–3× faster mat-vecs here).
     Leave it off for a copy that is to be quantized next (quantization replaces plain linears and experts).
     """
     out = copy.deepcopy(model).to(dtype)
@@ -68,7 +69,7 @@ def cast_for_decode(model: nn.Module, dtype: torch.dtype, pack: bool = True, bac
     rope = getattr(out, "rope", None)
     if rope is not None:
         rope.inv_freq = model.rope.inv_freq.detach().clone().float()  # type: ignore[union-attr]
-    if pack and dtype == torch.bfloat16:
+    if pack and (dtype == torch.bfloat16 or (dtype == torch.float32 and backend != "onednn")):
         pack_for_decode(out, backend=backend)
     return out.eval()
 

@@ -5,11 +5,11 @@ experts' projections and activations, the weighted sum), each paying Python and 
 overhead that its dense twin pays two or three times; :mod:`moelab.native.fused` runs the whole
 block, router included, in one call. The rules here decide when that is the same computation:
 
-- weights in a native layout: bf16 from :class:`moelab.infer.packed.NativeLinear` /
+- weights in a native layout: bf16 or fp32 from :class:`moelab.infer.packed.NativeLinear` /
   :class:`~moelab.infer.packed.NativeExperts`, or weight-only int8/int4 layers
   (:class:`moelab.quant.QuantLinear`) packed for the native kernels, without K padding or bias;
-- SwiGLU (the gate rows then the up rows of ``w_up``), activations in bf16 (any weights) or
-  fp32 (quantized weights);
+- SwiGLU (the gate rows then the up rows of ``w_up``), activations in bf16 or fp32 (the
+  weights' dtype for bf16/fp32 weights);
 - MoE: a plain softmax top-k router (what :func:`moelab.infer.fast_decode._plain_topk` accepts),
   with its fp32 gate weight; renormalised, raw or softmax-after-top-k combine weights.
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from moelab.infer.packed import NativeExperts, NativeLinear
 from moelab.model.mlp import DenseMLP
-from moelab.native.fused import KIND_BF16, KIND_INT4, KIND_INT8, FusedFFN, FusedMoE, Mat, make_mat
+from moelab.native.fused import KIND_BF16, KIND_F32, KIND_INT4, KIND_INT8, FusedFFN, FusedMoE, Mat, make_mat
 
 
 def native_mat(mod: nn.Module, act_dtype: torch.dtype) -> tuple[Mat, tuple[Tensor, ...]] | None:
@@ -34,9 +34,10 @@ def native_mat(mod: nn.Module, act_dtype: torch.dtype) -> tuple[Mat, tuple[Tenso
     from moelab.quant import QuantLinear
 
     if isinstance(mod, NativeLinear):
-        if mod.bias is not None or act_dtype != torch.bfloat16:
+        if mod.bias is not None or act_dtype != mod.dtype:
             return None
-        return make_mat(KIND_BF16, mod.out_features, mod.in_features, mod.packed), (mod.packed,)
+        kind = KIND_BF16 if mod.dtype == torch.bfloat16 else KIND_F32
+        return make_mat(kind, mod.out_features, mod.in_features, mod.packed), (mod.packed,)
     if isinstance(mod, QuantLinear):
         if mod.bias is not None or mod.k_padded != mod.in_features:
             return None
@@ -57,11 +58,12 @@ def _expert_mats(experts: nn.Module, act_dtype: torch.dtype) -> tuple[list[Mat],
 
     ups, downs, keep = [], [], []
     if isinstance(experts, NativeExperts):
-        if act_dtype != torch.bfloat16:
+        if act_dtype != experts.dtype:
             return None
+        kind = KIND_BF16 if experts.dtype == torch.bfloat16 else KIND_F32
         for e in range(experts.num_experts):
-            ups.append(make_mat(KIND_BF16, experts.up_rows, experts.d_model, experts._up[e]))
-            downs.append(make_mat(KIND_BF16, experts.d_model, experts.hidden, experts._down[e]))
+            ups.append(make_mat(kind, experts.up_rows, experts.d_model, experts._up[e]))
+            downs.append(make_mat(kind, experts.d_model, experts.hidden, experts._down[e]))
             keep += [experts._up[e], experts._down[e]]
         return ups, downs, tuple(keep)
     if isinstance(experts, QuantExperts):

@@ -102,61 +102,70 @@ class PackedExperts(PerExpertModule):
         return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, packed=oneDNN"
 
 
+def _native_pack(w_NK: Tensor) -> Tensor:
+    from moelab.native.qmatmul import bf16_pack, f32_pack
+
+    return bf16_pack(w_NK) if w_NK.dtype == torch.bfloat16 else f32_pack(w_NK)
+
+
 class NativeLinear(nn.Module):
-    """An inference-only bf16 ``nn.Linear`` in moelab's native pair layout (:func:`bf16_pack`).
+    """An inference-only bf16 or fp32 ``nn.Linear`` in moelab's native layout (16 rows
+    interleaved; bf16 also pairs two inputs per 32-bit lane: :func:`moelab.native.qmatmul.bf16_pack`).
 
     Like :class:`PackedLinear`, the packed weight is held outside parameters and buffers: a
     decode copy is never saved or moved.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
-        from moelab.native.qmatmul import bf16_pack
-
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = bf16_pack(linear.weight.detach().to(torch.bfloat16))
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).clone()
+        self.dtype = linear.weight.dtype
+        self.packed = _native_pack(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: Tensor) -> Tensor:
-        return _native_linear(x, self.packed, self.bias, self.out_features)
+        return _native_linear(x, self.packed, self.bias, self.out_features, self.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=native-bf16"
+        kind = "bf16" if self.dtype == torch.bfloat16 else "fp32"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=native-{kind}"
 
 
-def _native_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
-    from moelab.native.qmatmul import bf16_matmul
+def _native_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int, dtype: torch.dtype) -> Tensor:
+    from moelab.native.qmatmul import bf16_matmul, f32_matmul
 
     lead = x.shape[:-1]
     x_MK = x.reshape(-1, x.shape[-1])
-    if x_MK.dtype != torch.bfloat16:
-        x_MK = x_MK.to(torch.bfloat16)
-    y = bf16_matmul(x_MK if x_MK.is_contiguous() else x_MK.contiguous(), packed, out_features)
+    if x_MK.dtype != dtype:
+        x_MK = x_MK.to(dtype)
+    if not x_MK.is_contiguous():
+        x_MK = x_MK.contiguous()
+    y = (bf16_matmul if dtype == torch.bfloat16 else f32_matmul)(x_MK, packed, out_features)
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*lead, out_features)
 
 
 class NativeExperts(PerExpertModule):
-    """E experts with each expert's ``w_up`` / ``w_down`` in the native bf16 pair layout."""
+    """E experts with each expert's ``w_up`` / ``w_down`` in the native layout of their dtype."""
 
     def __init__(self, experts: Experts) -> None:
-        from moelab.native.qmatmul import bf16_pack
-
         super().__init__()
         self.num_experts, self.d_model = experts.num_experts, experts.d_model
         self.hidden, self.activation = experts.hidden, experts.activation
         self.up_rows = experts.w_up.shape[1]
-        self._up = [bf16_pack(experts.w_up[e].detach().to(torch.bfloat16)) for e in range(self.num_experts)]
-        self._down = [bf16_pack(experts.w_down[e].detach().to(torch.bfloat16)) for e in range(self.num_experts)]
+        self.dtype = experts.w_up.dtype
+        self._up = [_native_pack(experts.w_up[e].detach()) for e in range(self.num_experts)]
+        self._down = [_native_pack(experts.w_down[e].detach()) for e in range(self.num_experts)]
 
     def forward_expert(self, e: int, x_nD: Tensor) -> Tensor:
         """One expert on its rows: ``[n, D] → [n, D]``."""
-        h = _native_linear(x_nD, self._up[e], None, self.up_rows)
-        return _native_linear(activate(h, self.activation), self._down[e], None, self.d_model)
+        h = _native_linear(x_nD, self._up[e], None, self.up_rows, self.dtype)
+        return _native_linear(activate(h, self.activation), self._down[e], None, self.d_model, self.dtype)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, packed=native-bf16"
+        kind = "bf16" if self.dtype == torch.bfloat16 else "fp32"
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, packed=native-{kind}"
 
 
 def packed_bytes(model: nn.Module) -> int:
@@ -180,7 +189,7 @@ def native_available() -> bool:
 
 
 def _native_fits(mod: nn.Module) -> bool:
-    """The native bf16 kernel needs K % 8 == 0 for every matrix it would hold."""
+    """The native layouts need K % 8 == 0 (bf16 pairs, four at a time) for every matrix."""
     if isinstance(mod, Experts):
         return mod.d_model % 8 == 0 and mod.hidden % 8 == 0
     return mod.in_features % 8 == 0  # type: ignore[operator]
@@ -204,12 +213,12 @@ def pack_for_decode(model: nn.Module, rows_hint: int = 1, backend: str = "auto")
     for path, mod in weight_modules(model):
         dtype, device = _weight_dtype_device(mod)
         native = (
-            backend != "onednn" and dtype == torch.bfloat16 and device.type == "cpu" and _native_fits(mod)
-            and native_available()
+            backend != "onednn" and dtype in (torch.bfloat16, torch.float32) and device.type == "cpu"
+            and _native_fits(mod) and native_available()
         )  # fmt: skip
         if native:
             new: nn.Module = NativeExperts(mod) if isinstance(mod, Experts) else NativeLinear(mod)  # type: ignore[arg-type]
-        elif backend != "native" and packing_available(dtype, device):
+        elif backend != "native" and packing_available(dtype, device) and (dtype == torch.bfloat16 or backend == "onednn"):
             new = PackedExperts(mod, rows_hint) if isinstance(mod, Experts) else PackedLinear(mod, rows_hint)  # type: ignore[arg-type]
         else:
             continue

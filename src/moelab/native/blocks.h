@@ -77,14 +77,14 @@ static void q4_dequant_block(const uint8_t* blk, int K, int group, const void* s
 
 /* out[m*16 + r] = sum_k w[k*16 + r] * x[m, k] for the M rows of x (K % 4 == 0): four rows of x
  * share each load of w; a lone row (or the last few) uses four accumulators over k instead. */
-static void block_gemm(const float* w, int K, const float* xf, int M, float* out) {
+static UNUSED void block_gemm(const float* w, int K, const float* xf, int M, float* out) {
     int m = 0;
 #if MOELAB_AVX512
     for (; m + 4 <= M; m += 4) {
         const float *x0 = xf + (int64_t)m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int k = 0; k < K; k++) {
-            __m512 wk = _mm512_load_ps(w + (int64_t)k * BLOCK);
+            __m512 wk = _mm512_loadu_ps(w + (int64_t)k * BLOCK);
             a0 = _mm512_fmadd_ps(wk, _mm512_set1_ps(x0[k]), a0);
             a1 = _mm512_fmadd_ps(wk, _mm512_set1_ps(x1[k]), a1);
             a2 = _mm512_fmadd_ps(wk, _mm512_set1_ps(x2[k]), a2);
@@ -100,10 +100,10 @@ static void block_gemm(const float* w, int K, const float* xf, int M, float* out
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int k = 0; k < K; k += 4) {
             const float* wk = w + (int64_t)k * BLOCK;
-            a0 = _mm512_fmadd_ps(_mm512_load_ps(wk), _mm512_set1_ps(xm[k]), a0);
-            a1 = _mm512_fmadd_ps(_mm512_load_ps(wk + 16), _mm512_set1_ps(xm[k + 1]), a1);
-            a2 = _mm512_fmadd_ps(_mm512_load_ps(wk + 32), _mm512_set1_ps(xm[k + 2]), a2);
-            a3 = _mm512_fmadd_ps(_mm512_load_ps(wk + 48), _mm512_set1_ps(xm[k + 3]), a3);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wk), _mm512_set1_ps(xm[k]), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wk + 16), _mm512_set1_ps(xm[k + 1]), a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wk + 32), _mm512_set1_ps(xm[k + 2]), a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wk + 48), _mm512_set1_ps(xm[k + 3]), a3);
         }
         _mm512_storeu_ps(out + m * BLOCK, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     }

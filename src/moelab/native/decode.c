@@ -7,6 +7,7 @@
  * 10-20% slower than its dense twin, which reads the same bytes with fewer calls. Here the
  * MoE block costs one call, like a dense block.
  *
+ * Weights: bf16, fp32, int8 or int4 in the layouts of qmatmul.c.
  * Arithmetic follows the eager modules step by step, including where they round to the
  * activation dtype (bf16): router logits, softmax and combine weights in fp32; each
  * projection's output rounded; SwiGLU as silu(gate) rounded, times up, rounded; each expert's
@@ -21,7 +22,7 @@
 
 #include "blocks.h"
 
-enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_INT4 = 2 };
+enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_INT4 = 2, KIND_F32 = 3 };
 enum { ROUTE_RENORMALIZE = 0, ROUTE_PROBS = 1, ROUTE_SOFTMAX_AFTER_TOPK = 2 };
 
 /* One weight matrix in a native layout (see qmatmul.c); n outputs, np padded, k inputs. */
@@ -43,6 +44,9 @@ static inline float round_act(float v, int bf16) { return bf16 ? bf16_to_f32(f32
 /* The 16 outputs of block b of m times x, scaled (int8) and rounded to the activation dtype. */
 static void mat_block(const moelab_mat_t* m, int b, const vec_t* x, int bf16, float* scratch, float* out) {
     float acc[BLOCK] __attribute__((aligned(64)));
+    if (m->kind == KIND_F32) {
+        block_gemm((const float*)m->w + (int64_t)b * m->k * BLOCK, m->k, x->f32, 1, acc);
+    } else
 #if MOELAB_AVX512
     if (m->kind == KIND_BF16) {
         _mm512_store_ps(acc, bf16_block_vec((const uint32_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, x->pairs, x->f32));
@@ -58,6 +62,7 @@ static void mat_block(const moelab_mat_t* m, int b, const vec_t* x, int bf16, fl
             _mm512_store_ps(acc, q4_block_vec(blk, m->k, m->group, m->scales, m->np, b, bf16, x->f32, x->gsum));
     }
 #else
+    {
     if (m->kind == KIND_BF16)
         bf16_dequant_block((const uint32_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, scratch);
     else if (m->kind == KIND_INT8)
@@ -66,6 +71,7 @@ static void mat_block(const moelab_mat_t* m, int b, const vec_t* x, int bf16, fl
         q4_dequant_block((const uint8_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, m->group, m->scales, m->np, b,
                          bf16, scratch);
     block_gemm(scratch, m->k, x->f32, 1, acc);
+    }
 #endif
     (void)scratch;
     for (int r = 0; r < BLOCK; r++) {

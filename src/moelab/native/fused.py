@@ -19,7 +19,7 @@ from torch import Tensor
 
 from moelab.native.build import library
 
-KIND_BF16, KIND_INT8, KIND_INT4 = 0, 1, 2
+KIND_BF16, KIND_INT8, KIND_INT4, KIND_F32 = 0, 1, 2, 3
 ROUTE_MODES = {"renormalize": 0, "probs": 1, "softmax_after_topk": 2}
 
 

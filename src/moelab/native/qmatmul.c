@@ -25,7 +25,7 @@
 
 #include "blocks.h"
 
-int moelab_native_version(void) { return 2; }
+int moelab_native_version(void) { return 3; }
 int moelab_native_simd_bits(void) { return MOELAB_AVX512 ? 512 : 0; }
 int moelab_native_bf16_dot(void) { return MOELAB_BF16DOT; }
 int moelab_native_max_threads(void) { return omp_get_max_threads(); }
@@ -177,5 +177,25 @@ int moelab_bf16_matmul(const uint16_t* x, const uint32_t* wb, uint16_t* y, int M
         scratch_free(&t);
     }
     free(xf);
+    return failed ? -1 : 0;
+}
+
+/* y[M, N] = x[M, K] · wᵀ for fp32 x and fp32 weights in the 16-row layout ([N/16, K, 16]; K % 4 == 0). */
+int moelab_f32_matmul(const float* x, const float* wb, float* y, int M, int N, int K, int threads) {
+    const int nblocks = (N + BLOCK - 1) / BLOCK;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|| : failed)
+    {
+        float* out = (float*)aligned_alloc(64, (size_t)M * BLOCK * 4 + 64);
+        failed = !out;
+#pragma omp for schedule(static)
+        for (int b = 0; b < nblocks; b++) {
+            if (failed) continue;
+            block_gemm(wb + (int64_t)b * K * BLOCK, K, x, M, out);
+            for (int m = 0; m < M; m++)
+                for (int r = 0; r < BLOCK && b * BLOCK + r < N; r++) y[(int64_t)m * N + b * BLOCK + r] = out[m * BLOCK + r];
+        }
+        free(out);
+    }
     return failed ? -1 : 0;
 }

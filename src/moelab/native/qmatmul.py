@@ -107,3 +107,27 @@ def bf16_matmul(x_MK: Tensor, packed: Tensor, n: int) -> Tensor:
     if rc != 0:
         raise MemoryError("native bf16 matmul could not allocate its scratch buffers")
     return y
+
+
+def f32_pack(w_NK: Tensor) -> Tensor:
+    """An fp32 weight ``[N, K]`` (K % 4 == 0) → the 16-row layout, flat ``[Np, K]``."""
+    if w_NK.dtype != torch.float32 or w_NK.shape[1] % 4:
+        raise ValueError(f"f32_pack takes an fp32 [N, K] weight with K % 4 == 0, got {w_NK.dtype} {tuple(w_NK.shape)}")
+    return interleave_rows(w_NK.detach().contiguous())
+
+
+def f32_matmul(x_MK: Tensor, packed: Tensor, n: int) -> Tensor:
+    """``x · wᵀ → [M, n]`` in fp32 with ``packed`` from :func:`f32_pack`."""
+    k = packed.shape[1]
+    if x_MK.dtype != torch.float32 or x_MK.device.type != "cpu":
+        raise ValueError(f"the native fp32 kernel takes CPU fp32 x, got {x_MK.dtype} on {x_MK.device}")
+    if x_MK.dim() != 2 or x_MK.shape[1] != k or not x_MK.is_contiguous() or packed.shape[0] < n:
+        raise ValueError(f"the native fp32 kernel takes contiguous x [M, {k}], got {tuple(x_MK.shape)}")
+    m = x_MK.shape[0]
+    y = x_MK.new_empty(m, n)
+    if m == 0:
+        return y
+    rc = library().moelab_f32_matmul(x_MK.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())  # type: ignore[union-attr]
+    if rc != 0:
+        raise MemoryError("native fp32 matmul could not allocate its scratch buffers")
+    return y
