@@ -134,3 +134,87 @@ def test_fused_decoder_greedy_tokens_equal_reference_generation_on_int8() -> Non
     ref = [c.token_ids for c in generate(copy.deepcopy(model), prompts, params)]
     got = [fast_generate(model, [p], params)[0].token_ids for p in prompts]
     assert got == ref
+
+
+@pytest.fixture(params=["default", "generic"])
+def native_build(request, monkeypatch):
+    """Run on the default build (AVX-512, VNNI, BF16 where the CPU has them) and on a generic one."""
+    import warnings
+
+    import moelab.native.fused as nf
+    import moelab.native.qmatmul as nq
+    from moelab.native import build
+
+    flags = () if request.param == "default" else ("-mno-avx512f",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lib = build.library(flags)
+    if lib is None:
+        pytest.skip(f"build {request.param!r} unavailable")
+    monkeypatch.setattr(nf, "library", lambda: lib)
+    monkeypatch.setattr(nq, "library", lambda: lib)
+    return request.param
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_attention_equals_the_attention_module(native_build, variant: str) -> None:
+    """Norm, projections, RoPE, cache write, attention over every cached position and the residual,
+    against the module path on the same cache, position after position."""
+    from moelab.infer.fused import attention_step
+    from moelab.infer.kv_cache import make_cache
+
+    torch.manual_seed(0)
+    cfg = tiny_config(d_model=64, n_heads=4, n_kv_heads=2)
+    model = decode_copy(Transformer(cfg).eval(), variant)
+    act = model.embed.weight.dtype
+    block = model.blocks[0]
+    step = attention_step(block, model.cfg, act)
+    assert step is not None
+    fused_cache, ref_cache = make_cache("static", model, 1, 8), make_cache("static", model, 1, 8)
+    for pos in range(5):
+        x = torch.randn(1, 1, 64).to(act)
+        rope = model.rope(torch.tensor([[pos]]))
+        ref = x + block.attn(block.attn_norm(x), rope, None, False, ref_cache[0])
+        got = x.clone()
+        step(got, rope, fused_cache[0])
+        assert fused_cache[0].length == ref_cache[0].length == pos + 1
+        t = 5 * tol(variant)
+        torch.testing.assert_close(fused_cache[0].k[:, :, : pos + 1].float(), ref_cache[0].k[:, :, : pos + 1].float(), rtol=t, atol=t)
+        torch.testing.assert_close(got.float(), ref.float(), rtol=t, atol=t)
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8-bf16", "int4-bf16", "int8-fp32"])
+def test_fused_steps_on_both_builds_track_the_modules(native_build, variant: str) -> None:
+    """Whole decode steps with every block fused (attention and feed-forward, MoE with a shared
+    expert), default and generic builds, against the same model's modules."""
+    torch.manual_seed(0)
+    moe = tiny_moe(num_experts=4, top_k=2, expert_hidden=64, num_shared_experts=1, placement="first_k_dense")
+    model = decode_copy(Transformer(tiny_config(d_model=64, ffn_hidden=96, moe=moe)).eval(), variant)
+    fused, plain = FastDecoder(model, 1, 16), FastDecoder(model, 1, 16, fused=False)
+    assert all(fused.attn_steps) and all(fused.ffn_steps)
+    ids = torch.randint(0, 90, (1, 5))
+    a, b = fused.prefill(ids), plain.prefill(ids)
+    for _ in range(5):
+        tok = b.argmax(-1, keepdim=True)
+        a, b = fused.step(tok), plain.step(tok)
+        torch.testing.assert_close(a.float(), b.float(), rtol=5 * tol(variant), atol=5 * tol(variant))
+
+
+def test_one_token_with_a_wide_range_of_magnitudes_through_integer_limbs() -> None:
+    """The int8/int4 single-row path splits x into integer limbs (VNNI): with fp32 x (three limbs)
+    each entry is represented to within 2^-22 of the largest one, so a token whose entries span 30
+    binary orders of magnitude multiplies to within 2^-21·max|x|·Σ|w| (+ fp32 summation error)."""
+    from moelab.native.qmatmul import interleave_rows, q8_matmul
+
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    s = torch.rand(32) + 0.5
+    x = torch.randn(1, 64) * torch.logspace(-15, 15, 64, base=2.0)
+    x[0, 3] = 0.0
+    ref = (x.double() @ (q.double() * s.double()[:, None]).T).float()
+    got = q8_matmul(x, interleave_rows(q), s, 32)
+    w_abs = (q.double().abs() * s.double()[:, None]).sum(1).float()  # Σ_k |w_nk|
+    terms = (x.abs().double() @ (q.double().abs() * s.double()[:, None]).T).float()  # Σ_k |x_k w_nk|
+    bound = 2.0**-21 * x.abs().max() * w_abs + 1e-6 * terms
+    assert ((got - ref).abs() <= bound).all()
+    assert torch.equal(q8_matmul(torch.zeros(1, 64), interleave_rows(q), s, 32), torch.zeros(1, 32))

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from moelab.errors import UserError
 from moelab.hardware import bf16_is_fast
-from moelab.infer.fused import block_step
+from moelab.infer.fused import attention_step, block_step
 from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, _Row, check_prompts, sample_token
 from moelab.infer.kv_cache import make_cache
 from moelab.infer.packed import pack_for_decode
@@ -104,6 +104,7 @@ class FastDecoder:
         self.ffn_steps = [
             block_step(b, act_dtype, topk) if use_fused else None for b, topk in zip(model.blocks, self.plain_topk)
         ]
+        self.attn_steps = [attention_step(b, cfg, act_dtype) if use_fused else None for b in model.blocks]
         self.valid_BM = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.ones_B1 = torch.ones(batch, 1, dtype=torch.long, device=self.device)
@@ -140,12 +141,15 @@ class FastDecoder:
         if cfg.positions == "learned":
             x = x + model.pos_embed(self.pos_B1)
         for i, block in enumerate(model.blocks):
-            x = x + block.attn(block.attn_norm(x), rope, mask, False, self.cache[i])
-            h = block.ffn_norm(x)
-            fused = self.ffn_steps[i]
-            if fused is not None:
-                x = x + fused(h)
+            attn, ffn = self.attn_steps[i], self.ffn_steps[i]  # fused steps update x in place
+            if attn is not None and mask is None:
+                attn(x, rope, self.cache[i])
             else:
+                x = x + block.attn(block.attn_norm(x), rope, mask, False, self.cache[i])
+            if ffn is not None:
+                ffn(x)
+            else:
+                h = block.ffn_norm(x)
                 x = x + (self._moe(i, block.ffn, h, tokens_B1) if block.is_moe else block.ffn(h))
         self.length = L
         self.pos_B1 += 1

@@ -26,7 +26,18 @@ from torch import Tensor, nn
 
 from moelab.infer.packed import NativeExperts, NativeLinear
 from moelab.model.mlp import DenseMLP
-from moelab.native.fused import KIND_BF16, KIND_F32, KIND_INT4, KIND_INT8, FusedFFN, FusedMoE, Mat, make_mat
+from moelab.native.fused import (
+    KIND_BF16,
+    KIND_F32,
+    KIND_INT4,
+    KIND_INT8,
+    FusedAttention,
+    FusedFFN,
+    FusedMoE,
+    Mat,
+    Norm,
+    make_mat,
+)
 
 
 def native_mat(mod: nn.Module, act_dtype: torch.dtype) -> tuple[Mat, tuple[Tensor, ...]] | None:
@@ -112,26 +123,85 @@ def fused_moe(ffn: nn.Module, act_dtype: torch.dtype) -> FusedMoE | None:
     return FusedMoE(ups, downs, gate.weight.detach(), ffn.router.top_k, route_mode(ffn.router), act_dtype == torch.bfloat16, keep)
 
 
+def norm_of(norm: nn.Module, act_dtype: torch.dtype) -> Norm | None:
+    """An RMSNorm with a weight in the activation dtype and an explicit eps, as a :class:`Norm`."""
+    if type(norm) is not nn.RMSNorm or norm.weight is None or norm.eps is None or norm.weight.dtype != act_dtype:
+        return None
+    return Norm(norm.weight, norm.eps)
+
+
+def fused_attention(block: nn.Module, cfg, act_dtype: torch.dtype) -> FusedAttention | None:
+    """A block's attention half (pre-norm, q/k/v, RoPE, cache write, attention, o, residual) as
+    one native call, or None: needs grouped-query attention with rotate-half RoPE, no biases or
+    q/k norms, an RMSNorm, and native weights."""
+    from moelab.model.transformer import Attention
+
+    attn = block.attn
+    if type(attn) is not Attention or cfg.positions != "rope" or attn.qk_norm != "none" or cfg.attention != "causal":
+        return None
+    norm = norm_of(block.attn_norm, act_dtype)
+    mats = [native_mat(getattr(attn, name), act_dtype) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if norm is None or any(m is None for m in mats):
+        return None
+    keep = tuple(t for m in mats for t in m[1])  # type: ignore[index]
+    q, k, v, o = (m[0] for m in mats)  # type: ignore[index]
+    bf16 = act_dtype == torch.bfloat16
+    return FusedAttention(q, k, v, o, norm, attn.n_heads, attn.n_kv_heads, attn.head_dim, bf16, (*keep, norm.weight))
+
+
+def attention_step(block: nn.Module, cfg, act_dtype: torch.dtype):
+    """The attention half of one block at batch 1 as a callable ``(x [1, 1, D], rope, cache
+    layer) → None`` that updates x in place and fills the cache, or None."""
+    from moelab.infer.kv_cache import StaticLayerCache
+    from moelab.native.build import library
+
+    if library() is None:
+        return None
+    fused = fused_attention(block, cfg, act_dtype)
+    if fused is None:
+        return None
+
+    def step(x: Tensor, rope: tuple[Tensor, Tensor], layer) -> None:
+        if type(layer) is not StaticLayerCache:
+            raise ValueError("fused attention needs a static KV cache layer")
+        fused.add_to(x.view(-1), rope[0], rope[1], layer.k, layer.v, layer.length)
+        layer.length += 1
+
+    return step
+
+
 def block_step(block: nn.Module, act_dtype: torch.dtype, plain_topk: bool):
-    """The feed-forward part of one transformer block at batch 1 as a callable ``h [1, 1, D] →
-    [1, 1, D]`` built on the native calls above, or None when the block does not qualify."""
+    """The feed-forward half of one block at batch 1 (pre-norm, block, residual) as a callable
+    ``x [1, 1, D] → None`` updating x in place, built on the native calls above, or None when
+    the block does not qualify."""
     from moelab.native.build import library
 
     if library() is None:
         return None
     ffn = block.ffn
+    norm = norm_of(block.ffn_norm, act_dtype)
     if not block.is_moe:
         step = fused_ffn(ffn, act_dtype)
-        return None if step is None else (lambda h: step(h.reshape(-1)).view_as(h))
+        if step is None:
+            return None
+        if norm is not None:
+            step.norm = norm
+            return lambda x: step.add_to(x.view(-1))
+        return lambda x: x.add_(step(block.ffn_norm(x).reshape(-1)).view_as(x))
     moe = fused_moe(ffn, act_dtype) if plain_topk else None
     if moe is None:
         return None
-    if ffn.shared is None:
-        return lambda h: moe(h.reshape(-1)).view_as(h)
-    shared = fused_ffn(ffn.shared, act_dtype)
-    if shared is None:
-        return lambda h: moe(h.reshape(-1)).view_as(h) + ffn.shared(h)
-    return lambda h: (moe(h.reshape(-1)) + shared(h.reshape(-1))).view_as(h)
+    shared = None if ffn.shared is None else fused_ffn(ffn.shared, act_dtype)
+    if norm is not None and (ffn.shared is None or shared is not None):
+        moe.norm, moe.shared = norm, shared
+        return lambda x: moe.add_to(x.view(-1))
+
+    def unfused_norm(x: Tensor) -> None:
+        h = block.ffn_norm(x)
+        y = moe(h.reshape(-1)).view_as(h)
+        x.add_(y if ffn.shared is None else y + ffn.shared(h))
+
+    return unfused_norm
 
 
-__all__ = ["block_step", "fused_ffn", "fused_moe", "native_mat", "route_mode"]
+__all__ = ["attention_step", "block_step", "fused_attention", "fused_ffn", "fused_moe", "native_mat", "norm_of", "route_mode"]

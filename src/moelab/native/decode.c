@@ -22,77 +22,7 @@
 
 #include "blocks.h"
 
-enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_INT4 = 2, KIND_F32 = 3 };
-enum { ROUTE_RENORMALIZE = 0, ROUTE_PROBS = 1, ROUTE_SOFTMAX_AFTER_TOPK = 2 };
-
-/* One weight matrix in a native layout (see qmatmul.c); n outputs, np padded, k inputs. */
-typedef struct {
-    int kind, n, np, k, group;
-    const void* w;
-    const void* scales; /* int8: [n]; int4: [k/group, np, 2]; in the activation dtype. bf16: unused */
-} moelab_mat_t;
-
-/* An input vector in every form the block kernels read. */
-typedef struct {
-    const float* f32;      /* [k] */
-    const uint32_t* pairs; /* [k/2] bf16 pairs (bf16 activations only) */
-    const float* gsum;     /* [k/group] sums of groups (int4 only) */
-} vec_t;
-
-static inline float round_act(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
-
-/* The 16 outputs of block b of m times x, scaled (int8) and rounded to the activation dtype. */
-static void mat_block(const moelab_mat_t* m, int b, const vec_t* x, int bf16, float* scratch, float* out) {
-    float acc[BLOCK] __attribute__((aligned(64)));
-    if (m->kind == KIND_F32) {
-        block_gemm((const float*)m->w + (int64_t)b * m->k * BLOCK, m->k, x->f32, 1, acc);
-    } else
-#if MOELAB_AVX512
-    if (m->kind == KIND_BF16) {
-        _mm512_store_ps(acc, bf16_block_vec((const uint32_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, x->pairs, x->f32));
-    } else if (m->kind == KIND_INT8) {
-        _mm512_store_ps(acc, q8_block_vec((const int8_t*)m->w + (int64_t)b * m->k * BLOCK, m->k, x->f32));
-    } else {
-        const uint8_t* blk = (const uint8_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK;
-#if MOELAB_BF16DOT
-        if (bf16)
-            q4_block_bf16dot(blk, m->k, m->group, m->scales, m->np, b, x->pairs, x->gsum, 1, acc);
-        else
-#endif
-            _mm512_store_ps(acc, q4_block_vec(blk, m->k, m->group, m->scales, m->np, b, bf16, x->f32, x->gsum));
-    }
-#else
-    {
-    if (m->kind == KIND_BF16)
-        bf16_dequant_block((const uint32_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, scratch);
-    else if (m->kind == KIND_INT8)
-        q8_dequant_block((const int8_t*)m->w + (int64_t)b * m->k * BLOCK, m->k, scratch);
-    else
-        q4_dequant_block((const uint8_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, m->group, m->scales, m->np, b,
-                         bf16, scratch);
-    block_gemm(scratch, m->k, x->f32, 1, acc);
-    }
-#endif
-    (void)scratch;
-    for (int r = 0; r < BLOCK; r++) {
-        int n = b * BLOCK + r;
-        float v = acc[r];
-        if (m->kind == KIND_INT8 && n < m->n) v *= load_el(m->scales, n, bf16);
-        out[r] = round_act(v, bf16);
-    }
-}
-
-static inline int blocks_of(const moelab_mat_t* m) { return (m->n + BLOCK - 1) / BLOCK; }
-
-static void fill_vec(float* f32, uint16_t* raw, float* gsum, int k, int group) {
-    for (int i = 0; i < k; i++) raw[i] = f32_to_bf16(f32[i]);
-    if (group > 0)
-        for (int g = 0; g < k / group; g++) {
-            float s = 0.f;
-            for (int i = g * group; i < (g + 1) * group; i++) s += f32[i];
-            gsum[g] = s;
-        }
-}
+#include "steps.h"
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
@@ -108,7 +38,17 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
     float* a = (float*)aligned_alloc(64, (size_t)(((int64_t)n_sel * f * 4 + 63) / 64 * 64));
     uint16_t* a_raw = (uint16_t*)aligned_alloc(64, (size_t)(((int64_t)n_sel * f * 2 + 63) / 64 * 64));
     float* asum = (float*)malloc(sizeof(float) * (size_t)(dg ? n_sel * (f / dg) : 1));
-    const int prep_failed = !xf || !xsum || !h || !a || !a_raw || !asum;
+    const int quant = up[0]->kind == KIND_INT8 || up[0]->kind == KIND_INT4;  /* all experts share one kind */
+    const int dquant = down[0]->kind == KIND_INT8 || down[0]->kind == KIND_INT4;
+    const int vnni = MOELAB_VNNI && d % 8 == 0 && f % 8 == 0;
+    limbs_t xl = {0}, al[64];
+    int limbs_ok = 1;
+    if (vnni && quant) limbs_ok = limbs_alloc(&xl, d);
+    for (int i = 0; i < n_sel; i++) {
+        al[i] = (limbs_t){0};
+        if (vnni && dquant) limbs_ok &= limbs_alloc(&al[i], f);
+    }
+    const int prep_failed = !xf || !xsum || !h || !a || !a_raw || !asum || !limbs_ok || n_sel > 64;
     int failed = 0;
     if (!prep_failed) {
         for (int i = 0; i < d; i++) xf[i] = load_el(x, i, bf16);
@@ -118,6 +58,7 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
                 for (int i = g * ug; i < (g + 1) * ug; i++) s += xf[i];
                 xsum[g] = s;
             }
+        if (vnni && quant) split_limbs(xf, d, bf16 ? 2 : LIMBS, &xl);
     }
     const int up_blocks = blocks_of(up[0]), down_blocks = blocks_of(down[0]);
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
@@ -125,7 +66,7 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         float* scratch = MOELAB_AVX512 ? NULL : (float*)aligned_alloc(64, (size_t)kmax * BLOCK * 4);
         int ok = !prep_failed && (MOELAB_AVX512 || scratch);
         float out[BLOCK] __attribute__((aligned(64)));
-        vec_t xv = {xf, (const uint32_t*)x, xsum};
+        vec_t xv = {xf, (const uint32_t*)x, xsum, vnni && quant ? &xl : NULL};
         /* up projections of every chosen expert, 16 rows at a time */
 #pragma omp for schedule(static)
         for (int t = 0; t < n_sel * up_blocks; t++) {
@@ -144,14 +85,18 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < n_sel; i++)
-            if (ok) fill_vec(a + (int64_t)i * f, a_raw + (int64_t)i * f, asum + (dg ? i * (f / dg) : 0), f, dg);
+            if (ok) {
+                fill_vec(a + (int64_t)i * f, a_raw + (int64_t)i * f, asum + (dg ? i * (f / dg) : 0), f, dg);
+                if (vnni && dquant) split_limbs(a + (int64_t)i * f, f, bf16 ? 2 : LIMBS, &al[i]);
+            }
         /* down projections, summed over experts in order, 16 outputs at a time */
 #pragma omp for schedule(static)
         for (int b = 0; b < down_blocks; b++) {
             if (!ok) continue;
             float acc[BLOCK];
             for (int i = 0; i < n_sel; i++) {
-                vec_t av = {a + (int64_t)i * f, (const uint32_t*)(a_raw + (int64_t)i * f), asum + (dg ? i * (f / dg) : 0)};
+                vec_t av = {a + (int64_t)i * f, (const uint32_t*)(a_raw + (int64_t)i * f), asum + (dg ? i * (f / dg) : 0),
+                            vnni && dquant ? &al[i] : NULL};
                 mat_block(down[i], b, &av, bf16, scratch, out);
                 for (int r = 0; r < BLOCK; r++) {
                     float term = weights ? round_act(out[r] * weights[i], bf16) : out[r];
@@ -163,6 +108,8 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         failed = !ok;
         free(scratch);
     }
+    limbs_free(&xl);
+    for (int i = 0; i < n_sel && i < 64; i++) limbs_free(&al[i]);
     free(xf);
     free(xsum);
     free(h);
@@ -240,4 +187,72 @@ int moelab_moe_vec(const moelab_mat_t* up, const moelab_mat_t* down, const float
         downs[j] = down + ids[j];
     }
     return experts_vec(ups, downs, top_k, weights, x, y, bf16, threads);
+}
+
+/* ------------------------------------------------------------------ residual forms
+ * The block's whole feed-forward half, x += ffn(rms_norm(x)), with x updated in place. */
+
+static void add_residual(void* x, const float* y, int d, int bf16) {
+    for (int i = 0; i < d; i++) store_el(x, i, round_act(load_el(x, i, bf16) + y[i], bf16), bf16);
+}
+
+/* h = rms_norm(x) in the activation dtype (buffer of d elements). */
+static void* normed(const void* x, const void* norm_w, float eps, int d, int bf16) {
+    float* hf = (float*)malloc(sizeof(float) * (size_t)d);
+    void* h = malloc((size_t)d * (bf16 ? 2 : 4) + 64);
+    if (hf && h) {
+        rms_norm(x, norm_w, eps, d, bf16, hf);
+        for (int i = 0; i < d; i++) store_el(h, i, hf[i], bf16);
+    }
+    free(hf);
+    if (!hf) {
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
+int moelab_ffn_res(const moelab_mat_t* up, const moelab_mat_t* down, const void* norm_w, float eps, void* x, int bf16,
+                   int threads) {
+    const int d = up->k;
+    void* h = normed(x, norm_w, eps, d, bf16);
+    void* y = malloc((size_t)d * (bf16 ? 2 : 4) + 64);
+    float* yf = (float*)malloc(sizeof(float) * (size_t)d);
+    int rc = (h && y && yf) ? experts_vec(&up, &down, 1, NULL, h, y, bf16, threads) : -1;
+    if (rc == 0) {
+        for (int i = 0; i < d; i++) yf[i] = load_el(y, i, bf16);
+        add_residual(x, yf, d, bf16);
+    }
+    free(h);
+    free(y);
+    free(yf);
+    return rc;
+}
+
+/* x += moe(rms_norm(x)) (+ a shared expert's output when shared_up is not NULL). */
+int moelab_moe_res(const moelab_mat_t* up, const moelab_mat_t* down, const float* router_w, int num_experts, int top_k,
+                   int mode, const moelab_mat_t* shared_up, const moelab_mat_t* shared_down, const void* norm_w,
+                   float eps, void* x, int* ids, float* weights, int bf16, int threads) {
+    const int d = up[0].k;
+    const size_t bytes = (size_t)d * (bf16 ? 2 : 4) + 64;
+    void* h = normed(x, norm_w, eps, d, bf16);
+    void* y = malloc(bytes);
+    void* s = malloc(bytes);
+    float* yf = (float*)malloc(sizeof(float) * (size_t)d);
+    int rc = (h && y && s && yf) ? moelab_moe_vec(up, down, router_w, num_experts, top_k, mode, h, y, ids, weights, bf16,
+                                                 threads)
+                                 : -1;
+    if (rc == 0 && shared_up) rc = experts_vec(&shared_up, &shared_down, 1, NULL, h, s, bf16, threads);
+    if (rc == 0) {
+        for (int i = 0; i < d; i++) {
+            float v = load_el(y, i, bf16);
+            yf[i] = shared_up ? round_act(v + load_el(s, i, bf16), bf16) : v;
+        }
+        add_residual(x, yf, d, bf16);
+    }
+    free(h);
+    free(y);
+    free(s);
+    free(yf);
+    return rc;
 }

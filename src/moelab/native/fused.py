@@ -1,5 +1,8 @@
-"""Python side of the fused batch-1 decode steps in ``decode.c``: a dense SwiGLU block, or an MoE
-block with its softmax top-k router, in one call.
+"""Python side of the fused batch-1 decode steps in ``decode.c`` and ``attention.c``: a dense
+SwiGLU block, an MoE block with its softmax top-k router, or an attention block, in one call.
+
+Each step has a plain form (``step(h) → y``) and a residual form (``step.add_to(x)``: ``x +=
+block(rms_norm(x))`` in place, the block's pre-norm included), which is what the decoder runs.
 
 A weight enters as a :class:`Mat`, a C struct pointing at tensor memory in a native layout
 (bf16 pairs from :func:`moelab.native.qmatmul.bf16_pack`, or a quantized layer packed for the
@@ -49,13 +52,37 @@ def _check_activation(x: Tensor, d: int, bf16: bool) -> Tensor:
     return x.contiguous()
 
 
-class FusedFFN:
-    """``y = down(silu(gate) · up)`` for one token through ``moelab_ffn_vec``."""
+class Norm:
+    """An RMSNorm applied inside a residual step: its weight (activation dtype) and eps."""
 
-    def __init__(self, up: Mat, down: Mat, bf16: bool, keep: tuple[Tensor, ...]) -> None:
-        self.up, self.down, self.bf16, self._keep = up, down, bf16, keep
+    def __init__(self, weight: Tensor, eps: float) -> None:
+        self.weight, self.eps = weight.detach().contiguous(), float(eps)
+
+
+def _check_status(rc: int, what: str) -> None:
+    if rc == -1:
+        raise MemoryError(f"fused {what} step could not allocate its buffers")
+    if rc != 0:
+        raise ValueError(f"fused {what} step refused its arguments (code {rc})")
+
+
+class FusedFFN:
+    """``y = down(silu(gate) · up)`` for one token through ``moelab_ffn_vec`` (``moelab_ffn_res``
+    for :meth:`add_to`)."""
+
+    def __init__(self, up: Mat, down: Mat, bf16: bool, keep: tuple[Tensor, ...], norm: Norm | None = None) -> None:
+        self.up, self.down, self.bf16, self._keep, self.norm = up, down, bf16, keep, norm
         self.d = up.k
         self._lib = library()
+
+    def add_to(self, x: Tensor) -> None:
+        """``x += ffn(rms_norm(x))`` in place (x: one contiguous token)."""
+        _check_activation(x, self.d, self.bf16)
+        rc = self._lib.moelab_ffn_res(  # type: ignore[union-attr]
+            ctypes.byref(self.up), ctypes.byref(self.down), self.norm.weight.data_ptr(), self.norm.eps,  # type: ignore[union-attr]
+            x.data_ptr(), int(self.bf16), torch.get_num_threads(),
+        )  # fmt: skip
+        _check_status(rc, "feed-forward")
 
     def __call__(self, x: Tensor) -> Tensor:
         x = _check_activation(x, self.d, self.bf16)
@@ -63,8 +90,7 @@ class FusedFFN:
         rc = self._lib.moelab_ffn_vec(  # type: ignore[union-attr]
             ctypes.byref(self.up), ctypes.byref(self.down), x.data_ptr(), y.data_ptr(), int(self.bf16), torch.get_num_threads()
         )
-        if rc != 0:
-            raise MemoryError("fused feed-forward step could not allocate its buffers")
+        _check_status(rc, "feed-forward")
         return y
 
 
@@ -75,7 +101,7 @@ class FusedMoE:
 
     def __init__(
         self, ups: list[Mat], downs: list[Mat], router_w_ED: Tensor, top_k: int, mode: str, bf16: bool,
-        keep: tuple[Tensor, ...],
+        keep: tuple[Tensor, ...], norm: Norm | None = None, shared: FusedFFN | None = None,
     ) -> None:  # fmt: skip
         E = len(ups)
         if router_w_ED.dtype != torch.float32 or router_w_ED.shape != (E, ups[0].k):
@@ -89,6 +115,7 @@ class FusedMoE:
         self._ids = (ctypes.c_int * top_k)()
         self._weights = (ctypes.c_float * top_k)()
         self._keep = keep
+        self.norm, self.shared = norm, shared
         self._lib = library()
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -98,9 +125,20 @@ class FusedMoE:
             self.ups, self.downs, self.router_w.data_ptr(), self.num_experts, self.top_k, self.mode,
             x.data_ptr(), y.data_ptr(), self._ids, self._weights, int(self.bf16), torch.get_num_threads(),
         )  # fmt: skip
-        if rc != 0:
-            raise MemoryError("fused MoE step could not allocate its buffers")
+        _check_status(rc, "MoE")
         return y
+
+    def add_to(self, x: Tensor) -> None:
+        """``x += moe(rms_norm(x)) (+ shared(rms_norm(x)))`` in place."""
+        _check_activation(x, self.d, self.bf16)
+        shared = self.shared
+        rc = self._lib.moelab_moe_res(  # type: ignore[union-attr]
+            self.ups, self.downs, self.router_w.data_ptr(), self.num_experts, self.top_k, self.mode,
+            None if shared is None else ctypes.byref(shared.up), None if shared is None else ctypes.byref(shared.down),
+            self.norm.weight.data_ptr(), self.norm.eps, x.data_ptr(), self._ids, self._weights,  # type: ignore[union-attr]
+            int(self.bf16), torch.get_num_threads(),
+        )  # fmt: skip
+        _check_status(rc, "MoE")
 
     @property
     def ids(self) -> list[int]:
@@ -109,3 +147,49 @@ class FusedMoE:
     @property
     def weights(self) -> list[float]:
         return list(self._weights)
+
+
+class AttnT(ctypes.Structure):
+    """``moelab_attn_t``."""
+
+    _fields_ = [
+        ("q", Mat),
+        ("k", Mat),
+        ("v", Mat),
+        ("o", Mat),
+        ("norm_w", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+        ("n_heads", ctypes.c_int),
+        ("n_kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+    ]
+
+
+class FusedAttention:
+    """``x += o(attention(rope(q), rope(k), v))`` with q, k, v from ``rms_norm(x)``, for one token,
+    writing its key and value into a static cache (``[1, G, M, Dh]`` each) at ``pos``."""
+
+    def __init__(
+        self, q: Mat, k: Mat, v: Mat, o: Mat, norm: Norm, n_heads: int, n_kv_heads: int, head_dim: int, bf16: bool,
+        keep: tuple[Tensor, ...],
+    ) -> None:  # fmt: skip
+        if head_dim > 1024 or head_dim % 2 or n_heads % n_kv_heads:
+            raise ValueError(f"fused attention takes even head_dim <= 1024 and whole groups, got {head_dim}, {n_heads}/{n_kv_heads}")
+        self.desc = AttnT(q, k, v, o, norm.weight.data_ptr(), norm.eps, n_heads, n_kv_heads, head_dim)
+        self.norm, self.bf16, self._keep = norm, bf16, keep
+        self.d, self.n_kv_heads, self.head_dim = q.k, n_kv_heads, head_dim
+        self._lib = library()
+
+    def add_to(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> None:
+        _check_activation(x, self.d, self.bf16)
+        max_len = k_cache.shape[2]
+        want = (1, self.n_kv_heads, max_len, self.head_dim)
+        if tuple(k_cache.shape) != want or tuple(v_cache.shape) != want or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError(f"fused attention takes contiguous caches {want}, got {tuple(k_cache.shape)}")
+        if k_cache.dtype != x.dtype or cos.dtype != torch.float32 or cos.numel() != self.head_dim or not cos.is_contiguous():
+            raise ValueError("fused attention takes caches in the activation dtype and contiguous fp32 cos/sin [head_dim]")
+        rc = self._lib.moelab_attn_res(  # type: ignore[union-attr]
+            ctypes.byref(self.desc), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            max_len, pos, int(self.bf16), torch.get_num_threads(),
+        )  # fmt: skip
+        _check_status(rc, "attention")

@@ -25,9 +25,10 @@
 
 #include "blocks.h"
 
-int moelab_native_version(void) { return 3; }
+int moelab_native_version(void) { return 4; }
 int moelab_native_simd_bits(void) { return MOELAB_AVX512 ? 512 : 0; }
 int moelab_native_bf16_dot(void) { return MOELAB_BF16DOT; }
+int moelab_native_vnni(void) { return MOELAB_VNNI; }
 int moelab_native_max_threads(void) { return omp_get_max_threads(); }
 
 /* ------------------------------------------------------------------ entry points */
@@ -55,6 +56,16 @@ int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* 
     const int nblocks = (N + BLOCK - 1) / BLOCK;
     float* xf = to_f32(x, (int64_t)M * K, bf16);
     if (!xf) return -1;
+    limbs_t limbs = {0};
+    const int use_vnni = MOELAB_VNNI && M == 1 && K % 8 == 0;
+    if (use_vnni) {
+        if (!limbs_alloc(&limbs, K)) {
+            limbs_free(&limbs);
+            free(xf);
+            return -1;
+        }
+        split_limbs(xf, K, bf16 ? 2 : LIMBS, &limbs);
+    }
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
     {
@@ -64,6 +75,11 @@ int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* 
         for (int b = 0; b < nblocks; b++) {
             if (failed) continue;
             const int8_t* blk = qb + (int64_t)b * K * BLOCK;
+#if MOELAB_VNNI
+            if (use_vnni)
+                _mm512_store_ps(t.out, q8_block_vnni(blk, K, &limbs));
+            else
+#endif
 #if MOELAB_AVX512
             if (M == 1)
                 _mm512_store_ps(t.out, q8_block_vec(blk, K, xf));
@@ -83,6 +99,7 @@ int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* 
         }
         scratch_free(&t);
     }
+    limbs_free(&limbs);
     free(xf);
     return failed ? -1 : 0;
 }
@@ -106,6 +123,17 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
                 for (int k = g * group; k < (g + 1) * group; k++) acc += xf[(int64_t)m * K + k];
                 xsum[m * groups + g] = acc;
             }
+    limbs_t limbs = {0};
+    const int use_vnni = MOELAB_VNNI && M == 1 && K % 8 == 0;
+    if (use_vnni) {
+        if (!limbs_alloc(&limbs, K)) {
+            limbs_free(&limbs);
+            free(xsum);
+            free(xf);
+            return -1;
+        }
+        split_limbs(xf, K, bf16 ? 2 : LIMBS, &limbs);
+    }
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
     {
@@ -115,6 +143,11 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
         for (int b = 0; b < nblocks; b++) {
             if (failed) continue;
             const uint8_t* blk = qb + (int64_t)b * (K / 2) * BLOCK;
+#if MOELAB_VNNI
+            if (use_vnni)
+                _mm512_store_ps(t.out, q4_block_vnni(blk, K, group, scales_zeros, Np, b, bf16, &limbs, xsum));
+            else
+#endif
 #if MOELAB_BF16DOT
             if (bf16 && small)
                 q4_block_bf16dot(blk, K, group, scales_zeros, Np, b, (const uint32_t*)x, xsum, M, t.out);
@@ -135,6 +168,7 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
         }
         scratch_free(&t);
     }
+    limbs_free(&limbs);
     free(xsum);
     free(xf);
     return failed ? -1 : 0;

@@ -1,0 +1,133 @@
+/* A fused batch-1 attention block: x += o(attention(rope(q), rope(k), v)) over the cached keys,
+ * with q, k, v projected from rms_norm(x), in one call and one OpenMP region.
+ *
+ * Why: at batch 1 the attention half of a block is a norm, four small projections, RoPE on q
+ * and k, a cache write, the attention itself and a residual add: a dozen operations whose
+ * Python and dispatch overhead cost more than their arithmetic (about half of a quantized
+ * model's decode step here). Covered: grouped-query attention with rotate-half RoPE, RMSNorm
+ * before it, no biases or q/k norms, causal over every cached position (no padding).
+ *
+ * Arithmetic follows the eager modules, rounding to the activation dtype where they do:
+ * each projection's output, RoPE's output (computed in fp32), the attention output (scores,
+ * softmax and the weighted sum in fp32, scale 1/sqrt(head_dim)), the residual sum.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+
+#include "blocks.h"
+#include "steps.h"
+
+typedef struct {
+    moelab_mat_t q, k, v, o;
+    const void* norm_w; /* [d] RMSNorm weight, activation dtype */
+    float eps;
+    int n_heads, n_kv_heads, head_dim;
+} moelab_attn_t;
+
+/* x [d] in place; cos/sin [head_dim] fp32 for this position; caches [n_kv_heads, max_len,
+ * head_dim] in the activation dtype, written at `pos`; attends to positions 0..pos. */
+int moelab_attn_res(const moelab_attn_t* a, void* x, const float* cos, const float* sin, void* k_cache, void* v_cache,
+                    int max_len, int pos, int bf16, int threads) {
+    const int d = a->q.k, H = a->n_heads, G = a->n_kv_heads, Dh = a->head_dim, L = pos + 1;
+    const int nq = H * Dh, nk = G * Dh;
+    if (pos < 0 || pos >= max_len || H % G || Dh % 2 || Dh > 1024 || a->o.k != nq) return -2;
+    vecbuf_t hb, ob;
+    int ok = vecbuf_alloc(&hb, d, group_of(&a->q), is_quant(&a->q) || is_quant(&a->k) || is_quant(&a->v));
+    ok = vecbuf_alloc(&ob, nq, group_of(&a->o), is_quant(&a->o)) && ok;
+    float* qkv = (float*)malloc(sizeof(float) * (size_t)(nq + 2 * nk));
+    float* scores = (float*)malloc(sizeof(float) * (size_t)H * L);
+    if (!ok || !qkv || !scores) {
+        vecbuf_free(&hb);
+        vecbuf_free(&ob);
+        free(qkv);
+        free(scores);
+        return -1;
+    }
+    rms_norm(x, a->norm_w, a->eps, d, bf16, hb.f32);
+    vecbuf_fill(&hb, d, group_of(&a->q), bf16);
+    const moelab_mat_t* mats[3] = {&a->q, &a->k, &a->v};
+    const int nb[3] = {(nq + BLOCK - 1) / BLOCK, (nk + BLOCK - 1) / BLOCK, (nk + BLOCK - 1) / BLOCK};
+    const int offset[3] = {0, nq, nq + nk}, rows[3] = {nq, nk, nk};
+    const float scale = 1.0f / sqrtf((float)Dh);
+    const int half = Dh / 2;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|| : failed)
+    {
+        float* scratch = MOELAB_AVX512 ? NULL : (float*)aligned_alloc(64, (size_t)(d > nq ? d : nq) * BLOCK * 4);
+        const int mine = MOELAB_AVX512 || scratch != NULL;
+        float out[BLOCK] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int t = 0; t < nb[0] + nb[1] + nb[2]; t++) {
+            if (!mine) continue;
+            int m = t < nb[0] ? 0 : t < nb[0] + nb[1] ? 1 : 2;
+            int b = t - (m == 0 ? 0 : m == 1 ? nb[0] : nb[0] + nb[1]);
+            mat_block(mats[m], b, &hb.v, bf16, scratch, out);
+            for (int r = 0; r < BLOCK && b * BLOCK + r < rows[m]; r++) qkv[offset[m] + b * BLOCK + r] = out[r];
+        }
+#pragma omp single
+        {
+            /* RoPE on every query and key head (rotate-half), then the new key and value into the cache */
+            float tmp[1024];
+            for (int hh = 0; hh < H + G; hh++) {
+                float* u = qkv + (hh < H ? hh * Dh : nq + (hh - H) * Dh);
+                for (int i = 0; i < Dh; i++) {
+                    float rot = i < half ? -u[i + half] : u[i - half];
+                    tmp[i] = round_act(u[i] * cos[i] + rot * sin[i], bf16);
+                }
+                for (int i = 0; i < Dh; i++) u[i] = tmp[i];
+            }
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < Dh; i++) {
+                    int64_t at = ((int64_t)g * max_len + pos) * Dh + i;
+                    store_el(k_cache, at, qkv[nq + g * Dh + i], bf16);
+                    store_el(v_cache, at, qkv[nq + nk + g * Dh + i], bf16);
+                }
+        }
+        /* one query per head against its group's keys 0..pos */
+#pragma omp for schedule(static)
+        for (int hh = 0; hh < H; hh++) {
+            const int g = hh / (H / G);
+            const float* q = qkv + hh * Dh;
+            float* s = scores + (int64_t)hh * L;
+            float mx = -INFINITY;
+            for (int j = 0; j < L; j++) {
+                int64_t base = ((int64_t)g * max_len + j) * Dh;
+                float acc = 0.f;
+                for (int i = 0; i < Dh; i++) acc += q[i] * load_el(k_cache, base + i, bf16);
+                s[j] = acc * scale;
+                mx = s[j] > mx ? s[j] : mx;
+            }
+            float total = 0.f;
+            for (int j = 0; j < L; j++) total += (s[j] = expf(s[j] - mx));
+            float acc[1024];
+            for (int i = 0; i < Dh; i++) acc[i] = 0.f;
+            for (int j = 0; j < L; j++) {
+                int64_t base = ((int64_t)g * max_len + j) * Dh;
+                const float p = s[j] / total;
+                for (int i = 0; i < Dh; i++) acc[i] += p * load_el(v_cache, base + i, bf16);
+            }
+            for (int i = 0; i < Dh; i++) ob.f32[hh * Dh + i] = round_act(acc[i], bf16);
+        }
+#pragma omp single
+        vecbuf_fill(&ob, nq, group_of(&a->o), bf16);
+        /* output projection and the residual sum */
+#pragma omp for schedule(static)
+        for (int b = 0; b < (d + BLOCK - 1) / BLOCK; b++) {
+            if (!mine) continue;
+            mat_block(&a->o, b, &ob.v, bf16, scratch, out);
+            for (int r = 0; r < BLOCK && b * BLOCK + r < d; r++) {
+                int n = b * BLOCK + r;
+                store_el(x, n, round_act(load_el(x, n, bf16) + out[r], bf16), bf16);
+            }
+        }
+        failed = !mine;
+        free(scratch);
+    }
+    vecbuf_free(&hb);
+    vecbuf_free(&ob);
+    free(qkv);
+    free(scores);
+    return failed ? -1 : 0;
+}
