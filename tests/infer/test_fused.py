@@ -136,16 +136,16 @@ def test_fused_decoder_greedy_tokens_equal_reference_generation_on_int8() -> Non
     assert got == ref
 
 
-@pytest.fixture(params=["default", "generic"])
+@pytest.fixture(params=["default", "no-vnni", "generic"])
 def native_build(request, monkeypatch):
-    """Run on the default build (AVX-512, VNNI, BF16 where the CPU has them) and on a generic one."""
+    """Run on the default build (AVX-512, VNNI, BF16 where the CPU has them), one without VNNI and a generic one."""
     import warnings
 
     import moelab.native.fused as nf
     import moelab.native.qmatmul as nq
     from moelab.native import build
 
-    flags = () if request.param == "default" else ("-mno-avx512f",)
+    flags = {"default": (), "no-vnni": ("-mno-avx512vnni",), "generic": ("-mno-avx512f",)}[request.param]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lib = build.library(flags)

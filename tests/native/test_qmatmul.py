@@ -1,8 +1,8 @@
 """moelab's native int8/int4 kernels against the formulas written out, PyTorch's kernels, and each other.
 
-Each case runs on two builds of the same source: the default one (``-march=native``: AVX-512
-and AVX512-BF16 on the CPUs seen here) and a generic one without AVX-512, so both code paths
-are checked wherever the tests run on such a CPU. Row counts cover every path: 1 (fused
+Each case runs on three builds of the same source: the default one (``-march=native``: AVX-512,
+VNNI and BF16 on the CPUs seen here), one without VNNI (bf16 dot products and FMAs), and a
+generic one without AVX-512, so every code path is checked wherever the tests run on such a CPU. Row counts cover every path: 1 (fused
 single-row), 2..8 (fused few-row), > 8 (dequantize-a-block).
 """
 
@@ -18,7 +18,7 @@ from moelab.native import build, qmatmul
 from moelab.quant import QuantLinear, kernels
 from moelab.quant.linear import pack_nibbles
 
-BUILDS = {"default": (), "generic": ("-mno-avx512f",)}
+BUILDS = {"default": (), "no-vnni": ("-mno-avx512vnni",), "generic": ("-mno-avx512f",)}
 
 
 @pytest.fixture(params=list(BUILDS))
@@ -78,7 +78,7 @@ def test_int8_equals_formula(lib, n, k, m, dtype):
 def test_int4_equals_formula(lib, n, k, group, m, dtype):
     q, sz, w = int4_case(n, k, group, dtype)
     x = torch.randn(m, k).to(dtype)
-    y = qmatmul.q4_matmul(x, qmatmul.interleave_rows(pack_nibbles(q)), group, sz, n)
+    y = qmatmul.q4_matmul(x, qmatmul.lane_major_rows(pack_nibbles(q)), group, sz, n)
     assert y.shape == (m, n) and y.dtype == dtype
     assert_matches(y, F.linear(x.float(), w))
 
@@ -93,7 +93,7 @@ def test_equal_to_pytorch_kernels_fp32(lib, m):
     ours = qmatmul.q8_matmul(x, qmatmul.interleave_rows(q8), s8, 96)
     assert_matches(ours, torch.ops.aten._weight_int8pack_mm(x, q8, s8))
     q4, sz, _ = int4_case(96, 128, 32, torch.float32)
-    ours = qmatmul.q4_matmul(x, qmatmul.interleave_rows(pack_nibbles(q4)), 32, sz, 96)
+    ours = qmatmul.q4_matmul(x, qmatmul.lane_major_rows(pack_nibbles(q4)), 32, sz, 96)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32), 2)
     theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
     assert_matches(ours, theirs)
@@ -122,7 +122,7 @@ def test_results_do_not_depend_on_the_thread_count(lib):
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             out.append((qmatmul.q8_matmul(x, qmatmul.interleave_rows(q), s, 200),
-                        qmatmul.q4_matmul(x[:1], qmatmul.interleave_rows(pack_nibbles(q4)), 64, sz, 200)))  # fmt: skip
+                        qmatmul.q4_matmul(x[:1], qmatmul.lane_major_rows(pack_nibbles(q4)), 64, sz, 200)))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     for a, b in out[1:]:
@@ -151,7 +151,7 @@ def test_bad_arguments_are_refused_before_c(lib):
         qmatmul.q8_matmul(torch.randn(1, 64), packed, s, 40)
     q4, sz, _ = int4_case(16, 64, 32, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
-        qmatmul.q4_matmul(torch.randn(1, 64), qmatmul.interleave_rows(pack_nibbles(q4)), 64, sz, 16)
+        qmatmul.q4_matmul(torch.randn(1, 64), qmatmul.lane_major_rows(pack_nibbles(q4)), 64, sz, 16)
 
 
 def test_no_compiler_falls_back_to_pytorch_kernels(tmp_path, monkeypatch):

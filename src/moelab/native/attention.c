@@ -19,6 +19,40 @@
 #include "blocks.h"
 #include "steps.h"
 
+/* 16 cache entries (bf16 or fp32) from element `at` as fp32. */
+#if MOELAB_AVX512
+static inline __m512 load16(const void* p, int64_t at, int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + at))), 16));
+    return _mm512_loadu_ps((const float*)p + at);
+}
+#endif
+
+/* q · cache[at .. at + n) in fp32. */
+static inline float dot_row(const float* q, const void* cache, int64_t at, int n, int bf16) {
+    int i = 0;
+    float acc = 0.f;
+#if MOELAB_AVX512
+    __m512 a = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(cache, at + i, bf16), a);
+    acc = _mm512_reduce_add_ps(a);
+#endif
+    for (; i < n; i++) acc += q[i] * load_el(cache, at + i, bf16);
+    return acc;
+}
+
+/* acc += p · cache[at .. at + n). */
+static inline void axpy_row(float p, const void* cache, int64_t at, int n, int bf16, float* acc) {
+    int i = 0;
+#if MOELAB_AVX512
+    const __m512 pv = _mm512_set1_ps(p);
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, load16(cache, at + i, bf16), _mm512_loadu_ps(acc + i)));
+#endif
+    for (; i < n; i++) acc[i] += p * load_el(cache, at + i, bf16);
+}
+
 typedef struct {
     moelab_mat_t q, k, v, o;
     const void* norm_w; /* [d] RMSNorm weight, activation dtype */
@@ -93,21 +127,14 @@ int moelab_attn_res(const moelab_attn_t* a, void* x, const float* cos, const flo
             float* s = scores + (int64_t)hh * L;
             float mx = -INFINITY;
             for (int j = 0; j < L; j++) {
-                int64_t base = ((int64_t)g * max_len + j) * Dh;
-                float acc = 0.f;
-                for (int i = 0; i < Dh; i++) acc += q[i] * load_el(k_cache, base + i, bf16);
-                s[j] = acc * scale;
+                s[j] = dot_row(q, k_cache, ((int64_t)g * max_len + j) * Dh, Dh, bf16) * scale;
                 mx = s[j] > mx ? s[j] : mx;
             }
             float total = 0.f;
             for (int j = 0; j < L; j++) total += (s[j] = expf(s[j] - mx));
-            float acc[1024];
+            float acc[1024] __attribute__((aligned(64)));
             for (int i = 0; i < Dh; i++) acc[i] = 0.f;
-            for (int j = 0; j < L; j++) {
-                int64_t base = ((int64_t)g * max_len + j) * Dh;
-                const float p = s[j] / total;
-                for (int i = 0; i < Dh; i++) acc[i] += p * load_el(v_cache, base + i, bf16);
-            }
+            for (int j = 0; j < L; j++) axpy_row(s[j] / total, v_cache, ((int64_t)g * max_len + j) * Dh, Dh, bf16, acc);
             for (int i = 0; i < Dh; i++) ob.f32[hh * Dh + i] = round_act(acc[i], bf16);
         }
 #pragma omp single

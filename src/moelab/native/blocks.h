@@ -63,15 +63,19 @@ static void q8_dequant_block(const int8_t* blk, int K, float* w) {
     for (int64_t i = 0; i < (int64_t)K * BLOCK; i++) w[i] = (float)blk[i];
 }
 
+/* int4 blocks are lane-major: [K/8][16 rows][4 bytes], byte t of row r in chunk j holding inputs
+ * 8j + 2t (low nibble) and 8j + 2t + 1 (high nibble); one 32-bit lane = 8 inputs of one row. */
+static inline uint8_t q4_byte(const uint8_t* blk, int k, int r) { return blk[((k / 8) * BLOCK + r) * 4 + (k / 2) % 4]; }
+
 /* w[k*16 + r] = (q - 8) * scale + zero of row 16b+r at input k, group k/group. */
 static void q4_dequant_block(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, int bf16, float* w) {
     for (int k = 0; k < K; k += 2) {
-        const uint8_t* pair = blk + (int64_t)(k / 2) * BLOCK;
         int64_t base = ((int64_t)(k / group) * Np + (int64_t)b * BLOCK) * 2;
         for (int r = 0; r < BLOCK; r++) {
             float s = load_el(sz, base + 2 * r, bf16), z = load_el(sz, base + 2 * r + 1, bf16);
-            w[(int64_t)k * BLOCK + r] = (float)((int)(pair[r] & 15) - 8) * s + z;
-            w[(int64_t)(k + 1) * BLOCK + r] = (float)((int)(pair[r] >> 4) - 8) * s + z;
+            uint8_t byte = q4_byte(blk, k, r);
+            w[(int64_t)k * BLOCK + r] = (float)((int)(byte & 15) - 8) * s + z;
+            w[(int64_t)(k + 1) * BLOCK + r] = (float)((int)(byte >> 4) - 8) * s + z;
         }
     }
 }
@@ -169,14 +173,10 @@ static __m512 q4_block_vec(const uint8_t* blk, int K, int group, const void* sz,
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int k = g0; k < g0 + group; k += 8) {
             __m512i v = _mm512_loadu_si512((const void*)(blk + (int64_t)(k / 2) * BLOCK));
-            for (int lane = 0; lane < 4; lane++) {
-                __m128i bytes = lane == 0 ? _mm512_castsi512_si128(v)
-                              : lane == 1 ? _mm512_extracti32x4_epi32(v, 1)
-                              : lane == 2 ? _mm512_extracti32x4_epi32(v, 2)
-                                          : _mm512_extracti32x4_epi32(v, 3);
-                __m512i u = _mm512_cvtepu8_epi32(bytes);
+            for (int lane = 0; lane < 4; lane++) { /* byte `lane` of every row: inputs k + 2 lane, k + 2 lane + 1 */
+                __m512i u = _mm512_srli_epi32(v, 8 * lane);
                 __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(u, low), eight));
-                __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(u, 4), eight));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 4), low), eight));
                 int kk = k + 2 * lane;
                 if (lane & 1) {
                     a2 = _mm512_fmadd_ps(lo, _mm512_set1_ps(xf[kk]), a2);
@@ -219,11 +219,7 @@ static void q8_block_rows(const int8_t* blk, int K, const float* xf, int M, floa
  * 0x4300 | q is the bf16 of 128 + q exactly, so dpbf16 multiplies the integers by x with no
  * conversion instruction; the 128 (and the 8 of q - 8) come back out through sum x. */
 static inline __m512i q4_lane_bf16(__m512i v, int lane) {
-    __m128i bytes = lane == 0 ? _mm512_castsi512_si128(v)
-                  : lane == 1 ? _mm512_extracti32x4_epi32(v, 1)
-                  : lane == 2 ? _mm512_extracti32x4_epi32(v, 2)
-                              : _mm512_extracti32x4_epi32(v, 3);
-    __m512i u = _mm512_cvtepu8_epi32(bytes);
+    __m512i u = _mm512_srli_epi32(v, 8 * lane);                              /* byte `lane` of every row */
     __m512i hi = _mm512_slli_epi32(u, 12);                                   /* high nibble → bits 16..19 */
     __m512i both = _mm512_ternarylogic_epi32(_mm512_set1_epi32(0x0000000f), u, hi, 0xca); /* mask ? u : hi */
     return _mm512_ternarylogic_epi32(both, _mm512_set1_epi32(0x000f000f), _mm512_set1_epi32(0x43004300), 0xea); /* (a & b) | c */
@@ -471,32 +467,43 @@ static UNUSED __m512 q8_block_vnni(const int8_t* blk, int K, const limbs_t* l) {
     return l->n == 2 ? q8_block_vnni_n(blk, K, l, 2) : q8_block_vnni_n(blk, K, l, 3);
 }
 
-/* One int4 block times one row of x (as NL limbs), group by group, with scales and zeros. */
+/* One int4 block times one row of x (as NL limbs), group by group, with scales and zeros. Low and
+ * high nibbles accumulate separately (two chains per limb); with two limbs the group's sums
+ * merge exactly in int32 (a1·128 + a2 stays far below 2^31), so the group costs one conversion. */
 static inline __attribute__((always_inline)) __m512 q4_block_vnni_n(const uint8_t* blk, int K, int group, const void* sz,
                                                                    int Np, int b, int bf16, const limbs_t* l,
                                                                    const float* xsum, const int NL) {
     const __m512i low = _mm512_set1_epi8(0x0f);
     const int C = K / 8;
-    __m512 y = _mm512_setzero_ps();
+    __m512 y = _mm512_setzero_ps(), y2 = y;
     for (int g0 = 0; g0 < K; g0 += group) {
-        __m512i c[LIMBS];
-        for (int i = 0; i < NL; i++) c[i] = _mm512_setzero_si512();
+        __m512i c[LIMBS][2];
+        for (int i = 0; i < NL; i++) c[i][0] = c[i][1] = _mm512_setzero_si512();
         for (int k = g0; k < g0 + group; k += 8) {
-            __m512i w = rows_to_lanes(blk + (int64_t)(k / 2) * BLOCK); /* lane r: nibble pairs of inputs k..k+7 */
+            __m512i w = _mm512_loadu_si512((const void*)(blk + (int64_t)(k / 2) * BLOCK)); /* lane r: inputs k..k+7 */
             __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
             for (int i = 0; i < NL; i++) {
-                c[i] = _mm512_dpbusd_epi32(c[i], lo, _mm512_set1_epi32(l->even[i * C + k / 8]));
-                c[i] = _mm512_dpbusd_epi32(c[i], hi, _mm512_set1_epi32(l->odd[i * C + k / 8]));
+                c[i][0] = _mm512_dpbusd_epi32(c[i][0], lo, _mm512_set1_epi32(l->even[i * C + k / 8]));
+                c[i][1] = _mm512_dpbusd_epi32(c[i][1], hi, _mm512_set1_epi32(l->odd[i * C + k / 8]));
             }
+        }
+        __m512 total;
+        if (NL == 2) {
+            __m512i merged = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(c[0][0], c[0][1]), 7),
+                                              _mm512_add_epi32(c[1][0], c[1][1]));
+            total = _mm512_mul_ps(_mm512_cvtepi32_ps(merged), _mm512_set1_ps(l->scale[1]));
+        } else {
+            __m512i sums[LIMBS];
+            for (int i = 0; i < NL; i++) sums[i] = _mm512_add_epi32(c[i][0], c[i][1]);
+            total = limb_total(sums, NL, l);
         }
         __m512 s, z;
         load_scales_zeros(sz, ((int64_t)(g0 / group) * Np + (int64_t)b * BLOCK) * 2, bf16, &s, &z);
         const float sx = xsum[g0 / group];
-        __m512 dot = _mm512_sub_ps(limb_total(c, NL, l), _mm512_set1_ps(8.0f * sx)); /* sum (q - 8) x */
-        y = _mm512_fmadd_ps(s, dot, y);
-        y = _mm512_fmadd_ps(z, _mm512_set1_ps(sx), y);
+        y = _mm512_fmadd_ps(s, _mm512_sub_ps(total, _mm512_set1_ps(8.0f * sx)), y); /* scale · sum (q - 8) x */
+        y2 = _mm512_fmadd_ps(z, _mm512_set1_ps(sx), y2);
     }
-    return y;
+    return _mm512_add_ps(y, y2);
 }
 
 static UNUSED __m512 q4_block_vnni(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, int bf16,

@@ -8,9 +8,10 @@
  * 16b..16b+15 side by side), so one thread walks one contiguous stream and one 64-byte load
  * feeds 16 outputs with 4 inputs (int8) or 8 inputs (int4).
  *
- * Layouts (built by moelab/native/layout.py; N is padded to a multiple of 16 with zero rows):
+ * Layouts (built by moelab/native/qmatmul.py; N is padded to a multiple of 16 with zero rows):
  *   int8: qb [N/16, K, 16] int8,           w[n, k] = qb[n/16, k, n%16] * scales[n]
- *   int4: qb [N/16, K/2, 16] uint8 nibble pairs (input 2j low nibble, 2j+1 high nibble),
+ *   int4: qb [N/16, K/8, 16, 4] uint8, lane-major: row r's 32-bit lane in chunk j holds its
+ *         inputs 8j..8j+7 as nibble pairs (byte t: input 8j+2t low nibble, 8j+2t+1 high),
  *         w[n, k] = (q[n, k] - 8) * scale[k/group, n] + zero[k/group, n],
  *         scales_zeros [K/group, Npad, 2] (scale, zero): the layout PyTorch's int4 kernels use.
  * Activations x [M, K], scales and outputs y [M, N] share one dtype: bf16 or fp32 (flag).
@@ -25,7 +26,7 @@
 
 #include "blocks.h"
 
-int moelab_native_version(void) { return 4; }
+int moelab_native_version(void) { return 5; }
 int moelab_native_simd_bits(void) { return MOELAB_AVX512 ? 512 : 0; }
 int moelab_native_bf16_dot(void) { return MOELAB_BF16DOT; }
 int moelab_native_vnni(void) { return MOELAB_VNNI; }

@@ -1,9 +1,10 @@
 """Python side of the native weight-only matmuls: the 16-row layout and the calls.
 
-The layout (see ``qmatmul.c``): the rows of a plain ``[N, C]`` weight (C = K int8 values, or
-K/2 bytes of int4 nibble pairs) are padded to a multiple of 16 and interleaved 16 at a time,
-``[N/16, C, 16]``, so that a mat-vec reads one contiguous stream. Stored flat as ``[Np, C]``
-(the plain shape when N is a multiple of 16) so that buffers keep their rank.
+The layouts (see ``qmatmul.c``): the rows of a plain ``[N, C]`` weight (C = K int8 values,
+K/2 bytes of int4 nibble pairs, K/2 bf16 pairs, K fp32 values) are padded to a multiple of 16 and
+interleaved 16 at a time, ``[N/16, C, 16]`` (int4: four bytes at a time, ``[N/16, C/4, 16, 4]``),
+so that a mat-vec reads one contiguous stream. Stored flat as ``[Np, C]`` (the plain shape when
+N is a multiple of 16) so that buffers keep their rank.
 
 Legend: M rows of x, K inputs, N outputs, Np = N rounded up to 16, C bytes per plain row.
 """
@@ -33,6 +34,27 @@ def deinterleave_rows(packed: Tensor, n: int) -> Tensor:
     return packed.reshape(n_padded // BLOCK, c, BLOCK).transpose(1, 2).reshape(n_padded, c)[:n].contiguous()
 
 
+def lane_major_rows(plain_NC: Tensor) -> Tensor:
+    """int4 nibble pairs ``[N, C]`` (C = K/2, a multiple of 4) → the lane-major layout: 16 rows
+    interleaved four bytes (eight inputs) at a time, ``[N/16, C/4, 16, 4]``, flat ``[Np, C]``.
+    One 32-bit lane then holds eight inputs of one row, as the integer dot products read them."""
+    n, c = plain_NC.shape
+    if c % 4:
+        raise ValueError(f"lane-major int4 needs K % 8 == 0, got {2 * c} inputs")
+    n_padded = -(-n // BLOCK) * BLOCK
+    if n_padded != n:
+        plain_NC = torch.cat([plain_NC, plain_NC.new_zeros(n_padded - n, c)])
+    blocks = plain_NC.reshape(n_padded // BLOCK, BLOCK, c // 4, 4).permute(0, 2, 1, 3)
+    return blocks.contiguous().reshape(n_padded, c)
+
+
+def from_lane_major(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`lane_major_rows`: the first ``n`` plain rows."""
+    n_padded, c = packed.shape
+    blocks = packed.reshape(n_padded // BLOCK, c // 4, BLOCK, 4).permute(0, 2, 1, 3)
+    return blocks.reshape(n_padded, c)[:n].contiguous()
+
+
 def _check(x_MK: Tensor, scales: Tensor, k: int) -> int:
     """The C code trusts its arguments: shapes, dtypes and contiguity are checked here."""
     if x_MK.device.type != "cpu" or x_MK.dtype not in (torch.bfloat16, torch.float32) or x_MK.dtype != scales.dtype:
@@ -60,7 +82,7 @@ def q8_matmul(x_MK: Tensor, packed: Tensor, scales_N: Tensor, n: int) -> Tensor:
 
 
 def q4_matmul(x_MK: Tensor, packed: Tensor, group_size: int, scales_zeros_GN2: Tensor, n: int) -> Tensor:
-    """``x · ((q − 8) · scale + zero)ᵀ → [M, n]``; ``packed`` is :func:`interleave_rows` of the
+    """``x · ((q − 8) · scale + zero)ᵀ → [M, n]``; ``packed`` is :func:`lane_major_rows` of the
     plain nibble pairs ``[Np, K/2]``, ``scales_zeros`` ``[K/group, Np, 2]``."""
     bf16 = _check(x_MK, scales_zeros_GN2, 2 * packed.shape[1])
     m, k = x_MK.shape

@@ -172,9 +172,21 @@ def _deinterleave(packed: Tensor, group: int, n_rows: int, k: int) -> Tensor:
     return deinterleave_rows(packed, n_rows)
 
 
+def _lane_major(plain: Tensor) -> Tensor:
+    from moelab.native.qmatmul import lane_major_rows
+
+    return lane_major_rows(plain)
+
+
+def _from_lane_major(packed: Tensor, group: int, n_rows: int, k: int) -> Tensor:
+    from moelab.native.qmatmul import from_lane_major
+
+    return from_lane_major(packed, n_rows)
+
+
 _NATIVE = (torch.float32, torch.bfloat16)
 _register(WeightKernel("native-int8", 8, _interleave, _deinterleave, _native_int8_matmul, _NATIVE))
-_register(WeightKernel("native-int4", 4, _interleave, _deinterleave, _native_int4_matmul, _NATIVE))
+_register(WeightKernel("native-int4", 4, _lane_major, _from_lane_major, _native_int4_matmul, _NATIVE))
 
 
 @functools.cache
