@@ -38,6 +38,7 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
     float* a = (float*)aligned_alloc(64, (size_t)(((int64_t)n_sel * f * 4 + 63) / 64 * 64));
     uint16_t* a_raw = (uint16_t*)aligned_alloc(64, (size_t)(((int64_t)n_sel * f * 2 + 63) / 64 * 64));
     float* asum = (float*)malloc(sizeof(float) * (size_t)(dg ? n_sel * (f / dg) : 1));
+    float* outs = (float*)malloc(sizeof(float) * (size_t)n_sel * d + 64);
     const int quant = up[0]->kind == KIND_INT8 || up[0]->kind == KIND_INT4;  /* all experts share one kind */
     const int dquant = down[0]->kind == KIND_INT8 || down[0]->kind == KIND_INT4;
     const int vnni = MOELAB_VNNI && d % 8 == 0 && f % 8 == 0;
@@ -48,7 +49,7 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         al[i] = (limbs_t){0};
         if (vnni && dquant) limbs_ok &= limbs_alloc(&al[i], f);
     }
-    const int prep_failed = !xf || !xsum || !h || !a || !a_raw || !asum || !limbs_ok || n_sel > 64;
+    const int prep_failed = !xf || !xsum || !h || !a || !a_raw || !asum || !outs || !limbs_ok || n_sel > 64;
     int failed = 0;
     if (!prep_failed) {
         for (int i = 0; i < d; i++) xf[i] = load_el(x, i, bf16);
@@ -89,21 +90,27 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
                 fill_vec(a + (int64_t)i * f, a_raw + (int64_t)i * f, asum + (dg ? i * (f / dg) : 0), f, dg);
                 if (vnni && dquant) split_limbs(a + (int64_t)i * f, f, bf16 ? 2 : LIMBS, &al[i]);
             }
-        /* down projections, summed over experts in order, 16 outputs at a time */
+        /* down projections: each thread streams one expert's matrix (a static split of the
+         * (expert, block) pairs), then the weighted sum over experts in order */
 #pragma omp for schedule(static)
-        for (int b = 0; b < down_blocks; b++) {
+        for (int t = 0; t < n_sel * down_blocks; t++) {
             if (!ok) continue;
-            float acc[BLOCK];
+            int i = t / down_blocks, b = t % down_blocks;
+            vec_t av = {a + (int64_t)i * f, (const uint32_t*)(a_raw + (int64_t)i * f), asum + (dg ? i * (f / dg) : 0),
+                        vnni && dquant ? &al[i] : NULL};
+            mat_block(down[i], b, &av, bf16, scratch, out);
+            for (int r = 0; r < BLOCK && b * BLOCK + r < d; r++) outs[(int64_t)i * d + b * BLOCK + r] = out[r];
+        }
+#pragma omp for schedule(static)
+        for (int n = 0; n < d; n++) {
+            if (!ok) continue;
+            float acc = 0.f;
             for (int i = 0; i < n_sel; i++) {
-                vec_t av = {a + (int64_t)i * f, (const uint32_t*)(a_raw + (int64_t)i * f), asum + (dg ? i * (f / dg) : 0),
-                            vnni && dquant ? &al[i] : NULL};
-                mat_block(down[i], b, &av, bf16, scratch, out);
-                for (int r = 0; r < BLOCK; r++) {
-                    float term = weights ? round_act(out[r] * weights[i], bf16) : out[r];
-                    acc[r] = i == 0 ? term : round_act(acc[r] + term, bf16);
-                }
+                float v = outs[(int64_t)i * d + n];
+                float term = weights ? round_act(v * weights[i], bf16) : v;
+                acc = i == 0 ? term : round_act(acc + term, bf16);
             }
-            for (int r = 0; r < BLOCK && b * BLOCK + r < d; r++) store_el(y, b * BLOCK + r, acc[r], bf16);
+            store_el(y, n, acc, bf16);
         }
         failed = !ok;
         free(scratch);
@@ -116,6 +123,7 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
     free(a);
     free(a_raw);
     free(asum);
+    free(outs);
     return failed ? -1 : 0;
 }
 
