@@ -8,8 +8,10 @@ for the twin). Noise between runs on a shared CPU is 20–40%, so compare ratios
 Timing: prefill = one pass over ``prompt`` tokens per row (tok/s counts B·prompt tokens);
 decode = ``new`` cached steps after one warm-up step (tok/s counts B tokens a step). For
 transformers, decode time is ``generate(new+1) − generate(1)`` (both greedy, EOS disabled).
-Every variant is built first and then timed once per round, the order rotating each round; a
-row is the median over rounds (``--rounds``), so drift of the machine's speed hits all alike.
+Every variant is built first and then timed once per round, the order rotating each round, with
+the two sides of every reported ratio back to back; a row is the median over rounds
+(``--rounds``) and a ratio the median of the per-round ratios, so drift of the machine's speed
+hits all alike.
 Memory: bytes of the variant's weights, and the process's resident set (VmRSS) at the end, with
 every variant loaded.
 
@@ -58,6 +60,7 @@ class Row:
     decode_tok_s: float
     weights_mib: float
     rss_mib: float
+    decode_rounds: list[float] = field(default_factory=list)  # decode tok/s of each round, in round order
 
 
 @dataclass
@@ -74,19 +77,21 @@ class DecodeBenchResult:
         return None
 
     def ratios(self) -> list[tuple[str, float]]:
-        """The issue's acceptance ratios (decode tok/s), for every batch measured."""
+        """The issue's acceptance ratios (decode tok/s), for every batch measured: the median over
+        rounds of each round's ratio (the two sides of a ratio run next to each other in every
+        round, so a shift in the machine's speed between rounds cancels), or the ratio of the
+        medians for rows without per-round samples."""
         out = []
         for b in sorted({r.batch for r in self.rows}):
             def dec(model, impl, dtype, b=b):
-                r = self.get(model, impl, dtype, b)
-                return None if r is None else r.decode_tok_s
+                return self.get(model, impl, dtype, b)
 
             pairs = [
                 ("moelab bf16 / transformers bf16 (MoE)", dec("moe", "moelab", "bf16"), dec("moe", "transformers", "bf16")),
                 ("moelab int8 / moelab bf16 (MoE)", dec("moe", "moelab", "int8"), dec("moe", "moelab", "bf16")),
                 ("moelab int4 / moelab bf16 (MoE)", dec("moe", "moelab", "int4"), dec("moe", "moelab", "bf16")),
             ] + [(f"MoE / dense twin, moelab {d}", dec("moe", "moelab", d), dec("dense", "moelab", d)) for d in DTYPES]
-            out += [(f"{name}, batch {b}", a / c) for name, a, c in pairs if a and c]
+            out += [(f"{name}, batch {b}", paired_ratio(a, c)) for name, a, c in pairs if a and c]
         return out
 
     def to_markdown(self) -> str:
@@ -114,6 +119,13 @@ class DecodeBenchResult:
             "rows": [asdict(r) for r in self.rows],
             "ratios": dict(self.ratios()),
         }
+
+
+def paired_ratio(a: Row, b: Row) -> float:
+    """Median of the per-round ratios a/b when both rows have the same rounds, else of the medians."""
+    if a.decode_rounds and len(a.decode_rounds) == len(b.decode_rounds):
+        return statistics.median(x / y for x, y in zip(a.decode_rounds, b.decode_rounds))
+    return a.decode_tok_s / b.decode_tok_s
 
 
 def rss_mib() -> float:
@@ -208,9 +220,11 @@ def run_decode_bench(
     """Build every (model, impl, dtype) variant first, then time every (variant, batch) once per
     round, rotating the order each round; each row is the median over rounds.
 
-    Why interleaved: on a shared CPU the speed drifts by 20–40% within minutes; measuring each
-    variant in its own stretch of time turns that drift into fake ratios. Interleaving spreads
-    it over all candidates alike.
+    Why interleaved: on a shared CPU the speed drifts by 20–40% within minutes (here the memory
+    bandwidth a VM gets moves by up to 50% between minutes); measuring each variant in its own
+    stretch of time turns that drift into fake ratios. Interleaving spreads it over all
+    candidates alike, the two sides of each reported ratio run back to back, and ratios are
+    medians of per-round ratios (:func:`paired_ratio`).
     """
     res = DecodeBenchResult(prompt=prompt, new_tokens=new, host=describe("cpu"))
     candidates: list[tuple[tuple[str, str, str, int], nn.Module, Callable[[], tuple[float, float]]]] = []
@@ -225,6 +239,8 @@ def run_decode_bench(
                 vocab = base.cfg.vocab_size
                 for b in batches:
                     candidates.append(((name, "transformers", dtype, b), hf, partial(time_transformers, hf, b, prompt, new, vocab)))
+        # the two sides of every ratio next to each other: (batch, dtype) first, then model and impl
+        candidates.sort(key=lambda c: (c[0][3], DTYPES.index(c[0][2]), c[0][1] != "moelab", c[0][0]))
         samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key, _, _ in candidates}
         for r in range(rounds):
             shift = r % len(candidates)
@@ -237,7 +253,7 @@ def run_decode_bench(
         for key, model, _ in candidates:
             pre = statistics.median(s[0] for s in samples[key])
             dec = statistics.median(s[1] for s in samples[key])
-            res.rows.append(Row(*key, pre, dec, weights_mib(model), rss))
+            res.rows.append(Row(*key, pre, dec, weights_mib(model), rss, [s[1] for s in samples[key]]))
     del candidates
     gc.collect()
     return res

@@ -887,7 +887,8 @@ def _add_bench_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--rounds", type=int, help="timed rounds per candidate, interleaved; rows are medians (default 3; --quick 1)")
-    p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where decode.json and decode.md go")
+    p.add_argument("--out", default="benchmarks/results", metavar="DIR",
+                   help="where decode.json and decode.md go (--quick: decode-quick.json/.md)")
 
 
 @command("bench-decode", "decode/prefill tok/s of the fast path (MoE, dense twin, fp32/bf16/int8/int4) vs transformers",
@@ -933,7 +934,7 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
         hf_dtypes=() if args.no_hf else tuple(d for d in dtypes if d in ("fp32", "bf16")) or ("bf16",),
         rounds=rounds,
     )  # fmt: skip
-    js, md = write_results(res, args.out)
+    js, md = write_results(res, args.out, stem="decode-quick" if args.quick else "decode")
     print(res.to_markdown())
     print(f"wrote {js} and {md}")
     return 0
