@@ -97,7 +97,8 @@ class DecodeBenchResult:
     def to_markdown(self) -> str:
         lines = [
             f"prompt {self.prompt} tokens, {self.new_tokens} decoded; torch {self.host.get('torch')}, "
-            f"{self.host.get('threads')} threads, bf16 units: {self.host.get('cpu_bf16_units')}",
+            f"{self.host.get('threads')} threads, bf16 units: {self.host.get('cpu_bf16_units')}, "
+            f"native kernels: {self.host.get('native_kernels')}",
             "",
             "| model | impl | weights | batch | prefill tok/s | decode tok/s | weights MiB | RSS MiB |",
             "|---|---|---|---:|---:|---:|---:|---:|",
@@ -226,7 +227,9 @@ def run_decode_bench(
     candidates alike, the two sides of each reported ratio run back to back, and ratios are
     medians of per-round ratios (:func:`paired_ratio`).
     """
-    res = DecodeBenchResult(prompt=prompt, new_tokens=new, host=describe("cpu"))
+    from moelab.native.build import describe as native_kernels
+
+    res = DecodeBenchResult(prompt=prompt, new_tokens=new, host=describe("cpu") | {"native_kernels": native_kernels()})
     candidates: list[tuple[tuple[str, str, str, int], nn.Module, Callable[[], tuple[float, float]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, base in (("moe", moe), ("dense", dense)):

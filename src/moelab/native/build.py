@@ -114,6 +114,20 @@ def library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         return None
 
 
+def describe() -> dict[str, object]:
+    """What the loaded library uses, for benchmark records: available, and if so its SIMD width and
+    whether it has bf16 and integer (VNNI) dot products; else why not."""
+    lib = library()
+    if lib is None:
+        return {"available": False, "reason": _reason}
+    return {
+        "available": True,
+        "simd_bits": lib.moelab_native_simd_bits(),
+        "bf16_dot": bool(lib.moelab_native_bf16_dot()),
+        "vnni": bool(lib.moelab_native_vnni()),
+    }
+
+
 def unavailable_reason() -> str | None:
     """Why :func:`library` returned None (None when it did not)."""
     return _reason
