@@ -8,10 +8,10 @@ for the twin). Noise between runs on a shared CPU is 20–40%, so compare ratios
 Timing: prefill = one pass over ``prompt`` tokens per row (tok/s counts B·prompt tokens);
 decode = ``new`` cached steps after one warm-up step (tok/s counts B tokens a step). For
 transformers, decode time is ``generate(new+1) − generate(1)`` (both greedy, EOS disabled).
-Every variant is built first and then timed once per round, the order rotating each round, with
-the two sides of every reported ratio back to back; a row is the median over rounds
-(``--rounds``) and a ratio the median of the per-round ratios, so drift of the machine's speed
-hits all alike.
+Every variant is built first and then timed once per round, the order rotating each round; the
+moelab variants of one batch size decode with their steps interleaved (step t of each, then step
+t + 1), so every moelab ratio compares steps milliseconds apart; a row is the median over rounds
+(``--rounds``) and a ratio the median of the per-round ratios.
 Memory: bytes of the variant's weights, and the process's resident set (VmRSS) at the end, with
 every variant loaded.
 
@@ -108,7 +108,7 @@ class DecodeBenchResult:
                 f"| {r.model} | {r.impl} | {r.dtype} | {r.batch} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} "
                 f"| {r.weights_mib:.0f} | {r.rss_mib:.0f} |"
             )
-        lines += ["", "| ratio (decode, one run) | value |", "|---|---:|"]
+        lines += ["", "| ratio (decode; median of the per-round ratios, one run) | value |", "|---|---:|"]
         lines += [f"| {name} | {v:.2f} |" for name, v in self.ratios()]
         return "\n".join(lines) + "\n"
 
@@ -178,6 +178,37 @@ def time_moelab(model: nn.Module, batch: int, prompt: int, new: int, seed: int =
 
 
 @torch.no_grad()
+def time_moelab_interleaved(
+    models: list[nn.Module], batch: int, prompt: int, new: int, seed: int = 0
+) -> list[tuple[float, float]]:
+    """:func:`time_moelab` for several models at once, their decode steps interleaved: step t of
+    every model, then step t + 1 of every model. Returns (prefill tok/s, decode tok/s) per model.
+
+    Why: this machine's memory bandwidth jumps between two levels (≈ 33 and ≈ 48 GB/s) every few
+    seconds; timing one model's 64 steps and then another's compares different levels. Steps
+    alternating within milliseconds see the same level, so their ratio is the models' own.
+    (No model finds its weights in cache from its own previous step: the others ran in between.)
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, models[0].cfg.vocab_size, (batch, prompt), generator=g)
+    decoders, logits, prefill = [], [], []
+    for m in models:
+        dec = FastDecoder(m, batch, prompt + new + 1)
+        t0 = time.perf_counter()
+        lg = dec.prefill(ids)
+        prefill.append(batch * prompt / (time.perf_counter() - t0))
+        decoders.append(dec)
+        logits.append(dec.step(lg.argmax(-1, keepdim=True)))  # warm-up step
+    spent = [0.0] * len(models)
+    for _ in range(new):
+        for i, dec in enumerate(decoders):
+            t0 = time.perf_counter()
+            logits[i] = dec.step(logits[i].argmax(-1, keepdim=True))
+            spent[i] += time.perf_counter() - t0
+    return [(p, batch * new / s) for p, s in zip(prefill, spent)]
+
+
+@torch.no_grad()
 def time_transformers(hf_model, batch: int, prompt: int, new: int, vocab: int, seed: int = 0) -> tuple[float, float]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt), generator=g)
@@ -218,46 +249,51 @@ def run_decode_bench(
     rounds: int = 3,
     log=print,
 ) -> DecodeBenchResult:
-    """Build every (model, impl, dtype) variant first, then time every (variant, batch) once per
-    round, rotating the order each round; each row is the median over rounds.
+    """Build every (model, impl, dtype) variant first, then, once per round (the order rotating
+    each round): all moelab variants of one batch size with their decode steps interleaved
+    (:func:`time_moelab_interleaved`), and each transformers candidate. A row is the median over
+    rounds, a ratio the median of per-round ratios (:func:`paired_ratio`).
 
     Why interleaved: on a shared CPU the speed drifts by 20–40% within minutes (here the memory
-    bandwidth a VM gets moves by up to 50% between minutes); measuring each variant in its own
-    stretch of time turns that drift into fake ratios. Interleaving spreads it over all
-    candidates alike, the two sides of each reported ratio run back to back, and ratios are
-    medians of per-round ratios (:func:`paired_ratio`).
+    bandwidth a VM gets jumps by up to 50% every few seconds); measuring each variant in its own
+    stretch of time turns that drift into fake ratios.
     """
     from moelab.native.build import describe as native_kernels
 
     res = DecodeBenchResult(prompt=prompt, new_tokens=new, host=describe("cpu") | {"native_kernels": native_kernels()})
-    candidates: list[tuple[tuple[str, str, str, int], nn.Module, Callable[[], tuple[float, float]]]] = []
+    Key = tuple[str, str, str, int]  # (model, impl, dtype, batch)
+    # a unit of timing: the rows it measures, their models, and a function returning one (prefill, decode) per row
+    units: list[tuple[list[Key], list[nn.Module], Callable[[], list[tuple[float, float]]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        built = {(name, dtype): variant(base, dtype, group) for name, base in (("moe", moe), ("dense", dense)) for dtype in dtypes}
+        for b in batches:  # every moelab variant of one batch size, steps interleaved
+            keys = [(name, "moelab", dtype, b) for (name, dtype) in built]
+            models = [built[(k[0], k[2])] for k in keys]
+            units.append((keys, models, partial(time_moelab_interleaved, models, b, prompt, new)))
         for name, base in (("moe", moe), ("dense", dense)):
-            for dtype in dtypes:
-                m = variant(base, dtype, group)
-                for b in batches:
-                    candidates.append(((name, "moelab", dtype, b), m, partial(time_moelab, m, b, prompt, new)))
             for dtype in hf_dtypes:
                 hf = load_hf(base, Path(tmp) / name, torch.float32 if dtype == "fp32" else torch.bfloat16)
                 vocab = base.cfg.vocab_size
                 for b in batches:
-                    candidates.append(((name, "transformers", dtype, b), hf, partial(time_transformers, hf, b, prompt, new, vocab)))
-        # the two sides of every ratio next to each other: (batch, dtype) first, then model and impl
-        candidates.sort(key=lambda c: (c[0][3], DTYPES.index(c[0][2]), c[0][1] != "moelab", c[0][0]))
-        samples: dict[tuple, list[tuple[float, float]]] = {key: [] for key, _, _ in candidates}
+                    fn = partial(time_transformers, hf, b, prompt, new, vocab)
+                    units.append(([(name, "transformers", dtype, b)], [hf], lambda fn=fn: [fn()]))
+        samples: dict[Key, list[tuple[float, float]]] = {k: [] for keys, _, _ in units for k in keys}
         for r in range(rounds):
-            shift = r % len(candidates)
-            for key, _, fn in candidates[shift:] + candidates[:shift]:
-                samples[key].append(fn())
-                pre, dec = samples[key][-1]
-                log(f"  round {r + 1}/{rounds} {key[0]:5s} {key[1]:12s} {key[2]:4s} batch {key[3]}: "
-                    f"prefill {pre:7.0f} tok/s, decode {dec:6.1f} tok/s")  # fmt: skip
+            shift = r % len(units)
+            for keys, _, fn in units[shift:] + units[:shift]:
+                for key, sample in zip(keys, fn()):
+                    samples[key].append(sample)
+                    pre, dec = sample
+                    log(f"  round {r + 1}/{rounds} {key[0]:5s} {key[1]:12s} {key[2]:4s} batch {key[3]}: "
+                        f"prefill {pre:7.0f} tok/s, decode {dec:6.1f} tok/s")  # fmt: skip
         rss = rss_mib()
-        for key, model, _ in candidates:
+        order = sorted(samples, key=lambda k: (k[3], DTYPES.index(k[2]), k[1] != "moelab", k[0]))
+        model_of = {k: m for keys, models, _ in units for k, m in zip(keys, models)}
+        for key in order:
             pre = statistics.median(s[0] for s in samples[key])
             dec = statistics.median(s[1] for s in samples[key])
-            res.rows.append(Row(*key, pre, dec, weights_mib(model), rss, [s[1] for s in samples[key]]))
-    del candidates
+            res.rows.append(Row(*key, pre, dec, weights_mib(model_of[key]), rss, [s[1] for s in samples[key]]))
+    del units, built
     gc.collect()
     return res
 

@@ -19,13 +19,19 @@ modules and the same arithmetic but:
 - for a single token and a plain softmax top-k router (dropless, eval), the router's own
   operations without building a RoutingDecision (other routers go through ``route``);
 - no router losses (nothing trains here); ``inference_mode`` for the steps;
-- in bf16, weights prepacked for oneDNN by :func:`cast_for_decode` (:mod:`moelab.infer.packed`).
+- weights prepacked by :func:`cast_for_decode` (:mod:`moelab.infer.packed`: moelab's native
+  layouts for bf16/fp32, oneDNN's where the native kernels do not build);
+- at batch 1, each half of a block whose weights are in a native layout (fp32, bf16, int8,
+  int4) runs as one native call, pre-norm and residual included (:mod:`moelab.infer.fused`):
+  the attention half, and the dense FFN or whole MoE block with its router. Those equal the
+  modules to rounding, not bitwise; ``fused=False`` keeps the modules.
 
 Prefill is the model's own forward into the static cache (one large pass; nothing to gain).
 :func:`decode_dtype` picks bf16 where the CPU has native bf16 units. ``torch.compile`` is not
 used: eager is the reference and the default (see docs/inference.md, "Fast decode").
 
-Tested equal to :func:`moelab.infer.generate` token for token and to the full forward's logits.
+Tested equal to :func:`moelab.infer.generate` token for token and to the full forward's logits
+(plain fp32 weights: nothing fused), and fused steps against the modules they replace.
 
 Legend: B batch rows, P padded prompt length, M preallocated length, L filled length, D model dim,
 V vocab, K top-k assignments of one token.

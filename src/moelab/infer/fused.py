@@ -1,9 +1,11 @@
-"""Which feed-forward blocks a batch-1 decoder can run as one native call, and building those calls.
+"""Which halves of a block a batch-1 decoder can run as one native call each, and building those calls.
 
 Why: an MoE block at batch 1 is a dozen small operations (router, top-k, combine weights, two
 experts' projections and activations, the weighted sum), each paying Python and dispatch
-overhead that its dense twin pays two or three times; :mod:`moelab.native.fused` runs the whole
-block, router included, in one call. The rules here decide when that is the same computation:
+overhead that its dense twin pays two or three times, and the attention half is another dozen
+(norm, q/k/v, RoPE, cache write, attention, o, residual); :mod:`moelab.native.fused` runs each
+half, pre-norm and residual included, in one call. The rules here decide when that is the same
+computation:
 
 - weights in a native layout: bf16 or fp32 from :class:`moelab.infer.packed.NativeLinear` /
   :class:`~moelab.infer.packed.NativeExperts`, or weight-only int8/int4 layers
@@ -11,12 +13,15 @@ block, router included, in one call. The rules here decide when that is the same
 - SwiGLU (the gate rows then the up rows of ``w_up``), activations in bf16 or fp32 (the
   weights' dtype for bf16/fp32 weights);
 - MoE: a plain softmax top-k router (what :func:`moelab.infer.fast_decode._plain_topk` accepts),
-  with its fp32 gate weight; renormalised, raw or softmax-after-top-k combine weights.
+  with its fp32 gate weight; renormalised, raw or softmax-after-top-k combine weights; a shared
+  expert inside the call when it is a plain SwiGLU in a native layout;
+- attention: grouped-query with rotate-half RoPE, no biases or q/k norms, causal, a static cache;
+- norms: RMSNorm with a weight (else the norm runs in Python and the block call without it).
 
 Anything else returns None and the decoder runs the block's modules as before. Results equal
 the eager modules to rounding (tested); routing takes the same experts except at exact ties.
 
-Legend: D model dim, F hidden, E experts.
+Legend: D model dim, F hidden, E experts, G key/value heads, M cached positions, Dh head dim.
 """
 
 from __future__ import annotations
