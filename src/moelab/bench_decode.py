@@ -167,11 +167,11 @@ def time_moelab(model: nn.Module, batch: int, prompt: int, new: int, seed: int =
     t0 = time.perf_counter()
     logits = dec.prefill(ids)
     t_prefill = time.perf_counter() - t0
-    tok = logits.argmax(-1, keepdim=True)
+    tok = logits.float().argmax(-1, keepdim=True)
     logits = dec.step(tok)  # warm-up step (first-call allocations, int4 repacking)
     t0 = time.perf_counter()
     for _ in range(new):
-        tok = logits.argmax(-1, keepdim=True)
+        tok = logits.float().argmax(-1, keepdim=True)
         logits = dec.step(tok)
     t_decode = time.perf_counter() - t0
     return batch * prompt / t_prefill, batch * new / t_decode
@@ -179,15 +179,18 @@ def time_moelab(model: nn.Module, batch: int, prompt: int, new: int, seed: int =
 
 @torch.no_grad()
 def time_moelab_interleaved(
-    models: list[nn.Module], batch: int, prompt: int, new: int, seed: int = 0
+    models: list[nn.Module], batch: int, prompt: int, new: int, seed: int = 0, chunk: int = 8
 ) -> list[tuple[float, float]]:
-    """:func:`time_moelab` for several models at once, their decode steps interleaved: step t of
-    every model, then step t + 1 of every model. Returns (prefill tok/s, decode tok/s) per model.
+    """:func:`time_moelab` for several models at once, their decode steps interleaved in chunks:
+    ``chunk`` steps of every model in turn, until each has decoded ``new`` tokens. Returns
+    (prefill tok/s, decode tok/s) per model.
 
     Why: this machine's memory bandwidth jumps between two levels (≈ 33 and ≈ 48 GB/s) every few
-    seconds; timing one model's 64 steps and then another's compares different levels. Steps
-    alternating within milliseconds see the same level, so their ratio is the models' own.
-    (No model finds its weights in cache from its own previous step: the others ran in between.)
+    seconds; timing one model's 64 steps and then another's compares different levels, while
+    chunks tens of milliseconds apart see the same one. Why chunks and not single steps: a model
+    whose step follows another model's finds none of its weights in the caches; after its first
+    step in a chunk it decodes as it would alone (the smaller quantized models keep part of their
+    working set in the 32 MB L3 from step to step, and single-step interleaving took that away).
     """
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, models[0].cfg.vocab_size, (batch, prompt), generator=g)
@@ -198,12 +201,13 @@ def time_moelab_interleaved(
         lg = dec.prefill(ids)
         prefill.append(batch * prompt / (time.perf_counter() - t0))
         decoders.append(dec)
-        logits.append(dec.step(lg.argmax(-1, keepdim=True)))  # warm-up step
+        logits.append(dec.step(lg.float().argmax(-1, keepdim=True)))  # warm-up step
     spent = [0.0] * len(models)
-    for _ in range(new):
+    for start in range(0, new, chunk):
         for i, dec in enumerate(decoders):
             t0 = time.perf_counter()
-            logits[i] = dec.step(logits[i].argmax(-1, keepdim=True))
+            for _ in range(min(chunk, new - start)):
+                logits[i] = dec.step(logits[i].float().argmax(-1, keepdim=True))
             spent[i] += time.perf_counter() - t0
     return [(p, batch * new / s) for p, s in zip(prefill, spent)]
 
@@ -250,8 +254,8 @@ def run_decode_bench(
     log=print,
 ) -> DecodeBenchResult:
     """Build every (model, impl, dtype) variant first, then, once per round (the order rotating
-    each round): all moelab variants of one batch size with their decode steps interleaved
-    (:func:`time_moelab_interleaved`), and each transformers candidate. A row is the median over
+    each round): all moelab variants of one batch size with their decode steps interleaved in
+    chunks (:func:`time_moelab_interleaved`), and each transformers candidate. A row is the median over
     rounds, a ratio the median of per-round ratios (:func:`paired_ratio`).
 
     Why interleaved: on a shared CPU the speed drifts by 20–40% within minutes (here the memory
