@@ -32,9 +32,11 @@ What the measurement is not: there is no GPU here, so both tiers of the offloade
 same CPU RAM (a miss is a RAM-to-RAM copy into a fresh tensor) and the "disk" file sits in the page
 cache right after it is written. It tests the bandwidth argument (bytes per token decide speed) and
 the cost of the offload machinery, not PCIe or SSD speeds. Offloaded experts run through
-``F.linear`` on the fetched weights, not oneDNN-prepacked ones as in ``moe_resident``
-(:func:`pack_for_decode` only packs ``Experts``), so the resident/offloaded gap mixes the offload
-cost with that. The hit rate is an untrained router's along one sequence (far above the ≈25% of
+``F.linear`` on the fetched weights, while ``moe_resident`` and the dense arm run prepacked weights
+and, at batch 1, fused native blocks (:func:`pack_for_decode` only packs ``Experts``; an
+``OffloadedExperts`` block is not fused), so the resident/offloaded gap mixes the offload cost with
+that. (The committed page predates the native kernels: its resident arms ran oneDNN-prepacked
+weights and unfused blocks.) The hit rate is an untrained router's along one sequence (far above the ≈25% of
 uniform routing at a 25% cache: its choices repeat from token to token); a trained model's may differ.
 
 Budgets: ``smoke`` a tiny model (d 64, 2 layers, vocab 256, 4 experts), 8 decoded tokens, one
@@ -365,7 +367,7 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         f"calc's decode_tokens_per_s at the measured bandwidth ({bandwidth:.1f} GB/s), offloaded arms adding "
         "2x the measured bytes moved per token (a copy reads and writes). Verdict: moe_offloaded_memory vs "
         "dense_equal_total decode tok/s. Caveats: offloaded experts run through F.linear on fetched weights, "
-        "resident ones oneDNN-prepacked; the hit rate is an untrained router's along one sequence."
+        "resident ones prepacked and fused; the hit rate is an untrained router's along one sequence."
     )
     numbers = {
         "prediction": pred,
