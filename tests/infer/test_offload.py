@@ -137,3 +137,31 @@ def test_gpu_cache_with_side_stream_prefetch_is_identical() -> None:
     assert next(iter(off.caches.values())).store.weights[0][0].is_pinned()
     assert [c.token_ids for c in generate(model, PROMPTS, PARAMS)] == reference
     assert off.stats.hits + off.stats.misses == off.stats.lookups
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("disk", [False, True])
+def test_native_offloaded_experts_equal_resident_native_experts(dtype: torch.dtype, disk: bool, tmp_path) -> None:
+    """``native=True``: fetched experts are packed for moelab's native kernels (memory tier once,
+    disk tier after each fetch) and give the tokens and logits of the same model with resident
+    native experts; the bytes moved are the plain experts' bytes."""
+    from moelab.infer.fast_decode import cast_for_decode
+    from moelab.infer.offload import NativeExpertRunner
+    from moelab.infer.packed import NativeExperts, native_available, pack_for_decode
+
+    if not native_available():
+        pytest.skip("moelab's native kernels do not build here")
+    resident = cast_for_decode(_model(), dtype)
+    assert isinstance(resident.blocks[0].ffn.experts, NativeExperts)
+    model = cast_for_decode(_model(), dtype, pack=False)
+    source = export_experts(model, tmp_path / "experts.safetensors") if disk else None
+    off = Offloader(model, 2, "lru", source=source, native=True)
+    pack_for_decode(model)  # the other linears as the resident copy has them
+    assert all(isinstance(b.ffn.experts.runner, NativeExpertRunner) for b in model.blocks if b.is_moe)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, resident(ids).logits, rtol=0, atol=0)
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    assert [c.token_ids for c in generate(model, PROMPTS, params)] == [c.token_ids for c in generate(resident, PROMPTS, params)]
+    ex = _model().blocks[0].ffn.experts
+    assert off.stats.bytes_moved == off.stats.misses * (ex.w_up[0].numel() + ex.w_down[0].numel()) * torch.finfo(dtype).bits // 8

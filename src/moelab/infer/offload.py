@@ -49,7 +49,7 @@ from moelab.infer.expert_store import (
     export_experts,
     payload_bytes,
 )
-from moelab.moe.experts import PerExpertModule, activate
+from moelab.moe.experts import Experts, PerExpertModule, activate
 from moelab.quant.experts import QuantExperts
 
 # ----------------------------------------------------------------------------- statistics
@@ -209,6 +209,39 @@ class ExpertRunner:
         return F.linear(activate(F.linear(x_nD, w_up), self.activation), w_down)
 
 
+class NativeExpertRunner(ExpertRunner):
+    """Full-precision experts (bf16 or fp32) in moelab's native layouts: the payload
+    ``(w_up, w_down)`` is packed once per fetch (:meth:`prepare`, a permutation of the same bytes)
+    and multiplied by the native kernels, as resident :class:`moelab.infer.packed.NativeExperts` do."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__(experts.activation)
+        self.dtype, self.d_model, self.up_rows = experts.w_up.dtype, experts.d_model, experts.w_up.shape[1]
+
+    def prepare(self, payload: Payload) -> Payload:
+        from moelab.infer.packed import _native_pack
+
+        w_up, w_down = payload
+        return _native_pack(w_up), _native_pack(w_down)
+
+    def __call__(self, payload: Payload, x_nD: Tensor) -> Tensor:
+        from moelab.infer.packed import _native_linear
+
+        w_up, w_down = payload
+        h = _native_linear(x_nD, w_up, None, self.up_rows, self.dtype)
+        return _native_linear(activate(h, self.activation), w_down, None, self.d_model, self.dtype)
+
+
+def native_runner_fits(experts: nn.Module, device: torch.device) -> bool:
+    """Plain bf16/fp32 experts on a CPU where the native kernels build, with shapes they take."""
+    from moelab.infer.packed import _native_fits, native_available
+
+    return (
+        device.type == "cpu" and isinstance(experts, Experts) and experts.w_up.dtype in (torch.bfloat16, torch.float32)
+        and _native_fits(experts) and native_available()
+    )  # fmt: skip
+
+
 class QuantExpertRunner(ExpertRunner):
     """One quantized expert's forward from ``(up qweight, up scales, down qweight, down scales)``
     through :meth:`QuantLinear.apply_with`, with the same arithmetic as ``QuantExperts``."""
@@ -299,6 +332,9 @@ class Offloader:
         source: ``None`` (copy the experts out of the model into CPU memory) or the path of a
             safetensors file holding them (memory-mapped disk tier).
         counts: calibration routing counts by layer (``routing_counts``) for ``lfu``/``pinned``.
+        native: run full-precision bf16/fp32 experts on moelab's native kernels (each fetched
+            expert packed into their layout, as a packed decode copy's resident experts are) where
+            they build; False (default) multiplies the fetched weights with ``F.linear``.
     """
 
     def __init__(
@@ -310,6 +346,7 @@ class Offloader:
         source: str | Path | None = None,
         device: torch.device | str | None = None,
         counts: dict[int, list[float]] | None = None,
+        native: bool = False,
     ) -> None:
         moe_blocks = [(i, b) for i, b in enumerate(model.blocks) if b.is_moe]
         if not moe_blocks:
@@ -317,7 +354,18 @@ class Offloader:
         policy_cls = CACHE_POLICIES[policy]
         device = torch.device(device) if device is not None else next(model.parameters()).device
         use_cuda = device.type == "cuda"
+        runners = {
+            i: QuantExpertRunner(b.ffn.experts, device) if isinstance(b.ffn.experts, QuantExperts)
+            else NativeExpertRunner(b.ffn.experts) if native and native_runner_fits(b.ffn.experts, device)
+            else ExpertRunner(b.ffn.experts.activation)
+            for i, b in moe_blocks
+        }  # fmt: skip
         payloads = {i: expert_payloads(b.ffn.experts, device) for i, b in moe_blocks}
+        if source is None:  # the memory tier holds native payloads packed once, not per fetch
+            payloads = {
+                i: [runners[i].prepare(p) for p in per] if isinstance(runners[i], NativeExpertRunner) else per
+                for i, per in payloads.items()
+            }
         store = MemoryStore(payloads, pin=use_cuda) if source is None else SafetensorsStore(source)
         self.stats = OffloadStats()
         self.stream = torch.cuda.Stream(device) if use_cuda and prefetch else None
@@ -328,10 +376,11 @@ class Offloader:
             layer, experts = block.ffn, block.ffn.experts
             E = experts.num_experts
             cap = parse_capacity(capacity, E)
-            runner = QuantExpertRunner(experts, device) if isinstance(experts, QuantExperts) else ExpertRunner(experts.activation)
+            runner = runners[i]
+            packs_on_fetch = store.needs_prepare or (source is not None and isinstance(runner, NativeExpertRunner))
             cache = LayerExpertCache(
                 i, E, cap, policy_cls(cap, (counts or {}).get(i)), store, device, self.stats,
-                payload_bytes(payloads[i][0]), self.stream, prepare=runner.prepare if store.needs_prepare else None,
+                payload_bytes(payloads[i][0]), self.stream, prepare=runner.prepare if packs_on_fetch else None,
             )  # fmt: skip
             self.caches[i] = cache
             layer.experts = OffloadedExperts(cache, experts.d_model, experts.hidden, experts.activation, runner)

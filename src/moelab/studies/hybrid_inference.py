@@ -32,11 +32,10 @@ What the measurement is not: there is no GPU here, so both tiers of the offloade
 same CPU RAM (a miss is a RAM-to-RAM copy into a fresh tensor) and the "disk" file sits in the page
 cache right after it is written. It tests the bandwidth argument (bytes per token decide speed) and
 the cost of the offload machinery, not PCIe or SSD speeds. Offloaded experts run through
-``F.linear`` on the fetched weights, while ``moe_resident`` and the dense arm run prepacked weights
-and, at batch 1, fused native blocks (:func:`pack_for_decode` only packs ``Experts``; an
-``OffloadedExperts`` block is not fused), so the resident/offloaded gap mixes the offload cost with
-that. (The committed page predates the native kernels: its resident arms ran oneDNN-prepacked
-weights and unfused blocks.) The hit rate is an untrained router's along one sequence (far above the ≈25% of
+moelab's native kernels on the fetched weights (packed into their layout after each fetch), but
+their MoE blocks are not fused (an ``OffloadedExperts`` block runs the modules' own operations),
+while ``moe_resident`` and the dense arm run fused native blocks at batch 1: the resident/offloaded
+gap mixes the offload cost with that. The hit rate is an untrained router's along one sequence (far above the ≈25% of
 uniform routing at a 25% cache: its choices repeat from token to token); a trained model's may differ.
 
 Budgets: ``smoke`` a tiny model (d 64, 2 layers, vocab 256, 4 experts), 8 decoded tokens, one
@@ -199,9 +198,9 @@ def decode_variants(
 ) -> dict[str, tuple[nn.Module, Any]]:
     """Each arm's decode model (and its :class:`Offloader`, or None), cast from the fp32 builds.
 
-    Offloaded arms are cast unpacked, offloaded, then the remaining linears packed: an
-    ``OffloadedExperts`` is not an ``Experts``, so :func:`pack_for_decode` leaves it alone and its
-    experts run through ``F.linear`` on the fetched weights (as the toolkit's offload path does).
+    Offloaded arms are cast unpacked, offloaded with ``native=True`` (fetched experts packed for
+    the native kernels), then the remaining linears packed: an ``OffloadedExperts`` is not an
+    ``Experts``, so :func:`pack_for_decode` leaves it alone.
     """
     out: dict[str, tuple[nn.Module, Any]] = {
         "dense_equal_total": (cast_for_decode(dense, dtype, pack=True), None),
@@ -212,7 +211,7 @@ def decode_variants(
         source = None
         if arm == "moe_offloaded_disk":
             source = export_experts(m, tmp / "experts.safetensors")
-        off = Offloader(m, capacity=CACHE, policy="lru", prefetch=False, source=source, device="cpu")
+        off = Offloader(m, capacity=CACHE, policy="lru", prefetch=False, source=source, device="cpu", native=True)
         pack_for_decode(m)
         out[arm] = (m.eval(), off)
     return out
@@ -366,8 +365,9 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         "safetensors file (in the page cache: no GPU or disk here, both tiers are RAM). Predicted tok/s per arm: "
         f"calc's decode_tokens_per_s at the measured bandwidth ({bandwidth:.1f} GB/s), offloaded arms adding "
         "2x the measured bytes moved per token (a copy reads and writes). Verdict: moe_offloaded_memory vs "
-        "dense_equal_total decode tok/s. Caveats: offloaded experts run through F.linear on fetched weights, "
-        "resident ones prepacked and fused; the hit rate is an untrained router's along one sequence."
+        "dense_equal_total decode tok/s. Caveats: offloaded experts run the native kernels on fetched weights "
+        "but their blocks are not fused, resident and dense blocks are; the hit rate is an untrained router's "
+        "along one sequence."
     )
     numbers = {
         "prediction": pred,
