@@ -29,6 +29,7 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 /* y[d] = sum_i weight_i * down_i(act(up_i(x))) over n_sel experts (weights NULL: a plain FFN). */
 static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const* down, int n_sel, const float* weights,
                        const void* x, void* y, int bf16, int threads) {
+    if (n_sel < 1 || n_sel > 64) return -2;
     const int d = up[0]->k, f = down[0]->k, ug = up[0]->kind == KIND_INT4 ? up[0]->group : 0;
     const int dg = down[0]->kind == KIND_INT4 ? down[0]->group : 0;
     int kmax = d > f ? d : f;
@@ -49,7 +50,7 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         al[i] = (limbs_t){0};
         if (vnni && dquant) limbs_ok &= limbs_alloc(&al[i], f);
     }
-    const int prep_failed = !xf || !xsum || !h || !a || !a_raw || !asum || !outs || !limbs_ok || n_sel > 64;
+    const int prep_failed = !xf || !xsum || !h || !a || !a_raw || !asum || !outs || !limbs_ok;
     int failed = 0;
     if (!prep_failed) {
         for (int i = 0; i < d; i++) xf[i] = load_el(x, i, bf16);
@@ -116,7 +117,7 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         free(scratch);
     }
     limbs_free(&xl);
-    for (int i = 0; i < n_sel && i < 64; i++) limbs_free(&al[i]);
+    for (int i = 0; i < n_sel; i++) limbs_free(&al[i]);
     free(xf);
     free(xsum);
     free(h);
