@@ -136,6 +136,13 @@ def test_layout_round_trip_and_padding():
     assert torch.equal(packed.reshape(3, 24, 16)[0, 5], plain[:16, 5])  # 16 rows side by side per input
     assert torch.equal(packed.reshape(3, 24, 16)[2, :, 5:], torch.zeros(24, 11, dtype=torch.int8))
     assert torch.equal(qmatmul.deinterleave_rows(packed, 37), plain)
+    nibbles = torch.randint(0, 256, (37, 24), dtype=torch.uint8)  # int4: 48 inputs per row
+    lanes = qmatmul.lane_major_rows(nibbles)
+    assert lanes.shape == (48, 24)
+    assert torch.equal(lanes.reshape(3, 6, 16, 4)[0, 2, 5], nibbles[5, 8:12])  # row 5's bytes 8..11: one 32-bit lane
+    assert torch.equal(qmatmul.from_lane_major(lanes, 37), nibbles)
+    with pytest.raises(ValueError, match="K % 8"):
+        qmatmul.lane_major_rows(torch.zeros(16, 6, dtype=torch.uint8))
 
 
 def test_bad_arguments_are_refused_before_c(lib):
