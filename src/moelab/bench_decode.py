@@ -161,27 +161,16 @@ def variant(base: nn.Module, dtype: str, group: int) -> nn.Module:
 
 @torch.no_grad()
 def time_moelab(model: nn.Module, batch: int, prompt: int, new: int, seed: int = 0) -> tuple[float, float]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.cfg.vocab_size, (batch, prompt), generator=g)
-    dec = FastDecoder(model, batch, prompt + new + 1)
-    t0 = time.perf_counter()
-    logits = dec.prefill(ids)
-    t_prefill = time.perf_counter() - t0
-    tok = logits.float().argmax(-1, keepdim=True)
-    logits = dec.step(tok)  # warm-up step (first-call allocations, int4 repacking)
-    t0 = time.perf_counter()
-    for _ in range(new):
-        tok = logits.float().argmax(-1, keepdim=True)
-        logits = dec.step(tok)
-    t_decode = time.perf_counter() - t0
-    return batch * prompt / t_prefill, batch * new / t_decode
+    """(prefill tok/s, decode tok/s) of one model on the fast path: one prefill of ``prompt`` tokens
+    per row, one warm-up step, then ``new`` greedy steps."""
+    return time_moelab_interleaved([model], batch, prompt, new, seed)[0]
 
 
 @torch.no_grad()
 def time_moelab_interleaved(
     models: list[nn.Module], batch: int, prompt: int, new: int, seed: int = 0, chunk: int = 8
 ) -> list[tuple[float, float]]:
-    """:func:`time_moelab` for several models at once, their decode steps interleaved in chunks:
+    """Prefill and decode tok/s for several models at once, their decode steps interleaved in chunks:
     ``chunk`` steps of every model in turn, until each has decoded ``new`` tokens. Returns
     (prefill tok/s, decode tok/s) per model.
 

@@ -56,6 +56,15 @@ static float* to_f32(const void* x, int64_t n, int bf16) {
     return out;
 }
 
+/* out[g] = sum of x over inputs g*group .. (g+1)*group - 1, for the k/group groups of x [k]. */
+static UNUSED void group_sums(const float* x, int k, int group, float* out) {
+    for (int g = 0; g < k / group; g++) {
+        float s = 0.f;
+        for (int i = g * group; i < (g + 1) * group; i++) s += x[i];
+        out[g] = s;
+    }
+}
+
 /* ------------------------------------------------------------------ dequantize one block */
 
 /* w[k*16 + r] = q of row 16b+r at input k (int8; the row scale is applied to the sums). */
@@ -431,6 +440,18 @@ static UNUSED void limbs_free(limbs_t* l) {
     free(l->a);
     free(l->even);
     free(l->odd);
+}
+
+/* Allocate and fill the limbs of x [K] (two for bf16 activations, three for fp32); 0 when out of
+ * memory (the buffers are freed again). */
+static UNUSED int limbs_of(const float* xf, int K, int bf16, limbs_t* l) {
+    if (!limbs_alloc(l, K)) {
+        limbs_free(l);
+        *l = (limbs_t){0};
+        return 0;
+    }
+    split_limbs(xf, K, bf16 ? 2 : LIMBS, l);
+    return 1;
 }
 
 #if MOELAB_VNNI

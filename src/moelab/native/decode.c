@@ -30,51 +30,30 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const* down, int n_sel, const float* weights,
                        const void* x, void* y, int bf16, int threads) {
     if (n_sel < 1 || n_sel > 64) return -2;
-    const int d = up[0]->k, f = down[0]->k, ug = up[0]->kind == KIND_INT4 ? up[0]->group : 0;
-    const int dg = down[0]->kind == KIND_INT4 ? down[0]->group : 0;
-    int kmax = d > f ? d : f;
-    float* xf = (float*)aligned_alloc(64, (size_t)((d + 15) / 16 * 64));
-    float* xsum = (float*)malloc(sizeof(float) * (size_t)(ug ? d / ug : 1));
+    const int d = up[0]->k, f = down[0]->k, ug = group_of(up[0]), dg = group_of(down[0]); /* all experts share one kind */
+    vecbuf_t xb, ab[64]; /* the token, and each expert's activation (the down projection's input) */
+    int prep_ok = vecbuf_alloc(&xb, d, ug, is_quant(up[0]));
+    for (int i = 0; i < n_sel; i++) prep_ok = vecbuf_alloc(&ab[i], f, dg, is_quant(down[0])) && prep_ok;
     float* h = (float*)malloc(sizeof(float) * (size_t)n_sel * 2 * f + 64);
-    float* a = (float*)aligned_alloc(64, (size_t)(((int64_t)n_sel * f * 4 + 63) / 64 * 64));
-    uint16_t* a_raw = (uint16_t*)aligned_alloc(64, (size_t)(((int64_t)n_sel * f * 2 + 63) / 64 * 64));
-    float* asum = (float*)malloc(sizeof(float) * (size_t)(dg ? n_sel * (f / dg) : 1));
     float* outs = (float*)malloc(sizeof(float) * (size_t)n_sel * d + 64);
-    const int quant = up[0]->kind == KIND_INT8 || up[0]->kind == KIND_INT4;  /* all experts share one kind */
-    const int dquant = down[0]->kind == KIND_INT8 || down[0]->kind == KIND_INT4;
-    const int vnni = MOELAB_VNNI && d % 8 == 0 && f % 8 == 0;
-    limbs_t xl = {0}, al[64];
-    int limbs_ok = 1;
-    if (vnni && quant) limbs_ok = limbs_alloc(&xl, d);
-    for (int i = 0; i < n_sel; i++) {
-        al[i] = (limbs_t){0};
-        if (vnni && dquant) limbs_ok &= limbs_alloc(&al[i], f);
-    }
-    const int prep_failed = !xf || !xsum || !h || !a || !a_raw || !asum || !outs || !limbs_ok;
-    int failed = 0;
-    if (!prep_failed) {
-        for (int i = 0; i < d; i++) xf[i] = load_el(x, i, bf16);
-        if (ug)
-            for (int g = 0; g < d / ug; g++) {
-                float s = 0.f;
-                for (int i = g * ug; i < (g + 1) * ug; i++) s += xf[i];
-                xsum[g] = s;
-            }
-        if (vnni && quant) split_limbs(xf, d, bf16 ? 2 : LIMBS, &xl);
+    prep_ok = prep_ok && h && outs;
+    if (prep_ok) {
+        for (int i = 0; i < d; i++) xb.f32[i] = load_el(x, i, bf16);
+        vecbuf_fill(&xb, d, ug, bf16);
     }
     const int up_blocks = blocks_of(up[0]), down_blocks = blocks_of(down[0]);
+    int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
     {
-        float* scratch = MOELAB_AVX512 ? NULL : (float*)aligned_alloc(64, (size_t)kmax * BLOCK * 4);
-        int ok = !prep_failed && (MOELAB_AVX512 || scratch);
+        float* scratch = MOELAB_AVX512 ? NULL : (float*)aligned_alloc(64, (size_t)(d > f ? d : f) * BLOCK * 4);
+        int ok = prep_ok && (MOELAB_AVX512 || scratch);
         float out[BLOCK] __attribute__((aligned(64)));
-        vec_t xv = {xf, (const uint32_t*)x, xsum, vnni && quant ? &xl : NULL};
         /* up projections of every chosen expert, 16 rows at a time */
 #pragma omp for schedule(static)
         for (int t = 0; t < n_sel * up_blocks; t++) {
             if (!ok) continue;
             int i = t / up_blocks, b = t % up_blocks;
-            mat_block(up[i], b, &xv, bf16, scratch, out);
+            mat_block(up[i], b, &xb.v, bf16, scratch, out);
             for (int r = 0; r < BLOCK && b * BLOCK + r < 2 * f; r++) h[(int64_t)i * 2 * f + b * BLOCK + r] = out[r];
         }
         /* SwiGLU: silu(gate) rounded, times up, rounded */
@@ -83,23 +62,18 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
             if (!ok) continue;
             int i = t / f, j = t % f;
             const float* hi = h + (int64_t)i * 2 * f;
-            a[t] = round_act(round_act(silu(hi[j]), bf16) * hi[f + j], bf16);
+            ab[i].f32[j] = round_act(round_act(silu(hi[j]), bf16) * hi[f + j], bf16);
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < n_sel; i++)
-            if (ok) {
-                fill_vec(a + (int64_t)i * f, a_raw + (int64_t)i * f, asum + (dg ? i * (f / dg) : 0), f, dg);
-                if (vnni && dquant) split_limbs(a + (int64_t)i * f, f, bf16 ? 2 : LIMBS, &al[i]);
-            }
+            if (ok) vecbuf_fill(&ab[i], f, dg, bf16);
         /* down projections: each thread streams one expert's matrix (a static split of the
          * (expert, block) pairs), then the weighted sum over experts in order */
 #pragma omp for schedule(static)
         for (int t = 0; t < n_sel * down_blocks; t++) {
             if (!ok) continue;
             int i = t / down_blocks, b = t % down_blocks;
-            vec_t av = {a + (int64_t)i * f, (const uint32_t*)(a_raw + (int64_t)i * f), asum + (dg ? i * (f / dg) : 0),
-                        vnni && dquant ? &al[i] : NULL};
-            mat_block(down[i], b, &av, bf16, scratch, out);
+            mat_block(down[i], b, &ab[i].v, bf16, scratch, out);
             for (int r = 0; r < BLOCK && b * BLOCK + r < d; r++) outs[(int64_t)i * d + b * BLOCK + r] = out[r];
         }
 #pragma omp for schedule(static)
@@ -116,14 +90,9 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         failed = !ok;
         free(scratch);
     }
-    limbs_free(&xl);
-    for (int i = 0; i < n_sel; i++) limbs_free(&al[i]);
-    free(xf);
-    free(xsum);
+    vecbuf_free(&xb);
+    for (int i = 0; i < n_sel; i++) vecbuf_free(&ab[i]);
     free(h);
-    free(a);
-    free(a_raw);
-    free(asum);
     free(outs);
     return failed ? -1 : 0;
 }

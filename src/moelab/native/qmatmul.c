@@ -59,13 +59,9 @@ int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* 
     if (!xf) return -1;
     limbs_t limbs = {0};
     const int use_vnni = MOELAB_VNNI && M == 1 && K % 8 == 0;
-    if (use_vnni) {
-        if (!limbs_alloc(&limbs, K)) {
-            limbs_free(&limbs);
-            free(xf);
-            return -1;
-        }
-        split_limbs(xf, K, bf16 ? 2 : LIMBS, &limbs);
+    if (use_vnni && !limbs_of(xf, K, bf16, &limbs)) {
+        free(xf);
+        return -1;
     }
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
@@ -118,22 +114,13 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
         return -1;
     }
     if (small)
-        for (int m = 0; m < M; m++)
-            for (int g = 0; g < groups; g++) {
-                float acc = 0.f;
-                for (int k = g * group; k < (g + 1) * group; k++) acc += xf[(int64_t)m * K + k];
-                xsum[m * groups + g] = acc;
-            }
+        for (int m = 0; m < M; m++) group_sums(xf + (int64_t)m * K, K, group, xsum + m * groups);
     limbs_t limbs = {0};
     const int use_vnni = MOELAB_VNNI && M == 1 && K % 8 == 0;
-    if (use_vnni) {
-        if (!limbs_alloc(&limbs, K)) {
-            limbs_free(&limbs);
-            free(xsum);
-            free(xf);
-            return -1;
-        }
-        split_limbs(xf, K, bf16 ? 2 : LIMBS, &limbs);
+    if (use_vnni && !limbs_of(xf, K, bf16, &limbs)) {
+        free(xsum);
+        free(xf);
+        return -1;
     }
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)

@@ -109,26 +109,9 @@ def bf16_pack(w_NK: Tensor) -> Tensor:
     return interleave_rows(w_NK.detach().contiguous().view(torch.int32))
 
 
-def bf16_unpack(packed: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`bf16_pack`: the bf16 weight ``[n, K]``."""
-    return deinterleave_rows(packed, n).view(torch.bfloat16)
-
-
 def bf16_matmul(x_MK: Tensor, packed: Tensor, n: int) -> Tensor:
     """``x · wᵀ → [M, n]`` in bf16 (fp32 sums, one rounding) with ``packed`` from :func:`bf16_pack`."""
-    k = 2 * packed.shape[1]
-    if x_MK.dtype != torch.bfloat16 or x_MK.device.type != "cpu":
-        raise ValueError(f"the native bf16 kernel takes CPU bf16 x, got {x_MK.dtype} on {x_MK.device}")
-    if x_MK.dim() != 2 or x_MK.shape[1] != k or not x_MK.is_contiguous() or packed.shape[0] < n:
-        raise ValueError(f"the native bf16 kernel takes contiguous x [M, {k}], got {tuple(x_MK.shape)}")
-    m = x_MK.shape[0]
-    y = x_MK.new_empty(m, n)
-    if m == 0:
-        return y
-    rc = library().moelab_bf16_matmul(x_MK.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())  # type: ignore[union-attr]
-    if rc != 0:
-        raise MemoryError("native bf16 matmul could not allocate its scratch buffers")
-    return y
+    return _float_matmul(x_MK, packed, n, torch.bfloat16, 2 * packed.shape[1], "moelab_bf16_matmul", "bf16")
 
 
 def f32_pack(w_NK: Tensor) -> Tensor:
@@ -140,16 +123,20 @@ def f32_pack(w_NK: Tensor) -> Tensor:
 
 def f32_matmul(x_MK: Tensor, packed: Tensor, n: int) -> Tensor:
     """``x · wᵀ → [M, n]`` in fp32 with ``packed`` from :func:`f32_pack`."""
-    k = packed.shape[1]
-    if x_MK.dtype != torch.float32 or x_MK.device.type != "cpu":
-        raise ValueError(f"the native fp32 kernel takes CPU fp32 x, got {x_MK.dtype} on {x_MK.device}")
+    return _float_matmul(x_MK, packed, n, torch.float32, packed.shape[1], "moelab_f32_matmul", "fp32")
+
+
+def _float_matmul(x_MK: Tensor, packed: Tensor, n: int, dtype: torch.dtype, k: int, entry: str, name: str) -> Tensor:
+    """The bf16 and fp32 kernels share their checks and calling convention: ``(x, w, y, M, N, K, threads)``."""
+    if x_MK.dtype != dtype or x_MK.device.type != "cpu":
+        raise ValueError(f"the native {name} kernel takes CPU {name} x, got {x_MK.dtype} on {x_MK.device}")
     if x_MK.dim() != 2 or x_MK.shape[1] != k or not x_MK.is_contiguous() or packed.shape[0] < n:
-        raise ValueError(f"the native fp32 kernel takes contiguous x [M, {k}], got {tuple(x_MK.shape)}")
+        raise ValueError(f"the native {name} kernel takes contiguous x [M, {k}], got {tuple(x_MK.shape)}")
     m = x_MK.shape[0]
     y = x_MK.new_empty(m, n)
     if m == 0:
         return y
-    rc = library().moelab_f32_matmul(x_MK.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())  # type: ignore[union-attr]
+    rc = getattr(library(), entry)(x_MK.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
     if rc != 0:
-        raise MemoryError("native fp32 matmul could not allocate its scratch buffers")
+        raise MemoryError(f"native {name} matmul could not allocate its scratch buffers")
     return y

@@ -85,16 +85,6 @@ static void mat_block(const moelab_mat_t* m, int b, const vec_t* x, int bf16, fl
 
 static inline int blocks_of(const moelab_mat_t* m) { return (m->n + BLOCK - 1) / BLOCK; }
 
-static void fill_vec(float* f32, uint16_t* raw, float* gsum, int k, int group) {
-    for (int i = 0; i < k; i++) raw[i] = f32_to_bf16(f32[i]);
-    if (group > 0)
-        for (int g = 0; g < k / group; g++) {
-            float s = 0.f;
-            for (int i = g * group; i < (g + 1) * group; i++) s += f32[i];
-            gsum[g] = s;
-        }
-}
-
 /* An input vector's buffers: fp32 values, bf16 pairs, int4 group sums, integer limbs. */
 typedef struct {
     float* f32;
@@ -126,7 +116,8 @@ static void vecbuf_free(vecbuf_t* b) {
 
 /* After b->f32 holds the (already rounded) values: fill the other forms and b->v. */
 static void vecbuf_fill(vecbuf_t* b, int k, int group, int bf16) {
-    fill_vec(b->f32, b->raw, b->gsum, k, group);
+    for (int i = 0; i < k; i++) b->raw[i] = f32_to_bf16(b->f32[i]);
+    if (group > 0) group_sums(b->f32, k, group, b->gsum);
     if (b->use_limbs) split_limbs(b->f32, k, bf16 ? 2 : LIMBS, &b->limbs);
     b->v = (vec_t){b->f32, (const uint32_t*)b->raw, b->gsum, b->use_limbs ? &b->limbs : NULL};
 }

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from moelab.errors import UserError
+from moelab.native import qmatmul as native
 from moelab.registry import Registry
 
 aten = torch.ops.aten
@@ -149,44 +150,26 @@ _register(
 
 
 def _native_int8_matmul(x_MK: Tensor, packed: Tensor, scales_N: Tensor, n: int, group: int) -> Tensor:
-    from moelab.native.qmatmul import q8_matmul
-
-    return q8_matmul(x_MK, packed, scales_N, n)
+    return native.q8_matmul(x_MK, packed, scales_N, n)
 
 
 def _native_int4_matmul(x_MK: Tensor, packed: Tensor, scales_zeros: Tensor, n: int, group: int) -> Tensor:
-    from moelab.native.qmatmul import q4_matmul
-
-    return q4_matmul(x_MK, packed, group, scales_zeros, n)
-
-
-def _interleave(plain: Tensor) -> Tensor:
-    from moelab.native.qmatmul import interleave_rows
-
-    return interleave_rows(plain)
-
-
-def _deinterleave(packed: Tensor, group: int, n_rows: int, k: int) -> Tensor:
-    from moelab.native.qmatmul import deinterleave_rows
-
-    return deinterleave_rows(packed, n_rows)
-
-
-def _lane_major(plain: Tensor) -> Tensor:
-    from moelab.native.qmatmul import lane_major_rows
-
-    return lane_major_rows(plain)
-
-
-def _from_lane_major(packed: Tensor, group: int, n_rows: int, k: int) -> Tensor:
-    from moelab.native.qmatmul import from_lane_major
-
-    return from_lane_major(packed, n_rows)
+    return native.q4_matmul(x_MK, packed, group, scales_zeros, n)
 
 
 _NATIVE = (torch.float32, torch.bfloat16)
-_register(WeightKernel("native-int8", 8, _interleave, _deinterleave, _native_int8_matmul, _NATIVE))
-_register(WeightKernel("native-int4", 4, _lane_major, _from_lane_major, _native_int4_matmul, _NATIVE))
+_register(
+    WeightKernel(
+        "native-int8", 8, native.interleave_rows, lambda packed, group, n, k: native.deinterleave_rows(packed, n),
+        _native_int8_matmul, _NATIVE,
+    )
+)
+_register(
+    WeightKernel(
+        "native-int4", 4, native.lane_major_rows, lambda packed, group, n, k: native.from_lane_major(packed, n),
+        _native_int4_matmul, _NATIVE,
+    )
+)
 
 
 @functools.cache
