@@ -139,6 +139,7 @@ def _add_analyze_args(p: argparse.ArgumentParser) -> None:
 @command("analyze", "routing analysis of a checkpoint on a labelled corpus: report.html + analysis.json", _add_analyze_args)
 def _run_analyze(args: argparse.Namespace) -> int:
     from moelab.analysis.pipeline import AnalyzeOptions, analyze
+    from moelab.analysis.report import specialization_lines
 
     for name in ("max_tokens", "batch_size", "drop_tokens"):
         if getattr(args, name) < 1:
@@ -151,7 +152,9 @@ def _run_analyze(args: argparse.Namespace) -> int:
         drop_tokens=args.drop_tokens, seq_len=args.seq_len, max_bytes_per_domain=args.max_bytes_per_domain,
         progress=not args.no_progress,
     )
-    analyze(args.model, opts)
+    result = analyze(args.model, opts)
+    for line in specialization_lines(result):
+        print(line)
     print(f"wrote {opts.out}/report.html and {opts.out}/analysis.json")
     return 0
 
@@ -175,33 +178,6 @@ def _write_model(model, args: argparse.Namespace, src: str) -> None:
         save_moelab(model, args.out)
     copied = copy_tokenizer(src, args.out, args.to)
     print(f"wrote {args.to} folder {args.out}" + (f" (with {', '.join(copied)})" if copied else ""))
-
-
-def _byte_batches(path: str, vocab_size: int, seq_len: int, count: int, seed: int, offset: int = 0):
-    """Batches of UTF-8 byte ids from a .txt or .jsonl(.gz) file ("text" field): the bytes tokenizer."""
-    import gzip
-    import json
-    from pathlib import Path
-
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--data {path!r} does not exist")
-    if vocab_size < 256:
-        raise UserError(f"--data is read as UTF-8 bytes, which needs vocab_size >= 256 (this model has {vocab_size})")
-    opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8", errors="replace") as f:
-        if ".jsonl" in p.name:
-            text = "\n".join(json.loads(line).get("text", "") for _, line in zip(range(2000), f) if line.strip())
-        else:
-            text = f.read(4_000_000)
-    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    if len(data) <= seq_len + 1:
-        raise UserError(f"--data {path!r} has too little text for --seq-len {seq_len}")
-    g = torch.Generator().manual_seed(seed + offset)
-    starts = torch.randint(0, len(data) - seq_len, (count, 8), generator=g)
-    return [torch.stack([data[s : s + seq_len] for s in row.tolist()]) for row in starts]
 
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
@@ -282,10 +258,11 @@ def _add_moefy_args(p: argparse.ArgumentParser) -> None:
 def _run_moefy(args: argparse.Namespace) -> int:
     from moelab.convert.hf import load_any
     from moelab.convert.moefy import moefy_report, with_top_k
+    from moelab.data.byte_batches import byte_batches
 
     dense = load_any(args.ckpt)
-    calib = _byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed)
-    evaluation = _byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed, offset=1)
+    calib = byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed)
+    evaluation = byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed, offset=1)
     ks = [int(k) for k in args.ks.split(",") if k.strip()] or [
         k for k in (1, 2, 4, 8, 16, 32, 64) if k < args.experts
     ] + [args.experts]
@@ -312,11 +289,12 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
 def _run_merge(args: argparse.Namespace) -> int:
     from moelab.convert.hf import load_any
     from moelab.convert.merge import expert_counts, merge_similar
+    from moelab.data.byte_batches import byte_batches
 
     model = load_any(args.ckpt)
     counts = None
     if args.data:
-        counts = expert_counts(model, _byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
+        counts = expert_counts(model, byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
     _write_model(merge_similar(model, args.experts, counts, args.by), args, args.ckpt)
     return 0
 
@@ -332,9 +310,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 def _run_prune(args: argparse.Namespace) -> int:
     from moelab.convert.hf import load_any
     from moelab.convert.merge import expert_counts, prune_experts, rare_experts
+    from moelab.data.byte_batches import byte_batches
 
     model = load_any(args.ckpt)
-    counts = expert_counts(model, _byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
+    counts = expert_counts(model, byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
     keep = rare_experts(counts, args.remove)
     for layer, c in counts.items():
         gone = sorted(set(range(len(c))) - set(keep[layer]))
@@ -437,8 +416,6 @@ def _run_generate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
     from moelab.infer.generate import generate
 
     prompts = list(args.prompt)
@@ -454,14 +431,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     ids = [tok.encode(p) or [tok.bos_id] for p in prompts]
     offloader = None
     if args.offload:
-        from moelab.infer.offload import Offloader, routing_counts
+        from moelab.infer.offload import Offloader, text_routing_counts
 
         counts = None
         if args.cache_policy in ("lfu", "pinned"):
             text = Path(args.calibration).read_text(encoding="utf-8") if args.calibration else "\n".join(prompts)
-            calib = tok.encode(text)[: 16 * model.cfg.max_seq_len] or [tok.bos_id]
-            n = model.cfg.max_seq_len
-            counts = routing_counts(model, [torch.tensor([calib[i : i + n]]) for i in range(0, len(calib), n)])
+            counts = text_routing_counts(model, tok, text)
         source = Path(args.checkpoint) / "model.safetensors"
         offloader = Offloader(
             model, args.expert_cache, args.cache_policy, prefetch=args.prefetch,
@@ -627,10 +602,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from moelab.data.prepare import prepare_data
-    from moelab.data.tokenizer import load_tokenizer
-    from moelab.train.checkpoint import latest_checkpoint
-    from moelab.train.trainer import Trainer
+    from moelab.parallel.env import launched_by_torchrun
 
     init = None
     if args.init:  # the model comes from --init; --config/--preset/--set give data and train
@@ -643,128 +615,44 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         cfg = replace(cfg, train=replace(cfg.train, progress=False))
     out = args.out or f"runs/{cfg.name}"
-    from moelab.parallel.env import launched_by_torchrun
-
     if launched_by_torchrun() or args.ep > 1:
-        return _run_train_distributed(args, cfg, out, init)
+        from moelab.experiment.distributed import train_distributed
+
+        with _warnings_as_lines():
+            train_distributed(cfg, out, args.ep, args.dp, args.resume, args.stop_after, init)
+        return 0
+    from moelab.experiment.run import train_run
+
     with _warnings_as_lines():
-        # Resuming reuses the checkpoint's tokenizer instead of training a new one.
-        ckpt = latest_checkpoint(out) if args.resume else None
-        tokenizer = load_tokenizer(ckpt / "tokenizer.json") if ckpt is not None else None
-        if init is not None and tokenizer is None:
-            tokenizer = init.tokenizer
-        cfg, data = prepare_data(cfg, tokenizer=tokenizer)
-        if init is not None:
-            from moelab.train.init import check_vocab, load_init_weights
-
-            check_vocab(init, data.tokenizer)
-        trainer = Trainer(cfg, out, data=data)
-        if init is not None and ckpt is None:
-            load_init_weights(trainer.model, init)
-        result = trainer.train(resume=args.resume, stop_at=args.stop_after)
+        run = train_run(cfg, out, init=init, resume=args.resume, stop_at=args.stop_after)
+    result = run.result
     extra = "".join(f", {k} {v:.4f}" for k, v in result.metrics.items() if k not in ("loss", "tokens"))
-    print(f"step {trainer.step}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}{extra}); checkpoints in {out}/checkpoints")
-    return 0
-
-
-def _run_train_distributed(args: argparse.Namespace, cfg, out: str, init=None) -> int:
-    """`moelab train` under torchrun (docs/distributed.md): a failing rank ends the job with one line."""
-    from moelab.data.prepare import prepare_data
-    from moelab.data.tokenizer import load_tokenizer
-    from moelab.parallel import build_layout, fail_together, init_distributed, launched_by_torchrun, shutdown
-    from moelab.train.checkpoint import latest_checkpoint
-    from moelab.train.distributed import DistributedTrainer
-
-    if not launched_by_torchrun():
-        raise UserError(f"--ep {args.ep} needs several processes: launch with torchrun --nproc-per-node N -m moelab train ...")
-    env = init_distributed()
-    with fail_together(env), _warnings_as_lines():
-        num_experts = cfg.model.moe.num_experts if cfg.model.moe is not None else None
-        layout = build_layout(env, ep=args.ep, num_experts=num_experts)
-        ckpt = latest_checkpoint(out) if args.resume else None
-        tokenizer = load_tokenizer(ckpt / "tokenizer.json") if ckpt is not None else None
-        if init is not None and tokenizer is None:
-            tokenizer = init.tokenizer
-        cfg, data = prepare_data(cfg, tokenizer=tokenizer)
-        if init is not None:
-            from moelab.train.init import check_vocab
-
-            check_vocab(init, data.tokenizer)
-        # --init weights go into the full model before its experts are sharded over ep (a resume replaces them)
-        trainer = DistributedTrainer(cfg, out, layout, data=data, dp_mode=args.dp, init=init)
-        result = trainer.train(resume=args.resume, stop_at=args.stop_after)
-        if env.is_main:
-            print(
-                f"step {trainer.step}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}) on {env.world_size} ranks "
-                f"(dp {layout.dp}, ep {layout.ep}); checkpoints in {out}/checkpoints"
-            )
-    shutdown()
+    print(f"step {run.steps}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}{extra}); checkpoints in {out}/checkpoints")
     return 0
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder or run folder (newest complete checkpoint)")
-    p.add_argument("--data", metavar="CORPUS", help="evaluate on all of this corpus (default: the run's validation split)")
+    p.add_argument("--data", metavar="CORPUS",
+                   help="evaluate every document of this corpus (default: the run's validation split)")
+    p.add_argument("--max-bytes-per-domain", type=int, default=None, metavar="N",
+                   help="with --data: keep about N characters per domain, as training does (default: no cap)")
     p.add_argument("--batches", type=int, default=None, metavar="N", help="at most N batches (default: all)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--objective", metavar="NAME",
                    help="evaluate with this objective (default: the one the checkpoint was trained with)")
 
 
-@command("eval", "validation loss and perplexity of a checkpoint, overall and per domain/language", _add_eval_args)
+@command("eval", "loss, perplexity and bits per byte of a checkpoint, overall and per domain/language", _add_eval_args)
 def _run_eval(args: argparse.Namespace) -> int:
     import json
-    from dataclasses import replace
 
-    import torch
-
-    from moelab.data.corpus import load_corpus
-    from moelab.data.loader import build_splits, eval_batches, pack
-    from moelab.errors import UserError
-    from moelab.objectives import build_objective
-    from moelab.train.checkpoint import load_model, read_run_config, resolve_checkpoint
-    from moelab.train.objective_step import is_plain_causal
-    from moelab.train.trainer import evaluate, evaluate_with_objective, resolve_precision
+    from moelab.experiment.evaluate import evaluate_checkpoint, format_result
 
     with _warnings_as_lines():
-        ckpt = resolve_checkpoint(args.checkpoint)
-    cfg = read_run_config(ckpt)
-    trained = build_objective(cfg.train.objective)
-    objective = build_objective(args.objective) if args.objective else trained
-    if (objective.architecture == "encoder_decoder") != (trained.architecture == "encoder_decoder") or (
-        trained.architecture != "encoder_decoder" and objective.attention != cfg.model.attention
-    ):
-        raise UserError(
-            f"--objective {objective.name} needs a different model than this checkpoint's ({cfg.train.objective}, "
-            f"attention={cfg.model.attention}): evaluate it with --objective {cfg.train.objective}"
-        )
-    model, tok = load_model(ckpt)
-    if args.data:
-        with _warnings_as_lines():
-            docs = load_corpus(replace(cfg.data, corpus=args.data))
-        data = pack(docs, tok, cfg.data.seq_len)
-        if data.num_blocks == 0:
-            raise UserError(f"corpus {args.data!r} has fewer than data.seq_len+1={cfg.data.seq_len + 1} tokens")
-    else:
-        docs = load_corpus(cfg.data)
-        data = build_splits(docs, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed).val
-    bf16 = resolve_precision(cfg.train.precision, torch.device("cpu"))
-    batches = eval_batches(data, cfg.train.batch_size, args.batches)
-    if is_plain_causal(objective):
-        r = evaluate(model, batches, data.label_names, bf16)
-    else:
-        objective.check_tokenizer(tok)
-        r = evaluate_with_objective(model, batches, objective, tok, bf16)
-    result = {"checkpoint": str(ckpt), "objective": objective.name, "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens,
-              "loss_by": r.loss_by, "metrics": r.metrics}  # fmt: skip
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return 0
-    extra = "".join(f"  {k} {v:.4f}" for k, v in r.metrics.items() if k not in ("loss", "tokens"))
-    print(f"{ckpt}: objective {objective.name}  loss {r.loss:.4f}  ppl {r.ppl:.2f}{extra}  ({r.tokens:,} tokens)")
-    for name, per in r.loss_by.items():
-        if name in ("domain", "lang"):
-            print(f"  by {name}: " + "  ".join(f"{k} {v:.3f}" for k, v in per.items()))
+        result = evaluate_checkpoint(args.checkpoint, data=args.data, batches=args.batches, objective=args.objective,
+                                     max_bytes_per_domain=args.max_bytes_per_domain)
+    print(json.dumps(result, indent=1) if args.json else format_result(result))
     return 0
 
 
@@ -773,6 +661,10 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare-<name>)")
     p.add_argument("--iso-total", action="store_true", help="also train the iso-total dense twin (same total parameters)")
     p.add_argument("--no-analysis", action="store_true", help="skip the routing analysis of the MoE (analysis/ + report sections)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N",
+                   help="seeds 0..N-1: every model trains once per seed; the verdict is the paired difference (default 3)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="runs trained side by side, each on threads/N torch threads (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -781,9 +673,13 @@ def _run_compare(args: argparse.Namespace) -> int:
     import shlex
     from dataclasses import replace
 
-    from moelab.compare import run_compare
+    from moelab.experiment.compare import run_compare
     from moelab.report.compare import print_table
 
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     cfg = run_config_from_args(args)
     if args.no_progress:
         cfg = replace(cfg, train=replace(cfg.train, progress=False))
@@ -791,7 +687,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     argv = [a for a in sys.argv[1:] if a != "--no-progress"] if sys.argv[0].endswith(("moelab", "__main__.py")) else []
     command_line = "moelab " + " ".join(shlex.quote(a) for a in argv) if argv else "moelab compare"
     with _warnings_as_lines():
-        summary = run_compare(cfg, out, iso_total=args.iso_total, command=command_line, analysis=not args.no_analysis)
+        summary = run_compare(cfg, out, iso_total=args.iso_total, seeds=args.seeds, jobs=args.jobs, command=command_line,
+                              analysis=not args.no_analysis)  # fmt: skip
     print_table(summary)
     print(f"report: {out}/report.html  summary: {out}/summary.json")
     return 0
@@ -951,12 +848,16 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
         "--jobs", type=int, default=1, metavar="N",
         help="train N runs side by side, each on threads/N torch threads (tiny models: faster than threads)",
     )  # fmt: skip
+    p.add_argument(
+        "--rescore", action="store_true",
+        help="re-score the committed DOCS/NAME.json with the study's declared rule and rewrite its page (no training)",
+    )  # fmt: skip
 
 
 @command("study", "reproduce a claim about MoE: train arms over seeds, write docs/studies/NAME.md + .json", _add_study_args)
 def _run_study(args: argparse.Namespace) -> int:
     from moelab.errors import UserError
-    from moelab.studies import CATALOG, STUDIES, run_study
+    from moelab.studies import CATALOG, STUDIES, rescore_study, run_study
 
     if args.list:
         width = max(map(len, CATALOG))
@@ -966,9 +867,14 @@ def _run_study(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise UserError("moelab study needs a NAME or --list")
+    if args.rescore:
+        res = rescore_study(args.name, docs=args.docs)
+        before = res.rescored["previous_verdict"] if res.rescored else "?"
+        print(f"{res.name}: {before} -> {res.verdict}: {res.verdict_reason}; rewrote {args.docs}/{res.name}.md")
+        return 0
     cmd = f"moelab study {args.name} --budget {args.budget} --seeds {args.seeds}" + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
     res = run_study(args.name, args.budget, args.seeds, out=args.out, docs=args.docs, command=cmd, jobs=args.jobs)
-    print(f"{res.name}: {res.verdict} ({res.verdict_reason}); wrote {args.docs}/{res.name}.md")
+    print(f"{res.name}: {res.verdict}: {res.verdict_reason}; wrote {args.docs}/{res.name}.md")
     return 0
 
 

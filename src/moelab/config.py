@@ -454,6 +454,10 @@ class DataConfig:
         _require(0.0 < self.train_fraction <= 1.0, "data.train_fraction", self.train_fraction, "must be in (0, 1]")
 
 
+SCHEDULE_NAMES = ("cosine", "wsd")  # = moelab.train.schedule.SCHEDULES (tested)
+DECAY_SHAPES = ("linear", "sqrt", "cosine")  # = moelab.train.schedule.DECAY_SHAPES (tested)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, evaluation, logging and checkpointing of one training run."""
@@ -462,8 +466,11 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay; moelab.train.schedule)
+    decay_fraction: float = 0.2  # wsd: share of `steps` in the final decay, in (0, 1]
+    decay_shape: str = "linear"  # wsd: linear | sqrt (1 - sqrt, Hägele et al. 2024) | cosine
     weight_decay: float = 0.1  # not applied to norms, biases and embeddings
     beta1: float = 0.9
     beta2: float = 0.95
@@ -498,6 +505,20 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
         _one_of("train.precision", self.precision, PRECISIONS)
         _one_of("train.objective", self.objective, OBJECTIVE_NAMES)
+        _one_of("train.schedule", self.schedule, SCHEDULE_NAMES)
+        _one_of("train.decay_shape", self.decay_shape, DECAY_SHAPES)
+        _require(
+            not isinstance(self.decay_fraction, bool) and 0.0 < self.decay_fraction <= 1.0,
+            "train.decay_fraction", self.decay_fraction, "must be in (0, 1]",
+        )
+        if self.schedule == "wsd":  # decay steps as in moelab.train.schedule.decay_steps
+            decay = max(1, round(self.decay_fraction * self.steps))
+            _require(
+                self.warmup_steps + decay <= self.steps,
+                "train.warmup_steps", self.warmup_steps,
+                f"with schedule=wsd, warmup and the final decay ({decay} of {self.steps} steps) must not overlap: "
+                "lower train.warmup_steps or train.decay_fraction, or raise train.steps",
+            )
 
 
 @dataclass(frozen=True)

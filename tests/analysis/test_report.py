@@ -16,7 +16,7 @@ import torch
 from cases import small_config, synthetic_data, train
 
 from moelab.analysis import render_sections
-from moelab.analysis.report import TITLES, render_sections_html
+from moelab.analysis.report import TITLES, render_sections_html, specialization_lines
 from moelab.cli import main
 from moelab.config import DataConfig, MoEConfig, RunConfig
 from moelab.data.corpus import write_jsonl_gz
@@ -68,7 +68,15 @@ def test_analysis_json_has_every_number(analysed):
     for la in layers:
         assert sum(la["load"]) == la["assignments"] == 2 * la["tokens"]
         assert sum(la["load_fraction"]) == pytest.approx(1.0)
-    assert set(a["specialization"]["labels"]) >= {"domain", "lang", "position", "token"}
+    spec = a["specialization"]
+    assert set(spec["labels"]) >= {"domain", "lang", "position", "token"}
+    # the step-0 router, rebuilt from the checkpoint's run config, beside the trained one
+    assert spec["step0"] is True and spec["step0_model"]["source"] == "run config" and spec["step0_model"]["seed"] == 0
+    assert spec["units"]["domain"] == "document" and spec["units"]["token"] == "token"
+    for v in spec["layers"][0]["by_label"].values():
+        assert v["ci_low"] <= v["corrected"] <= v["ci_high"]
+        assert v["gain"] == pytest.approx(v["corrected"] - v["step0"]["corrected"])
+    assert a["summary"]["step-0 model"].startswith("the run's own initial weights")
     assert a["drift"]["steps"] == [0, 5] and all(v[-1] == 1.0 for v in a["drift"]["layers"].values())
     assert a["drops"]["policy"] == "position" and a["drops_score"]["policy"] == "score"
     assert set(a["gradient_conflict"]) == {"moe", "dense"}
@@ -98,6 +106,40 @@ def test_sections_reusable_and_missing_ones_explained(analysed):
     assert by_id["specialization"].plots and by_id["specialization"].tables[0].rows
     fragment = render_sections_html(sections)
     assert "<html" not in fragment and 'id="load"' in fragment
+
+
+def test_every_heatmap_has_a_colour_bar_and_a_title(analysed, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from moelab.analysis import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"png")
+    a = json.loads((analysed / "analysis.json").read_text())
+    names = plots.make_plots(a)
+    assert {"load", "coactivation", "specialization"} <= set(names)
+    images = [im for fig in figures for ax in fig.axes for im in ax.images]
+    assert len(images) >= 1 + 2 + 1  # load, co-activation per layer (2), one transition
+    for im in images:
+        assert im.colorbar is not None and im.colorbar.ax.get_ylabel(), "heatmap without a labelled colour bar"
+        assert "colour" in im.axes.get_title(), im.axes.get_title()
+    spec_ax = figures[list(names).index("specialization")].axes[0]
+    assert "corrected NMI" in spec_ax.get_ylabel()
+    plt.close("all")
+
+
+def test_specialization_table_shows_corrected_and_step0(analysed):
+    a = json.loads((analysed / "analysis.json").read_text())
+    table = {s.id: s for s in render_sections(a)}["specialization"].tables[0]
+    assert table.headers[:6] == ["layer", "label", "null", "NMI", "shuffled baseline", "corrected NMI [95%]"]
+    assert {"step-0 corrected", "gain [95%]"} <= set(table.headers)
+    assert table.caption.startswith("step-0 model: the run's own initial weights")
+    v = a["specialization"]["layers"][0]["by_label"][table.rows[0][1]]
+    assert table.rows[0][5].startswith(f"{v['corrected']:.3f} [")
+    lines = specialization_lines(a)
+    assert len(lines) == 1 + len(table.rows) and "gain" in lines[0] and f"{v['gain']:.3f}" in lines[1]
+    del a["specialization"]["layers"][0]["by_label"][table.rows[0][1]]["corrected"]  # an analysis from before
+    assert render_sections(a)
 
 
 def test_analyze_errors_are_one_line(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""Specialisation: NMI against the written-out formula; routing forced by domain gives NMI 1,
-random routing stays inside the shuffled-label baseline."""
+"""Specialisation: NMI against the written-out formula; routing forced by domain gives NMI 1 and a
+corrected NMI far above its document-level null, random routing stays inside the shuffled-label baseline."""
 
 from __future__ import annotations
 
@@ -70,8 +70,15 @@ def test_routing_forced_by_domain_gives_nmi_one(tmp_path):
         dom = layer["by_label"]["domain"]
         assert dom["nmi"] == pytest.approx(1.0, abs=1e-9)
         assert dom["uncertainty"] == pytest.approx(1.0, abs=1e-9)
-        assert dom["baseline_high"] < 0.05
+        # 30 documents: shuffling domains between documents leaves a large chance NMI, which is subtracted
+        assert dom["unit"] == "document" and 0.1 < dom["baseline_mean"] < dom["baseline_high"] < 0.5
+        assert dom["corrected"] == pytest.approx(1.0 - dom["baseline_mean"])
+        assert dom["adjusted"] == pytest.approx(1.0)
+        assert 0 < dom["ci_low"] < dom["corrected"] < dom["ci_high"]
         assert layer["by_label"]["position"]["nmi"] < 0.05
+        assert layer["by_label"]["position"]["unit"] == layer["by_label"]["token"]["unit"] == "token"
+    assert s["units"] == {"domain": "document", "lang": "document", "position": "token", "token": "token"}
+    assert s["step0"] is False and "step0" not in s["layers"][0]["by_label"]["domain"]
     prof = expert_profiles(trace)
     names = trace.label_names["domain"]
     for e in prof["0"]:
@@ -88,7 +95,7 @@ def test_random_routing_stays_within_shuffled_baseline(tmp_path):
             assert v["baseline_low"] <= v["nmi"] <= v["baseline_high"], (label, v)
 
 
-def test_bootstrap_interval_brackets_estimate_and_narrows_with_more_documents():
+def test_corrected_interval_brackets_estimate_and_narrows_with_more_documents():
     from moelab.analysis.specialization import nmi_with_baseline
 
     rng = np.random.default_rng(0)
@@ -101,6 +108,6 @@ def test_bootstrap_interval_brackets_estimate_and_narrows_with_more_documents():
 
     small, large = sample(20), sample(400)
     for r in (small, large):
-        assert r["ci_low"] <= r["nmi"] <= r["ci_high"]
-        assert r["baseline_high"] < r["ci_low"]
+        assert r["ci_low"] < r["corrected"] < r["ci_high"]
+        assert r["baseline_high"] < r["nmi"] and r["ci_low"] > 0
     assert large["ci_high"] - large["ci_low"] < small["ci_high"] - small["ci_low"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from moelab.studies.base import VERDICTS
 
 from helpers import study_cli
@@ -28,14 +30,21 @@ def test_smoke_run_writes_nmi_per_label_drift_and_plot(tmp_path) -> None:
     d = json.loads((docs / "specialisation.json").read_text())
     assert d["verdict"] in VERDICTS and d["seeds"] == [0, 1]
     assert set(d["arms"]) == {"domain", "lang", "position", "token", "agreement@25%"}
-    for name, arm in d["arms"].items():
-        (values,) = arm["per_seed"].values()
-        assert len(values) == 2 and all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), name
+    for name in ("domain", "lang", "position", "token"):
+        ps = d["arms"][name]["per_seed"]
+        assert set(ps) == {"corrected_nmi", "nmi", "step0_corrected_nmi", "gain"}, name
+        assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in ps.values()), name
+        assert all(0.0 <= x <= 1.0 for x in ps["nmi"]), name
+        # corrected = raw - shuffled baseline (mean over layers of per-layer values): never above the raw NMI
+        assert all(c <= r + 1e-12 for c, r in zip(ps["corrected_nmi"], ps["nmi"])), name
+        assert ps["gain"] == pytest.approx([c - c0 for c, c0 in zip(ps["corrected_nmi"], ps["step0_corrected_nmi"])])
     for seed in d["numbers"]["per_seed"]:
         steps, drift = seed["drift_steps"], seed["drift_mean"]
-        assert (
-            steps == sorted(steps) and len(steps) >= 2 and drift[-1] == 1.0
-        )  # the final checkpoint is the final routing
+        assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 3
+        assert drift[-1] == 1.0  # the final checkpoint is the final routing
+        for lo, c, hi in zip(seed["ci_low"]["token"], seed["corrected"]["token"], seed["ci_high"]["token"]):
+            assert lo <= c <= hi  # the interval contains its own estimate
+    assert d["rule"]["metric"] == "corrected_nmi" and d["verdict_detail"]["comparison"]["a"] == "token"
     assert (docs / "specialisation.png").stat().st_size > 1000
     assert "Verdict:" in (docs / "specialisation.md").read_text()
 

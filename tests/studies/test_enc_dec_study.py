@@ -31,10 +31,16 @@ def test_smoke_run_writes_page_json_and_plot(tmp_path) -> None:
     d = json.loads((docs / "enc-dec-specialisation.json").read_text())
     assert d["verdict"] in VERDICTS and d["seeds"] == [0, 1, 2] and set(d["arms"]) == {"encoder", "decoder"}
     for arm in d["arms"].values():
-        values = arm["per_seed"]["token_nmi"]
-        assert len(values) == 3 and all(0.0 <= v <= 1.0 and math.isfinite(v) for v in values)
-    layers = d["numbers"]["token_nmi_per_layer"]
-    assert len(layers) == 3 and all(len(s["encoder"]) == len(s["decoder"]) >= 1 for s in layers)
+        raw, corrected = arm["per_seed"]["token_nmi"], arm["per_seed"]["corrected_nmi"]
+        assert len(raw) == 3 and all(0.0 <= v <= 1.0 and math.isfinite(v) for v in raw)
+        assert all(math.isfinite(c) and c <= r + 1e-12 for c, r in zip(corrected, raw))  # baseline subtracted
+        assert len(arm["per_seed"]["step0_corrected_nmi"]) == len(arm["per_seed"]["gain"]) == 3
+    per_seed = d["numbers"]["per_seed"]
+    assert len(per_seed) == 3
+    for s in per_seed:
+        assert len(s["corrected"]["encoder"]) == len(s["corrected"]["decoder"]) >= 1
+        assert len(s["step0_corrected"]["encoder"]) == len(s["corrected"]["encoder"])
+    assert d["rule"]["metric"] == "corrected_nmi"
     assert (
         d["plots"] == ["enc-dec-specialisation.png"]
         and (docs / "enc-dec-specialisation.png").stat().st_size > 1000

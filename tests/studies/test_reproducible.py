@@ -34,7 +34,7 @@ moe = base.model.moe
 arms = {
     "cf1": replace(base.model, moe=replace(moe, capacity_factor=1.0, drop_policy="position")),
 }
-res = train_arms(base, arms, [0], Path(sys.argv[1]), extra=capacity.drops_by_position)
+res = train_arms(base, arms, [0], Path(sys.argv[1]), probe=capacity.drops_by_position)
 print(json.dumps({arm: r["per_seed"] for arm, r in res.items()}))
 """
 

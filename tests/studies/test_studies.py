@@ -1,4 +1,4 @@
-"""Studies: the computed verdict, the catalog, and every implemented study at --budget smoke."""
+"""Studies: the catalog, and every implemented study at --budget smoke (verdicts: test_scoring.py)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,10 @@ import json
 
 import pytest
 
-from moelab.studies import CATALOG, STUDIES, verdict
+from moelab.studies import CATALOG, SCORES, STUDIES
 from moelab.studies.base import VERDICTS
 
 from helpers import all_finite, study_cli
-
-
-def test_verdict_gives_each_of_the_three():
-    assert verdict([1.0, 1.01, 0.99], [2.0, 2.01, 1.99])[0] == "supported"
-    assert verdict([2.0, 2.01, 1.99], [1.0, 1.01, 0.99])[0] == "not supported"
-    assert verdict([1.0, 1.5, 0.5], [1.1, 1.6, 0.6])[0] == "inconclusive"
-    assert verdict([1.0], [2.0])[0] == "inconclusive"  # no spread with one seed
-    assert verdict([2.0, 2.01], [1.0, 1.01], lower_is_better=False)[0] == "supported"
 
 
 def test_catalog_has_thirteen_and_registered_are_in_it():
@@ -52,8 +44,7 @@ EXPECTED_ARMS = {
     },
     "placement": {"all", "every_other", "first_dense", "last_half"},
     "granularity": {"E8k2", "E8k2+shared", "E16k4", "E16k4+shared", "E32k8", "E32k8+shared"},
-    "iso-flop": {"E4", "E8", "E16", "E32", "dense_iso_active", "dense_long"}
-    | {f"dense_iso_total_E{e}" for e in (4, 8, 16, 32)},
+    "iso-flop": {"E4", "E8", "dense_4steps", "dense_8steps", "dense_16steps", "dense_32steps"},
     "sqrt-rule": {"dense_h64", "dense_h128", "dense_h256", "dense_h512", "dense_h1024", "E4", "E8", "E16"},
     "data-hunger": {f"{k}_{t}" for k in ("moe", "dense") for t in ("unique", "x4", "x16")},
     "swarm": {"moe", "dense_general", "swarm_classifier", "swarm_oracle", "swarm_logit_avg", "swarm_prob_avg"},
@@ -106,7 +97,10 @@ def test_study_smoke(name, tmp_path):
     assert d["plots"] and all((tmp_path / "docs" / p).is_file() for p in d["plots"])
     index = (tmp_path / "docs" / "README.md").read_text()
     assert f"[{name}]({name}.md)" in index
-    assert "Verdict:" in (tmp_path / "docs" / f"{name}.md").read_text()
+    page = (tmp_path / "docs" / f"{name}.md").read_text()
+    assert "Verdict:" in page and d["verdict_reason"] in page
+    if name in SCORES:  # the declared rule and every number behind the verdict
+        assert "**Rule**" in page and d["rule"]["description"] and d["verdict_detail"]
     assert d["wall_s"] > 0 and d["threads"] >= 1  # how long it took, on how many threads
     assert f"Wall time {d['wall_s'] / 60:.1f} min" in (tmp_path / "docs" / f"{name}.md").read_text()
     if name == "capacity":  # drops measured per arm: none without a capacity, some at factor 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,25 +39,34 @@ def test_multiplier_verdict_rule():
 
 
 def test_iso_flop_smoke(tmp_path, monkeypatch):
+    """iso-flop on the budget ladder: every dense point a complete WSD schedule, one multiplier per MoE and seed,
+    the verdict re-computable from the JSON alone."""
     from moelab.studies import run_study
+    from moelab.studies.base import rescore_study
+    from moelab.studies.iso_flop import SMOKE_LADDER
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)
-    run_study("iso-flop", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    run_study("iso-flop", "smoke", 2, out=tmp_path / "runs", docs=tmp_path / "docs")
     d = json.loads((tmp_path / "docs" / "iso-flop.json").read_text())
-    arms = {"E4", "E8", "E16", "E32", "dense_iso_active", "dense_long"} | {
-        f"dense_iso_total_E{e}" for e in (4, 8, 16, 32)
-    }
-    assert set(d["arms"]) == arms
-    assert d["verdict"] in VERDICTS and all_finite(d["arms"]) and all_finite(d["numbers"])
-    for a in d["arms"].values():
-        assert len(a["per_seed"]["val_loss"]) == 3 and len(a["curves"]) == 3
-        assert len(a["curves"][0]["flops"]) >= 2
-    # dense_long trains 4x the steps of the others on the same data: 4x the FLOPs of its twin.
-    assert d["arms"]["dense_long"]["mean"]["train_flops"] == pytest.approx(
-        4 * d["arms"]["dense_iso_active"]["mean"]["train_flops"]
+    steps = d["numbers"]["moe_steps"]
+    assert d["numbers"]["budgets"] == [round(m * steps) for m in SMOKE_LADDER]
+    assert set(d["arms"]) == {"E4", "E8"} | {f"dense_{b}steps" for b in d["numbers"]["budgets"]}
+    assert d["verdict"] in VERDICTS and all_finite(d["arms"])
+    for seed, points in d["numbers"]["ladder"].items():
+        assert [p["steps"] for p in points] == d["numbers"]["budgets"]
+        assert [p["source"] for p in points] == ["branch"] * (len(points) - 1) + ["independent"]
+        assert all(p["seed"] == int(seed) for p in points)
+    # the dense rung at the MoE's budget spends the MoE's FLOPs less the router's
+    assert d["arms"][f"dense_{steps}steps"]["mean"]["train_flops"] == pytest.approx(
+        d["arms"]["E8"]["mean"]["train_flops"], rel=0.02
     )
-    assert set(d["numbers"]["multiplier"]) == {"E4", "E8", "E16", "E32"}
+    m = d["numbers"]["multiplier"]["E8"]
+    assert len(m["per_seed"]) == 2 and len(m["fits"]) == 2
+    assert d["verdict_reason"].startswith("dense needs ")
+    before = (d["verdict"], d["verdict_reason"])
+    again = rescore_study("iso-flop", docs=tmp_path / "docs")  # the verdict follows from the JSON alone
+    assert (again.verdict, again.verdict_reason) == before
     for p in d["plots"]:
         assert (tmp_path / "docs" / p).is_file()
     assert "iso-flop.png" in (tmp_path / "docs" / "iso-flop.md").read_text()
@@ -73,17 +83,34 @@ def test_power_law_fit_recovers_synthetic_curve():
     assert equivalent_size(fa, fb, fc, fc - 0.1) is None
 
 
-def test_alpha_fit_and_verdict():
-    from moelab.studies.powerlaw import alpha_verdict, fit_alpha
+def test_alpha_fit_and_rule():
+    from scipy import stats as sps
+
+    from moelab.studies.powerlaw import AlphaRule, fit_alpha
 
     act, tot = [1.0e5, 1.0e5, 1.0e5], [4.0e5, 8.0e5, 1.6e6]
     n_eq = [math.sqrt(x * y) for x, y in zip(act, tot)]  # exactly the sqrt rule
     alpha, se = fit_alpha(act, tot, n_eq)
     assert alpha == pytest.approx(0.5) and se == pytest.approx(0.0, abs=1e-12)
     # log(N_eq/T) = [-0.5, -1.0] at x = [-1, -2] → α = (0.5 + 2)/(1 + 4) = 0.5; residuals 0.
-    assert alpha_verdict(0.5, 0.01)[0] == "supported"
-    assert alpha_verdict(0.9, 0.01)[0] == "not supported"
-    assert alpha_verdict(0.5, 0.3)[0] == "inconclusive"
+    rule = AlphaRule(target=0.5, tolerance=0.25, level=0.95)
+    v, sentence, detail = rule.decide([0.48, 0.52, 0.5])
+    low, high = sps.t.interval(0.95, 2, loc=0.5, scale=sps.sem([0.48, 0.52, 0.5]))
+    assert v == "supported" and detail["interval"]["low"] == pytest.approx(low) and f"[{low:.3f}, {high:.3f}]" in sentence
+    assert rule.decide([0.9, 0.95, 0.93])[0] == "not supported"  # the whole interval above 0.75
+    assert rule.decide([0.3, 0.9, 0.6])[0] == "inconclusive"  # straddles the band's edge
+    assert rule.decide([0.5])[0] == "inconclusive"  # one seed: no interval
+
+
+def test_sqrt_rule_committed_numbers_rescore_per_seed():
+    """The committed ladder gives one alpha per seed; their mean equals the pooled fit's (same x per seed)."""
+    from moelab.studies import SCORES
+
+    d = json.loads((Path(__file__).resolve().parents[2] / "docs" / "studies" / "sqrt-rule.json").read_text())
+    s = SCORES["sqrt-rule"](d["arms"], d["numbers"])
+    assert len(s.detail["alpha_per_seed"]) == 3
+    assert s.detail["mean"] == pytest.approx(d["numbers"]["alpha"], abs=1e-6)
+    assert s.verdict == "not supported" and s.detail["interval"]["low"] > 0.75
 
 
 def test_sqrt_rule_smoke(tmp_path, monkeypatch):

@@ -146,12 +146,12 @@ def test_evaluate_matches_the_model_loss_and_splits_by_domain(data) -> None:
 
 
 def test_bf16_autocast_trains_and_auto_follows_the_hardware(tmp_path, data, monkeypatch) -> None:
-    import moelab.train.trainer as trainer_mod
+    import moelab.train.evaluation as evaluation_mod
     from moelab.train.trainer import resolve_precision
 
-    monkeypatch.setattr(trainer_mod, "bf16_is_fast", lambda device: True)
+    monkeypatch.setattr(evaluation_mod, "bf16_is_fast", lambda device: True)
     assert resolve_precision("auto", torch.device("cpu")) and resolve_precision("bf16", torch.device("cpu"))
-    monkeypatch.setattr(trainer_mod, "bf16_is_fast", lambda device: False)
+    monkeypatch.setattr(evaluation_mod, "bf16_is_fast", lambda device: False)
     assert not resolve_precision("auto", torch.device("cpu")) and not resolve_precision("fp32", torch.device("cpu"))
     trainer = Trainer(_cfg(steps=3, precision="bf16"), tmp_path, data=data)
     assert trainer.bf16

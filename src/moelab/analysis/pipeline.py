@@ -1,13 +1,22 @@
-"""``moelab analyze``: every analysis of one checkpoint on one labelled corpus → analysis.json + report.html.
+"""``moelab analyze``: every analysis of one model on one labelled split → analysis.json + report.html.
 
 The pipeline (each step optional where its inputs are missing):
-1. trace the MoE model's routing over ``max_tokens`` tokens of the corpus (streamed to
-   ``OUT/trace``) → load metrics, specialisation (NMI with baselines), expert profiles;
+1. trace the MoE model's routing over ``max_tokens`` tokens (streamed to ``OUT/trace``) → load
+   metrics, specialisation (baseline-corrected NMI with a document-resampling interval), expert
+   profiles; the untrained (step-0) model is traced on the same tokens (``OUT/trace_step0``) and
+   its specialisation sits beside the trained one's;
 2. drops towards the end: the same model evaluated with a capacity (``position`` and ``score``
    policies), one sequence per capacity group;
 3. routing drift over ``checkpoints``;
 4. gradient conflict on the MoE model and on the dense model (``dense``), same batches;
 5. dense FFN activation sparsity of the dense model.
+
+Split by what the caller holds: :func:`analyze_moe` (steps 1–4 for the MoE) and
+:func:`analyze_dense` (4–5 for the dense twin) take models *in memory* and a
+:class:`PackedData` split, :func:`merge_analyses` joins their dicts, :func:`analyze_model` does
+all three and writes the files (``moelab compare`` calls it with the models it just trained and
+their validation split), and :func:`analyze` is the checkpoint-and-corpus front end of
+``moelab analyze``.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from moelab.analysis.drift import drift_from_checkpoints
@@ -33,9 +43,14 @@ from moelab.errors import UserError
 
 @dataclass(frozen=True)
 class AnalyzeOptions:
-    """What to analyse and how much. Token counts bound the cost of each pass."""
+    """What to analyse and how much. Token counts bound the cost of each pass.
 
-    data: str
+    ``data`` is the corpus :func:`analyze` packs (callers with a split in memory leave it None);
+    ``specialization_only`` traces and scores only the specialisation (trained and step-0 models),
+    e.g. for a compare's extra seeds; ``n_shuffle``/``n_boot`` size the null and the resampling interval.
+    """
+
+    data: str | None = None
     out: str = "analysis"
     checkpoints: tuple[str, ...] = ()
     dense: str | None = None
@@ -50,6 +65,7 @@ class AnalyzeOptions:
     n_shuffle: int = 20
     n_boot: int = 20
     progress: bool = False
+    specialization_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,57 +115,165 @@ def _byte_level_bytes(piece: str) -> bytes:
     return bytes(inverse[ch] for ch in piece)
 
 
-def analyze(model_path: str | Path, opts: AnalyzeOptions) -> dict[str, Any]:
-    """Run the pipeline (module doc); write ``OUT/analysis.json`` and ``OUT/report.html``; return the dict."""
-    from moelab.analysis.report import write_report
-    from moelab.train.checkpoint import load_model, read_run_config, resolve_checkpoint
+def _has_domains(data: PackedData) -> bool:
+    return "domain" in data.label_ids_N and torch.unique(data.label_ids_N["domain"]).numel() > 1
 
-    ckpt = resolve_checkpoint(model_path)
-    model, tokenizer = load_model(ckpt)
-    run_cfg = read_run_config(ckpt)
-    seq_len = opts.seq_len or run_cfg.data.seq_len
+
+def _is_moe(model: torch.nn.Module) -> bool:
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "moe", None) is not None
+
+
+def _documents(data: PackedData) -> int:
+    return int(torch.unique(data.doc_N).numel()) if data.doc_N.numel() else 0
+
+
+def analyze_moe(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer | None,
+    data: PackedData,
+    opts: AnalyzeOptions,
+    out: str | Path | None = None,
+    initial_model: torch.nn.Module | None = None,
+    step0_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The MoE part of the pipeline on a model in memory and a packed split (e.g. a run's validation data).
+
+    Returns ``{"summary", "specialization", "metrics", "experts", "drops", "drops_score",
+    "gradient_conflict": {"moe": …}}`` (+ ``"drift"`` with ``opts.checkpoints``). With
+    ``initial_model`` (the untrained model, see :mod:`moelab.analysis.step0`) it is traced on the
+    same tokens and every specialisation entry gets ``step0`` and ``gain``; ``step0_info`` (how it
+    was built) is stored as ``specialization["step0_model"]``. ``opts.specialization_only`` stops
+    after the specialisation. Traces go under ``out`` (default ``opts.out``); nothing is read from disk.
+    """
+    if not _is_moe(model):
+        raise UserError("analyze_moe needs an MoE model (model.cfg.moe is None): use analyze_dense")
+    out = Path(opts.out if out is None else out)
+    trace = collect(model, data, out / "trace", opts.batch_size, opts.max_tokens, progress=opts.progress)
+    docs = np.unique(trace.array("doc")[trace.array("valid").astype(bool)]) if "doc" in trace.names() else []
+    result: dict[str, Any] = {"summary": {"tokens traced": trace.num_tokens, "documents traced": len(docs)}}
+    initial_trace = None
+    if initial_model is not None:
+        initial_trace = collect(initial_model, data, out / "trace_step0", opts.batch_size, opts.max_tokens,
+                                progress=opts.progress)
+    spec = specialization(trace, opts.n_shuffle, opts.n_boot, initial=initial_trace)
+    if initial_model is not None:
+        spec["step0_model"] = step0_info or {"source": "given by the caller"}
+        result["summary"]["step-0 model"] = spec["step0_model"].get("note", spec["step0_model"]["source"])
+    result["specialization"] = spec
+    if opts.specialization_only:
+        return result
+    result["metrics"] = trace_metrics(trace)
+    result["experts"] = expert_profiles(trace, decode=_decoder(tokenizer) if tokenizer is not None else None)
+    for key, policy in (("drops", "position"), ("drops_score", "score")):
+        with with_capacity(model, opts.capacity_factor, policy):
+            t = collect(model, data, out / f"trace_{key}", 1, opts.drop_tokens, progress=opts.progress)
+        result[key] = {"capacity_factor": opts.capacity_factor, "policy": policy, **trace_drops(t)}
+    if opts.checkpoints:
+        n = max(1, opts.drift_tokens // (opts.batch_size * data.seq_len))
+        result["drift"] = drift_from_checkpoints(opts.checkpoints, eval_batches(data, opts.batch_size, n),
+                                                 progress=opts.progress)
+    if _has_domains(data):
+        batches = eval_batches(data, opts.batch_size, opts.conflict_batches)
+        names = data.label_names.get("domain")
+        result["gradient_conflict"] = {"moe": gradient_conflict(model, batches, "domain", names)}
+    return result
+
+
+def analyze_dense(model: torch.nn.Module, data: PackedData, opts: AnalyzeOptions) -> dict[str, Any]:
+    """The dense part: ``{"gradient_conflict": {"dense": …}, "sparsity": …}`` on the same batches an MoE gets.
+
+    Gradient conflict needs a ``domain`` label with two or more values; sparsity needs dense FFNs.
+    """
+    batches = eval_batches(data, opts.batch_size, opts.conflict_batches)
+    result: dict[str, Any] = {}
+    if _has_domains(data):
+        result["gradient_conflict"] = {"dense": gradient_conflict(model, batches, "domain", data.label_names.get("domain"))}
+    with torch.no_grad():
+        result["sparsity"] = ffn_sparsity(model, batches)
+    return result
+
+
+def merge_analyses(moe: dict[str, Any] | None, dense: dict[str, Any] | None) -> dict[str, Any]:
+    """One analysis dict from the MoE and dense parts: ``summary`` and ``gradient_conflict`` are merged
+    (MoE first), every other key comes from the part that has it."""
+    merged: dict[str, Any] = {}
+    for part in (moe, dense):
+        for key, value in (part or {}).items():
+            if key in ("summary", "gradient_conflict") and key in merged:
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+def analyze_model(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer | None,
+    data: PackedData,
+    opts: AnalyzeOptions,
+    dense_model: torch.nn.Module | None = None,
+    initial_model: torch.nn.Module | None = None,
+    step0_info: dict[str, Any] | None = None,
+    summary: dict[str, Any] | None = None,
+    title: str = "moelab analysis",
+) -> dict[str, Any]:
+    """Analyse models held in memory on ``data``; write ``opts.out``/analysis.json and report.html; return the dict.
+
+    ``model`` is the MoE (or a dense model alone: then only its dense sections); ``dense_model`` its
+    dense twin; ``initial_model`` the step-0 MoE. ``summary`` entries lead the report's summary.
+    No checkpoint or corpus is read, so ``moelab compare`` can pass the run's own validation split.
+    """
+    from moelab.analysis.report import write_report
+
+    moe_part = dense_part = None
+    if _is_moe(model):
+        moe_part = analyze_moe(model, tokenizer, data, opts, initial_model=initial_model, step0_info=step0_info)
+        if dense_model is not None and not opts.specialization_only:
+            dense_part = analyze_dense(dense_model, data, opts)
+    elif not opts.specialization_only:
+        dense_part = analyze_dense(model, data, opts)
+    head = dict(summary or {})
+    for key, value in (("data", opts.data or "in memory"), ("tokens in corpus", data.num_tokens),
+                       ("documents in corpus", _documents(data)), ("seq_len", data.seq_len),
+                       ("model", "MoE" if _is_moe(model) else "dense")):
+        head.setdefault(key, value)
+    result = merge_analyses({"summary": head}, merge_analyses(moe_part, dense_part))
+    write_report(opts.out, result, title=title)
+    return result
+
+
+def _seq_len_of(path: Path, model: torch.nn.Module, opts: AnalyzeOptions) -> int:
+    if opts.seq_len:
+        return opts.seq_len
+    from moelab.train.checkpoint import is_model_folder, read_run_config, resolve_checkpoint
+
+    if not is_model_folder(path):
+        return read_run_config(resolve_checkpoint(path)).data.seq_len
+    return min(DataConfig().seq_len, getattr(getattr(model, "cfg", None), "max_seq_len", DataConfig().seq_len))
+
+
+def analyze(model_path: str | Path, opts: AnalyzeOptions) -> dict[str, Any]:
+    """``moelab analyze``: load the checkpoint (and ``opts.dense``), rebuild its step-0 model, pack
+    ``opts.data`` with its tokenizer, then :func:`analyze_model`. Returns the analysis dict."""
+    from moelab.analysis.step0 import initial_model_for
+    from moelab.train.checkpoint import is_model_folder, load_model, resolve_checkpoint
+
+    if not opts.data:
+        raise UserError("no corpus to analyse on: pass --data NAME_OR_PATH")
+    path = Path(model_path)
+    model, tokenizer = load_model(path)
+    source = path if is_model_folder(path) else resolve_checkpoint(path)
+    seq_len = _seq_len_of(path, model, opts)
     data = load_data(opts.data, tokenizer, seq_len, opts.max_bytes_per_domain)
-    out = Path(opts.out)
-    result: dict[str, Any] = {
-        "summary": {
-            "checkpoint": str(ckpt),
-            "data": opts.data,
-            "tokens in corpus": data.num_tokens,
-            "seq_len": seq_len,
-            "model": "MoE" if model.cfg.moe is not None else "dense",
-        }
-    }
+    summary: dict[str, Any] = {"checkpoint": str(source)}
+    initial_model = step0_info = None
+    if _is_moe(model):
+        initial_model, step0_info = initial_model_for(path, model)
     dense_model = None
     if opts.dense:
         dense_model, _ = load_model(opts.dense)
-        result["summary"]["dense checkpoint"] = str(resolve_checkpoint(opts.dense))
-    elif model.cfg.moe is None:
-        dense_model = model
-    names = data.label_names.get("domain")
-    conflict_batches = eval_batches(data, opts.batch_size, opts.conflict_batches)
-    has_domain = "domain" in data.label_ids_N and torch.unique(data.label_ids_N["domain"]).numel() > 1
-
-    if model.cfg.moe is not None:
-        trace = collect(model, data, out / "trace", opts.batch_size, opts.max_tokens, progress=opts.progress)
-        result["summary"]["tokens traced"] = trace.num_tokens
-        result["metrics"] = trace_metrics(trace)
-        result["specialization"] = specialization(trace, opts.n_shuffle, opts.n_boot)
-        result["experts"] = expert_profiles(trace, decode=_decoder(tokenizer))
-        for key, policy in (("drops", "position"), ("drops_score", "score")):
-            with with_capacity(model, opts.capacity_factor, policy):
-                t = collect(model, data, out / f"trace_{key}", 1, opts.drop_tokens, progress=opts.progress)
-            result[key] = {"capacity_factor": opts.capacity_factor, "policy": policy, **trace_drops(t)}
-        if opts.checkpoints:
-            drift_batches = eval_batches(data, opts.batch_size, max(1, opts.drift_tokens // (opts.batch_size * seq_len)))
-            result["drift"] = drift_from_checkpoints(opts.checkpoints, drift_batches, progress=opts.progress)
-    if has_domain:
-        result["gradient_conflict"] = {}
-        if model.cfg.moe is not None:
-            result["gradient_conflict"]["moe"] = gradient_conflict(model, conflict_batches, "domain", names)
-        if dense_model is not None:
-            result["gradient_conflict"]["dense"] = gradient_conflict(dense_model, conflict_batches, "domain", names)
-    if dense_model is not None:
-        with torch.no_grad():
-            result["sparsity"] = ffn_sparsity(dense_model, conflict_batches)
-    write_report(out, result, title=f"moelab analysis of {ckpt.name}")
-    return result
+        dense_path = Path(opts.dense)
+        summary["dense checkpoint"] = str(dense_path if is_model_folder(dense_path) else resolve_checkpoint(dense_path))
+    return analyze_model(model, tokenizer, data, opts, dense_model=dense_model, initial_model=initial_model,
+                         step0_info=step0_info, summary=summary, title=f"moelab analysis of {source.name}")

@@ -2,7 +2,8 @@
 
 Every function takes the plain JSON dict (so ``moelab compare`` or a notebook can redraw a
 saved analysis) and returns ``{plot_name: png_bytes}``; a section whose data is absent gives
-no plots. Agg backend, no display needed.
+no plots. Every heatmap is drawn by :func:`heatmap`: a colour bar with its scale and a title
+that says what the colour means. Agg backend, no display needed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,23 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def heatmap(ax: Any, matrix: Any, title: str, colour: str, cmap: str = "viridis", vmin: float | None = None,
+            vmax: float | None = None, xlabel: str = "expert", ylabel: str | None = None) -> Any:
+    """Draw ``matrix`` on ``ax`` with a colour bar labelled ``colour`` (what the colour measures) and a title."""
+    m = np.asarray(matrix, dtype=float)
+    im = ax.imshow(m, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+    for n, set_ticks in zip(m.shape, (ax.set_yticks, ax.set_xticks)):
+        if n <= 32:  # whole expert numbers, not the image's half-cell edges
+            set_ticks(range(n))
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label(colour, fontsize=8)
+    return im
+
+
 def load_plots(a: dict[str, Any]) -> dict[str, bytes]:
     m = a.get("metrics")
     if not m or not m["layers"]:
@@ -32,11 +50,9 @@ def load_plots(a: dict[str, Any]) -> dict[str, bytes]:
     layers = m["layers"]
     frac = np.array([la["load_fraction"] for la in layers])
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(layers) + 2.5))
-    im = axes[0].imshow(frac, aspect="auto", cmap="viridis")
+    heatmap(axes[0], frac, "load per expert (colour: share of the layer's assignments, before drops)",
+            "share of assignments", vmin=0)
     axes[0].set_yticks(range(len(layers)), [f"layer {la['layer']}" for la in layers])
-    axes[0].set_xlabel("expert")
-    axes[0].set_title("load fraction (before drops)")
-    fig.colorbar(im, ax=axes[0])
     x = np.arange(len(layers))
     axes[1].bar(x - 0.2, [la["cv"] for la in layers], 0.4, label="CV of loads")
     axes[1].bar(x + 0.2, [la["entropy"] for la in layers], 0.4, label="normalised entropy")
@@ -46,16 +62,17 @@ def load_plots(a: dict[str, Any]) -> dict[str, bytes]:
     axes[1].set_title("balance")
     out = {"load": _png(fig)}
     n = len(layers)
-    fig, axes = plt.subplots(2, n, figsize=(3 * n + 1, 6), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 1, 6.5), squeeze=False)
     for j, la in enumerate(layers):
         c = np.array(la["coactivation"], dtype=float)
-        axes[0, j].imshow(c / max(1.0, c.max()), cmap="magma")
-        axes[0, j].set_title(f"co-activation L{la['layer']}")
+        heatmap(axes[0, j], c / max(1.0, c.max()), f"co-activation L{la['layer']}\n(colour: tokens choosing both, / max)",
+                "tokens choosing both experts / max pair", cmap="magma", vmin=0, vmax=1, ylabel="expert")
     for j in range(n):
         if j < len(m["transitions"]):
             t = m["transitions"][j]
-            axes[1, j].imshow(np.array(t["matrix"]), cmap="Blues", vmin=0, vmax=1)
-            axes[1, j].set_title(f"top-1 L{t['from']} → L{t['to']}")
+            heatmap(axes[1, j], t["matrix"], f"top-1 L{t['from']} → L{t['to']}\n(colour: P(next top-1 | this top-1))",
+                    "P(next layer's top-1 | this layer's)", cmap="Blues", vmin=0, vmax=1,
+                    xlabel=f"top-1 expert in L{t['to']}", ylabel=f"top-1 expert in L{t['from']}")
         else:
             axes[1, j].axis("off")
     out["coactivation"] = _png(fig)
@@ -63,6 +80,9 @@ def load_plots(a: dict[str, Any]) -> dict[str, bytes]:
 
 
 def specialization_plots(a: dict[str, Any]) -> dict[str, bytes]:
+    """Corrected NMI per layer and label with its interval (filled dots); the step-0 router's as hollow dots."""
+    from moelab.analysis.report import corrected_of
+
     s = a.get("specialization")
     if not s or not s["layers"]:
         return {}
@@ -70,17 +90,28 @@ def specialization_plots(a: dict[str, Any]) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(8, 4))
     layers = [la["layer"] for la in s["layers"]]
     width = 0.8 / max(1, len(labels))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, name in enumerate(labels):
         x = np.arange(len(layers)) + (j - (len(labels) - 1) / 2) * width
         st = [la["by_label"].get(name) for la in s["layers"]]
-        val = [v["nmi"] if v else 0 for v in st]
-        # the document bootstrap is not centred on the estimate: clip so the bar shows its side of it
-        err = [[max(0.0, v["nmi"] - v["ci_low"]) if v else 0 for v in st], [max(0.0, v["ci_high"] - v["nmi"]) if v else 0 for v in st]]
-        ax.bar(x, val, width, yerr=err, label=name, capsize=2)
-        ax.scatter(x, [v["baseline_high"] if v else 0 for v in st], marker="_", color="k", s=80)
+        pts = [(xi, v) for xi, v in zip(x, st) if v]
+        if not pts:
+            continue
+        xs = np.array([p[0] for p in pts])
+        val = np.array([corrected_of(v) for _, v in pts])
+        err = [val - np.array([v["ci_low"] for _, v in pts]), np.array([v["ci_high"] for _, v in pts]) - val]
+        colour = colours[j % len(colours)]
+        ax.errorbar(xs, val, yerr=np.maximum(err, 0), fmt="o", color=colour, capsize=3, label=f"{name} ({pts[0][1].get('unit', 'token')})")
+        step0 = [(xi, v["step0"]) for xi, v in pts if v.get("step0")]
+        if step0:
+            ax.scatter([p[0] for p in step0], [p[1]["corrected"] for p in step0], marker="o", facecolors="none",
+                       edgecolors=colour, s=60, zorder=3)
+    if s.get("step0"):
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="hollow: step-0 router")
+    ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xticks(range(len(layers)), [f"layer {i}" for i in layers])
-    ax.set_ylabel("NMI(top-1 expert; label)")
-    ax.set_title("specialisation (black tick: shuffled-label baseline, upper end)")
+    ax.set_ylabel("corrected NMI (NMI − shuffled baseline)")
+    ax.set_title("specialisation: corrected NMI with 95% interval (label (null unit))", fontsize=10)
     ax.legend(fontsize=8)
     return {"specialization": _png(fig)}
 

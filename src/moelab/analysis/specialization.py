@@ -7,16 +7,18 @@ the normalised mutual information (NMI) between a token's top-1 expert X and a l
     I(X; Y) = Σ p(x, y) log p(x, y) / (p(x) p(y)),   NMI = 2 I / (H(X) + H(Y))   ("arithmetic")
 
 which is 1 when the expert determines the label and vice versa, 0 when they are independent.
-Finite samples bias I upwards (most for labels with many values, like token ids), so every NMI
-comes with:
-- a **shuffled-label baseline**: the NMI after permuting the labels (kills any dependence but
-  keeps both marginals), mean and central interval over ``n_shuffle`` permutations;
-- a **bootstrap interval** resampling *documents* with replacement (tokens of one document share
-  its labels, so resampling tokens would understate the spread); the basic (reflected) interval
-  ``[2·NMI − q_hi, 2·NMI − q_lo]``, because resampling biases NMI upwards as sampling does.
-An NMI inside the baseline's interval is no evidence of specialisation. ``uncertainty`` =
-I / H(X) is also reported: the share of the expert choice's entropy the label explains (for
-token ids it is the readable one: "how much of routing is a lookup on the token").
+Finite samples bias I upwards (most for labels with many values, like token ids), and a
+randomly initialised router already routes by token id, so every NMI comes with (see
+:mod:`moelab.analysis.corrected` for the choices and why):
+- a **shuffled-label baseline** whose permutation respects the label's unit (document-level labels
+  permuted between documents, token-level ones between tokens) and ``corrected = nmi − baseline``;
+- a **document-resampling interval** (``ci_low``, ``ci_high``) of the *corrected* NMI: replicates of
+  half the documents, each corrected by its own baseline; a normal interval centred on the estimate;
+- with a step-0 trace, the same statistics of the **untrained router** (``step0``) and the ``gain``.
+A corrected NMI whose interval covers 0 is no evidence of specialisation; one that does not exceed
+its step-0 value is no evidence that *training* made it. ``uncertainty`` = I / H(X) is also
+reported: the share of the expert choice's entropy the label explains (for token ids it is the
+readable one: "how much of routing is a lookup on the token").
 
 Also per expert: its top tokens (by count and by lift = P(token | expert) / P(token)) and its
 label distribution ("what does expert 5 of layer 3 like?").
@@ -30,15 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from moelab.analysis.corrected import NORMALISERS, corrected_nmi, label_unit
 from moelab.analysis.trace import Trace
+from moelab.errors import UserError
 
-NORMALISERS = {
-    "arithmetic": lambda hx, hy: (hx + hy) / 2,
-    "geometric": lambda hx, hy: np.sqrt(hx * hy),
-    "max": max,
-    "min": min,
-}
-
+__all__ = [
+    "NORMALISERS", "expert_profiles", "label_unit", "mutual_information", "nmi", "nmi_with_baseline",
+    "position_buckets", "specialization", "trace_labels",
+]
 
 def _entropy(counts: np.ndarray) -> float:
     total = counts.sum()
@@ -73,40 +74,7 @@ def position_buckets(position_N: np.ndarray, seq_len: int, buckets: int = 8) -> 
     return np.minimum(position_N.astype(np.int64) * buckets // max(1, seq_len), buckets - 1)
 
 
-def nmi_with_baseline(
-    expert_N: np.ndarray,
-    label_N: np.ndarray,
-    doc_N: np.ndarray | None,
-    n_shuffle: int = 20,
-    n_boot: int = 20,
-    ci: float = 0.95,
-    seed: int = 0,
-    norm: str = "arithmetic",
-) -> dict[str, float]:
-    """NMI, its document-bootstrap interval and the shuffled-label baseline (module doc)."""
-    rng = np.random.default_rng(seed)
-    lo_q, hi_q = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
-    i, hx, _ = mutual_information(expert_N, label_N)
-    value = nmi(expert_N, label_N, norm)
-    shuffled = [nmi(expert_N, rng.permutation(label_N), norm) for _ in range(n_shuffle)]
-    boots = []
-    if doc_N is not None and n_boot > 0:
-        _, doc_idx = np.unique(doc_N, return_inverse=True)
-        n_docs = int(doc_idx.max()) + 1
-        for _ in range(n_boot):
-            mult = np.bincount(rng.integers(0, n_docs, n_docs), minlength=n_docs).astype(np.float64)
-            boots.append(nmi(expert_N, label_N, norm, weights_N=mult[doc_idx]))
-    return {
-        "nmi": value,
-        "uncertainty": float(i / hx) if hx > 0 else 0.0,
-        # basic (reflected) bootstrap: resampled NMI is biased upwards like the estimate itself, so
-        # the percentile interval would sit above the estimate; reflecting it corrects that bias
-        "ci_low": max(0.0, 2 * value - float(np.percentile(boots, hi_q))) if boots else value,
-        "ci_high": min(1.0, 2 * value - float(np.percentile(boots, lo_q))) if boots else value,
-        "baseline_mean": float(np.mean(shuffled)) if shuffled else 0.0,
-        "baseline_low": float(np.percentile(shuffled, lo_q)) if shuffled else 0.0,
-        "baseline_high": float(np.percentile(shuffled, hi_q)) if shuffled else 0.0,
-    }
+nmi_with_baseline = corrected_nmi  # the name callers used before the correction; same arguments first
 
 
 def trace_labels(trace: Trace, buckets: int = 8) -> dict[str, np.ndarray]:
@@ -118,28 +86,64 @@ def trace_labels(trace: Trace, buckets: int = 8) -> dict[str, np.ndarray]:
     return out
 
 
-def specialization(
-    trace: Trace, n_shuffle: int = 20, n_boot: int = 20, seed: int = 0, max_tokens: int | None = 200_000
-) -> dict[str, Any]:
-    """``{"labels": [...], "layers": [{"layer", "by_label": {label: nmi stats}}]}`` over top-1 experts.
+def _same_tokens(trace: Trace, initial: Trace) -> None:
+    if trace.layers != initial.layers:
+        raise UserError(f"the step-0 trace has MoE layers {initial.layers}, the trained one {trace.layers}")
+    for key in ("token", "valid"):
+        if not np.array_equal(trace.array(key), initial.array(key)):
+            raise UserError(f"the step-0 trace covers other tokens than the trained one ({key!r} differs): "
+                            "trace both models on the same data, batch size and token budget")
 
-    ``max_tokens`` subsamples (evenly, whole trace) to bound the cost of the permutations.
+
+def specialization(
+    trace: Trace,
+    n_shuffle: int = 20,
+    n_boot: int = 20,
+    seed: int = 0,
+    max_tokens: int | None = 200_000,
+    initial: Trace | None = None,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """Corrected NMI of top-1 expert and every label, per layer (module doc), JSON-able::
+
+        {"labels": [...], "tokens": N, "units": {label: "document" | "token"},
+         "method": {...how the null and interval were built...}, "step0": bool,
+         "layers": [{"layer", "by_label": {label: corrected_nmi(...) stats}}]}
+
+    ``initial`` is the step-0 (untrained) model's trace of the same tokens: each entry then has
+    ``step0``, ``gain``, ``gain_ci_low``, ``gain_ci_high``. ``max_tokens`` subsamples (evenly, whole
+    trace) to bound the cost of the permutations.
     """
+    if initial is not None:
+        _same_tokens(trace, initial)
     valid = trace.array("valid").astype(bool)
     labels = trace_labels(trace)
     doc = trace.array("doc")[valid] if "doc" in trace.names() else None
     n = int(valid.sum())
     take = np.arange(n) if max_tokens is None or n <= max_tokens else np.linspace(0, n - 1, max_tokens).astype(np.int64)
+    doc_t = None if doc is None else doc[take]
+    kept = {name: y[take] for name, y in labels.items() if len(np.unique(y[take])) > 1}
+    units = {name: label_unit(y, doc_t) for name, y in kept.items()}
     layers = []
     for layer in trace.layers:
         top1 = trace.layer(layer)["top1"][valid][take]
+        top1_0 = None if initial is None else initial.layer(layer)["top1"][valid][take]
         by_label = {
-            name: nmi_with_baseline(top1, y[take], None if doc is None else doc[take], n_shuffle, n_boot, seed=seed)
-            for name, y in labels.items()
-            if len(np.unique(y)) > 1
+            name: corrected_nmi(top1, y, doc_t, n_shuffle, n_boot, ci, seed, unit=units[name], initial_expert_N=top1_0)
+            for name, y in kept.items()
         }
         layers.append({"layer": layer, "by_label": by_label})
-    return {"labels": [k for k in labels if any(k in la["by_label"] for la in layers)], "tokens": len(take), "layers": layers}
+    method = {
+        "statistic": "corrected = nmi - baseline_mean (arithmetic NMI of top-1 expert and label)",
+        "null": "labels constant within documents permuted between documents; others between tokens",
+        "interval": f"normal: corrected ± z·sd, sd over {n_boot} replicates of half the documents "
+        "(without replacement), each corrected by its own shuffled baseline" if doc is not None and n_boot > 0 else "none",
+        "level": ci,
+        "n_shuffle": n_shuffle,
+        "n_boot": n_boot if doc is not None else 0,
+    }
+    return {"labels": list(kept), "tokens": len(take), "units": units, "method": method, "step0": initial is not None,
+            "layers": layers}
 
 
 def expert_profiles(

@@ -320,6 +320,14 @@ def routing_counts(model: nn.Module, batches: Iterable[Tensor]) -> dict[int, lis
     return {layer: c.tolist() for layer, c in counts.items()}
 
 
+def text_routing_counts(model: nn.Module, tokenizer, text: str, max_blocks: int = 16) -> dict[int, list[float]]:
+    """:func:`routing_counts` of ``text`` (the first ``max_blocks`` blocks of ``max_seq_len`` tokens):
+    the calibration trace that seeds the ``lfu`` and ``pinned`` cache policies."""
+    n = model.cfg.max_seq_len
+    ids = tokenizer.encode(text)[: max_blocks * n] or [tokenizer.bos_id]
+    return routing_counts(model, [torch.tensor([ids[i : i + n]]) for i in range(0, len(ids), n)])
+
+
 class Offloader:
     """Moves a model's routed experts into stores and installs cached :class:`OffloadedExperts`.
 
@@ -430,4 +438,5 @@ __all__ = [
     "export_experts",
     "parse_capacity",
     "routing_counts",
+    "text_routing_counts",
 ]

@@ -1,15 +1,17 @@
 """``moelab study``: claims about MoE measured with seeds, budgets and a computed verdict.
 
-One file per study; each registers a function ``run(budget, seeds) -> StudyResult`` in
-:data:`STUDIES`. :data:`CATALOG` lists every planned study (one line each) so that
-``moelab study --list`` can say which exist; only registered ones are runnable.
+One file per study; each declares its claim's rule at top level (before anything runs), registers
+``run(budget, seeds, out, jobs) -> StudyResult`` in :data:`STUDIES` and a pure
+``score(arms, numbers) -> Scored`` in :data:`SCORES` (the verdict from stored per-seed numbers,
+so ``moelab study NAME --rescore`` needs no training). :data:`CATALOG` lists every planned study
+(one line each) so that ``moelab study --list`` can say which exist; only registered ones run.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from moelab.studies.base import CATALOG, STUDIES, StudyResult, run_study, verdict
+from moelab.studies.base import CATALOG, SCORES, STUDIES, StudyResult, rescore_study, run_study
 
 _MODULES = (
     "capacity",
@@ -29,4 +31,4 @@ _MODULES = (
 for _m in _MODULES:
     importlib.import_module(f"moelab.studies.{_m}")
 
-__all__ = ["CATALOG", "STUDIES", "StudyResult", "run_study", "verdict"]
+__all__ = ["CATALOG", "SCORES", "STUDIES", "StudyResult", "rescore_study", "run_study"]

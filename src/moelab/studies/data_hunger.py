@@ -11,9 +11,9 @@ Gap = validation loss − mean training loss of the logged steps since the previ
 at every evaluation (curves in ``numbers.curves``, plotted); the per-seed metric ``gap`` is the final one.
 Measured epochs (tokens seen ÷ tokens in the subset) are recorded per arm.
 
-Verdict (framework ``verdict``, higher gap = the claim): supported when the MoE's final gap at
-1/16 exceeds the dense's by more than 2× the pooled seed std, not supported when the dense's
-exceeds the MoE's by that margin, else inconclusive.
+Verdict (:data:`CLAIM`, a larger gap is the claim): the paired per-seed difference MoE gap −
+dense gap at ×16 (same seed: same data order and validation batches), t interval and test,
+minimum effect 0.05 nats/token.
 
 Full budget: tiny preset, 6 arms × 3 seeds at ``FULL_STEPS`` steps.
 """
@@ -21,16 +21,36 @@ Full budget: tiny preset, 6 arms × 3 seeds at ``FULL_STEPS`` steps.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from moelab.config import RunConfig
+from moelab.experiment.run import TrainedRun, prepare
 from moelab.model.twins import dense_twin
+from moelab.stats import Rule
 from moelab.studies import plots
-from moelab.studies.base import STUDIES, StudyResult, base_run, data_label, train_arms, verdict
+from moelab.studies.base import (
+    SCORES,
+    STUDIES,
+    ArmClaim,
+    Scored,
+    StudyResult,
+    base_run,
+    data_label,
+    summarise,
+    train_outcomes,
+)
 
 FULL_STEPS = 160  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
+# The claim, declared before any run. Minimum effect 0.05 nats/token: a gap is a difference of two
+# losses, each averaged over few steps, and overfitting worth the name opens gaps of tenths of a nat;
+# a difference of gaps below 0.05 says nothing about which model overfits sooner.
+CLAIM = ArmClaim(
+    Rule("gap", lower_is_better=False, min_effect=0.05, alpha=0.05, paired=True), "moe_x16", ("dense_x16",)
+)
 
 EPOCHS = {"unique": None, "x4": 4, "x16": 16}  # None: every training block (no repetition)
 
@@ -46,9 +66,14 @@ def repeat_fractions(base: RunConfig, train_blocks: int) -> dict[str, float]:
 
 def gap_curve(metrics: Path) -> list[dict[str, float]]:
     """(step, train loss since last eval, val loss, gap) at each eval record of ``metrics.jsonl``."""
-    out, train = [], []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    return gap_curve_of(json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines())
+
+
+def gap_curve_of(records: Iterable[dict[str, Any]]) -> list[dict[str, float]]:
+    """:func:`gap_curve` of a run's logged records (``TrainedRun.records``, metrics.jsonl in memory)."""
+    out: list[dict[str, float]] = []
+    train: list[float] = []
+    for rec in records:
         if rec.get("kind") == "eval":
             tl = sum(train) / len(train) if train else float("nan")
             out.append(
@@ -58,6 +83,18 @@ def gap_curve(metrics: Path) -> list[dict[str, float]]:
         elif "loss" in rec and rec.get("kind", "train") == "train":
             train.append(float(rec["loss"]))
     return out
+
+
+def gap_probe(run: TrainedRun) -> dict[str, Any]:
+    """The probe: the final gap, the measured epochs over the arm's subset, and the gap curve."""
+    c = gap_curve_of(run.records)
+    n = run.trainer.train_split.num_blocks
+    return {"gap": c[-1]["gap"], "epochs": run.tokens / (n * run.cfg.data.seq_len), "curve": c}
+
+
+@SCORES.register("data-hunger")
+def score(arms: dict[str, Any], numbers: dict[str, Any]) -> Scored:
+    return CLAIM.score(arms)
 
 
 def _plot(curves: dict[str, list[list[dict[str, float]]]], path: Path) -> None:
@@ -74,35 +111,25 @@ def _plot(curves: dict[str, list[list[dict[str, float]]]], path: Path) -> None:
 
 
 @STUDIES.register("data-hunger")
-def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
+def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     base = base_run(budget, FULL_STEPS)
     base = replace(base, train=replace(base.train, eval_every=max(1, base.train.steps // 4), log_every=1))
-    from moelab.data.prepare import prepare_data
-
-    fractions = repeat_fractions(base, prepare_data(base)[1].splits.train.num_blocks)
+    base, data = prepare(base)  # train_fraction picks blocks at training time: one corpus serves every arm
+    fractions = repeat_fractions(base, data.splits.train.num_blocks)
     moe = base.model
     dense = dense_twin(moe, "iso_active")
-    res: dict[str, dict[str, Any]] = {}
-    curves: dict[str, list[list[dict[str, float]]]] = {}
-    for tag, frac in fractions.items():
-        b = replace(base, data=replace(base.data, train_fraction=frac))
-        for kind, cfg in (("moe", moe), ("dense", dense)):
-            arm = f"{kind}_{tag}"
-            curves[arm] = []
-
-            def extra(trainer, arm=arm) -> dict[str, float]:
-                c = gap_curve(trainer.run_dir / "metrics.jsonl")
-                curves[arm].append(c)
-                n = trainer.train_split.num_blocks
-                return {"gap": c[-1]["gap"], "epochs": trainer.tokens_seen / (n * trainer.cfg.data.seq_len)}
-
-            res.update(train_arms(b, {arm: cfg}, seeds, out, extra=extra))
-    v, why = verdict(
-        res["moe_x16"]["per_seed"]["gap"], res["dense_x16"]["per_seed"]["gap"], lower_is_better=False
-    )
+    arms = {
+        f"{kind}_{tag}": replace(base, model=cfg, data=replace(base.data, train_fraction=frac))
+        for tag, frac in fractions.items()
+        for kind, cfg in (("moe", moe), ("dense", dense))
+    }
+    outcomes = train_outcomes(base, arms, seeds, out, probe=gap_probe, jobs=jobs, data=data)
+    res = summarise(outcomes, by_label=base.name != "smoke")
+    curves = {arm: [o.probe["curve"] for o in runs] for arm, runs in outcomes.items()}
     plot = out / "data-hunger.png"
     _plot(curves, plot)
-    return StudyResult(
+    return StudyResult.scored(
+        score(res, {}),
         name="data-hunger",
         claim="with data repeated 16x, the MoE's train/validation gap exceeds its iso-active dense twin's",
         method=(
@@ -114,8 +141,6 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         seeds=seeds,
         data=data_label(base),
         arms=res,
-        verdict=v,
-        verdict_reason="MoE gap minus dense gap at x16: " + why,
         numbers={"curves": curves, "fractions": fractions, "target_epochs": EPOCHS},
         plots=[str(plot)],
     )

@@ -9,8 +9,9 @@ steps; then, on held-out blocks, the language-modelling gradient of each domain'
 FFN layer's weights (``moelab.analysis.gradient_conflict``) and the cosine between every pair of
 domains. Dense: the mean off-diagonal cosine of the layer's whole FFN. MoE: the same cosine
 inside each expert (over the experts both domains reach), and over the whole layer (all experts'
-weights as one vector). Means over layers per seed. Verdict: MoE per-expert cosine vs dense
-cosine (higher = more agreement = less conflict), :func:`moelab.studies.base.verdict`.
+weights as one vector). Means over layers per seed. Verdict (:data:`CLAIM`): MoE per-expert cosine
+vs dense cosine (higher = more agreement = less conflict), paired over seeds (both models of seed
+s train on seed s's data order and are probed on the same blocks), t interval and test.
 
 Budgets: ``smoke`` 8 steps of the smoke preset; ``full`` 400 steps of ``tiny`` on
 ../shared/corpus (7 domains) — two models per seed, ≈ 4 minutes per seed, ≈ 12 for 3 seeds.
@@ -22,18 +23,38 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from moelab.analysis.gradient_conflict import gradient_conflict
+from moelab.experiment.run import TrainedRun
 from moelab.model.twins import dense_twin
+from moelab.stats import Rule
 from moelab.studies import plots
-from moelab.studies.base import STUDIES, StudyResult, arm_comparison, arm_summary, base_run, train_arms
-from moelab.train.trainer import Trainer
+from moelab.studies.base import (
+    SCORES,
+    STUDIES,
+    ArmClaim,
+    Scored,
+    StudyResult,
+    arm_summary,
+    base_run,
+    data_label,
+    train_outcomes,
+)
 
 FULL_STEPS = 400
 EVAL_BATCHES = 8
 ARMS = ("dense FFN", "MoE experts", "MoE whole layer")
+
+# The claim, declared before any run. Minimum effect 0.02 in cosine (1% of its range [-1, 1]): a smaller
+# change in how well domain gradients agree is no sign that experts resolve the conflict.
+CLAIM = ArmClaim(
+    Rule("cosine", lower_is_better=False, min_effect=0.02, alpha=0.05, paired=True, unit="cosine"),
+    "MoE experts",
+    ("dense FFN",),
+)
 
 
 def _plot(per_seed: list[dict], path: Path) -> None:
@@ -49,32 +70,42 @@ def _plot(per_seed: list[dict], path: Path) -> None:
     plots.save(fig, path)
 
 
+def domain_cosines(run: TrainedRun) -> dict[str, Any]:
+    """The probe: the domains and the mean off-diagonal cosine per FFN layer (for an MoE also
+    inside each expert), on the run's held-out blocks."""
+    names = run.data.splits.val.label_names.get("domain")
+    g = gradient_conflict(run.model, run.trainer.val_batches[:EVAL_BATCHES], "domain", names)
+    entries = [g["layers"][k] for k in sorted(g["layers"], key=int)]
+    if run.cfg.model.moe is None:
+        return {"domains": g["values"], "dense FFN": [e["mean_offdiag"] for e in entries]}
+    return {
+        "domains": g["values"],
+        "MoE whole layer": [e["mean_offdiag"] for e in entries],
+        "MoE experts": [e.get("per_expert_mean_offdiag", 0.0) for e in entries],
+    }
+
+
+@SCORES.register("gradient-conflict")
+def score(arms: dict[str, Any], numbers: dict[str, Any]) -> Scored:
+    return CLAIM.score(arms)
+
+
 @STUDIES.register("gradient-conflict")
-def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
+def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     base = base_run(budget, FULL_STEPS)
-    layers: dict[int, dict[str, list[float]]] = {}  # seed → arm → cosine per layer
-    domains: list[str] = []
-
-    def probe(trainer: Trainer) -> dict[str, float]:
-        names = trainer.data.splits.val.label_names.get("domain")
-        g = gradient_conflict(trainer.model, trainer.val_batches[:EVAL_BATCHES], "domain", names)
-        domains[:] = g["values"]
-        entries = [g["layers"][k] for k in sorted(g["layers"], key=int)]
-        seed = layers.setdefault(trainer.cfg.train.seed, {})
-        if trainer.cfg.model.moe is None:
-            seed["dense FFN"] = [e["mean_offdiag"] for e in entries]
-        else:
-            seed["MoE whole layer"] = [e["mean_offdiag"] for e in entries]
-            seed["MoE experts"] = [e.get("per_expert_mean_offdiag", 0.0) for e in entries]
-        return {}
-
-    train_arms(base, {"moe": base.model, "dense": dense_twin(base.model, "iso_active")}, seeds, out, extra=probe)
-    per_seed = [{"seed": seed, "domains": domains, **layers[seed]} for seed in seeds]
+    models = {"moe": base.model, "dense": dense_twin(base.model, "iso_active")}
+    outcomes = train_outcomes(base, models, seeds, out, probe=domain_cosines, jobs=jobs)
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        moe, dense = outcomes["moe"][i].probe, outcomes["dense"][i].probe
+        per_seed.append({"seed": seed, "domains": dense["domains"], "MoE whole layer": moe["MoE whole layer"],
+                         "MoE experts": moe["MoE experts"], "dense FFN": dense["dense FFN"]})
     arms = {arm: arm_summary({"cosine": [statistics.fmean(s[arm]) for s in per_seed]}) for arm in ARMS}
     plot = out / "gradient-conflict.png"
     _plot(per_seed, plot)
-    return arm_comparison(
-        "gradient-conflict",
+    return StudyResult.scored(
+        score(arms, {}),
+        name="gradient-conflict",
         claim="MoE experts see less gradient conflict between domains than a dense FFN (higher cosine)",
         method=(
             f"per seed an MoE and its iso-active dense twin, {base.train.steps} steps on the same data; on held-out blocks the "
@@ -83,12 +114,8 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         ),
         budget=budget,
         seeds=seeds,
-        base=base,
+        data=data_label(base),
         arms=arms,
-        better="MoE experts",
-        than="dense FFN",
-        metric="cosine",
-        lower_is_better=False,
         numbers={"per_seed": per_seed, "steps": base.train.steps},
         plots=[str(plot)],
     )

@@ -5,12 +5,17 @@ Loss vs size is fitted as ``L(N) = a·N^(-b) + c``: for each candidate floor ``c
 least squared error in loss space wins. The dense-equivalent size of a loss is the inverse
 ``N = (a / (L − c))^(1/b)``. The rule ``N_eq = active^α · total^(1−α)`` is, in logs,
 ``log(N_eq/total) = α·log(active/total)``: a line through the origin, α by least squares with its
-standard error.
+standard error. :class:`AlphaRule` decides the claim α = 0.5 from one α per seed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from moelab.stats import t_interval
 
 
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -58,14 +63,48 @@ def fit_alpha(active: list[float], total: list[float], n_eq: list[float]) -> tup
     return alpha, math.sqrt(sse / (len(xs) - 1) / sxx)
 
 
-def alpha_verdict(alpha: float, se: float, k: float = 2.0, too_wide: float = 0.5) -> tuple[str, str]:
-    """The sqrt rule is α = 0.5. Interval α ± k·se: ``inconclusive`` when its half-width exceeds
-    ``too_wide`` (it cannot tell 0.5 from the ends 0 / 1), else ``supported`` when it contains 0.5,
-    ``not supported`` when it excludes it."""
-    lo, hi = alpha - k * se, alpha + k * se
-    reason = f"alpha {alpha:.3f}, interval [{lo:.3f}, {hi:.3f}] ({k:g} standard errors)"
-    if k * se > too_wide:
-        return "inconclusive", reason + f"; half-width > {too_wide:g}: too wide"
-    if lo <= 0.5 <= hi:
-        return "supported", reason + "; contains 0.5"
-    return "not supported", reason + "; excludes 0.5"
+@dataclass(frozen=True)
+class AlphaRule:
+    """The sqrt rule as a decision: α = ``target`` within ``tolerance``, judged by the t interval
+    (at ``level``) of the mean of one α per seed (each seed's own dense fit and MoEs, so seed-to-seed
+    variation in the fits carries into the interval).
+
+    supported: the whole interval inside ``target ± tolerance``; not supported: the whole interval
+    outside it; inconclusive otherwise, and with fewer than 2 seeds that have an α.
+    """
+
+    target: float = 0.5
+    tolerance: float = 0.25
+    level: float = 0.95
+
+    def describe(self) -> str:
+        return (
+            f"alpha within {self.target:g} ± {self.tolerance:g}: the {self.level:.0%} t interval of the mean "
+            "per-seed alpha inside that band (supported), outside it (not supported), else inconclusive"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "metric": "alpha", "description": self.describe()}
+
+    def decide(self, alphas: Sequence[float]) -> tuple[str, str, dict[str, Any]]:
+        """``(verdict, sentence, detail)`` from the per-seed α values."""
+        n = len(alphas)
+        band = (self.target - self.tolerance, self.target + self.tolerance)
+        detail: dict[str, Any] = {"alpha_per_seed": list(alphas), "n": n, "band": list(band)}
+        if n < 2:
+            return "inconclusive", f"alpha from {n} seed(s): fewer than 2, no interval: inconclusive", detail
+        mean = sum(alphas) / n
+        iv = t_interval(alphas, self.level)
+        detail.update(mean=mean, interval=iv.to_json())
+        if band[0] <= iv.low and iv.high <= band[1]:
+            verdict = "supported"
+        elif iv.high < band[0] or iv.low > band[1]:
+            verdict = "not supported"
+        else:
+            verdict = "inconclusive"
+        sentence = (
+            f"alpha = {mean:.3f} [{iv.low:.3f}, {iv.high:.3f}] ({self.level:.0%} t interval over {n} seeds; "
+            f"per seed {', '.join(f'{a:.3f}' for a in alphas)}) vs the band "
+            f"[{band[0]:g}, {band[1]:g}]: {verdict}"
+        )
+        return verdict, sentence, detail

@@ -11,16 +11,32 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from moelab.config import MoEConfig, RouterConfig
+from moelab.experiment.run import TrainedRun
 from moelab.moe.stats import RoutingStats
-from moelab.studies.base import STUDIES, StudyResult, arm_comparison, base_run, train_arms
+from moelab.stats import Rule
+from moelab.studies.base import (
+    SCORES,
+    STUDIES,
+    ArmClaim,
+    Scored,
+    StudyResult,
+    base_run,
+    data_label,
+    train_arms,
+)
 
 FULL_STEPS = 150  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
 HEALTH_BATCHES = 8  # held-out batches the load statistics are measured on
 DEAD_SHARE = 0.1  # an expert is dead below this fraction of the uniform share 1/E
+
+# The claim, declared before any run. Minimum effect 0.01 nats/token (1% in perplexity): a smaller loss
+# gap is no reason to choose a router.
+CLAIM = ArmClaim(Rule("val_loss", lower_is_better=True, min_effect=0.01, alpha=0.05, paired=True), "sigmoid_bias", ("topk",))
 
 
 def _arms(model):
@@ -45,17 +61,15 @@ def _arms(model):
     return arms
 
 
-def _speed(trainer) -> dict[str, float]:
-    from moelab.train.logging import read_metrics
-
-    train = [r for r in read_metrics(trainer.run_dir) if r.get("kind") == "train"]
+def _speed(run: TrainedRun) -> dict[str, float]:
+    train = [r for r in run.records if r.get("kind") == "train"]
     return {"tokens_per_s": float(train[-1].get("tokens_per_s", 0.0))} if train else {}
 
 
 @torch.no_grad()
-def held_out_routing(trainer) -> dict[str, float]:
+def held_out_routing(run: TrainedRun) -> dict[str, float]:
     """Load CV, dead experts per layer and drop rate on held-out batches (means over MoE layers)."""
-    model = trainer.model
+    model, trainer = run.model, run.trainer
     model.eval()
     stats = RoutingStats({})
     for b in trainer.val_batches[:HEALTH_BATCHES]:
@@ -72,16 +86,23 @@ def held_out_routing(trainer) -> dict[str, float]:
     return {"load_cv": sum(cv) / n, "dead_experts": sum(dead) / n, "drop_rate": sum(s.drop_rate for s in layers) / n}
 
 
-def _metrics(trainer) -> dict[str, float]:
-    return {**_speed(trainer), **held_out_routing(trainer)}
+def router_metrics(run: TrainedRun) -> dict[str, float]:
+    """The probe: training tokens/s and the held-out routing health."""
+    return {**_speed(run), **held_out_routing(run)}
+
+
+@SCORES.register("routers")
+def score(arms: dict[str, Any], numbers: dict[str, Any]) -> Scored:
+    return CLAIM.score(arms)
 
 
 @STUDIES.register("routers")
-def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
+def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     base = base_run(budget, FULL_STEPS)
-    res = train_arms(base, _arms(base.model), seeds, out, extra=_metrics)
-    return arm_comparison(
-        "routers",
+    res = train_arms(base, _arms(base.model), seeds, out, probe=router_metrics, jobs=jobs)
+    return StudyResult.scored(
+        score(res, {}),
+        name="routers",
         claim="aux-loss-free sigmoid_bias routing reaches lower validation loss than top-k with a balance loss",
         method=(
             "one MoE per router (switch at k=1, the rest at the base k); same data, steps and seeds; load CV, "
@@ -90,8 +111,6 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         ),
         budget=budget,
         seeds=seeds,
-        base=base,
+        data=data_label(base),
         arms=res,
-        better="sigmoid_bias",
-        than="topk",
     )

@@ -15,8 +15,9 @@ Arms (same prepared data, data order, steps and seeds):
   trained from scratch at k = 1 and 2.
 Every loss is ``convert.moefy.lm_loss`` on the same validation batches.
 
-Verdict (framework ``verdict``): supported when ``scratch_k1`` beats ``moefied_k1`` by more than
-2× the pooled seed std, not supported when the reverse holds, else inconclusive.
+Verdict (:data:`CLAIM`): ``scratch_k1`` vs ``moefied_k1`` held-out loss, paired over seeds (the
+scratch MoE and the dense model MoEfied for seed s share seed s's data order and the validation
+batches), t interval and test, minimum effect 0.01 nats/token.
 
 Full budget: tiny preset, 3 trainings per seed (dense, 2 scratch MoEs) × 3 seeds at
 ``FULL_STEPS`` steps, plus MoEfication (seconds): 17 minutes on one thread beside another study.
@@ -31,10 +32,30 @@ from typing import Any
 import torch
 
 from moelab.config import MoEConfig
+from moelab.experiment.run import TrainedRun
+from moelab.stats import Rule
 from moelab.studies import plots
-from moelab.studies.base import STUDIES, StudyResult, arm_summary, base_run, data_label, train_arms, verdict
+from moelab.studies.base import (
+    SCORES,
+    STUDIES,
+    ArmClaim,
+    Scored,
+    StudyResult,
+    arm_summary,
+    base_run,
+    data_label,
+    train_arms,
+)
 
 FULL_STEPS = 200  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+
+# The claim, declared before any run. Minimum effect 0.01 nats/token (1% in perplexity): a smaller loss
+# gap is no reason to train an MoE from scratch rather than MoEfy a dense model.
+CLAIM = ArmClaim(
+    Rule("val_loss", lower_is_better=True, min_effect=0.01, alpha=0.05, paired=True),
+    "scratch_k1",
+    ("moefied_k1",),
+)
 
 STAGES = 4
 MAIN_TAU = 0.1
@@ -55,19 +76,32 @@ def _plot(sparsity: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plots.save(fig, path, dpi=100)
 
 
+def held_out_lm_loss(run: TrainedRun) -> dict[str, float]:
+    """The probe of the scratch MoEs: ``convert.moefy.lm_loss`` on the run's validation batches
+    (the batches every arm of the study is scored on)."""
+    from moelab.convert.moefy import lm_loss
+
+    with torch.no_grad():
+        return {"lm_loss": lm_loss(run.model.eval(), [b.input_ids for b in run.trainer.val_batches])}
+
+
+@SCORES.register("sparsity")
+def score(arms: dict[str, Any], numbers: dict[str, Any]) -> Scored:
+    return CLAIM.score(arms)
+
+
 @STUDIES.register("sparsity")
-def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
+def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     from moelab.analysis.sparsity import ffn_sparsity
     from moelab.convert.moefy import lm_loss, moefy, with_top_k
     from moelab.data.loader import eval_batches
-    from moelab.data.prepare import prepare_data
-    from moelab.train.trainer import Trainer
+    from moelab.experiment.run import finished_run, prepare, train_run
 
     base = base_run(budget, FULL_STEPS)
     moe0 = base.model.moe or MoEConfig()
     E, h = moe0.num_experts, moe0.expert_hidden
     ks = sorted({1, 2, E})
-    base, data = prepare_data(base)
+    base, data = prepare(base)
     vocab = data.tokenizer.vocab_size
     dense_cfg = replace(base.model, moe=None, ffn_hidden=E * h, vocab_size=vocab)
     val = eval_batches(data.splits.val, base.train.batch_size, base.train.eval_batches)
@@ -79,12 +113,17 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     per: dict[str, dict[str, list[float]]] = {"dense": {}} | {f"moefied_k{k}": {} for k in ks}
     sparsity: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
-        run = replace(base, name=f"dense-s{seed}", model=dense_cfg, train=replace(base.train, seed=seed))
-        trainer = Trainer(run, out / "dense" / f"seed{seed}", data=data)
+        cfg = replace(base, name=f"dense-s{seed}", model=dense_cfg, train=replace(base.train, seed=seed))
         points = []
-        for stop in stops:
-            trainer.train(stop_at=stop)
-            sp = ffn_sparsity(trainer.model, val, main=MAIN_TAU)
+        for i, stop in enumerate(
+            stops
+        ):  # one trainer carried through the stages: the same run as an uninterrupted one
+            if i == 0:
+                dense_run = train_run(cfg, out / "dense" / f"seed{seed}", data=data, stop_at=stop)
+            else:
+                trainer = dense_run.trainer
+                dense_run = finished_run(trainer, trainer.train(stop_at=stop), dense_run.wall_s)
+            sp = ffn_sparsity(dense_run.model, val, main=MAIN_TAU)
             points.append(
                 {
                     "step": stop,
@@ -92,7 +131,7 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
                 }
             )
         sparsity[f"seed{seed}"] = points
-        model = trainer.model.eval()
+        model = dense_run.model.eval()
         with torch.no_grad():
             dense_loss = lm_loss(model, val_ids)
         per["dense"].setdefault("val_loss", []).append(dense_loss)
@@ -107,22 +146,18 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
             per[f"moefied_k{k}"].setdefault("k_over_E", []).append(k / E)
     arms = {name: arm_summary(ps) for name, ps in per.items()}
 
-    def extra(trainer) -> dict[str, float]:
-        with torch.no_grad():
-            return {"lm_loss": lm_loss(trainer.model.eval(), val_ids)}
-
     scratch = {f"scratch_k{k}": replace(base.model, moe=replace(moe0, top_k=k)) for k in (1, 2)}
-    res = train_arms(base, scratch, seeds, out, extra=extra)
+    res = train_arms(base, scratch, seeds, out, probe=held_out_lm_loss, jobs=jobs, data=data)
     for arm, a in res.items():
         # Same loss function and batches as the dense / MoEfied arms.
         a["per_seed"]["trainer_val_loss"] = a["per_seed"]["val_loss"]
         a["per_seed"]["val_loss"] = a["per_seed"].pop("lm_loss")
         a["per_seed"]["k_over_E"] = [int(arm[-1]) / E] * len(seeds)
         arms[arm] = arm_summary(a["per_seed"])
-    v, why = verdict(arms["scratch_k1"]["per_seed"]["val_loss"], arms["moefied_k1"]["per_seed"]["val_loss"])
     plot = out / "sparsity.png"
     _plot(sparsity, plot)
-    return StudyResult(
+    return StudyResult.scored(
+        score(arms, {}),
         name="sparsity",
         claim=f"an MoE trained from scratch beats a MoEfied dense model at equal active size (k/E = 1/{E})",
         method=(
@@ -134,8 +169,6 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         seeds=seeds,
         data=data_label(base),
         arms=arms,
-        verdict=v,
-        verdict_reason="scratch_k1 vs moefied_k1: " + why,
         numbers={"sparsity": sparsity, "main_threshold": MAIN_TAU},
         plots=[str(plot)],
     )

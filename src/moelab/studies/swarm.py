@@ -24,7 +24,12 @@ Every arm is scored on the same held-out blocks, only on positions ≥ ``PROMPT`
 ``PROMPT`` tokens are the "request" the classifier reads). Cost per token: active parameters and
 forward FLOPs by ``moelab calc`` (attention included; the classifier's counting is free).
 
-Verdict (framework ``verdict``): ``moe`` vs ``swarm_classifier`` held-out loss, lower is better.
+Verdict (:data:`CLAIM`): ``moe`` vs ``swarm_classifier`` held-out loss, lower is better, paired over
+seeds (every arm of seed s trains with seed s and is scored on the same held-out blocks), t
+interval and test, minimum effect 0.01 nats/token.
+
+Runs stay in this process whatever ``--jobs`` says: scoring a request-level swarm needs every
+specialist's logits on the same blocks at once, so the models of a seed must all be in memory.
 
 Budgets: ``smoke`` the smoke preset on the built-in corpus (7 domains); ``full`` ``FULL_STEPS``
 steps of ``tiny`` on ../shared/corpus (4 domains): 16 minutes on 2 threads for 3 seeds.
@@ -37,6 +42,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +51,32 @@ from torch import Tensor, nn
 from moelab.calc import arch_from_config, count, flops_per_token
 from moelab.config import ModelConfig, MoEConfig, RunConfig
 from moelab.data.loader import IGNORE_INDEX, Batch, DataSplits, PackedData, evenly_spaced
-from moelab.data.prepare import PreparedData, prepare_data
+from moelab.data.prepare import PreparedData
 from moelab.model.twins import dense_twin
+from moelab.stats import Rule
 from moelab.studies import plots
-from moelab.studies.base import STUDIES, StudyResult, arm_summary, base_run, data_label, mean_std, verdict
+from moelab.studies.base import (
+    SCORES,
+    STUDIES,
+    ArmClaim,
+    Scored,
+    StudyResult,
+    arm_summary,
+    base_run,
+    data_label,
+    mean_std,
+)
 
 FULL_STEPS = 200
 PROMPT = 32  # tokens of a request the classifier reads; losses count the positions after them
 MIN_SHARE = 0.05  # a domain gets a specialist when it holds this share of the training blocks
 ARMS = ("moe", "dense_general", "swarm_classifier", "swarm_oracle", "swarm_logit_avg", "swarm_prob_avg")
+
+# The claim, declared before any run. Minimum effect 0.01 nats/token (1% in perplexity): a smaller loss
+# gap is no reason to prefer token-level routing over a swarm of dense models.
+CLAIM = ArmClaim(
+    Rule("val_loss", lower_is_better=True, min_effect=0.01, alpha=0.05, paired=True), "moe", ("swarm_classifier",)
+)
 
 
 def block_domains(split: PackedData) -> Tensor:
@@ -118,12 +141,10 @@ def _domain_data(data: PreparedData, idx: list[int]) -> PreparedData:
 
 
 def _train(base: RunConfig, name: str, model_cfg: ModelConfig, data: PreparedData, seed: int, out: Path, batch: int):
-    from moelab.train.trainer import Trainer
+    from moelab.experiment.run import train_run
 
     run = replace(base, name=name, model=model_cfg, train=replace(base.train, seed=seed, batch_size=batch))
-    trainer = Trainer(run, out / name / f"seed{seed}", data=data)
-    trainer.train()
-    return trainer
+    return train_run(run, out / name / f"seed{seed}", data=data)
 
 
 def _score(
@@ -189,9 +210,16 @@ def _plot(arms: dict, domains: list[str], path: Path) -> None:
     plots.save(fig, path)
 
 
+@SCORES.register("swarm")
+def score(arms: dict[str, Any], numbers: dict[str, Any]) -> Scored:
+    return CLAIM.score(arms)
+
+
 @STUDIES.register("swarm")
-def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
-    base, data = prepare_data(base_run(budget, FULL_STEPS))
+def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
+    from moelab.experiment.run import prepare
+
+    base, data = prepare(base_run(budget, FULL_STEPS))
     train, val_split = data.splits.train, data.splits.val
     names = train.label_names["domain"]
     train_dom = block_domains(train)
@@ -221,9 +249,9 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         moe_tr = _train(base, "moe", moe_cfg, data, seed, out, B)
         gen_tr = _train(base, "dense_general", spec_cfg, data, seed, out, B)
         spec_tr = {d: _train(base, f"specialist_{names[d]}", spec_cfg, domain_data[d], seed, out, spec_batch) for d in classes}
-        tokens["moe"].append(float(moe_tr.tokens_seen))
-        tokens["dense_general"].append(float(gen_tr.tokens_seen))
-        tokens["swarm"].append(float(sum(t.tokens_seen for t in spec_tr.values())))
+        tokens["moe"].append(float(moe_tr.tokens))
+        tokens["dense_general"].append(float(gen_tr.tokens))
+        tokens["swarm"].append(float(sum(t.tokens for t in spec_tr.values())))
         loss, by_dom, acc = _score(
             val, val_domains, {"moe": moe_tr.model, "dense_general": gen_tr.model},
             {d: t.model for d, t in spec_tr.items()}, classifier,
@@ -261,9 +289,9 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
     out.mkdir(parents=True, exist_ok=True)
     plot = out / "swarm.png"
     _plot(arms, [names[d] for d in classes], plot)
-    v, why = verdict(per_seed["moe"]["val_loss"], per_seed["swarm_classifier"]["val_loss"])
     acc_m, acc_s = mean_std(accuracy)
-    return StudyResult(
+    return StudyResult.scored(
+        score(arms, {}),
         name="swarm",
         claim=(
             "a token-level MoE reaches lower held-out loss than request-level routing over per-domain dense "
@@ -280,8 +308,6 @@ def run(budget: str, seeds: list[int], out: Path) -> StudyResult:
         seeds=seeds,
         data=data_label(base),
         arms=arms,
-        verdict=v,
-        verdict_reason=why,
         numbers={
             "domains": [names[d] for d in classes],
             "num_experts": E,

@@ -83,15 +83,21 @@ def forward(
 
 @torch.no_grad()
 def evaluate_objective(
-    model: nn.Module, batches: list[Batch], objective: Objective, tokenizer: Tokenizer, autocast_ctx
+    model: nn.Module,
+    batches: list[Batch],
+    objective: Objective,
+    tokenizer: Tokenizer,
+    autocast_ctx,
+    token_bytes_V: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], dict[int, list[float]]]:
     """The objective's metrics over ``batches`` (``summarize``: ``loss``, ``tokens`` and its own,
-    e.g. ``masked_accuracy``) and the expert load per MoE layer."""
+    e.g. ``masked_accuracy``) and the expert load per MoE layer. ``token_bytes_V`` (the tokenizer's
+    :func:`token_bytes`) saves rebuilding that table on every call."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(EVAL_SEED)
-    tb = token_bytes(tokenizer)
+    tb = token_bytes(tokenizer) if token_bytes_V is None else token_bytes_V
     sums: dict[str, float] = {}
     routing = RoutingStats({})  # summed over batches
     has_moe = bool(model.moe_layers)

@@ -1,21 +1,21 @@
-"""AdamW with the usual exclusions, and the warmup + cosine learning-rate schedule.
+"""AdamW with the usual exclusions, and the learning rate of a step (``moelab.train.schedule``).
 
 Why no weight decay on norms, biases and embeddings: decay pulls weights toward zero, which
 for gains (norm weights, 1 at init), offsets and lookup rows fights the parametrisation rather
 than regularising it (GPT-2/nanoGPT/OLMo practice). Everything with ≥2 dims except the
 embedding decays: attention and FFN matrices, stacked expert weights ``[E, …]`` and routers.
 
-The schedule is a pure function of the step, so resuming needs only the step number.
+The schedule (``train.schedule``: warmup + cosine by default, or warmup–stable–decay) is a pure
+function of the step, so resuming needs only the step number.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from moelab.config import TrainConfig
+from moelab.train import schedule
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -65,17 +65,12 @@ def fused_supported(model: nn.Module) -> bool:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based).
+    """Learning rate for optimizer step ``step`` (0-based) under ``cfg.schedule``.
 
-    Linear warmup over ``warmup_steps`` (step 0 gets lr/warmup), then a cosine from ``lr`` down
-    to ``lr·min_lr_ratio`` at the last step.
+    The default (``cosine``): linear warmup over ``warmup_steps`` (step 0 gets lr/warmup), then a cosine
+    from ``lr`` down to ``lr·min_lr_ratio`` at the last step. See :mod:`moelab.train.schedule`.
     """
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.steps - cfg.warmup_steps - 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return schedule.lr_at(step, cfg)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

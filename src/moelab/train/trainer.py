@@ -17,26 +17,23 @@ every checkpoint, so a resumed run continues bit for bit on CPU.
 from __future__ import annotations
 
 import base64
-import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moelab.config import RunConfig, to_dict
-from moelab.data.loader import IGNORE_INDEX, Batch, Sampler, eval_batches, repeated_subset
+from moelab.data.loader import Batch, Sampler, eval_batches, repeated_subset
 from moelab.data.prepare import PreparedData, prepare_data
 from moelab.errors import UserError
-from moelab.hardware import bf16_is_fast
-from moelab.model.transformer import Transformer
 from moelab.moe.balancing import Balancer
 from moelab.moe.health import RouterHealth
 from moelab.moe.stats import RoutingStats
+from moelab.objectives.metrics import token_bytes
 from moelab.train import objective_step
 from moelab.train.checkpoint import (
     checkpoint_name,
@@ -46,7 +43,8 @@ from moelab.train.checkpoint import (
     read_run_config,
     save_checkpoint,
 )
-from moelab.train.logging import MetricsLogger, Progress
+from moelab.train.evaluation import EvalResult, autocast, evaluate, evaluate_with_objective, resolve_precision
+from moelab.train.logging import MetricsLogger, Progress, read_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -56,84 +54,6 @@ class RouterHealthWarning(UserWarning):
 
 class TrainingDiverged(UserError):
     """The loss was not finite for ``train.max_bad_steps`` steps in a row."""
-
-
-@dataclass
-class EvalResult:
-    """Validation loss overall and per label value, and expert load per MoE layer.
-
-    ``objective`` names the training objective; ``metrics`` holds its own numbers (e.g.
-    ``masked_accuracy`` for mlm, ``target_loss`` for span and prefix; empty for causal).
-    """
-
-    loss: float
-    tokens: int
-    loss_by: dict[str, dict[str, float]] = field(default_factory=dict)  # label name → value → mean loss
-    expert_load: dict[int, list[float]] = field(default_factory=dict)  # layer → share of assignments per expert
-    objective: str = "causal"
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(min(self.loss, 50.0))
-
-
-def resolve_precision(precision: str, device: torch.device) -> bool:
-    """Whether to autocast to bf16: ``bf16`` yes, ``fp32`` no, ``auto`` where bf16 is fast."""
-    return precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
-
-
-def autocast(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, batches: list[Batch], label_names: dict[str, list[str]], bf16: bool = False) -> EvalResult:
-    """Token-weighted validation loss, per-label-value losses and expert loads."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    sums: dict[str, dict[int, list[float]]] = {k: {} for k in label_names}
-    routing = RoutingStats({})  # summed over batches
-    has_moe = bool(model.moe_layers)
-    for b in batches:
-        with autocast(device, bf16):
-            out = model(b.input_ids.to(device), return_routing=has_moe)
-        V = out.logits.shape[-1]
-        labels = b.labels.to(device)
-        nll = F.cross_entropy(out.logits.float().view(-1, V), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="none")
-        mask = labels.view(-1) != IGNORE_INDEX
-        total += float(nll[mask].double().sum())
-        count += int(mask.sum())
-        for name, ids_BS in b.label_ids.items():
-            ids = ids_BS.view(-1).to(device)[mask]
-            vals = nll[mask].double()
-            for v in ids.unique().tolist():
-                sel = ids == v
-                acc = sums[name].setdefault(v, [0.0, 0])
-                acc[0] += float(vals[sel].sum())
-                acc[1] += int(sel.sum())
-        if has_moe:
-            routing = routing + RoutingStats.from_routing(out.routing)
-    model.train(was_training)
-    loss_by = {
-        name: {label_names[name][v]: acc[0] / acc[1] for v, acc in sorted(per.items()) if acc[1] > 0}
-        for name, per in sums.items()
-    }
-    expert_load = routing.load_shares()
-    return EvalResult(loss=total / max(count, 1), tokens=count, loss_by=loss_by, expert_load=expert_load)
-
-
-def evaluate_with_objective(model, batches: list[Batch], objective, tokenizer, bf16: bool = False) -> EvalResult:
-    """:func:`evaluate` for a non-causal objective: its loss, target count and own metrics."""
-    device = next(model.parameters()).device
-    metrics, loads = objective_step.evaluate_objective(model, batches, objective, tokenizer, lambda: autocast(device, bf16))
-    return EvalResult(
-        loss=metrics["loss"], tokens=int(metrics["tokens"]), expert_load=loads, objective=objective.name, metrics=metrics
-    )
 
 
 class Trainer:
@@ -148,6 +68,7 @@ class Trainer:
             cfg, data = prepare_data(cfg)
         self.objective = objective_step.objective_of(cfg)
         objective_step.prepare_tokenizer(data.tokenizer, self.objective)  # before the vocab size is read
+        self.token_bytes_V = token_bytes(data.tokenizer)  # [V] UTF-8 bytes per token, for bits per byte
         model_cfg = objective_step.model_config_for(cfg.model, self.objective)
         cfg = replace(cfg, model=replace(model_cfg, vocab_size=data.tokenizer.vocab_size))
         self.cfg, self.data = cfg, data
@@ -170,6 +91,7 @@ class Trainer:
         self.bad_total = 0
         self.bad_in_a_row = 0
         self.tokens_seen = 0
+        self.history: list[dict[str, Any]] = []  # every record logged this run (metrics.jsonl in memory)
 
     # ------------------------------------------------------------------ state
 
@@ -310,8 +232,12 @@ class Trainer:
 
     def evaluate(self) -> EvalResult:
         if objective_step.is_plain_causal(self.objective):
-            return evaluate(self.model, self.val_batches, self.data.splits.val.label_names, self.bf16)
-        return evaluate_with_objective(self.model, self.val_batches, self.objective, self.data.tokenizer, self.bf16)
+            return evaluate(
+                self.model, self.val_batches, self.data.splits.val.label_names, self.bf16, token_bytes_V=self.token_bytes_V
+            )
+        return evaluate_with_objective(
+            self.model, self.val_batches, self.objective, self.data.tokenizer, self.bf16, self.token_bytes_V
+        )
 
     @property
     def is_main(self) -> bool:
@@ -333,6 +259,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             logger = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if resumed else None)
             progress = Progress(end, self.step, self.run_dir.name, tc.progress)
+            self.history = read_metrics(self.run_dir) if resumed else []
         self.model.train()
         train_time, tok0 = 0.0, self.tokens_seen
         result: EvalResult | None = None
@@ -345,11 +272,16 @@ class Trainer:
                     rec["tokens_per_s"] = (self.tokens_seen - tok0) / train_time if train_time > 0 else 0.0
                     rec["train_time_s"] = train_time
                     logger.log(rec)
+                    if self.is_main:
+                        self.history.append(rec)
                 self.check_diverged()
                 progress.update(self.step, f"loss {rec['loss']:.3f}")
                 if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == end:
                     result = self.evaluate()
-                    logger.log(eval_record(self.step, self.tokens_seen, result))
+                    rec = eval_record(self.step, self.tokens_seen, result, schedule_steps=tc.steps)
+                    logger.log(rec)
+                    if self.is_main:
+                        self.history.append(rec)
                 if tc.save_every and self.step % tc.save_every == 0 and self.step != end:
                     self.save()
             if result is None:
@@ -370,15 +302,22 @@ class _Silent:
 
     def close(self) -> None: ...
 
-def eval_record(step: int, tokens: int, r: EvalResult) -> dict[str, Any]:
+def eval_record(step: int, tokens: int, r: EvalResult, schedule_steps: int | None = None) -> dict[str, Any]:
+    """The ``eval`` line of metrics.jsonl. ``schedule_steps`` is the step at which the run's learning-rate
+    schedule ends: a loss with ``step < schedule_steps`` was read mid-schedule and is not the loss of a
+    run of ``step`` steps (``moelab.experiment.ladder`` refuses it as a budget point)."""
     return {
         "kind": "eval",
         "step": step,
         "tokens": tokens,
+        "schedule_steps": schedule_steps,
         "val_loss": r.loss,
         "val_ppl": r.ppl,
         "val_tokens": r.tokens,
         "val_loss_by": r.loss_by,
+        "val_bpb": r.bpb,
+        "val_bpb_by": r.bpb_by,
+        "val_documents": r.documents,
         "expert_load": {str(k): v for k, v in r.expert_load.items()},
         "objective": r.objective,
         "val_metrics": r.metrics,
