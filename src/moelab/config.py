@@ -547,11 +547,12 @@ _RUN_PRESETS: dict[str, dict[str, Any]] = {
             steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=15, eval_batches=4, log_every=5, precision="fp32"
         ),
     ),
-    # The default of `moelab compare`: a few minutes per model on 2 CPU cores. fp32, not auto: at d_model
-    # 64-128 bf16 autocast is no faster on CPU (cast overhead outweighs the matmul gain; docs/training.md).
+    # The default of `moelab compare`: 3 seeds x (MoE + twin) in under 15 minutes on 2 idle CPU cores (two runs
+    # side by side at ~6.5k tokens/s each: 800 steps; 1000 took 16.4 min). fp32, not auto: at d_model 64-128 bf16
+    # autocast is no faster on CPU (cast overhead outweighs the matmul gain; docs/training.md).
     "tiny": dict(
         data=dict(seq_len=128, max_bytes_per_domain=1_500_000, synthetic_docs=600),
-        train=dict(steps=1000, batch_size=16, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=16, precision="fp32"),
+        train=dict(steps=800, batch_size=16, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=16, precision="fp32"),
     ),
     # A model worth a GPU hour.
     "small": dict(
