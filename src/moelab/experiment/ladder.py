@@ -227,7 +227,8 @@ class LadderJob:
     mode: str
 
 
-def _ladder_of(job: LadderJob, data: PreparedData) -> list[BudgetPoint]:
+def train_ladder_job(job: LadderJob, data: PreparedData) -> list[BudgetPoint]:
+    """:func:`run_ladder` of one :class:`LadderJob` (a unit of work for ``moelab.experiment.runs.map_on_data``)."""
     return run_ladder(job.base, job.budgets, job.out, data, job.mode)
 
 
@@ -248,7 +249,7 @@ def run_ladders(
         LadderJob(replace(base, train=replace(base.train, seed=s)), tuple(budgets), Path(out) / f"seed{s}", mode)
         for s in seeds
     ]
-    return dict(zip(seeds, map_on_data(_ladder_of, ladder_jobs, data, jobs)))
+    return dict(zip(seeds, map_on_data(train_ladder_job, ladder_jobs, data, jobs)))
 
 
 def _refuse_existing(paths: list[Path]) -> None:

@@ -27,11 +27,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from moelab.config import MoEConfig, RunConfig
-from moelab.experiment.ladder import run_ladders
+from moelab.config import ModelConfig, MoEConfig, RunConfig
+from moelab.data.prepare import PreparedData
+from moelab.experiment.ladder import BudgetPoint, LadderJob, train_ladder_job
 from moelab.experiment.run import prepare
+from moelab.experiment.runs import RunOutcome, RunSpec, map_on_data, run_one
 from moelab.model.twins import dense_twin
 from moelab.stats import Multiplier, Rule, compute_multiplier, decide
 from moelab.studies import plots
@@ -43,9 +43,8 @@ from moelab.studies.base import (
     arm_summary,
     base_run,
     data_label,
-    train_arms,
+    summarise,
 )
-from moelab.train.evaluation import resolve_precision
 
 FULL_STEPS = 1000  # the MoE's budget at --budget full: past the step where the tiny MoE overtakes its twin (≈600)
 EXPERTS = (8, 16, 32)
@@ -156,22 +155,50 @@ def _plot(arms: dict[str, Any], numbers: dict[str, Any], fits: dict[str, Multipl
     plots.save(fig, path, dpi=100)
 
 
+def _train(item: RunSpec | LadderJob, data: PreparedData) -> RunOutcome | list[BudgetPoint]:
+    """One unit of the study's work: an MoE run or a seed's whole dense ladder (both picklable)."""
+    return train_ladder_job(item, data) if isinstance(item, LadderJob) else run_one(item, data)
+
+
+def train_all(
+    base: RunConfig, moe_arms: dict[str, ModelConfig], twin: ModelConfig, budgets: list[int], seeds: list[int],
+    out: Path, data: PreparedData, jobs: int,
+) -> tuple[dict[str, list[RunOutcome]], dict[int, list[BudgetPoint]]]:
+    """Every MoE run and every seed's dense ladder in one pool, longest first (the ladders), so that ``jobs``
+    workers stay busy to the end; returns (arm → outcomes in seed order, seed → ladder points)."""
+    vocab = data.tokenizer.vocab_size
+    ladders = [LadderJob(replace(base, model=twin, train=replace(base.train, seed=s)), tuple(budgets),
+                         out / "dense_ladder" / f"seed{s}", "branch") for s in seeds]  # fmt: skip
+    runs = [
+        RunSpec(arm, s, replace(base, name=f"{arm}-s{s}", model=replace(cfg, vocab_size=vocab),
+                                train=replace(base.train, seed=s)), out / "moe" / arm / f"seed{s}")
+        for arm, cfg in moe_arms.items() for s in seeds
+    ]  # fmt: skip
+    done = map_on_data(_train, [*ladders, *runs], data, jobs)
+    points = dict(zip(seeds, done[: len(ladders)]))
+    outcomes: dict[str, list[RunOutcome]] = {arm: [] for arm in moe_arms}
+    for spec, o in zip(runs, done[len(ladders) :]):
+        outcomes[spec.name].append(o)
+    return outcomes, points
+
+
 @STUDIES.register("iso-flop")
 def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     base, data = prepare(_base(budget))
     steps = base.train.steps
-    bf16 = resolve_precision(base.train.precision, torch.device("cpu"))
     moe0 = base.model.moe or MoEConfig()
     experts = EXPERTS if budget == "full" else SMOKE_EXPERTS
     moe_arms = {f"E{e}": replace(base.model, moe=replace(moe0, num_experts=e, top_k=2)) for e in experts}
-    res = train_arms(base, moe_arms, seeds, out / "moe", jobs=jobs, data=data)
-    twin = dense_twin(moe_arms["E8"], "iso_active")
+    twin = dense_twin(moe_arms["E8"], "iso_active")  # the same for every E: k and the expert width are fixed
     budgets = budgets_for(steps, LADDER if budget == "full" else SMOKE_LADDER)
-    ladders = run_ladders(replace(base, model=twin), budgets, seeds, out / "dense_ladder", data, "branch", jobs)
-    for b in budgets:  # the ladder's rungs as arms of the page's table
-        per_seed = {k: [float(getattr(ladders[s][budgets.index(b)], k)) for s in seeds] for k in ("val_loss", "tokens", "flops")}
-        per_seed["train_flops"] = per_seed.pop("flops")
-        res[f"dense_{b}steps"] = arm_summary(per_seed)
+    outcomes, ladders = train_all(base, moe_arms, twin, budgets, seeds, out, data, jobs)
+    res = summarise(outcomes)
+    for i, b in enumerate(budgets):  # the ladder's rungs as arms of the page's table
+        res[f"dense_{b}steps"] = arm_summary({
+            "val_loss": [ladders[s][i].val_loss for s in seeds],
+            "tokens": [float(ladders[s][i].tokens) for s in seeds],
+            "train_flops": [ladders[s][i].flops for s in seeds],
+        })  # fmt: skip
     numbers: dict[str, Any] = {
         "seeds": seeds,
         "headline": HEADLINE,
@@ -192,9 +219,9 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
         method=(
             f"MoE E={list(experts)}, k=2, {steps} steps; their iso-active dense twin on a budget ladder of "
             f"{budgets} steps (warmup-stable-decay, decay over the last {DECAY_FRACTION:.0%}; every smaller budget a "
-            f"cooldown branch of one trunk per seed, equal to a complete run), {'bf16 autocast' if bf16 else 'fp32'}; "
-            "per seed the dense loss-vs-FLOPs points are fitted with L(C) = a(C/C0)^-b + c and inverted at the MoE's "
-            "loss: multiplier = dense FLOPs to reach it / MoE FLOPs; seeds combined by the geometric mean"
+            "cooldown branch of one trunk per seed, equal to a complete run), fp32; per seed the dense "
+            "loss-vs-FLOPs points are fitted with L(C) = a(C/C0)^-b + c and inverted at the MoE's loss: "
+            "multiplier = dense FLOPs to reach it / MoE FLOPs; seeds combined by the geometric mean"
         ),
         budget=budget,
         seeds=seeds,
