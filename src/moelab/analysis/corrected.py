@@ -61,7 +61,8 @@ NORMALISERS = {
 }
 
 
-def _entropy(counts: np.ndarray) -> float:
+def entropy(counts: np.ndarray) -> float:
+    """Entropy in nats of a (possibly weighted) count vector; 0 when it is empty."""
     total = counts.sum()
     if total <= 0:
         return 0.0
@@ -73,9 +74,9 @@ def codes_nmi(x_N: np.ndarray, y_N: np.ndarray, nx: int, ny: int, norm: str = "a
     """``(NMI, I / H(X))`` of two code arrays (x in [0, nx), y in [0, ny)); one ``bincount`` each."""
     if x_N.size == 0:
         return 0.0, 0.0
-    hx = _entropy(np.bincount(x_N, minlength=nx))
-    hy = _entropy(np.bincount(y_N, minlength=ny))
-    hxy = _entropy(np.bincount(x_N * ny + y_N, minlength=nx * ny))
+    hx = entropy(np.bincount(x_N, minlength=nx))
+    hy = entropy(np.bincount(y_N, minlength=ny))
+    hxy = entropy(np.bincount(x_N * ny + y_N, minlength=nx * ny))
     i = max(0.0, hx + hy - hxy)
     denom = NORMALISERS[norm](hx, hy)
     return (i / denom if denom > 0 else 0.0), (i / hx if hx > 0 else 0.0)

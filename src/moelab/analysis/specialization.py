@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from moelab.analysis.corrected import NORMALISERS, corrected_nmi, label_unit
+from moelab.analysis.corrected import NORMALISERS, corrected_nmi, entropy, label_unit
 from moelab.analysis.trace import Trace
 from moelab.errors import UserError
 
@@ -40,12 +40,6 @@ __all__ = [
     "NORMALISERS", "expert_profiles", "label_unit", "mutual_information", "nmi", "nmi_with_baseline",
     "position_buckets", "specialization", "trace_labels",
 ]
-
-def _entropy(counts: np.ndarray) -> float:
-    total = counts.sum()
-    p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum())
-
 
 def mutual_information(x_N: np.ndarray, y_N: np.ndarray, weights_N: np.ndarray | None = None) -> tuple[float, float, float]:
     """``(I(X;Y), H(X), H(Y))`` in nats from paired integer samples (optionally weighted)."""
@@ -56,9 +50,9 @@ def mutual_information(x_N: np.ndarray, y_N: np.ndarray, weights_N: np.ndarray |
         return 0.0, 0.0, 0.0
     w = np.ones(len(xi)) if weights_N is None else weights_N.astype(np.float64)
     joint = np.bincount(xi.astype(np.int64) * ny + yi, weights=w, minlength=nx * ny)
-    hx = _entropy(np.bincount(xi, weights=w, minlength=nx))
-    hy = _entropy(np.bincount(yi, weights=w, minlength=ny))
-    hxy = _entropy(joint)
+    hx = entropy(np.bincount(xi, weights=w, minlength=nx))
+    hy = entropy(np.bincount(yi, weights=w, minlength=ny))
+    hxy = entropy(joint)
     return max(0.0, hx + hy - hxy), hx, hy
 
 

@@ -43,19 +43,11 @@ def train_flops_per_token(cfg: ModelConfig, active_params: int, seq_len: int, en
 
 
 @dataclass
-class TrainedRun:
-    """What one run produced, in memory.
+class RunRecord:
+    """What a finished run reports, with or without its model (picklable): its folder, final evaluation,
+    metrics.jsonl records, parameter counts, budget (tokens, steps, FLOPs per token) and cost."""
 
-    ``model`` is the trained module (eval-ready), ``data`` the prepared corpus it was trained on
-    (``val`` is its held-out split), ``result`` the final validation, ``records`` the run's
-    metrics.jsonl lines. ``trainer`` is kept for callers that need its state (optimizer, balancer).
-    """
-
-    cfg: RunConfig  # as trained: vocab size and objective's attention set
     run_dir: Path
-    model: nn.Module
-    tokenizer: Tokenizer
-    data: PreparedData
     result: EvalResult
     records: list[dict[str, Any]]
     counts: ParamCount
@@ -65,15 +57,40 @@ class TrainedRun:
     flops_formula: str
     wall_s: float
     skipped_steps: int
+
+    @property
+    def train_flops(self) -> float:
+        return self.flops_per_token * self.tokens
+
+    def eval_curve(self) -> dict[str, list[float]]:
+        """Steps, tokens, FLOPs and validation loss of every evaluation of the run, in order."""
+        evals = [r for r in self.records if r.get("kind") == "eval"]
+        return {
+            "steps": [r["step"] for r in evals],
+            "tokens": [float(r["tokens"]) for r in evals],
+            "flops": [self.flops_per_token * r["tokens"] for r in evals],
+            "val_loss": [float(r["val_loss"]) for r in evals],
+        }
+
+
+@dataclass
+class TrainedRun(RunRecord):
+    """What one run produced, in memory: its :class:`RunRecord` and the trained model.
+
+    ``model`` is the trained module (eval mode), ``data`` the prepared corpus it was trained on (``val``
+    is its held-out split), ``tokenizer`` its tokenizer. ``trainer`` is kept for callers that need its
+    state (optimizer, balancer, validation batches).
+    """
+
+    cfg: RunConfig  # as trained: vocab size and objective's attention set
+    model: nn.Module
+    tokenizer: Tokenizer
+    data: PreparedData
     trainer: Trainer
 
     @property
     def val(self) -> PackedData:
         return self.data.splits.val
-
-    @property
-    def train_flops(self) -> float:
-        return self.flops_per_token * self.tokens
 
     @property
     def seed(self) -> int:

@@ -17,7 +17,7 @@ import multiprocessing as mp
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,7 @@ import torch
 from moelab.config import RunConfig
 from moelab.data.prepare import PreparedData
 from moelab.errors import UserError
-from moelab.experiment.run import TrainedRun, train_run
-from moelab.model.twins import ParamCount
-from moelab.train.evaluation import EvalResult
+from moelab.experiment.run import RunRecord, TrainedRun, train_run
 
 Probe = Callable[[TrainedRun], dict[str, Any]]
 
@@ -45,55 +43,19 @@ class RunSpec:
 
 
 @dataclass
-class RunOutcome:
-    """A :class:`TrainedRun` without the model: the numbers a comparison needs, picklable."""
+class RunOutcome(RunRecord):
+    """A :class:`TrainedRun` without the model, from a batch of runs: its name and seed, the numbers a
+    comparison needs and what its probe found; picklable."""
 
     name: str
     seed: int
-    run_dir: Path
-    result: EvalResult
-    records: list[dict[str, Any]]
-    counts: ParamCount
-    tokens: int
-    steps: int
-    flops_per_token: float
-    flops_formula: str
-    wall_s: float
-    skipped_steps: int
     probe: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def train_flops(self) -> float:
-        return self.flops_per_token * self.tokens
-
-    def eval_curve(self) -> dict[str, list[float]]:
-        """Steps, tokens, FLOPs and validation loss of every evaluation of the run, in order."""
-        evals = [r for r in self.records if r.get("kind") == "eval"]
-        return {
-            "steps": [r["step"] for r in evals],
-            "tokens": [float(r["tokens"]) for r in evals],
-            "flops": [self.flops_per_token * r["tokens"] for r in evals],
-            "val_loss": [float(r["val_loss"]) for r in evals],
-        }
 
 
 def outcome_of(spec: RunSpec, run: TrainedRun) -> RunOutcome:
-    probe = spec.probe(run) if spec.probe is not None else {}
-    return RunOutcome(
-        name=spec.name,
-        seed=spec.seed,
-        run_dir=run.run_dir,
-        result=run.result,
-        records=run.records,
-        counts=run.counts,
-        tokens=run.tokens,
-        steps=run.steps,
-        flops_per_token=run.flops_per_token,
-        flops_formula=run.flops_formula,
-        wall_s=run.wall_s,
-        skipped_steps=run.skipped_steps,
-        probe=probe,
-    )
+    """Probe ``run`` (in this process: the model is here) and keep its record."""
+    record = {f.name: getattr(run, f.name) for f in fields(RunRecord)}
+    return RunOutcome(**record, name=spec.name, seed=spec.seed, probe=spec.probe(run) if spec.probe else {})
 
 
 def run_one(spec: RunSpec, data: PreparedData) -> RunOutcome:
