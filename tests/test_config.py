@@ -113,3 +113,40 @@ def test_layers_placement_and_moe_layer_list() -> None:
     assert tiny_config(n_layers=4, moe=tiny_moe(placement="first_k_dense", first_k_dense=1)).moe_layers == [1, 2, 3]
     assert tiny_config(n_layers=4, moe=tiny_moe(placement="explicit", layers=(2,))).moe_layers == [2]
     assert tiny_config(n_layers=4).moe_layers == []
+
+
+def test_overrides_may_carry_the_section_prefix() -> None:
+    """Error messages spell model fields `model.d_model`; `--set` on a model config takes that too."""
+    from moelab.config import run_preset
+
+    cfg = apply_overrides(preset("smoke"), ["model.d_model=128", "model.moe.top_k=1"])
+    assert cfg.d_model == 128 and cfg.moe.top_k == 1
+    assert apply_overrides(MoEConfig(), ["moe.top_k=1"]).top_k == 1
+    with pytest.raises(ConfigError, match=r"model\.d_model=65 is invalid: must be divisible by model\.n_heads"):
+        apply_overrides(preset("smoke"), ["model.d_model=65"])
+    assert apply_overrides(run_preset("smoke"), ["model.d_model=128"]).model.d_model == 128
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.depth'"):
+        apply_overrides(preset("smoke"), ["model.depth=3"])
+
+
+def test_config_files_that_hold_no_settings_get_one_line(tmp_path) -> None:
+    from moelab.config import load_run_config
+
+    cases = {
+        "empty.json": ("", "holds no settings"),
+        "blank.yaml": ("\n\n", "holds no settings"),
+        "list.yaml": ("- 1\n- 2\n", "must hold a mapping of fields, got list"),
+        "latin1.yaml": (b"name: caf\xe9\n", "is not UTF-8 text: byte 0xe9 at offset 9"),
+        "bad.yaml": ("d_model: [1,\nn_layers: 2\n", "is not valid YAML"),
+    }
+    for name, (content, pattern) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        for load in (load_config, load_run_config):
+            with pytest.raises(ConfigError, match=pattern) as exc:
+                load(path)
+            assert "\n" not in str(exc.value) and name in str(exc.value)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    (tmp_path / "defaults.json").write_text("{}")
+    assert load_config(tmp_path / "defaults.json") == ModelConfig()

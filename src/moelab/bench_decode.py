@@ -15,6 +15,10 @@ t + 1), so every moelab ratio compares steps milliseconds apart; a row is the me
 Memory: bytes of the variant's weights, and the process's resident set (VmRSS) at the end, with
 every variant loaded.
 
+Results go to fixed names (``decode.{json,md}``, ``--quick``: ``decode-quick.*``; the docs cite
+them), so a run never replaces an earlier result unless asked (``--overwrite``), and then only
+files bench-decode wrote (:func:`check_results`); both files are written in one step each.
+
 Legend: B batch rows, P prompt tokens, N decoded tokens.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -34,9 +39,11 @@ import torch
 from torch import nn
 
 from moelab.config import ModelConfig, MoEConfig
+from moelab.errors import UserError
 from moelab.hardware import describe
 from moelab.infer.fast_decode import FastDecoder, cast_for_decode, decode_dtype
 from moelab.infer.packed import packed_bytes
+from moelab.outputs import atomic_write_text
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 
@@ -218,15 +225,21 @@ def time_transformers(hf_model, batch: int, prompt: int, new: int, vocab: int, s
     return batch * prompt / t1, batch * new / max(tn - t1, 1e-9)
 
 
-def load_hf(model: nn.Module, folder: Path, dtype: torch.dtype):
+def export_for_hf(model: nn.Module, folder: Path) -> Path:
+    """Export ``model`` once as a Hugging Face folder that :func:`load_hf` reads in each dtype.
+
+    ``folder`` must be new (a fresh temporary folder's child): nothing is ever exported over it."""
+    from moelab.convert.hf import export_hf
+
+    return export_hf(model, folder, overwrite=False)
+
+
+def load_hf(folder: Path, dtype: torch.dtype):
+    """transformers' model from the exported ``folder``, in ``dtype``."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from moelab.convert.hf import export_hf
-
     hf_logging.disable_progress_bar()
-
-    export_hf(model, folder)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
 
@@ -264,8 +277,11 @@ def run_decode_bench(
             models = [built[(k[0], k[2])] for k in keys]
             units.append((keys, models, partial(time_moelab_interleaved, models, b, prompt, new)))
         for name, base in (("moe", moe), ("dense", dense)):
+            if not hf_dtypes:
+                continue
+            folder = export_for_hf(base, Path(tmp) / name)  # exported once, loaded in every dtype
             for dtype in hf_dtypes:
-                hf = load_hf(base, Path(tmp) / name, torch.float32 if dtype == "fp32" else torch.bfloat16)
+                hf = load_hf(folder, torch.float32 if dtype == "fp32" else torch.bfloat16)
                 vocab = base.cfg.vocab_size
                 for b in batches:
                     fn = partial(time_transformers, hf, b, prompt, new, vocab)
@@ -291,13 +307,71 @@ def run_decode_bench(
     return res
 
 
-def write_results(res: DecodeBenchResult, out_dir: str | Path, stem: str = "decode") -> tuple[Path, Path]:
+RESULT_KEYS = frozenset({"prompt", "new_tokens", "host", "rows"})  # DecodeBenchResult.to_json()
+TABLE_HEADER = "| model | impl | weights | batch | prefill tok/s | decode tok/s | weights MiB | RSS MiB |"
+
+
+def is_decode_result(path: Path) -> bool:
+    """Whether ``path`` is a file bench-decode wrote: a :class:`DecodeBenchResult`'s JSON, or its table."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix != ".json":
+        return TABLE_HEADER in text.splitlines()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and set(data) >= RESULT_KEYS
+
+
+def check_results(out_dir: str | Path, stem: str = "decode", overwrite: bool = False) -> tuple[Path, Path]:
+    """Refuse results that would replace files (call before anything is timed); return the two paths.
+
+    ``STEM.json``/``STEM.md`` already there are replaced only with ``overwrite``, and only when each
+    is a bench-decode result (:func:`is_decode_result`); a ``out_dir`` that is a file is refused.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    js, md = out / f"{stem}.json", out / f"{stem}.md"
-    js.write_text(json.dumps(res.to_json(), indent=2) + "\n", encoding="utf-8")
-    md.write_text(res.to_markdown(), encoding="utf-8")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: give the folder for {stem}.json and {stem}.md")
+    paths = (out / f"{stem}.json", out / f"{stem}.md")
+    for path in paths:
+        if not os.path.lexists(path):
+            continue
+        if not overwrite:
+            raise UserError(
+                f"{path} already exists: bench-decode never replaces an earlier result; pass --overwrite to "
+                f"replace {stem}.json and {stem}.md, or give another --out"
+            )
+        if not is_decode_result(path):
+            raise UserError(
+                f"--overwrite: {path} is not a bench-decode result, and moelab replaces only its own: "
+                "move it away or give another --out"
+            )
+    return paths
+
+
+def write_results(
+    res: DecodeBenchResult, out_dir: str | Path, stem: str = "decode", overwrite: bool = False
+) -> tuple[Path, Path]:
+    """``STEM.json`` and ``STEM.md`` in ``out_dir``, each written in one step, after :func:`check_results`."""
+    js, md = check_results(out_dir, stem, overwrite)
+    js.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(js, json.dumps(res.to_json(), indent=2) + "\n")
+    atomic_write_text(md, res.to_markdown())
     return js, md
 
 
-__all__ = ["DecodeBenchResult", "Row", "mixtral_shaped", "run_decode_bench", "variant", "write_results"]
+__all__ = [
+    "DecodeBenchResult",
+    "Row",
+    "check_results",
+    "is_decode_result",
+    "mixtral_shaped",
+    "run_decode_bench",
+    "variant",
+    "write_results",
+]

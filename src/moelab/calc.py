@@ -32,6 +32,11 @@ from moelab.config import ConfigError, ModelConfig
 DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
 QK_NORMS = ("none", "head", "full")
 ATTENTION = ("gqa", "mla")
+GATED = ("swiglu", "geglu_tanh")  # = moelab.moe.experts.GATED (tested): 3 FFN matrices, the others 2
+ACTIVATIONS = (*GATED, "gelu", "relu")
+# D-wide weight rows per expert a router owns, where it is not one (a gate): hash routing has none,
+# noisy top-k a gate and a noise projection. = each registered router's parameters (tested).
+ROUTER_MATRICES: dict[str, int] = {"hash": 0, "noisy_topk": 2}
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class Arch:
     n_kv_heads: int
     head_dim: int
     ffn_hidden: int  # hidden size of the dense FFN layers
-    activation: str = "swiglu"  # swiglu (3 matrices) | gelu (2)
+    activation: str = "swiglu"  # swiglu, geglu_tanh (3 matrices) | gelu, relu (2)
     tie_embeddings: bool = False
     norm_params: int = 1  # parameters per norm per channel: 1 (RMSNorm) or 2 (LayerNorm with bias)
     qk_norm: str = "none"  # none | head (Qwen3: over head_dim) | full (OLMoE: over all heads)
@@ -54,6 +59,7 @@ class Arch:
     out_bias: bool = False  # bias on the attention output (GPT-2)
     mlp_bias: bool = False  # biases in the dense FFN layers (GPT-2)
     position_rows: int = 0  # rows of a learned position table (GPT-2: its context length); 0 = RoPE
+    dense_hidden: tuple[int, ...] = ()  # hidden size of each dense layer when they differ (dense twins); () = ffn_hidden
     # MoE
     num_experts: int = 0  # 0 = dense model
     top_k: int = 0
@@ -62,6 +68,7 @@ class Arch:
     shared_hidden: int = 0  # hidden size of one shared expert
     moe_layers: int = 0  # how many layers are MoE (the others are dense)
     router_bias: bool = False  # a per-expert bias (DeepSeek-V3's aux-loss-free balancing)
+    router_matrices: int = 1  # D-wide rows per expert in the router: 1 (a gate), 2 (noisy top-k), 0 (hash)
     shared_gate: bool = False  # one sigmoid gate row per layer on the shared experts (Qwen2-MoE)
     # MLA (DeepSeek-V2/V3); attention="gqa" ignores these
     attention: str = "gqa"
@@ -76,8 +83,8 @@ class Arch:
             value = getattr(self, f)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"calc.{f}={value!r} is invalid: must be a positive integer")
-        if self.activation not in ("swiglu", "gelu"):
-            raise ConfigError(f"calc.activation={self.activation!r} is invalid: expected 'gelu' or 'swiglu'")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"calc.activation={self.activation!r} is invalid: expected one of {ACTIVATIONS}")
         if self.qk_norm not in QK_NORMS:
             raise ConfigError(f"calc.qk_norm={self.qk_norm!r} is invalid: expected one of {QK_NORMS}")
         if self.attention not in ATTENTION:
@@ -86,14 +93,24 @@ class Arch:
             raise ConfigError(f"calc.top_k={self.top_k!r} is invalid: must be in [1, num_experts={self.num_experts}]")
         if not 0 <= self.moe_layers <= self.n_layers:
             raise ConfigError(f"calc.moe_layers={self.moe_layers!r} is invalid: must be in [0, n_layers]")
+        object.__setattr__(self, "dense_hidden", tuple(self.dense_hidden))
+        if self.dense_hidden and len(self.dense_hidden) != self.dense_layers:
+            raise ConfigError(
+                f"calc.dense_hidden={list(self.dense_hidden)!r} is invalid: needs one size per dense layer "
+                f"({self.dense_layers}), or [] for ffn_hidden"
+            )
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0 and self.moe_layers > 0
 
     @property
+    def dense_layers(self) -> int:
+        return self.n_layers - self.moe_layers if self.is_moe else self.n_layers
+
+    @property
     def mult(self) -> int:
-        return 3 if self.activation == "swiglu" else 2
+        return 3 if self.activation in GATED else 2
 
     @property
     def qk_dim(self) -> int:
@@ -146,16 +163,18 @@ def attention_params(a: Arch) -> int:
         q = D * H * a.qk_dim if a.q_lora_rank == 0 else D * a.q_lora_rank + a.q_lora_rank * H * a.qk_dim
         kv_a = D * (a.kv_lora_rank + a.qk_rope_head_dim)
         kv_b = a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)
-        return q + kv_a + kv_b + H * a.v_head_dim * D + attention_norm_params(a)
+        return q + kv_a + kv_b + H * a.v_head_dim * D + attention_norm_params(a) + attention_bias_params(a)
     qkv = D * (H + 2 * a.n_kv_heads) * a.head_dim
     out = H * a.head_dim * D
     return qkv + out + attention_norm_params(a) + attention_bias_params(a)
 
 
 def attention_bias_params(a: Arch) -> int:
-    """Biases of one layer's attention projections (GQA only: MLA has none)."""
+    """Biases of one layer's attention projections. MLA: ``qkv_bias`` puts biases on its down
+    projections (the query latent, the KV latent + RoPE key; moelab.model.mla), ``out_bias`` on
+    the output."""
     if a.attention == "mla":
-        return 0
+        return int(a.qkv_bias) * (a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim) + int(a.out_bias) * a.d_model
     return int(a.qkv_bias) * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + int(a.out_bias) * a.d_model
 
 
@@ -171,15 +190,15 @@ def count(a: Arch) -> Params:
     """Total and active parameters of ``a`` by part."""
     L, D = a.n_layers, a.d_model
     attn = L * attention_params(a)
-    n_dense = L - a.moe_layers if a.is_moe else L
-    dense_bias = n_dense * ((a.mult - 1) * a.ffn_hidden + D) if a.mlp_bias else 0
-    dense = n_dense * a.mult * D * a.ffn_hidden + dense_bias
+    hidden = a.dense_hidden or (a.ffn_hidden,) * a.dense_layers
+    dense_bias = sum((a.mult - 1) * h + D for h in hidden) if a.mlp_bias else 0
+    dense = a.mult * D * sum(hidden) + dense_bias
     per_expert = a.mult * D * a.expert_hidden
     routed = a.moe_layers * a.num_experts * per_expert if a.is_moe else 0
     routed_active = a.moe_layers * a.top_k * per_expert if a.is_moe else 0
     shared = a.moe_layers * a.num_shared_experts * a.mult * D * a.shared_hidden if a.is_moe else 0
     shared += a.moe_layers * D if a.is_moe and a.shared_gate and a.num_shared_experts else 0
-    router = a.moe_layers * a.num_experts * (D + int(a.router_bias)) if a.is_moe else 0
+    router = a.moe_layers * a.num_experts * (a.router_matrices * D + int(a.router_bias)) if a.is_moe else 0
     norms = (2 * L + 1) * D * a.norm_params
     embedding = a.vocab_size * D
     head = 0 if a.tie_embeddings else a.vocab_size * D
@@ -326,10 +345,13 @@ def split_tokens_per_s(
 
 
 def arch_from_config(cfg: ModelConfig, name: str = "config") -> Arch:
-    """The calculator's view of a moelab model config (counts equal ``count_params``)."""
-    if cfg.layer_ffn_hidden and len(set(cfg.layer_ffn_hidden)) > 1:
-        raise ConfigError("calc does not support per-layer dense hidden sizes (model.layer_ffn_hidden)")
+    """The calculator's view of a moelab model config: its counts equal ``count_params`` on the
+    built :class:`~moelab.model.transformer.Transformer` (tested over many configs), so a size can
+    be known without allocating the model."""
     moe, mla = cfg.moe, cfg.mla
+    dense_hidden: tuple[int, ...] = ()  # the usual case: every dense layer has ffn_hidden
+    if cfg.layer_ffn_hidden and any(h != cfg.ffn_hidden for h in cfg.layer_ffn_hidden):
+        dense_hidden = tuple(h for i, h in enumerate(cfg.layer_ffn_hidden) if not cfg.is_moe_layer(i))
     return Arch(
         name=name,
         vocab_size=cfg.vocab_size,
@@ -338,7 +360,8 @@ def arch_from_config(cfg: ModelConfig, name: str = "config") -> Arch:
         n_heads=cfg.n_heads,
         n_kv_heads=cfg.n_kv_heads or cfg.n_heads,
         head_dim=cfg.head_dim,
-        ffn_hidden=cfg.ffn_hidden_at(0) if cfg.layer_ffn_hidden else cfg.ffn_hidden,
+        ffn_hidden=cfg.ffn_hidden,
+        dense_hidden=dense_hidden,
         activation=cfg.activation,
         tie_embeddings=cfg.tie_embeddings,
         norm_params=1 if cfg.norm == "rmsnorm" else 2,
@@ -349,6 +372,7 @@ def arch_from_config(cfg: ModelConfig, name: str = "config") -> Arch:
         position_rows=cfg.max_seq_len if cfg.positions == "learned" else 0,
         shared_gate=bool(moe and moe.shared_gate),
         num_experts=moe.num_experts if moe else 0,
+        router_matrices=ROUTER_MATRICES.get(moe.router.name, 1) if moe else 1,
         top_k=moe.top_k if moe else 0,
         expert_hidden=moe.expert_hidden if moe else 0,
         num_shared_experts=moe.num_shared_experts if moe else 0,

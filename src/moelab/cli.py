@@ -12,6 +12,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from moelab.config import ConfigError
 from moelab.errors import UserError
@@ -61,6 +62,59 @@ def model_config_from_args(args: argparse.Namespace, default_preset: str = "tiny
     return apply_overrides(cfg, args.overrides)
 
 
+def _add_allow_large_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-large",
+        action="store_true",
+        help="build the model even when its size exceeds the free memory (= MOELAB_ALLOW_LARGE=1)",
+    )
+
+
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="load the weights in this dtype, streamed tensor by tensor (default: as stored; routers stay fp32)")
+
+
+def _load_source(path: str, dtype: str | None = None):
+    """``(model, folder read)`` of a model folder (moelab or Hugging Face), a checkpoint or a run folder
+    (its newest complete checkpoint): what ``generate`` and ``analyze`` take, for the conversion commands."""
+    from moelab.train.checkpoint import load_checkpoint_model
+
+    return load_checkpoint_model(path, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _allow_large_env(on: bool):
+    """``--allow-large`` as ``MOELAB_ALLOW_LARGE=1`` for one command: the memory guard sits in the
+    model builders, which no flag reaches, and side-by-side runs inherit the environment."""
+    import os
+
+    from moelab.model.memory_guard import ALLOW_ENV
+
+    saved = os.environ.get(ALLOW_ENV)
+    if on:
+        os.environ[ALLOW_ENV] = "1"
+    try:
+        yield
+    finally:
+        if on and saved is None:
+            os.environ.pop(ALLOW_ENV, None)
+        elif on:
+            os.environ[ALLOW_ENV] = saved
+
+
+# Every --seed seeds torch generators, some with small offsets added (row i of generate uses seed + i,
+# evaluation batches seed + 1): a 63-bit range keeps each derived seed within torch's 64-bit seeds.
+SEED_MAX = 2**63 - 1
+
+
+def _check_seed(args: argparse.Namespace) -> None:
+    """UserError naming the valid range when a command's ``--seed`` is negative or too large."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed={seed} is invalid: must be an integer in [0, 2**63 - 1 = {SEED_MAX}]")
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -68,6 +122,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     add_model_config_args(p)
     p.add_argument("--twin", choices=["iso_active", "iso_total", "iso_flop"], help="print the dense twin instead")
     p.add_argument("--out", metavar="FILE", help="also write the resolved config to FILE (.yaml or .json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 @command("config", "print a resolved model config and its parameter counts", _add_config_args)
@@ -75,22 +130,27 @@ def _run_config(args: argparse.Namespace) -> int:
     import yaml
     from rich.console import Console
 
-    from moelab.config import save_config, to_dict
-    from moelab.model.transformer import Transformer
-    from moelab.model.twins import count_params, dense_twin
+    from moelab.config import config_text, to_dict
+    from moelab.model.sizes import config_param_count
+    from moelab.model.twins import dense_twin
+    from moelab.outputs import atomic_write_text
 
+    if args.out and Path(args.out).exists() and not (args.overwrite and Path(args.out).is_file()):
+        what = "a folder" if Path(args.out).is_dir() else "a file that exists"
+        raise UserError(f"--out {args.out} is {what}: give a new file name" +
+                        ("" if Path(args.out).is_dir() else ", or --overwrite to replace it"))  # fmt: skip
     cfg = model_config_from_args(args)
     if args.twin:
         cfg = dense_twin(cfg, args.twin)
     console = Console()
     console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
-    counts = count_params(Transformer(cfg))
+    counts = config_param_count(cfg)  # arithmetic on the config: nothing is built, any size can be counted
     console.print(
         f"[bold]parameters[/]: total {counts.total:,}  active/token {counts.active:,}  "
         f"embedding {counts.embedding:,}  router {counts.router:,}"
     )
     if args.out:
-        save_config(cfg, args.out)
+        atomic_write_text(args.out, config_text(cfg, Path(args.out).suffix))
     return 0
 
 
@@ -125,6 +185,8 @@ def _add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="CKPT_OR_RUN", help="checkpoint folder, or run folder (its newest checkpoint)")
     p.add_argument("--data", required=True, metavar="NAME_OR_PATH", help="labelled corpus: synthetic, builtin, a path, hf:NAME")
     p.add_argument("--out", default="analysis", metavar="DIR", help="where analysis.json, report.html and traces go")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier analysis in --out (only one holding nothing but analyze's files)")
     p.add_argument("--checkpoints", nargs="+", default=[], metavar="CKPT", help="run folder or checkpoints for routing drift")
     p.add_argument("--dense", metavar="CKPT", help="dense twin checkpoint: gradient conflict and FFN sparsity")
     p.add_argument("--max-tokens", type=int, default=65_536, help="tokens traced (default 65536)")
@@ -134,6 +196,7 @@ def _add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, help="sequence length (default: the checkpoint's data.seq_len)")
     p.add_argument("--max-bytes-per-domain", type=int, default=2_000_000, help="corpus cap per domain label")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_dtype_arg(p)
 
 
 @command("analyze", "routing analysis of a checkpoint on a labelled corpus: report.html + analysis.json", _add_analyze_args)
@@ -150,7 +213,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, checkpoints=tuple(args.checkpoints), dense=args.dense,
         max_tokens=args.max_tokens, batch_size=args.batch_size, capacity_factor=args.capacity_factor,
         drop_tokens=args.drop_tokens, seq_len=args.seq_len, max_bytes_per_domain=args.max_bytes_per_domain,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=args.overwrite, dtype=args.dtype,
     )
     result = analyze(args.model, opts)
     for line in specialization_lines(result):
@@ -166,40 +229,51 @@ def _add_output_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--out", metavar="DIR", required=required, help="output folder")
     p.add_argument("--to", choices=["moelab", "hf"], default="moelab", help="write a moelab folder or a Hugging Face one")
     p.add_argument("--family", metavar="MODEL_TYPE", help="Hugging Face family for --to hf (default: the one that fits)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder (only one holding nothing but model files moelab writes)")
 
 
 def _write_model(model, args: argparse.Namespace, src: str) -> None:
-    """Write ``model`` to ``args.out`` as ``args.to`` with the tokenizer of folder ``src`` beside it."""
-    from moelab.convert.hf import copy_tokenizer, export_hf, save_moelab
+    """Write ``model`` to ``args.out`` as ``args.to`` with the tokenizer of folder ``src`` beside it, atomically;
+    a non-empty ``args.out`` only with ``--overwrite``, never onto ``src`` (``moelab.outputs``)."""
+    from moelab.convert.hf import write_model_folder
+    from moelab.convert.hf_files import DEFAULT_MAX_SHARD_SIZE
 
-    if args.to == "hf":
-        export_hf(model, args.out, family=args.family)
-    else:
-        save_moelab(model, args.out)
-    copied = copy_tokenizer(src, args.out, args.to)
+    shard = getattr(args, "max_shard_size", None) or DEFAULT_MAX_SHARD_SIZE
+    with _warnings_as_lines():  # e.g. a tokenizer.model that could not become a tokenizer.json
+        copied = write_model_folder(model, args.out, args.to, src, family=args.family, overwrite=args.overwrite,
+                                    max_shard_size=shard)  # fmt: skip
     print(f"wrote {args.to} folder {args.out}" + (f" (with {', '.join(copied)})" if copied else ""))
 
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="a Hugging Face folder (config.json + safetensors) or a moelab folder")
+    p.add_argument("src", help="a Hugging Face folder (config.json + safetensors), a moelab folder, a checkpoint or a run")
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", choices=["moelab", "hf"], help="output format (default: the other one)")
     p.add_argument("--family", metavar="MODEL_TYPE", help="Hugging Face family for --to hf (llama, mixtral, …)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (only one holding nothing but model files moelab writes)")
+    _add_dtype_arg(p)
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="--to hf: largest weight file, e.g. 500MB, 2GiB (default 5GB); more go to shards with an index")
 
 
 @command("convert", "convert between Hugging Face folders and moelab folders", _add_convert_args)
 def _run_convert(args: argparse.Namespace) -> int:
-    from moelab.convert.hf import is_hf_folder, load_any
+    from moelab.convert.hf import check_model_output, is_hf_folder
+    from moelab.safetensors_writer import parse_size
 
-    model = load_any(args.src)
+    parse_size(args.max_shard_size)  # a bad size is refused before the load
+    check_model_output(args.dst, args.src, args.overwrite)  # before the load: refuse what could lose data
+    model, folder = _load_source(args.src, args.dtype)
     args.to = args.to or ("moelab" if is_hf_folder(args.src) else "hf")
     args.out = args.dst
-    _write_model(model, args, args.src)
+    _write_model(model, args, str(folder))
     return 0
 
 
 def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="dense model: moelab or Hugging Face folder")
+    p.add_argument("ckpt", help="dense model: moelab or HF folder, checkpoint, or run (newest checkpoint)")
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--granularity", type=int, default=1, help="split each FFN into g neuron slices (fine-grained)")
@@ -217,9 +291,10 @@ def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
 @command("upcycle", "turn a dense checkpoint into an MoE one (sparse upcycling)", _add_upcycle_args)
 def _run_upcycle(args: argparse.Namespace) -> int:
     from moelab.config import MoEConfig, RouterConfig
-    from moelab.convert.hf import load_any
+    from moelab.convert.hf import check_model_output
     from moelab.convert.upcycle import upcycle
 
+    check_model_output(args.out, args.ckpt, args.overwrite)
     layers = tuple(int(x) for x in args.layers.split(",") if x.strip())
     moe = MoEConfig(
         num_experts=args.experts,
@@ -230,9 +305,10 @@ def _run_upcycle(args: argparse.Namespace) -> int:
         first_k_dense=args.first_k_dense,
         layers=layers,
     )
-    model = upcycle(load_any(args.ckpt), moe, args.granularity, args.noise, args.router_init, args.seed)
+    dense, folder = _load_source(args.ckpt, "fp32")
+    model = upcycle(dense, moe, args.granularity, args.noise, args.router_init, args.seed)
     print(f"upcycled: MoE layers {model.cfg.moe_layers}, {args.experts} experts of hidden {model.cfg.moe.expert_hidden}")
-    _write_model(model, args, args.ckpt)
+    _write_model(model, args, str(folder))
     return 0
 
 
@@ -244,7 +320,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _add_moefy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="dense model: moelab or Hugging Face folder")
+    p.add_argument("ckpt", help="dense model: moelab or HF folder, checkpoint, or run (newest checkpoint)")
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=4, help="k of the written model")
     p.add_argument("--ks", default="", help="comma-separated k values to report (default: 1, 2, 4, … up to E)")
@@ -256,11 +332,13 @@ def _add_moefy_args(p: argparse.ArgumentParser) -> None:
 
 @command("moefy", "split a dense model's FFNs into experts (MoEfication) and report the loss per k", _add_moefy_args)
 def _run_moefy(args: argparse.Namespace) -> int:
-    from moelab.convert.hf import load_any
+    from moelab.convert.hf import check_model_output
     from moelab.convert.moefy import moefy_report, with_top_k
     from moelab.data.byte_batches import byte_batches
 
-    dense = load_any(args.ckpt)
+    if args.out:
+        check_model_output(args.out, args.ckpt, args.overwrite)
+    dense, folder = _load_source(args.ckpt, "fp32")
     calib = byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed)
     evaluation = byte_batches(args.data, dense.cfg.vocab_size, args.seq_len, args.batches, args.seed, offset=1)
     ks = [int(k) for k in args.ks.split(",") if k.strip()] or [
@@ -273,12 +351,12 @@ def _run_moefy(args: argparse.Namespace) -> int:
     if args.out:
         from moelab.convert.moefy import moefy
 
-        _write_model(with_top_k(moefy(dense, calib, args.experts, args.top_k, args.split, args.router, args.seed), args.top_k), args, args.ckpt)
+        _write_model(with_top_k(moefy(dense, calib, args.experts, args.top_k, args.split, args.router, args.seed), args.top_k), args, str(folder))
     return 0
 
 
 def _add_merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="MoE model: moelab or Hugging Face folder")
+    p.add_argument("ckpt", help="MoE model: moelab or HF folder, checkpoint, or run (newest checkpoint)")
     p.add_argument("--experts", type=int, required=True, help="experts per layer after merging")
     p.add_argument("--by", choices=["weight", "router"], default="weight", help="similarity used to group experts")
     _add_data_args(p, required=False)
@@ -287,20 +365,21 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
 
 @command("merge", "merge similar experts (frequency-weighted averages when --data gives a trace)", _add_merge_args)
 def _run_merge(args: argparse.Namespace) -> int:
-    from moelab.convert.hf import load_any
+    from moelab.convert.hf import check_model_output
     from moelab.convert.merge import expert_counts, merge_similar
     from moelab.data.byte_batches import byte_batches
 
-    model = load_any(args.ckpt)
+    check_model_output(args.out, args.ckpt, args.overwrite)
+    model, folder = _load_source(args.ckpt, "fp32")
     counts = None
     if args.data:
         counts = expert_counts(model, byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
-    _write_model(merge_similar(model, args.experts, counts, args.by), args, args.ckpt)
+    _write_model(merge_similar(model, args.experts, counts, args.by), args, str(folder))
     return 0
 
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="MoE model: moelab or Hugging Face folder")
+    p.add_argument("ckpt", help="MoE model: moelab or HF folder, checkpoint, or run (newest checkpoint)")
     p.add_argument("--remove", type=int, required=True, help="experts to remove per layer (the least used first)")
     _add_data_args(p, required=True)
     _add_output_args(p)
@@ -308,23 +387,25 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 @command("prune", "remove dead or rare experts, judged on a routing trace of --data", _add_prune_args)
 def _run_prune(args: argparse.Namespace) -> int:
-    from moelab.convert.hf import load_any
+    from moelab.convert.hf import check_model_output
     from moelab.convert.merge import expert_counts, prune_experts, rare_experts
     from moelab.data.byte_batches import byte_batches
 
-    model = load_any(args.ckpt)
+    check_model_output(args.out, args.ckpt, args.overwrite)
+    model, folder = _load_source(args.ckpt, "fp32")
     counts = expert_counts(model, byte_batches(args.data, model.cfg.vocab_size, args.seq_len, args.batches, args.seed))
     keep = rare_experts(counts, args.remove)
     for layer, c in counts.items():
         gone = sorted(set(range(len(c))) - set(keep[layer]))
         print(f"layer {layer}: removing experts {gone} (tokens {[int(c[e]) for e in gone]})")
-    _write_model(prune_experts(model, keep), args, args.ckpt)
+    _write_model(prune_experts(model, keep), args, str(folder))
     return 0
 
 
 def _add_calc_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="CONFIG_OR_PRESET",
-                   help="a model config file, a moelab preset, or a published model: "
+    p.add_argument("target", metavar="CONFIG_PRESET_OR_RUN",
+                   help="a model config file, a moelab preset, a run, checkpoint or model folder (its config; "
+                   "no weights are read), or a published model: "
                    "mixtral-8x7b, qwen3-235b-a22b, deepseek-v3, olmoe-1b-7b, llama-3-70b")
     p.add_argument("--dtype", default="bf16", help="weight dtype: fp32, bf16, fp16, fp8, int8, int4 (default bf16)")
     p.add_argument("--kv-dtype", default="bf16", help="KV-cache dtype (default bf16)")
@@ -336,9 +417,38 @@ def _add_calc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
 
 
+def _folder_model_config(folder):
+    """The decoder-only model config of a run folder (its newest complete checkpoint), a checkpoint
+    folder, a moelab model folder or a Hugging Face folder, read from its config alone: calc needs
+    sizes, not weights. An encoder–decoder is refused: calc's estimates are for decoder-only models."""
+    import json
+
+    from moelab.config import ModelConfig, from_dict, read_config_file
+    from moelab.objectives import build_objective
+    from moelab.train.checkpoint import is_model_folder, resolve_checkpoint
+
+    if (folder / "config.json").is_file() and not (folder / "config.yaml").is_file():
+        from moelab.convert.hf import config_from_hf
+        from moelab.textfile import read_text_file
+
+        text = read_text_file(folder / "config.json", "Hugging Face config", UserError)
+        try:
+            return config_from_hf(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{folder / 'config.json'} is not valid JSON: {exc}") from None
+    ckpt = folder if is_model_folder(folder) else resolve_checkpoint(folder)
+    data = read_config_file(ckpt / "config.yaml")  # a run config (model, data, train) or a model section alone
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    stacks = "encoder_decoder" in data or {"encoder", "decoder"} <= set(data)
+    if stacks or build_objective(train.get("objective", "causal")).architecture == "encoder_decoder":
+        raise UserError(f"{ckpt} holds an encoder–decoder model: calc estimates decoder-only models")
+    return from_dict(ModelConfig, data.get("model", data))
+
+
 @command("calc", "parameters, FLOPs, memory, KV cache and decode-speed estimates for a model", _add_calc_args)
 def _run_calc(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from moelab.calc import dtype_bytes, report, resolve
 
@@ -348,7 +458,15 @@ def _run_calc(args: argparse.Namespace) -> int:
         if not value > 0:
             raise ConfigError(f"{name}={value} is invalid: must be > 0")
     dtype_bytes(args.dtype), dtype_bytes(args.kv_dtype)
-    data = report(resolve(args.target, args.overrides), args.dtype, args.context, args.gpu_bandwidth, args.cpu_bandwidth, args.kv_dtype)
+    if Path(args.target).is_dir():  # a run, checkpoint or model folder, as eval and generate take
+        from moelab.calc import arch_from_config
+        from moelab.config import apply_overrides
+
+        cfg = apply_overrides(_folder_model_config(Path(args.target)), args.overrides)
+        arch = arch_from_config(cfg, Path(args.target).resolve().name)
+    else:
+        arch = resolve(args.target, args.overrides)
+    data = report(arch, args.dtype, args.context, args.gpu_bandwidth, args.cpu_bandwidth, args.kv_dtype)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -358,13 +476,34 @@ def _run_calc(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_checkpoint_for_inference(path: str, device: str):
-    """``(model, tokenizer)`` from a checkpoint folder, via ``moelab.train.checkpoint``."""
+def load_checkpoint_for_inference(path: str, device: str, dtype: str | None = None):
+    """``(model, tokenizer)`` from a checkpoint, run or model folder, via ``moelab.train.checkpoint`` (streamed,
+    in ``dtype``; default as stored). An encoder–decoder is refused in one line: these commands decode causal models."""
     try:
         from moelab.train.checkpoint import load_model
     except ImportError:
         raise UserError("reading checkpoints needs moelab.train.checkpoint, which this build lacks") from None
-    return load_model(path, device=device)
+    from moelab.infer.generate import require_causal
+
+    model, tok = load_model(path, device=device, dtype=dtype)
+    require_causal(model)
+    return model, tok
+
+
+def _check_disk_offload_dtype(args: argparse.Namespace) -> None:
+    """The disk tier reads experts as stored: refuse a --dtype that differs, before the load."""
+    from pathlib import Path
+
+    source = Path(args.checkpoint) / "model.safetensors"
+    if not (args.offload and args.dtype and getattr(args, "offload_from", "disk") == "disk" and source.is_file()):
+        return
+    from moelab.model.materialize import dtype_name, parse_dtype
+    from moelab.safetensors_reader import SafetensorsReader
+
+    stored = SafetensorsReader([source]).float_dtype()
+    if stored is not None and stored != parse_dtype(args.dtype):
+        raise UserError(f"--dtype {args.dtype} with --offload: experts offloaded from disk are read as stored "
+                        f"({dtype_name(stored)}); add --offload-from memory, or drop --dtype")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -395,6 +534,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="experts read from the checkpoint file (memory-mapped) or copied to CPU memory")
     p.add_argument("--calibration", metavar="FILE", help="text whose routing counts seed lfu/pinned (default: the prompts)")
     p.add_argument("--json", action="store_true", help="print results (and offload statistics) as JSON")
+    _add_dtype_arg(p)
+    _add_allow_large_arg(p)
 
 
 def sampling_from_args(args: argparse.Namespace, row: int = 0):
@@ -417,17 +558,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moelab.infer.generate import generate
+    from moelab.textfile import read_text_file
 
     prompts = list(args.prompt)
     if args.prompt_file:
-        if not Path(args.prompt_file).is_file():
-            raise UserError(f"prompt file {args.prompt_file!r} does not exist")
-        prompts += [line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = read_text_file(args.prompt_file, "prompt file", UserError, hint="pass a text file with one prompt per line")
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise UserError(f"prompt file {args.prompt_file!r} holds no prompt (it is empty or blank): write one prompt per line")
+        prompts += lines
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT or --prompt-file FILE")
     params = [sampling_from_args(args, i) for i in range(len(prompts))]
     # offloading: load on the CPU, take the experts out, then move the rest to the device
-    model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device)
+    _check_disk_offload_dtype(args)
+    model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device, args.dtype)
     ids = [tok.encode(p) or [tok.bos_id] for p in prompts]
     offloader = None
     if args.offload:
@@ -435,7 +580,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
         counts = None
         if args.cache_policy in ("lfu", "pinned"):
-            text = Path(args.calibration).read_text(encoding="utf-8") if args.calibration else "\n".join(prompts)
+            text = read_text_file(args.calibration, "calibration file", UserError) if args.calibration else "\n".join(prompts)
             counts = text_routing_counts(model, tok, text)
         source = Path(args.checkpoint) / "model.safetensors"
         offloader = Offloader(
@@ -488,7 +633,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--model-name", default=None, help="the model id clients see (default: the folder name)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (else 401); default: $MOELAB_API_KEY, or no key")
     p.add_argument("--max-body-bytes", type=int, default=None, help="(default 1000000) larger request bodies get 413")
+    p.add_argument("--max-json-depth", type=int, default=None,
+                   help="(default 32) deeper nesting of JSON arrays/objects gets 400, before parsing")
+    p.add_argument("--body-timeout", type=float, default=None,
+                   help="(default 10) seconds to receive a whole request body before 408 and a closed connection")
     p.add_argument("--max-pending", type=int, default=None, help="(default 64) requests in flight before 429")
     p.add_argument("--max-batch", type=int, default=None, help="(default 8) requests batched into one generate call")
     p.add_argument("--batch-wait", type=float, default=None, help="(default 0.005) seconds the worker waits to fill a batch")
@@ -499,6 +650,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-cache", default="25%", metavar="SIZE", help="experts per layer in the cache: '25%%' or a count")
     p.add_argument("--cache-policy", default="lru", help="lru or lfu (lfu without a trace counts uses online)")
     p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's experts with its router")
+    _add_dtype_arg(p)
 
 
 @command("serve", "serve a checkpoint over an OpenAI-compatible HTTP API (needs the serve extra)", _add_serve_args)
@@ -510,17 +662,25 @@ def _run_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise UserError('moelab serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
+    import os
+
     from moelab.infer.chat import load_chat_template
     from moelab.infer.server import Engine, ServerLimits, create_app, serve_forever
+    from moelab.infer.server_auth import check_api_key
 
     given = dict(
-        max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, max_batch=args.max_batch,
+        max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth, body_timeout_s=args.body_timeout,
+        max_pending=args.max_pending, max_batch=args.max_batch,
         batch_wait_s=args.batch_wait, timeout_s=args.timeout, default_max_tokens=args.default_max_tokens,
     )
     limits = ServerLimits(**{k: v for k, v in given.items() if v is not None})
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port={args.port} is invalid: must be in [0, 65535]")
-    model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MOELAB_API_KEY") or None
+    if api_key is not None:
+        check_api_key(api_key)  # before the model loads
+    _check_disk_offload_dtype(args)
+    model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device, args.dtype)
     if args.offload:
         from moelab.infer.offload import Offloader
 
@@ -530,7 +690,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         model.to(args.device)
     engine = Engine(model, tok, limits)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    app = create_app(engine, model_name=name, chat_template=load_chat_template(args.checkpoint))
+    app = create_app(engine, model_name=name, chat_template=load_chat_template(args.checkpoint), api_key=api_key)
     serve_forever(app, args.host, args.port)
     return 0
 
@@ -555,16 +715,33 @@ def add_run_config_args(p: argparse.ArgumentParser, default_preset: str = "tiny"
         metavar="NAME",
         help="training objective: causal (default), prefix, mlm, span (= --set train.objective=NAME; docs/objectives.md)",
     )
+    _add_allow_large_arg(p)
 
 
 def run_config_from_args(args: argparse.Namespace, default_preset: str = "tiny"):
+    """The run config of ``--config``/``--preset``/``--set``, refused (one line) when training it
+    cannot fit in free memory: checked here, before any data is prepared."""
+    from dataclasses import replace
+
     from moelab.config import apply_overrides, load_run_config, normalize_run_overrides, run_preset
+    from moelab.model.memory_guard import require_training_fits
+    from moelab.objectives import build_objective
 
     cfg = load_run_config(args.config) if args.config else run_preset(args.preset or default_preset)
     overrides = list(args.overrides)
     if getattr(args, "objective", None):
         overrides.append(f"train.objective={args.objective}")
-    return apply_overrides(cfg, normalize_run_overrides(overrides))
+    cfg = apply_overrides(cfg, normalize_run_overrides(overrides))
+    # The vocabulary comes from the tokenizer when the run starts; count at most the 256 bytes every
+    # moelab tokenizer has, so the estimate stays a lower bound.
+    model = replace(cfg.model, vocab_size=min(cfg.model.vocab_size, 256))
+    if build_objective(cfg.train.objective).architecture == "encoder_decoder":
+        from moelab.model.encoder_decoder import EncoderDecoderConfig
+
+        model = EncoderDecoderConfig.from_model(model)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    require_training_fits(model, tokens, 4 if cfg.train.precision == "fp32" else 2, cfg.train.device)
+    return cfg
 
 
 @contextlib.contextmanager
@@ -587,6 +764,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     add_run_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a run folder that holds an earlier run (deletes its checkpoints and metrics.jsonl; "
+                        "refused when it holds files moelab did not write)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue with train settings (steps, lr, ...) that differ from the checkpoint's; "
+                        "model and data settings can never change")
     p.add_argument("--stop-after", type=int, metavar="STEP", help="stop (with a checkpoint) at this step; resume later")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -604,6 +787,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from moelab.parallel.env import launched_by_torchrun
 
+    if args.allow_config_change and not args.resume:
+        raise UserError("--allow-config-change applies to --resume only: a fresh run takes its config as given")
     init = None
     if args.init:  # the model comes from --init; --config/--preset/--set give data and train
         from moelab.train.init import init_run_config, load_init_source
@@ -619,12 +804,16 @@ def _run_train(args: argparse.Namespace) -> int:
         from moelab.experiment.distributed import train_distributed
 
         with _warnings_as_lines():
-            train_distributed(cfg, out, args.ep, args.dp, args.resume, args.stop_after, init)
+            train_distributed(cfg, out, args.ep, args.dp, args.resume, args.stop_after, init,
+                              overwrite=args.overwrite, allow_config_change=args.allow_config_change)
         return 0
     from moelab.experiment.run import train_run
 
     with _warnings_as_lines():
-        run = train_run(cfg, out, init=init, resume=args.resume, stop_at=args.stop_after)
+        run = train_run(cfg, out, init=init, resume=args.resume, stop_at=args.stop_after, overwrite=args.overwrite,
+                        allow_config_change=args.allow_config_change)
+    if run.trainer.config_changes:
+        print(f"resumed with a changed config: {', '.join(map(str, run.trainer.config_changes))}")
     result = run.result
     extra = "".join(f", {k} {v:.4f}" for k, v in result.metrics.items() if k not in ("loss", "tokens"))
     print(f"step {run.steps}: val loss {result.loss:.4f} (ppl {result.ppl:.2f}{extra}); checkpoints in {out}/checkpoints")
@@ -641,17 +830,38 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--objective", metavar="NAME",
                    help="evaluate with this objective (default: the one the checkpoint was trained with)")
+    _add_dtype_arg(p)
+    tasks = p.add_argument_group("downstream tasks (lm-evaluation-harness)")
+    tasks.add_argument("--tasks", metavar="A,B",
+                       help="run these harness tasks instead of the loss (e.g. hellaswag,arc_easy, or tasks of --include-path)")
+    tasks.add_argument("--include-path", metavar="DIR", help="a folder of task YAML files (local tasks over local data)")
+    tasks.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples per prompt (default: the task's)")
+    tasks.add_argument("--limit", type=float, metavar="N", help="at most N documents per task (a fraction if < 1)")
+    tasks.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows scored together (default 8)")
 
 
-@command("eval", "loss, perplexity and bits per byte of a checkpoint, overall and per domain/language", _add_eval_args)
+@command("eval", "loss, perplexity and bits per byte of a checkpoint, overall and per domain/language; "
+                 "or downstream tasks with --tasks", _add_eval_args)  # fmt: skip
 def _run_eval(args: argparse.Namespace) -> int:
     import json
 
     from moelab.experiment.evaluate import evaluate_checkpoint, format_result
 
+    if args.tasks is not None:
+        from moelab.experiment.harness import evaluate_tasks, format_task_results
+
+        if args.dtype is not None:
+            raise UserError("--dtype sets the load dtype of the loss evaluation; --tasks loads the model as stored")
+        limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+        with _warnings_as_lines():
+            result = evaluate_tasks(args.checkpoint, [t.strip() for t in args.tasks.split(",") if t.strip()],
+                                    include_path=args.include_path, num_fewshot=args.num_fewshot, limit=limit,
+                                    batch_size=args.batch_size)  # fmt: skip
+        print(json.dumps(result, indent=1) if args.json else format_task_results(result))
+        return 0
     with _warnings_as_lines():
         result = evaluate_checkpoint(args.checkpoint, data=args.data, batches=args.batches, objective=args.objective,
-                                     max_bytes_per_domain=args.max_bytes_per_domain)
+                                     max_bytes_per_domain=args.max_bytes_per_domain, dtype=args.dtype)
     print(json.dumps(result, indent=1) if args.json else format_result(result))
     return 0
 
@@ -695,18 +905,23 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder, or a run folder (its newest complete checkpoint)")
+    p.add_argument("ckpt", metavar="CKPT",
+                   help="checkpoint folder, run folder (its newest complete checkpoint), or model folder (moelab convert, HF)")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8: per output channel; 4: group-wise")
     p.add_argument("--group", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
     p.add_argument("--only", choices=["experts", "all"], default="experts", help="experts only, or every linear")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the quantized checkpoint to")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (only a checkpoint; never the source or a folder holding it)")
+    _add_dtype_arg(p)
 
 
 @command("quantize", "write a weight-only int8/int4 copy of a checkpoint (loads wherever checkpoints load)", _add_quantize_args)
 def _run_quantize(args: argparse.Namespace) -> int:
     from moelab.quant.convert import quantize_checkpoint
 
-    report = quantize_checkpoint(args.ckpt, args.out, bits=args.bits, group_size=args.group, only=args.only)
+    report = quantize_checkpoint(args.ckpt, args.out, bits=args.bits, group_size=args.group, only=args.only,
+                                 overwrite=args.overwrite, dtype=args.dtype)
     print(report.summary())
     return 0
 
@@ -726,7 +941,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-model", action="store_true", help="skip the full-model training step")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where JSON and markdown go")
+    p.add_argument("--out", default="benchmarks/results", metavar="DIR",
+                   help="where JSON and markdown go (never replaced: a rerun in one minute gets STEM-2.*)")
 
 
 @command("bench", "benchmark MoE dispatch backends against the dense twin and transformers' Mixtral", _add_bench_args)
@@ -736,11 +952,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from moelab.benchmarks.report import to_markdown, write_report
+    from moelab.benchmarks.report import check_results_folder, to_markdown, write_report
     from moelab.benchmarks.runner import BenchOptions, run_bench
     from moelab.hardware import cpu_has_bf16
     from moelab.moe.dispatch import DISPATCHERS
 
+    check_results_folder(args.out)  # results get fresh names (write_report): only a file is refused
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; run on a GPU machine or use --device cpu")
     for name in args.backends or []:
@@ -786,6 +1003,8 @@ def _add_bench_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="timed rounds per candidate, interleaved; rows are medians (default 3; --quick 1)")
     p.add_argument("--out", default="benchmarks/results", metavar="DIR",
                    help="where decode.json and decode.md go (--quick: decode-quick.json/.md)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier decode.json/.md in --out (only files bench-decode wrote)")
 
 
 @command("bench-decode", "decode/prefill tok/s of the fast path (MoE, dense twin, fp32/bf16/int8/int4) vs transformers",
@@ -793,7 +1012,7 @@ def _add_bench_decode_args(p: argparse.ArgumentParser) -> None:
 def _run_bench_decode(args: argparse.Namespace) -> int:
     import torch
 
-    from moelab.bench_decode import mixtral_shaped, run_decode_bench, write_results
+    from moelab.bench_decode import check_results, mixtral_shaped, run_decode_bench, write_results
     from moelab.model.transformer import Transformer
     from moelab.model.twins import dense_twin
 
@@ -806,6 +1025,8 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         raise UserError(f"--rounds {rounds}: needs at least 1 round")
+    stem = "decode-quick" if args.quick else "decode"
+    check_results(args.out, stem, args.overwrite)  # an earlier result is refused now, not after the timing
 
     def check_length(cfg) -> None:
         if prompt < 1 or new < 1 or prompt + new + 1 > cfg.max_seq_len:
@@ -831,7 +1052,7 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
         hf_dtypes=() if args.no_hf else tuple(d for d in dtypes if d in ("fp32", "bf16")) or ("bf16",),
         rounds=rounds,
     )  # fmt: skip
-    js, md = write_results(res, args.out, stem="decode-quick" if args.quick else "decode")
+    js, md = write_results(res, args.out, stem=stem, overwrite=args.overwrite)
     print(res.to_markdown())
     print(f"wrote {js} and {md}")
     return 0
@@ -842,7 +1063,9 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list every study (issue 11's twelve and issue 14's), one line each")
     p.add_argument("--budget", choices=["smoke", "full"], default="smoke", help="smoke: sanity only; full: committed results")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
-    p.add_argument("--out", default="runs/studies", metavar="DIR", help="where the runs go")
+    p.add_argument("--out", default="runs/studies", metavar="DIR", help="where the runs go (OUT/NAME)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again into a non-empty OUT/NAME: deletes the study's earlier run there (only)")
     p.add_argument("--docs", default="docs/studies", metavar="DIR", help="where NAME.md, NAME.json and README.md go")
     p.add_argument(
         "--jobs", type=int, default=1, metavar="N",
@@ -868,12 +1091,15 @@ def _run_study(args: argparse.Namespace) -> int:
     if not args.name:
         raise UserError("moelab study needs a NAME or --list")
     if args.rescore:
+        if args.overwrite:
+            raise UserError("--overwrite replaces a study's runs; --rescore trains nothing: drop one of them")
         res = rescore_study(args.name, docs=args.docs)
         before = res.rescored["previous_verdict"] if res.rescored else "?"
         print(f"{res.name}: {before} -> {res.verdict}: {res.verdict_reason}; rewrote {args.docs}/{res.name}.md")
         return 0
     cmd = f"moelab study {args.name} --budget {args.budget} --seeds {args.seeds}" + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
-    res = run_study(args.name, args.budget, args.seeds, out=args.out, docs=args.docs, command=cmd, jobs=args.jobs)
+    res = run_study(args.name, args.budget, args.seeds, out=args.out, docs=args.docs, command=cmd,
+                    jobs=args.jobs, overwrite=args.overwrite)
     print(f"{res.name}: {res.verdict}: {res.verdict_reason}; wrote {args.docs}/{res.name}.md")
     return 0
 
@@ -905,7 +1131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return COMMANDS[args.command].run(args) or 0
+        _check_seed(args)
+        with _allow_large_env(getattr(args, "allow_large", False)):
+            return COMMANDS[args.command].run(args) or 0
     except (ConfigError, UserError) as exc:
         if args.debug:
             raise

@@ -424,8 +424,9 @@ TOKENIZERS = ("bpe", "bytes")
 class DataConfig:
     """Where text comes from and how it becomes token blocks (see ``moelab.data``).
 
-    ``corpus`` is a registered name (``builtin``, ``synthetic``), a path (``.txt``, a folder,
-    ``.jsonl``/``.jsonl.gz``) or ``hf:NAME[:CONFIG]``. ``tokenizer`` is ``bpe`` (byte-level BPE
+    ``corpus`` is a registered name (``builtin``, ``synthetic``), a path (a text file, a folder,
+    ``.jsonl``/``.jsonl.gz``, a ``save_to_disk`` folder) or ``hf:NAME[:CONFIG]``; ``text_field`` is the
+    JSONL field / HF column that holds the text. ``tokenizer`` is ``bpe`` (byte-level BPE
     trained on the training split with ``model.vocab_size`` entries), ``bytes`` (256 bytes + 3
     specials) or a path to a ``tokenizer.json``. The model's vocab size is set to the
     tokenizer's when a run starts.
@@ -440,9 +441,14 @@ class DataConfig:
     tokenizer_train_bytes: int = 4_000_000  # text used to train the BPE tokenizer
     seed: int = 0
     train_fraction: float = 1.0  # train on this fraction of the training blocks, evenly spaced (repeated-data studies)
+    text_field: str = "text"  # JSONL field / HF dataset column read as text (other fields become labels)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.corpus, str) and bool(self.corpus), "data.corpus", self.corpus, "must be a name or path")
+        _require(
+            isinstance(self.text_field, str) and bool(self.text_field.strip()),
+            "data.text_field", self.text_field, "must name the JSONL field / dataset column that holds the text",
+        )
         _require(bool(self.tokenizer), "data.tokenizer", self.tokenizer, "bpe, bytes or a tokenizer.json path")
         _require(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
         _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
@@ -456,6 +462,39 @@ class DataConfig:
 
 SCHEDULE_NAMES = ("cosine", "wsd")  # = moelab.train.schedule.SCHEDULES (tested)
 DECAY_SHAPES = ("linear", "sqrt", "cosine")  # = moelab.train.schedule.DECAY_SHAPES (tested)
+
+
+LORA_TARGETS = ("attention", "mlp", "experts")  # = moelab.model.lora's weight groups (tested)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA fine-tuning (:mod:`moelab.model.lora`): low-rank updates ``(alpha / rank) · B A`` beside
+    frozen weights. ``rank`` 0 is off: every weight trains. ``targets`` ⊆ attention, mlp (dense
+    FFNs and shared experts), experts (routed experts); the router trains in full only with
+    ``train_router``."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("attention", "experts")
+    train_router: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        _require(isinstance(self.rank, int) and self.rank >= 0, "train.lora.rank", self.rank, "must be an integer >= 0 (0 = off)")
+        _require(self.alpha > 0, "train.lora.alpha", self.alpha, "must be > 0")
+        _require(
+            bool(self.targets) and all(t in LORA_TARGETS for t in self.targets),
+            "train.lora.targets", list(self.targets), f"must be a non-empty subset of {list(LORA_TARGETS)}",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / max(self.rank, 1)
 
 
 @dataclass(frozen=True)
@@ -488,6 +527,7 @@ class TrainConfig:
     device: str = "cpu"
     tensorboard: bool = False
     progress: bool = True  # rich progress bar
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank 0 = off (full fine-tuning)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last", "max_bad_steps"):
@@ -581,19 +621,36 @@ def normalize_run_overrides(overrides: Iterable[str]) -> list[str]:
     return out
 
 
+def read_config_file(path: str | Path) -> Mapping[str, Any]:
+    """The mapping a YAML (or ``.json``) config file holds; ConfigError naming the file otherwise.
+
+    Why one reader: every way a file can be wrong gets one line that says what it is (missing,
+    a directory or device, not UTF-8 with the byte offset, not valid YAML/JSON, not a mapping).
+    An empty file (or one of comments only) is refused rather than read as "all defaults": it is
+    more often a truncated or wrong file than a wish; ``{}`` says "every default" explicitly.
+    """
+    from moelab.textfile import read_text_file
+
+    p = Path(path)
+    text = read_text_file(p, "config file", ConfigError, hint="pass a YAML or JSON config")
+    kind = "JSON" if p.suffix == ".json" else "YAML"
+    try:
+        data = json.loads(text) if p.suffix == ".json" and text.strip() else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid {kind}: {' '.join(str(exc).split())}") from None
+    if data is None:  # YAML of nothing: an empty file, blank lines or comments only
+        raise ConfigError(
+            f"config file {str(p)!r} holds no settings (it is empty or only comments): write the fields to "
+            "change, e.g. 'd_model: 256', or '{}' to mean every default"
+        )
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     """Read a run config; a file holding only model fields is taken as ``model:`` of a default run."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid: {exc}") from None
-    data = data or {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(data).__name__}")
+    data = read_config_file(path)
     run_fields = {f.name for f in fields(RunConfig)}
     if data and not set(data) & run_fields:
         data = {"model": data}
@@ -724,25 +781,32 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
 
     Values are parsed as YAML scalars/lists. Setting a field under ``moe`` on a dense config
     creates a default MoE block first. Unknown keys raise ConfigError listing the allowed ones.
+
+    A key may carry the section's own prefix: on a :class:`ModelConfig`, ``model.d_model=256``
+    means ``d_model=256``. Why: run commands take ``model.``-prefixed keys and error messages
+    name fields with it (``model.d_model=65 is invalid``), so a user copies that spelling into
+    ``moelab config --set``; reading it as an unknown key ``model`` hid the real constraint.
     """
     data = to_dict(cfg)
     cls = type(cfg)
+    own = _section_prefix(cls).rstrip(".").split(".")
     for item in overrides:
         path, value = _parse_override(item)
+        typed = ".".join(path)  # messages echo the key as the user wrote it
+        if own != [""] and path[: len(own)] == own and path[0] not in _hints(cls) and len(path) > len(own):
+            path = path[len(own) :]
         node, node_cls = data, cls
         for depth, part in enumerate(path):
             hints = _hints(node_cls)
             if part not in hints:
                 where = ".".join(path[:depth]) or node_cls.__name__
-                raise ConfigError(
-                    f"unknown key {'.'.join(path)!r} in --set: {where} has {', '.join(hints)}"
-                )
+                raise ConfigError(f"unknown key {typed!r} in --set: {where} has {', '.join(hints)}")
             if depth == len(path) - 1:
                 node[part] = value
                 break
             child_type, _ = _strip_optional(hints[part])
             if not is_dataclass(child_type):
-                raise ConfigError(f"--set key {'.'.join(path)!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"--set key {typed!r}: {part!r} is a value, not a section")
             if node.get(part) is None:
                 node[part] = to_dict(child_type())
             node, node_cls = node[part], child_type
@@ -751,30 +815,25 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
 
 def load_config(path: str | Path, cls: type[T] = ModelConfig) -> T:  # type: ignore[assignment]
     """Read a YAML or JSON file into ``cls``."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
-    if data is None:
-        data = {}
-    return from_dict(cls, data)
+    return from_dict(cls, read_config_file(path))
+
+
+def config_text(cfg: Any, suffix: str = ".yaml") -> str:
+    """``cfg`` as YAML, or JSON when ``suffix`` is ``.json``: what :func:`save_config` writes."""
+    data = to_dict(cfg)
+    return json.dumps(data, indent=2) + "\n" if suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write ``cfg`` as YAML (or JSON when the suffix is .json)."""
     p = Path(path)
-    data = to_dict(cfg)
-    text = json.dumps(data, indent=2) + "\n" if p.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-    p.write_text(text, encoding="utf-8")
+    p.write_text(config_text(cfg, p.suffix), encoding="utf-8")
 
 
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "LoRAConfig",
     "MLAConfig",
     "MoEConfig",
     "ModelConfig",
@@ -782,6 +841,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_text",
     "from_dict",
     "load_config",
     "load_run_config",

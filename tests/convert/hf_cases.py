@@ -130,3 +130,29 @@ def greedy(step, ids: torch.Tensor, n: int = 20) -> list[int]:
         out.append(int(nxt))
         ids = torch.cat([ids, nxt], dim=1)
     return out
+
+
+SEQ2SEQ_CASES = ["t5", "switch_transformers"]
+
+
+def tiny_seq2seq(kind: str, seed: int = 0):
+    """A tiny T5 (gated GELU, v1.1 shape) or Switch Transformers (untied head) model, every float perturbed."""
+    import transformers as tf
+
+    common = dict(vocab_size=V, d_model=24, d_kv=6, d_ff=20, num_layers=2, num_decoder_layers=2, num_heads=2,
+                  relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
+                  decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(seed)
+    if kind == "t5":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(**common, feed_forward_proj="gated-gelu"))
+    else:
+        cfg = tf.SwitchTransformersConfig(**common, num_experts=3, expert_capacity=64, encoder_sparse_step=1,
+                                          decoder_sparse_step=2, tie_word_embeddings=False)  # fmt: skip
+        model = tf.SwitchTransformersForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        if kind != "t5":  # moelab's stacks share one embedding: transformers 5 keeps three when untied
+            model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+            model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+    return model.eval()

@@ -87,7 +87,12 @@ def test_moefy_reports_losses(dense_dir, capsys) -> None:
 
 def test_convert_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
-    assert "is not a moelab model folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist: give a model folder" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(tmp_path / "empty"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no complete checkpoint" in err
 
 
 def test_written_folders_carry_the_tokenizer_and_generate_from_them(tmp_path, capsys) -> None:

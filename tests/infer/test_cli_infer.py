@@ -22,7 +22,7 @@ def _model() -> Transformer:
 
 @pytest.fixture
 def in_code_checkpoint(monkeypatch):
-    monkeypatch.setattr(cli, "load_checkpoint_for_inference", lambda path, device: (_model(), CharTestTokenizer()))
+    monkeypatch.setattr(cli, "load_checkpoint_for_inference", lambda path, device, dtype=None: (_model(), CharTestTokenizer()))
 
 
 def test_generate_command_batches_and_reports_offload_stats(in_code_checkpoint, capsys) -> None:

@@ -208,3 +208,20 @@ def test_top_p_that_rounds_to_zero_keeps_the_most_likely_token() -> None:
     out = filter_logits(logits, temperature=1.0, top_k=0, top_p=2.98e-154)
     assert torch.isfinite(out).tolist() == [False, True, False, False]
     assert torch.isfinite(out.softmax(-1)).all()
+
+
+def test_generate_builds_no_autograd_graph() -> None:
+    """Decoding under grad mode (a server worker thread, a training script) must not record a graph."""
+    import torch
+
+    from moelab.infer.generate import SamplingParams, generate
+    from moelab.model.transformer import Transformer
+
+    from helpers import tiny_config
+
+    model = Transformer(tiny_config())
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    with torch.enable_grad():
+        generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=3))
+    assert seen and not any(seen)

@@ -1,5 +1,8 @@
 """The OpenAI-compatible server: a real uvicorn on 127.0.0.1, the official openai client,
-every limit's status code, a bounded fuzz of random bodies, 16 concurrent clients."""
+every limit's status code, a bounded fuzz of random bodies, 16 concurrent clients; OpenAI's
+fields: the model name (404), refused fields (400 naming them), content parts,
+``stream_options.include_usage`` and logprobs checked against the model's own forward pass.
+(Transport-level hardening, auth and the big fuzz: ``test_server_hardening.py``.)"""
 
 from __future__ import annotations
 
@@ -227,7 +230,7 @@ BODIES = (
 def test_fuzzed_bodies_never_get_a_5xx(server, body: bytes, chat: bool) -> None:
     path = "/v1/chat/completions" if chat else "/v1/completions"
     r = server.http.post(path, content=body, headers={"content-type": "application/json"})
-    assert r.status_code in (200, 400, 413, 422), (r.status_code, body, r.text)
+    assert r.status_code in (200, 400, 404, 413, 422), (r.status_code, body, r.text)
     if r.status_code != 200:
         assert "message" in r.json()["error"]
 
@@ -247,3 +250,167 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server) -> None:
             break
         time.sleep(0.01)
     assert server.engine.in_flight == 0
+
+
+# ----------------------------------------------------------------------------- OpenAI's fields
+
+
+def test_an_unknown_model_is_404_in_openai_shape(server) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        server.client.completions.create(model="gpt-4o", prompt="Hi", max_tokens=2)
+    err = info.value.response.json()["error"]
+    assert err["param"] == "model" and err["code"] == 404 and "gpt-4o" in err["message"]
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert server.client.models.retrieve("tiny").id == "tiny"
+    assert server.http.get("/v1/models/gpt-4o").status_code == 404
+    assert server.http.post("/v1/completions", json={"prompt": "no model named", "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("chat", "field", "value"),
+    [
+        (True, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        (True, "tool_choice", "auto"),
+        (True, "functions", [{"name": "f"}]),
+        (True, "function_call", "auto"),
+        (True, "response_format", {"type": "json_object"}),
+        (True, "presence_penalty", 0.5),
+        (True, "logit_bias", {"5": 10}),
+        (False, "echo", True),
+        (False, "best_of", 3),
+        (False, "suffix", "end"),
+        (False, "frequency_penalty", -1.0),
+        (False, "tools", []),  # not a field of /v1/completions at all
+        (True, "brand_new_option", 1),
+        (True, "stream_options", {"include_usage": True, "extra": 1}),
+    ],
+)
+def test_unsupported_fields_are_refused_naming_the_field(server, chat: bool, field: str, value) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}]} if chat else {"prompt": "Hi"}
+    body |= {"max_tokens": 2, field: value}
+    if field == "stream_options":
+        body["stream"] = True
+    r = server.http.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"].split(".")[0] == field and field in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_neutral_values_of_unsupported_fields_and_echoed_messages_are_accepted(server) -> None:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "refusal": None, "tool_calls": None, "function_call": None,
+         "audio": None, "annotations": []},
+        {"role": "user", "content": "Again"},
+    ]
+    neutral = {"tools": None, "tool_choice": None, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+               "response_format": {"type": "text"}, "user": "someone", "stream_options": None}
+    r = server.http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2, **neutral})
+    assert r.status_code == 200, r.text
+    r = server.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x", "name": "bob"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.name"
+    r = server.http.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
+def test_content_parts_are_joined_and_other_parts_refused(server) -> None:
+    parts = [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Hi"}]
+    as_parts = server.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0)
+    as_text = server.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Be brief.\nHi"}], max_tokens=8, temperature=0)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": [parts[0], image]}], max_tokens=2)
+    err = info.value.response.json()["error"]
+    assert err["param"] == "messages.0.content.1.type" and "image_url" in err["message"]
+    r = server.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "text"}]}]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "messages.0.content.0.text"
+
+
+def test_include_usage_ends_the_stream_with_a_usage_chunk(server) -> None:
+    kw = dict(model="tiny", max_tokens=6, temperature=0)
+    whole = server.client.completions.create(prompt="Count", **kw)
+    chunks = list(server.client.completions.create(prompt="Count", stream=True,
+                                                   stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1]) and len(chunks) > 2
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = server.client.chat.completions.create(messages=messages, **kw)
+    chunks = list(server.client.chat.completions.create(messages=messages, stream=True,
+                                                        stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    plain = list(server.client.chat.completions.create(messages=messages, stream=True, **kw))
+    assert all(c.usage is None and c.choices for c in plain)
+
+
+def _reference_logprobs(prompt: str, completion_ids: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits at each completion position, from one uncached forward pass."""
+    ids = TOK.encode(prompt) + completion_ids
+    with torch.no_grad():
+        logits = _model()(torch.tensor([ids])).logits[0]
+    start = len(ids) - len(completion_ids) - 1
+    return torch.log_softmax(logits[start : start + len(completion_ids)].float(), dim=-1)
+
+
+def test_completion_logprobs_are_the_models_own(server) -> None:
+    out = server.client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    ids = generate(_model(), [TOK.encode("Hello")], SamplingParams(6), TOK)[0].token_ids
+    assert lp.tokens == [TOK.decode([t]) for t in ids] and len(ids) == out.usage.completion_tokens
+    assert "".join(lp.tokens) == out.choices[0].text
+    ref = _reference_logprobs("Hello", ids)
+    assert lp.token_logprobs == pytest.approx([ref[i, t].item() for i, t in enumerate(ids)], abs=1e-4)
+    assert lp.text_offset == [5 + len("".join(lp.tokens[:i])) for i in range(len(ids))]  # from the prompt's start
+    for i, top in enumerate(lp.top_logprobs):
+        values, best = torch.topk(ref[i], 3)
+        assert list(top) == [TOK.decode([t]) for t in best.tolist()]
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-4)
+        assert lp.tokens[i] == next(iter(top))  # greedy took the most likely token
+    # logprobs do not change what is sampled
+    kw = dict(model="tiny", prompt="Seeded", max_tokens=8, temperature=1.0, seed=3)
+    assert server.client.completions.create(logprobs=1, **kw).choices[0].text == \
+        server.client.completions.create(**kw).choices[0].text
+
+
+def test_chat_logprobs_in_openai_shape(server) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    out = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0.8,
+                                                seed=2, logprobs=True, top_logprobs=4)
+    content = out.choices[0].logprobs.content
+    prompt = ChatTemplate().render(messages)
+    params = SamplingParams(5, temperature=0.8, seed=2, stop=ChatTemplate().stop)
+    ids = generate(_model(), [TOK.encode(prompt)], params, TOK)[0].token_ids
+    assert [c.token for c in content] == [TOK.decode([t]) for t in ids] and len(ids) == out.usage.completion_tokens
+    ref = _reference_logprobs(prompt, ids)
+    for i, c in enumerate(content):
+        assert c.logprob == pytest.approx(ref[i, ids[i]].item(), abs=1e-4) and c.bytes == list(c.token.encode())
+        values, best = torch.topk(ref[i], 4)
+        assert [t.token for t in c.top_logprobs] == [TOK.decode([t]) for t in best.tolist()]
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+    bare = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, logprobs=True)
+    assert all(c.top_logprobs == [] for c in bare.choices[0].logprobs.content)
+    assert server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].logprobs is None
+    r = server.http.post("/v1/chat/completions", json={"messages": messages, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_streamed_logprobs_equal_the_whole_answers(server) -> None:
+    kw = dict(model="tiny", prompt="Stream", max_tokens=7, temperature=0.7, seed=9, logprobs=2)
+    whole = server.client.completions.create(**kw).choices[0].logprobs
+    chunks = list(server.client.completions.create(stream=True, **kw))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    assert [t for p in parts for t in p.tokens] == whole.tokens
+    assert [x for p in parts for x in p.token_logprobs] == whole.token_logprobs
+    assert [x for p in parts for x in p.text_offset] == whole.text_offset
+    messages = [{"role": "user", "content": "Hey"}]
+    ckw = dict(model="tiny", messages=messages, max_tokens=6, temperature=0.7, seed=4, logprobs=True, top_logprobs=2)
+    whole = server.client.chat.completions.create(**ckw).choices[0].logprobs.content
+    chunks = list(server.client.chat.completions.create(stream=True, **ckw))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in whole]

@@ -105,3 +105,56 @@ def test_prune_keeps_the_newest(tmp_path) -> None:
     prune_checkpoints(tmp_path, keep_last=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == [checkpoint_name(2), checkpoint_name(3)]
+
+
+def test_load_model_streams_in_the_requested_dtype(tmp_path) -> None:
+    """bf16: every tensor the fp32 one rounded once, routers and RoPE frequencies fp32; default stays fp32."""
+    from moelab.infer.fast_decode import cast_for_decode
+
+    _, model, _, _ = _setup(tmp_path, steps=(1,))
+    model.eval()
+    default, _ = load_model(tmp_path)
+    assert {p.dtype for p in default.parameters()} == {torch.float32}
+    loaded, _ = load_model(tmp_path, dtype="bf16")
+    ref = model.state_dict()
+    for name, t in loaded.state_dict().items():
+        router = ".router." in name
+        assert t.dtype == (torch.float32 if router else torch.bfloat16), name
+        assert torch.equal(t, ref[name].to(t.dtype)), name
+    assert loaded.lm_head.weight is loaded.embed.weight and loaded.rope.inv_freq.dtype == torch.float32
+    assert torch.equal(loaded.rope.inv_freq, model.rope.inv_freq)
+    # the same model as the decode path's cast (fp32 routers from the fp32 weights, fp32 RoPE): bit for bit
+    cast = cast_for_decode(model, torch.bfloat16, pack=False)
+    ids = torch.randint(0, 259, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, cast(ids).logits)
+
+
+def test_non_finite_weights_are_found_across_chunks(tmp_path, monkeypatch) -> None:
+    import moelab.train.checkpoint as ck
+
+    _, model, _, _ = _setup(tmp_path, steps=(1,))
+    monkeypatch.setattr(ck, "NONFINITE_CHUNK", 7)
+    with torch.no_grad():
+        model.blocks[1].ffn.experts.w_down.view(-1)[-1] = float("nan")
+        model.blocks[1].ffn.experts.w_down.view(-1)[30] = float("inf")
+    save_checkpoint(tmp_path / "bad", model, RunConfig(model=model.cfg, data=DataConfig(seq_len=32)), BytesTokenizer())
+    with pytest.raises(UserError, match=r"'blocks\.1\.ffn\.experts\.w_down' holds 2 of \d+ values that are NaN"):
+        load_model(tmp_path / "bad")
+
+
+def test_memory_guard_counts_the_load_dtype(monkeypatch) -> None:
+    """A model whose fp32 weights exceed free memory but whose bf16 weights fit is not refused in bf16."""
+    from moelab.hardware import AvailableMemory
+    from moelab.model import memory_guard
+    from moelab.model.sizes import parameter_count
+
+    cfg = tiny_config(vocab_size=259, moe=tiny_moe())
+    free = parameter_count(cfg) * 3  # between bf16 (2 bytes a parameter) and fp32 (4)
+    monkeypatch.setattr(memory_guard, "available_memory", lambda device: AvailableMemory(free, "test"))
+    memory_guard.require_fits(cfg, "cpu", torch.bfloat16)
+    memory_guard.require_fits(cfg, "meta")  # nothing is allocated on meta
+    with pytest.raises(memory_guard.ModelTooLargeError, match="of float32 weights"):
+        memory_guard.require_fits(cfg, "cpu")
+    with pytest.raises(memory_guard.ModelTooLargeError, match="of float32 weights"):
+        memory_guard.require_fits(cfg, "cpu", torch.float32)

@@ -17,11 +17,17 @@ Split by what the caller holds: :func:`analyze_moe` (steps 1–4 for the MoE) an
 all three and writes the files (``moelab compare`` calls it with the models it just trained and
 their validation split), and :func:`analyze` is the checkpoint-and-corpus front end of
 ``moelab analyze``.
+
+``OUT`` follows :mod:`moelab.outputs`: a non-empty ``OUT`` is refused before anything is loaded
+unless ``overwrite`` and it holds nothing but an earlier analysis (:data:`ANALYSIS_FOLDER`); the
+whole folder (traces, ``analysis.json``, ``report.html``) is written into a temporary sibling and
+renamed into place; ``OUT`` may not be, lie inside or hold the checkpoints it reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +40,33 @@ from moelab.analysis.gradient_conflict import gradient_conflict
 from moelab.analysis.metrics import trace_metrics
 from moelab.analysis.sparsity import ffn_sparsity
 from moelab.analysis.specialization import expert_profiles, specialization
-from moelab.analysis.trace import collect
+from moelab.analysis.trace import TRACE_FOLDER, collect
 from moelab.config import DataConfig
 from moelab.data.loader import PackedData, eval_batches, pack
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import UserError
+from moelab.outputs import TMP_PREFIX, OutputKind, check_output, first_foreign, staged_folder
+
+REPORT_FILES = ("analysis.json", "report.html")
+TRACE_DIRS = ("trace", "trace_step0", "trace_drops", "trace_drops_score")  # analyze_moe's traces in OUT
+OVERWRITE_HINT = (
+    "give another --out, or pass --overwrite to replace the earlier analysis there (its analysis.json, "
+    "report.html and trace folders)"
+)
+
+
+def _foreign_in_analysis(entry: Path) -> Path | None:
+    """The first path in ``entry`` (one entry of an analysis folder) that moelab did not write, or None."""
+    if entry.is_symlink():
+        return entry
+    if entry.name.startswith(TMP_PREFIX) or (entry.name in REPORT_FILES and entry.is_file()):
+        return None
+    if entry.name in TRACE_DIRS and entry.is_dir():
+        return first_foreign(entry, TRACE_FOLDER)
+    return entry
+
+
+ANALYSIS_FOLDER = OutputKind("analysis", _foreign_in_analysis)  # what `moelab analyze` writes into OUT
 
 
 @dataclass(frozen=True)
@@ -47,11 +75,13 @@ class AnalyzeOptions:
 
     ``data`` is the corpus :func:`analyze` packs (callers with a split in memory leave it None);
     ``specialization_only`` traces and scores only the specialisation (trained and step-0 models),
-    e.g. for a compare's extra seeds; ``n_shuffle``/``n_boot`` size the null and the resampling interval.
+    e.g. for a compare's extra seeds; ``n_shuffle``/``n_boot`` size the null and the resampling interval;
+    ``overwrite`` lets :func:`analyze_model` replace an earlier analysis in ``out`` (nothing else).
     """
 
     data: str | None = None
     out: str = "analysis"
+    overwrite: bool = False
     checkpoints: tuple[str, ...] = ()
     dense: str | None = None
     max_tokens: int = 65_536
@@ -67,6 +97,7 @@ class AnalyzeOptions:
     progress: bool = False
     specialization_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # load dtype of the checkpoints (bf16/fp16/fp32; None = as stored)
 
 
 def load_data(spec: str, tokenizer: Tokenizer, seq_len: int, max_bytes_per_domain: int) -> PackedData:
@@ -217,29 +248,35 @@ def analyze_model(
     step0_info: dict[str, Any] | None = None,
     summary: dict[str, Any] | None = None,
     title: str = "moelab analysis",
+    sources: Iterable[str | Path] = (),
 ) -> dict[str, Any]:
     """Analyse models held in memory on ``data``; write ``opts.out``/analysis.json and report.html; return the dict.
 
     ``model`` is the MoE (or a dense model alone: then only its dense sections); ``dense_model`` its
     dense twin; ``initial_model`` the step-0 MoE. ``summary`` entries lead the report's summary.
     No checkpoint or corpus is read, so ``moelab compare`` can pass the run's own validation split.
+    ``opts.out`` is written whole or not at all (module doc); ``sources`` are folders it must stay clear of.
     """
     from moelab.analysis.report import write_report
 
-    moe_part = dense_part = None
-    if _is_moe(model):
-        moe_part = analyze_moe(model, tokenizer, data, opts, initial_model=initial_model, step0_info=step0_info)
-        if dense_model is not None and not opts.specialization_only:
-            dense_part = analyze_dense(dense_model, data, opts)
-    elif not opts.specialization_only:
-        dense_part = analyze_dense(model, data, opts)
-    head = dict(summary or {})
-    for key, value in (("data", opts.data or "in memory"), ("tokens in corpus", data.num_tokens),
-                       ("documents in corpus", _documents(data)), ("seq_len", data.seq_len),
-                       ("model", "MoE" if _is_moe(model) else "dense")):
-        head.setdefault(key, value)
-    result = merge_analyses({"summary": head}, merge_analyses(moe_part, dense_part))
-    write_report(opts.out, result, title=title)
+    with staged_folder(opts.out, ANALYSIS_FOLDER, overwrite=opts.overwrite, sources=sources,
+                       hint=OVERWRITE_HINT) as tmp:  # fmt: skip
+        staged = replace(opts, out=str(tmp))
+        moe_part = dense_part = None
+        if _is_moe(model):
+            moe_part = analyze_moe(model, tokenizer, data, staged, initial_model=initial_model,
+                                   step0_info=step0_info)  # fmt: skip
+            if dense_model is not None and not opts.specialization_only:
+                dense_part = analyze_dense(dense_model, data, staged)
+        elif not opts.specialization_only:
+            dense_part = analyze_dense(model, data, staged)
+        head = dict(summary or {})
+        for key, value in (("data", opts.data or "in memory"), ("tokens in corpus", data.num_tokens),
+                           ("documents in corpus", _documents(data)), ("seq_len", data.seq_len),
+                           ("model", "MoE" if _is_moe(model) else "dense")):
+            head.setdefault(key, value)
+        result = merge_analyses({"summary": head}, merge_analyses(moe_part, dense_part))
+        write_report(tmp, result, title=title)
     return result
 
 
@@ -262,7 +299,10 @@ def analyze(model_path: str | Path, opts: AnalyzeOptions) -> dict[str, Any]:
     if not opts.data:
         raise UserError("no corpus to analyse on: pass --data NAME_OR_PATH")
     path = Path(model_path)
-    model, tokenizer = load_model(path)
+    sources = [path, *([opts.dense] if opts.dense else []), *opts.checkpoints]
+    # claim OUT before any slow work: what is there is refused now, not after the traces
+    check_output(opts.out, ANALYSIS_FOLDER, overwrite=opts.overwrite, sources=sources, hint=OVERWRITE_HINT)
+    model, tokenizer = load_model(path, dtype=opts.dtype)
     source = path if is_model_folder(path) else resolve_checkpoint(path)
     seq_len = _seq_len_of(path, model, opts)
     data = load_data(opts.data, tokenizer, seq_len, opts.max_bytes_per_domain)
@@ -272,8 +312,9 @@ def analyze(model_path: str | Path, opts: AnalyzeOptions) -> dict[str, Any]:
         initial_model, step0_info = initial_model_for(path, model)
     dense_model = None
     if opts.dense:
-        dense_model, _ = load_model(opts.dense)
+        dense_model, _ = load_model(opts.dense, dtype=opts.dtype)
         dense_path = Path(opts.dense)
         summary["dense checkpoint"] = str(dense_path if is_model_folder(dense_path) else resolve_checkpoint(dense_path))
     return analyze_model(model, tokenizer, data, opts, dense_model=dense_model, initial_model=initial_model,
-                         step0_info=step0_info, summary=summary, title=f"moelab analysis of {source.name}")
+                         step0_info=step0_info, summary=summary, title=f"moelab analysis of {source.name}",
+                         sources=sources)  # fmt: skip

@@ -18,6 +18,8 @@ from typing import Any
 
 import jinja2
 
+from moelab.outputs import atomic_write_text
+
 
 @dataclass
 class Table:
@@ -283,11 +285,15 @@ def render_html(analysis: dict[str, Any], plots: dict[str, bytes] | None = None,
 
 
 def write_report(out_dir: str | Path, analysis: dict[str, Any], title: str = "moelab analysis") -> tuple[Path, Path]:
-    """Write ``analysis.json`` and ``report.html`` into ``out_dir``; return both paths."""
+    """Write ``analysis.json`` and ``report.html`` into ``out_dir``, each in one step (a temporary
+    sibling renamed: a crash never leaves half a file); return both paths.
+
+    Deciding whether ``out_dir`` may be written is the caller's (``moelab analyze`` stages its whole
+    folder; ``moelab compare`` writes into the folder it created)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "analysis.json"
-    json_path.write_text(json.dumps(analysis, indent=1, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(json_path, json.dumps(analysis, indent=1, ensure_ascii=False))
     html_path = out / "report.html"
-    html_path.write_text(render_html(analysis, title=title), encoding="utf-8")
+    atomic_write_text(html_path, render_html(analysis, title=title))
     return json_path, html_path

@@ -29,7 +29,6 @@ Legend: N tokens in a chunk or trace, A assignments, E experts, K top-k.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -45,9 +44,23 @@ from torch import Tensor
 from moelab.data.loader import Batch, PackedData, eval_batches
 from moelab.errors import UserError
 from moelab.moe.decision import RoutingDecision
+from moelab.outputs import OutputKind, check_output, discard
 
 FORMAT = "moelab-trace-v1"
 META = "meta.json"
+CHUNK_PREFIX, CHUNK_SUFFIX = "chunk_", ".safetensors"
+
+
+def _foreign_in_trace(entry: Path) -> Path | None:
+    """``entry``, unless it is a file a trace holds (``meta.json``, ``chunk_NNNNN.safetensors``)."""
+    name = entry.name
+    chunk = name.startswith(CHUNK_PREFIX) and name.endswith(CHUNK_SUFFIX)
+    if chunk and not name[len(CHUNK_PREFIX) : -len(CHUNK_SUFFIX)].isdigit():
+        chunk = False
+    return None if (name == META or chunk) and entry.is_file() and not entry.is_symlink() else entry
+
+
+TRACE_FOLDER = OutputKind("routing trace", _foreign_in_trace)  # what a trace folder holds (moelab.outputs)
 
 
 def _label_dtype(n_values: int) -> type:
@@ -91,6 +104,8 @@ class TraceWriter:
 
     ``record`` accepts any ``{layer: RoutingDecision}`` whose decisions cover the batch's
     ``B·S`` tokens in row-major order (what ``Transformer(…, return_routing=True)`` returns).
+    An earlier trace at ``path`` is replaced; a folder holding anything else is refused untouched
+    (:data:`TRACE_FOLDER`): recording used to ``rmtree`` whatever was there.
     """
 
     def __init__(
@@ -114,8 +129,9 @@ class TraceWriter:
         self.num_tokens = 0
 
     def __enter__(self) -> TraceWriter:
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        # an earlier trace at this path is replaced; a folder holding anything else is refused, untouched
+        check_output(self.path, TRACE_FOLDER, overwrite=True)
+        discard(self.path)
         self.path.mkdir(parents=True)
         return self
 

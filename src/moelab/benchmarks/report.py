@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 from moelab.benchmarks.layer import WEIGHTS_SUFFIX
+from moelab.errors import UserError
+from moelab.outputs import atomic_write_text, fresh_stem
 
 TARGETS = {
     ("E8k2/h1024", "float32"): 1.05,
@@ -159,9 +161,28 @@ def to_markdown(result: dict, command: str = "moelab bench") -> str:
     return "\n".join(lines)
 
 
+def check_results_folder(out_dir: str | Path) -> Path:
+    """Refuse a results ``--out`` that is a file (before anything is measured); return it as a Path.
+
+    A results folder is shared by many runs (``benchmarks/results``): it is never refused for
+    holding files, and nothing in it is ever replaced (:func:`write_report`)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: give the folder to write the results to")
+    return out
+
+
 def write_report(result: dict, out_dir: Path, stem: str, command: str) -> tuple[Path, Path]:
+    """Write ``STEM.json`` and ``STEM.md`` into ``out_dir``, each in one step; return both paths.
+
+    Results are named by the minute they were made (``bench-YYYYMMDD-HHMM``): when a file of that
+    name is already there (a run in the same minute), the stem gets ``-2``, ``-3``, … instead of
+    replacing it. Why: results in ``benchmarks/results`` are a record; a re-run never destroys one.
+    """
+    out_dir = check_results_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = fresh_stem(out_dir, stem, (".json", ".md"))
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps({**result, "command": command}, indent=1, default=str))
-    md_path.write_text(to_markdown(result, command))
+    atomic_write_text(json_path, json.dumps({**result, "command": command}, indent=1, default=str))
+    atomic_write_text(md_path, to_markdown(result, command))
     return json_path, md_path

@@ -5,35 +5,61 @@ in ``model.safetensors.index.json``). Import reads ``model_type``, translates th
 the family's :mod:`~moelab.convert.families` entry (refusing what moelab cannot reproduce), and
 moves every tensor with the family's mapping table (:mod:`~moelab.convert.tables`); a missing
 or unexpected tensor is an error listing the names. Export is the same tables run backwards and
-writes a folder ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+writes a folder ``transformers.AutoModelForCausalLM.from_pretrained`` loads, sharded past
+``max_shard_size`` (:mod:`~moelab.convert.hf_files`).
 
 A *moelab folder* is ``model.safetensors`` (tied weights stored once) plus ``config.yaml`` with
 a ``model:`` section, the model part of a training checkpoint.
+
+Loading streams (:mod:`moelab.model.materialize`): the model is built on the meta device in the
+load dtype (``dtype``: ``"bf16"``/``"fp16"``/``"fp32"``; default the stored weights'), then each
+parameter is allocated once and filled from the tensors its mapping rule reads, one rule at a time
+(:func:`~moelab.convert.rules.fill_model`), through a memory-mapped reader
+(:mod:`moelab.safetensors_reader`). Peak memory: the weights once at the load dtype, plus one rule's
+tensors and a bounded window of mapped file pages. Exports stream the other way
+(:mod:`moelab.safetensors_writer`): nothing holds a second copy of the model.
+
+Writing follows :mod:`moelab.outputs`: every folder is written into a temporary sibling and renamed
+into place, and an existing folder is replaced only when it holds nothing but a model folder's
+files (:data:`MODEL_FOLDER`). :func:`export_hf` and :func:`save_moelab` replace such a folder by
+default (library calls re-export); the commands go through :func:`write_model_folder`, which
+refuses any non-empty folder unless asked to overwrite and never writes onto its source.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+from collections.abc import Mapping
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
+from torch import Tensor, nn
 
 from moelab.config import ModelConfig, from_dict, to_dict
 from moelab.convert.families import FAMILIES, default_family
-from moelab.convert.rules import build_rules, export_tensors, import_tensors
+from moelab.convert.hf_files import (
+    DEFAULT_MAX_SHARD_SIZE,
+    PICKLE_FILES,
+    load_dtype,
+    open_hf_weights,
+    read_hf_config,
+    write_hf_config,
+    write_hf_weights,
+)
+from moelab.convert.rules import build_rules, fill_model, iter_export
+from moelab.convert.tokenizer_files import TOKENIZER_FILES, copy_tokenizer
 from moelab.errors import UserError
 from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
+from moelab.model.materialize import Filler, ModuleLoaded, empty_model, fill_by_names
 from moelab.model.transformer import Transformer
+from moelab.outputs import OutputKind, check_output, files_kind, staged_folder
+from moelab.safetensors_reader import INDEX_FILE, SafetensorsReader
+from moelab.safetensors_writer import SHARD_NAME, write_safetensors
 
 ENCODER_DECODER_SECTION = "encoder_decoder"  # config.yaml section of an EncoderDecoder (instead of model:)
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+DType = str | torch.dtype | None  # "bf16" | "fp16" | "fp32" | a torch dtype | None (the stored weights')
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -41,27 +67,12 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def read_hf_folder(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(config.json dict, every tensor)`` of a local HF folder; safetensors only (never unpickles)."""
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise UserError(f"{p} is not a Hugging Face model folder: config.json is missing")
-    hf = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    else:
-        files = sorted(f.name for f in p.glob("*.safetensors"))
-    if not files:
-        pickled = [n for n in PICKLE_FILES if (p / n).exists()]
-        hint = f" (found {', '.join(pickled)}: re-save it with safe_serialization=True)" if pickled else ""
-        raise UserError(f"{p} has no .safetensors weights{hint}; moelab never loads pickled weights")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            tensors.update(load_file(p / name))
-        except (SafetensorError, FileNotFoundError, OSError) as exc:
-            raise UserError(f"cannot read {p / name}: {exc}") from None
-    return hf, tensors
+    """``(config.json dict, every tensor)`` of a local HF folder, read eagerly; safetensors only.
+
+    The plain reference the streaming import is tested against; loaders use :func:`import_hf`.
+    """
+    with open_hf_weights(path) as reader:
+        return read_hf_config(path), {k: reader[k].clone() for k in reader.in_file_order()}
 
 
 def _model_keys(model: Transformer) -> list[str]:
@@ -74,124 +85,205 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return FAMILIES[hf.get("model_type", "<missing>")].config_in(hf)
 
 
-def import_hf(path: str | Path) -> Transformer:
-    """Load a local Hugging Face folder as a moelab :class:`Transformer` (fp32, eval mode).
+def import_hf(
+    path: str | Path,
+    dtype: DType = None,
+    device: str | torch.device = "cpu",
+    on_module_loaded: ModuleLoaded | None = None,
+) -> Transformer:
+    """Load a local Hugging Face folder as a moelab :class:`Transformer` in eval mode, streamed (module doc).
 
-    Encoder–decoder families (T5, Switch Transformers) give an :class:`EncoderDecoder` instead.
+    ``dtype``: the load dtype (default: the stored weights'; routers stay fp32). Encoder–decoder
+    families (T5, Switch Transformers) give an :class:`EncoderDecoder` instead. ``on_module_loaded``:
+    see :class:`~moelab.model.materialize.Filler`.
     """
-    hf, tensors = read_hf_folder(path)
+    p = Path(path)
+    hf = read_hf_config(p)
     family = FAMILIES[hf.get("model_type", "<missing>")]
-    if family.seq2seq:
-        from moelab.convert.families.t5 import import_seq2seq
+    reader = open_hf_weights(p)
+    if not family.seq2seq and not any(k.startswith(family.base_prefix) for k in reader):
+        # saved from the base model (e.g. GPT2Model)
+        reader = reader.renamed({k: family.base_prefix + k for k in reader if not k.startswith("lm_head.")})
+    with reader:
+        target = load_dtype(dtype, reader)
+        if family.seq2seq:
+            from moelab.convert.families.t5 import import_seq2seq
 
-        return import_seq2seq(family, hf, tensors)  # type: ignore[return-value]
-    cfg = family.config_in(hf)
-    if not any(
-        k.startswith(family.base_prefix) for k in tensors
-    ):  # saved from the base model (e.g. GPT2Model)
-        tensors = {k if k.startswith("lm_head.") else family.base_prefix + k: v for k, v in tensors.items()}
-    model = Transformer(cfg)
-    rules = build_rules(family.tables(hf), cfg, _model_keys(model))
-    tied_head = "lm_head.weight"  # every supported family names its output head so; tied: may be absent
+            return import_seq2seq(family, hf, reader, target, device, str(p), on_module_loaded)  # type: ignore[return-value]
+        cfg = family.config_in(hf)
+        model = empty_model(lambda: Transformer(cfg), target, device)
+        rules = build_rules(family.tables(hf), cfg, _model_keys(model))
+        tied_head = "lm_head.weight"  # every supported family names its output head so; tied: may be absent
 
-    def ignore(name: str) -> bool:
-        return family.ignore(name, cfg) or (cfg.tie_embeddings and name == tied_head)
+        def ignore(name: str) -> bool:
+            return family.ignore(name, cfg) or (cfg.tie_embeddings and name == tied_head)
 
-    state = import_tensors(rules, tensors, ignore)
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True
-    )
+        fill_model(Filler(model, device, str(p), on_module_loaded), rules, reader, ignore)
     return model.eval()
 
 
-def export_hf(model: Transformer, path: str | Path, family: str | None = None) -> Path:
-    """Write ``model`` as a Hugging Face folder of ``family`` (default: the one its options match)."""
+def export_hf(
+    model: Transformer,
+    path: str | Path,
+    family: str | None = None,
+    overwrite: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write ``model`` as a Hugging Face folder of ``family`` (default: the one its options match), atomically,
+    in the model's dtype, sharded past ``max_shard_size`` (bytes, or "5GB", "500MB"…).
+
+    An existing folder is replaced only when ``overwrite`` and it holds nothing but a model folder's files.
+    """
+    with staged_folder(path, MODEL_FOLDER, overwrite=overwrite) as tmp:
+        _write_hf(model, tmp, family, max_shard_size)
+    return Path(path)
+
+
+def _write_hf(model: Transformer, path: Path, family: str | None, max_shard_size: int | str) -> None:
     if isinstance(model, EncoderDecoder):
         from moelab.convert.families.t5 import export_seq2seq
 
-        return export_seq2seq(model, path, family)
+        export_seq2seq(model, path, family, max_shard_size)
+        return
     cfg = model.cfg
     fam = FAMILIES[family or default_family(cfg)]
     hf = fam.config_out(cfg)
     rules = build_rules(fam.tables(hf), cfg, _model_keys(model))
-    tensors = export_tensors(rules, model.state_dict())
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-    return out
+    dtype = write_hf_weights(path, lambda state: iter_export(rules, state), model.state_dict(), max_shard_size)
+    write_hf_config(path, hf, dtype)
 
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
+MODEL_FILES = ("model.safetensors", "config.yaml", "config.json", INDEX_FILE)
 
 
-def copy_tokenizer(src: str | Path, dst: str | Path, to: str) -> list[str]:
-    """Copy the tokenizer files of folder ``src`` beside a model written to ``dst``; return their names.
+def _model_folder_kind() -> OutputKind:
+    """Files a conversion writes: :data:`MODEL_FILES`, tokenizer files and ``model-0000i-of-0000n`` shards."""
+    named = files_kind("model folder", (*MODEL_FILES, *TOKENIZER_FILES))
 
-    Why: every conversion keeps the vocabulary, so the written folder is only usable by
-    ``generate``, ``serve`` or ``train --init`` with the source's tokenizer beside it. moelab's
-    bytes tokenizer file is not a Hugging Face file, so a ``to="hf"`` export leaves it out
-    rather than write a ``tokenizer.json`` that ``AutoTokenizer`` cannot read.
+    def foreign(entry: Path) -> Path | None:
+        if SHARD_NAME.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            return None
+        return named.foreign(entry)
+
+    return OutputKind(named.name, foreign)
+
+
+MODEL_FOLDER = _model_folder_kind()  # what conversions write
+
+
+def check_model_output(out: str | Path, src: str | Path, overwrite: bool = False) -> None:
+    """Refuse, before any slow work, a model-folder output that could lose data (see :func:`write_model_folder`)."""
+    check_output(out, MODEL_FOLDER, overwrite=overwrite, sources=[src])
+
+
+def write_model_folder(
+    model: Transformer,
+    out: str | Path,
+    to: str,
+    src: str | Path,
+    family: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> list[str]:
+    """Write ``model`` to ``out`` as a ``to`` ("moelab" | "hf") folder with the tokenizer of folder ``src``
+    beside it, atomically; return the tokenizer files copied (or made, see
+    :func:`~moelab.convert.tokenizer_files.copy_tokenizer`). ``max_shard_size`` shards an HF export.
+
+    The rule of every writing command (:mod:`moelab.outputs`): ``out`` must not be, lie inside or hold
+    ``src``; a non-empty ``out`` is refused unless ``overwrite``, and then only when it holds nothing
+    but a model folder's files.
     """
-    from moelab.data.tokenizer import is_bytes_tokenizer_file
-
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir() or src.resolve() == dst.resolve():
-        return []
-    copied = []
-    for name in TOKENIZER_FILES:
-        f = src / name
-        if not f.is_file():
-            continue
-        if to == "hf" and name == "tokenizer.json" and is_bytes_tokenizer_file(f):
-            continue
-        shutil.copyfile(f, dst / name)
-        copied.append(name)
-    return copied
+    with staged_folder(out, MODEL_FOLDER, overwrite=overwrite, sources=[src]) as tmp:
+        if to == "hf":
+            _write_hf(model, tmp, family, max_shard_size)
+        else:
+            _write_moelab(model, tmp)
+        return copy_tokenizer(src, tmp, to)
 
 
 # --------------------------------------------------------------------------- moelab folders
 
 
-def save_moelab(model: Transformer, path: str | Path) -> Path:
-    """``model.safetensors`` + ``config.yaml`` (``model:`` section; ``encoder_decoder:`` for an EncoderDecoder)."""
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    st_save_model(model, str(out / "model.safetensors"))
+def save_moelab(model: Transformer, path: str | Path, overwrite: bool = True) -> Path:
+    """``model.safetensors`` + ``config.yaml`` (``model:`` section; ``encoder_decoder:`` for an EncoderDecoder),
+    written atomically; an existing folder is replaced only when ``overwrite`` and it holds nothing but a
+    model folder's files."""
+    with staged_folder(path, MODEL_FOLDER, overwrite=overwrite) as tmp:
+        _write_moelab(model, tmp)
+    return Path(path)
+
+
+def unique_state(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with each tied tensor under its first name only (as safetensors stores it)."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        if id(t) in first:
+            aliases.add(name)
+        else:
+            first[id(t)] = name
+    return {k: v for k, v in model.state_dict().items() if k not in aliases}
+
+
+def _write_moelab(model: Transformer, out: Path) -> None:
+    write_safetensors(out / "model.safetensors", unique_state(model).items(), metadata={"format": "pt"})
     section = ENCODER_DECODER_SECTION if isinstance(model, EncoderDecoder) else "model"
     (out / "config.yaml").write_text(
         yaml.safe_dump({section: to_dict(model.cfg)}, sort_keys=False), encoding="utf-8"
     )
-    return out
 
 
-def load_moelab(path: str | Path) -> Transformer:
-    """A moelab folder (or training checkpoint folder) → Transformer in eval mode."""
+def moelab_builder(data: Mapping[str, Any]):
+    """``build()`` of the model a moelab ``config.yaml`` (parsed) describes: an EncoderDecoder for an
+    ``encoder_decoder:`` section (or an EncoderDecoderConfig at the top), else a Transformer."""
+    if ENCODER_DECODER_SECTION in data or {"encoder", "decoder"} <= set(data):  # folder / save_checkpoint
+        enc = from_dict(EncoderDecoderConfig, data.get(ENCODER_DECODER_SECTION, data))
+        return lambda: EncoderDecoder(enc)
+    cfg = from_dict(ModelConfig, data.get("model", data))
+    return lambda: Transformer(cfg)
+
+
+def load_moelab(
+    path: str | Path,
+    dtype: DType = None,
+    device: str | torch.device = "cpu",
+    on_module_loaded: ModuleLoaded | None = None,
+) -> Transformer:
+    """A moelab folder (or training checkpoint folder) → Transformer in eval mode, streamed (module doc)."""
     p = Path(path)
     if not (p / "config.yaml").is_file() or not (p / "model.safetensors").is_file():
         raise UserError(f"{p} is not a moelab model folder: it needs config.yaml and model.safetensors")
     data = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
-    if ENCODER_DECODER_SECTION in data or {"encoder", "decoder"} <= set(data):  # folder / save_checkpoint
-        model = EncoderDecoder(from_dict(EncoderDecoderConfig, data.get(ENCODER_DECODER_SECTION, data)))
-    else:
-        model = Transformer(from_dict(ModelConfig, data.get("model", data)))
-    missing, unexpected = st_load_model(model, str(p / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"{p}/model.safetensors does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
+    build = moelab_builder(data)
+    with SafetensorsReader([p / "model.safetensors"]) as reader:
+        model = empty_model(build, load_dtype(dtype, reader), device)
+        filler = Filler(model, device, f"{p}/model.safetensors", on_module_loaded)
+        fill_by_names(filler, reader, reader.in_file_order())
     return model.eval()
 
 
-def load_any(path: str | Path) -> Transformer:
-    """A moelab folder or a Hugging Face folder."""
-    return import_hf(path) if is_hf_folder(path) else load_moelab(path)
+def load_any(
+    path: str | Path,
+    dtype: DType = None,
+    device: str | torch.device = "cpu",
+    on_module_loaded: ModuleLoaded | None = None,
+) -> Transformer:
+    """A moelab folder or a Hugging Face folder (see :func:`import_hf` and :func:`load_moelab`)."""
+    load = import_hf if is_hf_folder(path) else load_moelab
+    return load(path, dtype, device, on_module_loaded)
+
+
+__all__ = [
+    "MODEL_FOLDER",
+    "PICKLE_FILES",
+    "TOKENIZER_FILES",
+    "check_model_output",
+    "copy_tokenizer",
+    "export_hf",
+    "import_hf",
+    "load_any",
+    "load_moelab",
+    "read_hf_folder",
+    "save_moelab",
+    "write_model_folder",
+]

@@ -3,17 +3,27 @@
 A family's table (``moelab.convert.tables``) maps each moelab parameter name (relative to the
 model or to ``blocks.{i}.``) to a *spec*: a plain HF name (same tensor), or a small object that
 says how to build the tensor (transpose, concatenate, split, stack experts, permute RoPE rows).
-:func:`build_rules` turns a table into concrete :class:`Rule` s for one config; :func:`import_tensors`
-and :func:`export_tensors` run them. Nothing is matched by guesswork: a moelab tensor with no
-rule, an HF tensor the rules do not read, or a rule whose tensors are missing is an error that
-lists the names.
+:func:`build_rules` turns a table into concrete :class:`Rule` s for one config; :func:`iter_import`
+and :func:`iter_export` run them one rule at a time (:func:`import_tensors` / :func:`export_tensors`
+collect the results in a dict). Nothing is matched by guesswork: a moelab tensor with no rule, an HF
+tensor the rules do not read, or a rule whose tensors are missing is an error that lists the names,
+raised from the names alone, before any tensor is read.
+
+Streaming (:func:`plan_import`, :func:`fill_model`): a rule reads only the HF tensors it needs (from a
+dict, or a :class:`~moelab.safetensors_reader.SafetensorsReader` that reads each on demand) and writes
+them straight into the model's preallocated parameters: a reader with an ``into`` copies each source,
+converted to the parameter's dtype, into its slice of the destination (the rows of one expert, the
+gate or up half), so stacking experts or concatenating gate‖up allocates nothing; a reader without
+one (a scale, a row permutation) computes its small result in the stored dtype and copies it. Either
+way the parameter holds exactly what ``to_ours`` gives, converted once. The export functions also run
+on ``meta`` tensors, which gives an export's names, dtypes and shapes before anything is computed.
 
 Legend: E experts, F expert hidden, D model dim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,28 +31,76 @@ from torch import Tensor
 
 from moelab.config import ModelConfig
 from moelab.errors import UserError
+from moelab.model.materialize import Filler
 
 Fn = Callable[[list[Tensor]], list[Tensor]]
+Into = Callable[[list[Tensor], list[Tensor]], None]  # (sources, destinations): what to_ours gives, written in place
 
 
 def _same(ts: list[Tensor]) -> list[Tensor]:
     return list(ts)
 
 
+class ShapeError(ValueError):
+    """Source ``index`` (of a reader's names) does not fit its place in a moelab parameter."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def copy_into(dst: Tensor, src: Tensor, index: int = 0) -> None:
+    """``dst.copy_(src)`` (converting the dtype) for equal shapes only: ``copy_`` would broadcast a wrong one."""
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ShapeError(f"gives {list(src.shape)} where the model's config needs {list(dst.shape)}", index)
+    dst.copy_(src)
+
+
+def _copy_all(ts: list[Tensor], dst: list[Tensor]) -> None:
+    for i, (d, t) in enumerate(zip(dst, ts, strict=True)):
+        copy_into(d, t, i)
+
+
+def _parts_into(ts: list[Tensor], dst: Tensor, dim: int, first: int = 0) -> None:
+    """Equal parts concatenated on ``dim`` (as the tables store gate‖up), written into ``dst`` part by part;
+    ``first`` is the index of ``ts[0]`` among the reader's names (for messages)."""
+    for i, (d, t) in enumerate(zip(dst.chunk(len(ts), dim), ts)):
+        copy_into(d, t, first + i)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One HF layout a rule accepts: its names, the function to moelab tensors, and optionally ``into``,
+    which writes exactly ``to_ours``'s result into preallocated destinations without building it."""
+
+    names: tuple[str, ...]
+    to_ours: Fn
+    into: Into | None = None
+
+    def write(self, sources: list[Tensor], dst: list[Tensor]) -> None:
+        if self.into is not None:
+            self.into(sources, dst)
+        else:
+            _copy_all(self.to_ours(sources), dst)
+
+
 @dataclass(frozen=True)
 class Rule:
-    """Moves ``ours`` ↔ ``theirs``. ``readers`` lists the HF layouts accepted on import, first preferred.
-
-    Each reader is ``(hf_names, to_ours)``; ``to_theirs`` writes the first reader's names.
-    """
+    """Moves ``ours`` ↔ ``theirs``. ``readers`` lists the HF layouts accepted on import, first preferred;
+    ``to_theirs`` writes the first reader's names."""
 
     ours: tuple[str, ...]
-    readers: tuple[tuple[tuple[str, ...], Fn], ...]
+    readers: tuple[Reader, ...]
     to_theirs: Fn = _same
 
     @property
     def theirs(self) -> tuple[str, ...]:
-        return self.readers[0][0]
+        return self.readers[0].names
+
+
+def _plain(names: tuple[str, ...]) -> Reader:
+    """The same tensors under other names."""
+    return Reader(names, _same, _copy_all)
 
 
 class Spec:
@@ -57,7 +115,7 @@ class Same(Spec):
     name: str
 
     def rule(self, ours, prefix, cfg):
-        return Rule(ours, (((prefix + self.name,), _same),))
+        return Rule(ours, (_plain((prefix + self.name,)),))
 
 
 @dataclass(frozen=True)
@@ -67,7 +125,7 @@ class Alt(Spec):
     names: tuple[str, ...]
 
     def rule(self, ours, prefix, cfg):
-        return Rule(ours, tuple(((prefix + n,), _same) for n in self.names))
+        return Rule(ours, tuple(_plain((prefix + n,)) for n in self.names))
 
 
 @dataclass(frozen=True)
@@ -80,7 +138,10 @@ class Transposed(Spec):
         def t(ts: list[Tensor]) -> list[Tensor]:
             return [x.t().contiguous() for x in ts]
 
-        return Rule(ours, (((prefix + self.name,), t),), t)
+        def into(ts: list[Tensor], dst: list[Tensor]) -> None:
+            _copy_all([x.t() for x in ts], dst)
+
+        return Rule(ours, (Reader((prefix + self.name,), t, into),), t)
 
 
 @dataclass(frozen=True)
@@ -92,9 +153,10 @@ class Cat(Spec):
 
     def rule(self, ours, prefix, cfg):
         n, dim = len(self.names), self.dim
+        names = tuple(prefix + x for x in self.names)
         return Rule(
             ours,
-            ((tuple(prefix + x for x in self.names), lambda ts: [torch.cat(ts, dim)]),),
+            (Reader(names, lambda ts: [torch.cat(ts, dim)], lambda ts, dst: _parts_into(ts, dst[0], dim)),),
             lambda ts: [x.contiguous() for x in ts[0].chunk(n, dim)],
         )
 
@@ -109,15 +171,20 @@ class Split(Spec):
     def rule(self, ours, prefix, cfg):
         n, tr = len(ours), self.transpose
 
+        def parts(ts: list[Tensor]) -> tuple[Tensor, ...]:
+            return (ts[0].t() if tr else ts[0]).chunk(n, 0)
+
         def to_ours(ts: list[Tensor]) -> list[Tensor]:
-            x = ts[0].t() if tr else ts[0]
-            return [p.contiguous() for p in x.chunk(n, 0)]
+            return [p.contiguous() for p in parts(ts)]
 
         def to_theirs(ts: list[Tensor]) -> list[Tensor]:
             x = torch.cat(ts, 0)
             return [x.t().contiguous() if tr else x]
 
-        return Rule(ours, (((prefix + self.name,), to_ours),), to_theirs)
+        def into(ts: list[Tensor], dst: list[Tensor]) -> None:
+            _copy_all(list(parts(ts)), dst)
+
+        return Rule(ours, (Reader((prefix + self.name,), to_ours, into),), to_theirs)
 
 
 @dataclass(frozen=True)
@@ -141,12 +208,16 @@ class ExpertStack(Spec):
         def from_per_expert(ts: list[Tensor]) -> list[Tensor]:
             return [torch.stack([torch.cat(ts[e * parts : (e + 1) * parts], 0) for e in range(E)])]
 
+        def into_per_expert(ts: list[Tensor], dst: list[Tensor]) -> None:
+            for e in range(E):  # expert e's rows: its gate rows, then its up rows
+                _parts_into(ts[e * parts : (e + 1) * parts], dst[0][e], 0, e * parts)
+
         def to_per_expert(ts: list[Tensor]) -> list[Tensor]:
             return [p.contiguous() for w in ts[0].unbind(0) for p in w.chunk(parts, 0)]
 
-        readers: tuple = ((names, from_per_expert),)
+        readers: tuple[Reader, ...] = (Reader(names, from_per_expert, into_per_expert),)
         if self.fused is not None:
-            readers += (((prefix + self.fused,), _same),)
+            readers += (_plain((prefix + self.fused,)),)
         return Rule(ours, readers, to_per_expert)
 
 
@@ -163,7 +234,7 @@ class Scaled(Spec):
 
     def rule(self, ours, prefix, cfg):
         f = self.factor(cfg)
-        return Rule(ours, (((prefix + self.name,), lambda ts: [ts[0] * f]),), lambda ts: [ts[0] / f])
+        return Rule(ours, (Reader((prefix + self.name,), lambda ts: [ts[0] * f]),), lambda ts: [ts[0] / f])
 
 
 def rope_deinterleave(dim: int) -> Tensor:
@@ -197,7 +268,7 @@ class RopeRows(Spec):
 
             return f
 
-        return Rule(ours, (((prefix + self.name,), permute(perm)),), permute(inv))
+        return Rule(ours, (Reader((prefix + self.name,), permute(perm)),), permute(inv))
 
 
 Table = Mapping[str | tuple[str, ...], "str | Spec"]
@@ -250,37 +321,88 @@ def build_rules(tables: Tables, cfg: ModelConfig, model_keys: list[str]) -> list
     return check_covered(rules, keys)
 
 
-def import_tensors(
-    rules: list[Rule], theirs: Mapping[str, Tensor], ignore: Callable[[str], bool]
-) -> dict[str, Tensor]:
-    """HF tensors → moelab state dict; missing or unexpected HF names raise UserError listing them."""
-    ours: dict[str, Tensor] = {}
-    used: set[str] = set()
+@dataclass(frozen=True)
+class Step:
+    """One rule's import: the moelab names it fills and the HF tensors it reads (from ``source``)."""
+
+    ours: tuple[str, ...]
+    reader: Reader
+    source: Mapping[str, Tensor]
+
+    def tensors(self) -> list[Tensor]:
+        """The moelab tensors, computed in the stored dtype (``to_ours``)."""
+        return self.reader.to_ours([self.source[n] for n in self.reader.names])
+
+    def write(self, dst: list[Tensor], where: str = "the checkpoint") -> None:
+        """Write the same values into the preallocated ``dst`` (one per ``ours`` name), converting the dtype."""
+        try:
+            self.reader.write([self.source[n] for n in self.reader.names], dst)
+        except ShapeError as exc:
+            name = self.reader.names[exc.index]
+            raise UserError(f"{where}: tensor {name!r} {exc} (for {', '.join(self.ours)})") from None
+
+
+def plan_import(rules: list[Rule], theirs: Mapping[str, Tensor], ignore: Callable[[str], bool]) -> list[Step]:
+    """The :class:`Step` of every rule (its first reader whose names ``theirs`` has), from the names alone.
+
+    Missing or unexpected HF names raise UserError listing them before any tensor is read.
+    """
+    steps: list[Step] = []
     missing: list[str] = []
     for rule in rules:
-        for names, fn in rule.readers:
-            if all(n in theirs for n in names):
-                for n, t in zip(rule.ours, fn([theirs[n] for n in names])):
-                    ours[n] = t
-                used.update(names)
+        for reader in rule.readers:
+            if all(n in theirs for n in reader.names):
+                steps.append(Step(rule.ours, reader, theirs))
                 break
         else:
             missing.extend(n for n in rule.theirs if n not in theirs)
     if missing:
         raise UserError(f"{len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:12])}")
+    used = {n for step in steps for n in step.reader.names}
     unexpected = sorted(n for n in theirs if n not in used and not ignore(n))
     if unexpected:
         raise UserError(
             f"{len(unexpected)} unexpected tensor(s) in the checkpoint (not read by the mapping): "
             f"{', '.join(unexpected[:12])}"
         )
-    return ours
+    return steps
+
+
+def iter_import(
+    rules: list[Rule], theirs: Mapping[str, Tensor], ignore: Callable[[str], bool]
+) -> Iterator[tuple[str, Tensor]]:
+    """HF tensors → ``(moelab name, tensor)`` pairs, one rule at a time, in the stored dtype."""
+    for step in plan_import(rules, theirs, ignore):
+        yield from zip(step.ours, step.tensors())
+
+
+def import_tensors(
+    rules: list[Rule], theirs: Mapping[str, Tensor], ignore: Callable[[str], bool]
+) -> dict[str, Tensor]:
+    """HF tensors → moelab state dict (:func:`iter_import` collected)."""
+    return dict(iter_import(rules, theirs, ignore))
+
+
+def fill_model(filler: Filler, rules: list[Rule], theirs: Mapping[str, Tensor], ignore: Callable[[str], bool]) -> None:
+    """Stream ``theirs`` into the meta-built model of ``filler``, rule by rule (see the module doc), then
+    :meth:`~moelab.model.materialize.Filler.finish`. The result equals loading :func:`import_tensors`'s dict
+    and casting it to the model's dtypes, bit for bit."""
+    for step in plan_import(rules, theirs, ignore):
+        dst = [filler.allocate(n) for n in step.ours]
+        step.write(dst, filler.where)
+        for n in step.ours:
+            filler.loaded(n)
+    filler.finish()
+
+
+def iter_export(rules: list[Rule], ours: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """moelab state dict → ``(HF name, tensor)`` pairs (first reader layout of every rule), one rule at a
+    time; with ``meta`` tensors in ``ours`` it gives the names, dtypes and shapes for free."""
+    for rule in rules:
+        for n, t in zip(rule.theirs, rule.to_theirs([ours[n] for n in rule.ours])):
+            yield n, t.detach().contiguous()
 
 
 def export_tensors(rules: list[Rule], ours: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """moelab state dict → HF tensors (first reader layout of every rule)."""
-    out: dict[str, Tensor] = {}
-    for rule in rules:
-        for n, t in zip(rule.theirs, rule.to_theirs([ours[n] for n in rule.ours])):
-            out[n] = t.detach().contiguous()
-    return out
+    """moelab state dict → HF tensors (:func:`iter_export` collected)."""
+    return dict(iter_export(rules, ours))

@@ -6,13 +6,17 @@
   docs → domain ``prose``) plus the ``synthetic`` domains; cached as JSONL.gz under
   ``$MOELAB_CACHE`` (default ``~/.cache/moelab``).
 - ``synthetic``: the seeded generators of :mod:`moelab.data.synthetic`.
-- a path: a ``.txt`` file, a folder of files, or ``.jsonl``/``.jsonl.gz`` with a ``text``
-  field (other string fields become labels).
-- ``hf:NAME[:CONFIG]``: a HF ``datasets`` dataset from the local cache, or ``hf:/path`` saved
-  with ``save_to_disk``; never downloads anything new on its own.
+- a path: a single text file (``.txt``, ``.md``, ...: cut at blank lines into documents of about
+  ``PIECE_CHARS`` characters, :func:`moelab.data.pieces.paragraph_pieces`), a folder of files
+  (one document per file), or ``.jsonl``/``.jsonl.gz`` whose ``data.text_field`` field (default
+  ``text``) is the text (other string fields become labels).
+- ``hf:NAME[:CONFIG]``: a HF ``datasets`` dataset from the local cache, or a folder saved with
+  ``save_to_disk`` (``hf:/path``, or the plain path: such folders are recognised by their files);
+  never downloads anything new on its own. A ``DatasetDict``'s own validation split is kept
+  (:mod:`moelab.data.hf_datasets`).
 
-Bad input never reaches the trainer: a missing path, an empty corpus or JSONL without ``text``
-raise :class:`UserError`; binary files, non-UTF-8 files and broken JSON lines are skipped,
+Bad input never reaches the trainer: a missing path, an empty corpus or JSONL without the text
+field raise :class:`UserError`; binary files, non-UTF-8 files and broken JSON lines are skipped,
 counted and reported in one warning.
 """
 
@@ -35,6 +39,11 @@ from pathlib import Path
 from moelab.cache import cache_dir
 from moelab.config import DataConfig
 from moelab.data.document import Document
+from moelab.data.hf_datasets import is_saved_dataset
+from moelab.data.hf_datasets import load_hf as load_hf  # re-exported: it lived here
+from moelab.data.pieces import MAX_DOC_CHARS as MAX_DOC_CHARS  # re-exported: it lived here
+from moelab.data.pieces import PIECE_CHARS, documents_of, paragraph_pieces
+from moelab.data.pieces import split_long as split_long  # re-exported: it lived here
 from moelab.data.synthetic import synthetic_documents
 from moelab.errors import UserError
 from moelab.registry import Registry
@@ -42,7 +51,6 @@ from moelab.registry import Registry
 CorpusFn = Callable[[DataConfig], list[Document]]
 CORPORA: Registry[CorpusFn] = Registry("corpus")
 
-MAX_DOC_CHARS = 16_000  # longer texts are cut at line breaks: keeps batches mixed and the split fine-grained
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 
 
@@ -62,29 +70,6 @@ class SkipCounter:
             warnings.warn(f"{self.what}: skipped {parts}", UserWarning, stacklevel=3)
 
 
-def split_long(text: str, limit: int = MAX_DOC_CHARS) -> list[str]:
-    """Cut ``text`` into pieces of at most ~``limit`` characters at line breaks."""
-    if len(text) <= limit:
-        return [text]
-    pieces, cur, size = [], [], 0
-    for line in text.splitlines(keepends=True):
-        if size + len(line) > limit and cur:
-            pieces.append("".join(cur))
-            cur, size = [], 0
-        cur.append(line)
-        size += len(line)
-    if cur:
-        pieces.append("".join(cur))
-    return pieces
-
-
-def _docs(doc_id: str, text: str, labels: dict[str, str]) -> list[Document]:
-    parts = split_long(text)
-    if len(parts) == 1:
-        return [Document(doc_id, text, labels)]
-    return [Document(f"{doc_id}#{i}", p, labels) for i, p in enumerate(parts)]
-
-
 def cap_by_domain(docs: list[Document], max_bytes: int) -> list[Document]:
     """Keep about ``max_bytes`` characters of each ``domain`` label, spread evenly over its sub-buckets.
 
@@ -95,7 +80,22 @@ def cap_by_domain(docs: list[Document], max_bytes: int) -> list[Document]:
     fewest characters so far (ties: the bucket seen first), until the domain reaches
     ``max_bytes``; a bucket that runs out stops competing. The kept documents keep their
     original order. With one bucket per domain this is the plain in-order cap.
+
+    A corpus that brings its own split (documents with ``split`` set) is capped split by split, each
+    at ``max_bytes``: its validation split, stored after the training documents, must not lose its
+    place to them.
     """
+    by_split: dict[str | None, list[int]] = {}
+    for i, d in enumerate(docs):
+        by_split.setdefault(d.split, []).append(i)
+    kept: list[int] = []
+    for idx in by_split.values():
+        kept.extend(idx[j] for j in _cap_indices([docs[i] for i in idx], max_bytes))
+    return [docs[i] for i in sorted(kept)]
+
+
+def _cap_indices(docs: list[Document], max_bytes: int) -> list[int]:
+    """Sorted indices of the documents :func:`cap_by_domain` keeps of one split."""
     buckets: dict[str, dict[tuple[tuple[str, str], ...], list[int]]] = {}
     for i, d in enumerate(docs):
         dom = d.labels.get("domain", "text")
@@ -113,7 +113,7 @@ def cap_by_domain(docs: list[Document], max_bytes: int) -> list[Document]:
             used += len(docs[i].text)
             if pos + 1 < len(queues[b]):
                 heapq.heappush(heap, (taken + len(docs[i].text), b, pos + 1))
-    return [docs[i] for i in sorted(keep)]
+    return sorted(keep)
 
 
 # ----------------------------------------------------------------------------- files
@@ -130,7 +130,8 @@ def _decode(raw: bytes, skips: SkipCounter) -> str | None:
         return None
 
 
-def _read_jsonl(path: Path, skips: SkipCounter, source: str) -> Iterator[Document]:
+def _read_jsonl(path: Path, skips: SkipCounter, source: str, text_field: str = "text") -> Iterator[Document]:
+    """Documents of a JSONL(.gz) file: ``text_field`` is the text, ``id`` the id, other str/int fields labels."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -142,17 +143,19 @@ def _read_jsonl(path: Path, skips: SkipCounter, source: str) -> Iterator[Documen
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     skips.skip("unreadable JSON lines")
                     continue
-                if not isinstance(rec, dict) or "text" not in rec:
+                if not isinstance(rec, dict) or text_field not in rec:
                     raise UserError(
-                        f"{path}:{lineno}: a JSONL corpus needs a 'text' field in every record "
-                        f"(found {sorted(rec) if isinstance(rec, dict) else type(rec).__name__})"
+                        f"{path}:{lineno}: a JSONL corpus needs a {text_field!r} field in every record "
+                        f"(found {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}): "
+                        "set data.text_field to the field that holds the text"
                     )
-                if not isinstance(rec["text"], str) or not rec["text"].strip():
+                text = rec[text_field]
+                if not isinstance(text, str) or not text.strip():
                     skips.skip("records with empty text")
                     continue
-                labels = {k: str(v) for k, v in rec.items() if k not in ("text", "id") and isinstance(v, (str, int))}
+                labels = {k: str(v) for k, v in rec.items() if k not in (text_field, "id") and isinstance(v, (str, int))}
                 labels.setdefault("source", source)
-                yield from _docs(str(rec.get("id", f"{source}:{lineno}")), rec["text"], labels)
+                yield from documents_of(str(rec.get("id", f"{source}:{lineno}")), text, labels)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
 
@@ -161,12 +164,24 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz"))
 
 
-def load_files(path: Path) -> list[Document]:
-    """Documents from a ``.txt`` file, a JSONL(.gz) file, or every such file under a folder.
+def _pieces_of_file(name: str, text: str) -> list[Document]:
+    """A corpus given as one text file: its paragraph pieces (ids ``name#i``, or ``name`` for one piece)."""
+    pieces = paragraph_pieces(text)
+    labels = {"domain": "text", "lang": "unknown", "source": name}
+    if len(pieces) == 1:
+        return [Document(name, pieces[0], labels)]
+    return [Document(f"{name}#{i}", p, labels) for i, p in enumerate(pieces)]
 
-    In a folder, a file's first sub-folder names its ``domain`` (``data/code/a.py`` → ``code``).
-    A folder that holds JSONL files is a JSONL corpus: the other files beside them (a README,
-    statistics) describe the data and are not read as documents.
+
+def load_files(path: Path, text_field: str = "text") -> list[Document]:
+    """Documents from a text file, a JSONL(.gz) file, or every such file under a folder.
+
+    A single text file is the whole corpus, so it is cut at blank lines into documents of about
+    ``PIECE_CHARS`` characters (a novel or a log becomes many documents, enough for a validation
+    split); in a folder each file is one document (cut only past ``MAX_DOC_CHARS``), and a file's
+    first sub-folder names its ``domain`` (``data/code/a.py`` → ``code``). A folder that holds JSONL
+    files is a JSONL corpus: the other files beside them (a README, statistics) describe the data and
+    are not read as documents. ``text_field`` names the JSONL field that holds the text.
     """
     if not path.exists():
         raise UserError(f"corpus path {str(path)!r} does not exist (give a .txt/.jsonl file, a folder, or a name)")
@@ -177,7 +192,7 @@ def load_files(path: Path) -> list[Document]:
     for f in files:
         rel = f.name if f == path else str(f.relative_to(path))
         if _is_jsonl(f):
-            docs.extend(_read_jsonl(f, skips, rel))
+            docs.extend(_read_jsonl(f, skips, rel, text_field))
             continue
         if jsonl_only:  # documentation beside the data, by design: no warning
             continue
@@ -190,42 +205,13 @@ def load_files(path: Path) -> list[Document]:
         if not text.strip():
             skips.skip("empty files")
             continue
+        if f == path:
+            docs.extend(_pieces_of_file(rel, text))
+            continue
         parts = Path(rel).parts
         domain = parts[0] if len(parts) > 1 else "text"
-        docs.extend(_docs(rel, text, {"domain": domain, "lang": "unknown", "source": rel}))
+        docs.extend(documents_of(rel, text, {"domain": domain, "lang": "unknown", "source": rel}))
     skips.report()
-    return docs
-
-
-# ----------------------------------------------------------------------------- HF datasets
-
-
-def load_hf(spec: str) -> list[Document]:
-    """``hf:NAME[:CONFIG]`` (local cache only) or ``hf:/path/saved_with_save_to_disk``."""
-    name = spec[3:]
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("hf: corpora need the 'datasets' package: pip install datasets") from None
-    try:
-        if Path(name).exists():
-            ds = datasets.load_from_disk(name)
-        else:
-            ds_name, _, config = name.partition(":")
-            ds = datasets.load_dataset(ds_name, config or None, split="train")
-    except Exception as exc:  # datasets raises many types; the user needs one line
-        raise UserError(f"cannot load HF dataset {name!r} (offline: it must be cached or saved locally): {exc}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    if "text" not in ds.column_names:
-        raise UserError(f"HF dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
-    docs = []
-    for i, rec in enumerate(ds):
-        if not isinstance(rec["text"], str) or not rec["text"].strip():
-            continue
-        labels = {k: str(v) for k, v in rec.items() if k != "text" and isinstance(v, (str, int))}
-        labels.setdefault("source", name)
-        docs.extend(_docs(f"{name}:{i}", rec["text"], labels))
     return docs
 
 
@@ -287,14 +273,14 @@ def build_stdlib_docs(max_bytes_per_domain: int, seed: int = 0) -> list[Document
         rel = str(f.relative_to(root))
         if f.suffix == ".py":
             if sizes["code"] < max_bytes_per_domain:
-                new = _docs(f"stdlib/{rel}", text, {"domain": "code", "lang": "python", "source": "stdlib"})
+                new = documents_of(f"stdlib/{rel}", text, {"domain": "code", "lang": "python", "source": "stdlib"})
                 code.extend(new)
                 sizes["code"] += len(text)
             text, source = _prose_of(text), "stdlib-docstrings"
         else:
             source = "stdlib-docs"
         if text.strip() and sizes["prose"] < max_bytes_per_domain:
-            prose.extend(_docs(f"{source}/{rel}", text, {"domain": "prose", "lang": "en", "source": source}))
+            prose.extend(documents_of(f"{source}/{rel}", text, {"domain": "prose", "lang": "en", "source": source}))
             sizes["prose"] += len(text)
     skips.report()
     return code + prose
@@ -332,14 +318,17 @@ def builtin_corpus(cfg: DataConfig) -> list[Document]:
 
 
 def load_corpus(cfg: DataConfig) -> list[Document]:
-    """The documents ``data.corpus`` names, capped at ``data.max_bytes_per_domain`` per domain."""
+    """The documents ``data.corpus`` names, capped at ``data.max_bytes_per_domain`` per domain (and split,
+    for a corpus that brings its own validation split: its documents carry ``split``)."""
     spec = cfg.corpus
     if spec in CORPORA:
         docs = CORPORA[spec](cfg)
     elif spec.startswith("hf:"):
-        docs = load_hf(spec)
+        docs = load_hf(spec, cfg.text_field)
+    elif is_saved_dataset(Path(spec).expanduser()):
+        docs = load_hf(str(Path(spec).expanduser()), cfg.text_field)
     elif "/" in spec or "." in spec or Path(spec).exists():
-        docs = load_files(Path(spec).expanduser())
+        docs = load_files(Path(spec).expanduser(), cfg.text_field)
     else:
         raise UserError(
             f"unknown corpus {spec!r}: expected one of {', '.join(map(repr, CORPORA))}, a path, or hf:NAME[:CONFIG]"
@@ -348,3 +337,28 @@ def load_corpus(cfg: DataConfig) -> list[Document]:
     if not docs or not any(d.text.strip() for d in docs):
         raise UserError(f"corpus {spec!r} holds no text: nothing to train on")
     return docs
+
+
+def require_two_pieces(cfg: DataConfig, docs: list[Document]) -> None:
+    """Raise :class:`UserError` when a corpus given as one text file gives fewer than two documents.
+
+    Why its own message: a run needs a training and a validation document, and the generic "too few
+    documents" does not tell a user with one short file that it is cut at blank lines into pieces of
+    ``PIECE_CHARS`` characters, nor how much text that takes (or that the per-domain cap kept one piece).
+    """
+    path = Path(cfg.corpus).expanduser()
+    if len(docs) >= 2 or cfg.corpus in CORPORA or cfg.corpus.startswith("hf:") or not path.is_file() or _is_jsonl(path):
+        return
+    kept, size = sum(len(d.text) for d in docs), path.stat().st_size
+    if size > max(cfg.max_bytes_per_domain, PIECE_CHARS):  # the file has more pieces: the cap kept one
+        raise UserError(
+            f"corpus {cfg.corpus!r}: data.max_bytes_per_domain={cfg.max_bytes_per_domain:,} keeps {len(docs)} "
+            f"document ({kept:,} characters) of this {size:,}-byte file; a run needs 2, one to validate on: "
+            f"raise data.max_bytes_per_domain above {PIECE_CHARS:,}, the size of one document of a single file"
+        )
+    raise UserError(
+        f"corpus {cfg.corpus!r} is one text file of {kept:,} characters, which makes {len(docs)} document; a run "
+        f"needs 2, one to validate on. A single file is cut at blank lines into documents of up to "
+        f"{PIECE_CHARS:,} characters: give more than {PIECE_CHARS:,} characters of text, or a folder of "
+        "text files (one document each)"
+    )

@@ -9,7 +9,8 @@ document as its input, and per-token label arrays (``domain``, ``lang``, ``sourc
 ``doc`` ids) taken at the input position describe the predicted token too.
 
 Split: by document, per ``domain`` (so every domain appears in validation), by a seeded hash
-of the document id: adding documents does not reshuffle the others.
+of the document id: adding documents does not reshuffle the others. A corpus that brings its own
+validation split (documents with ``split`` set, e.g. a HF ``DatasetDict``) keeps it as it is.
 
 Legend: B batch, S sequence length, N tokens in a split's stream.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moelab.data.document import Document
+from moelab.data.document import VALIDATION, Document
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import UserError
 
@@ -103,7 +104,14 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int = 0) ->
 
     Each domain with at least two documents puts ``max(1, round(val_fraction·n))`` of them in
     validation; order inside each split is the corpus order.
+
+    A corpus that brings its own split (any document with ``split`` set) keeps it: the documents
+    marked ``validation`` are the validation split, every other one trains, and ``val_fraction`` and
+    ``seed`` are not used. Why here: the trainer, ``moelab eval``, compare and the routing analysis
+    all split through this function, so they all see the corpus's own split.
     """
+    if any(d.split is not None for d in docs):
+        return [d for d in docs if d.split != VALIDATION], [d for d in docs if d.split == VALIDATION]
     by_domain: dict[str, list[Document]] = {}
     for d in docs:
         by_domain.setdefault(d.labels.get("domain", "text"), []).append(d)

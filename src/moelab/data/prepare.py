@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moelab.config import DataConfig, RunConfig, replace
-from moelab.data.corpus import load_corpus
+from moelab.data.corpus import load_corpus, require_two_pieces
 from moelab.data.document import Document
 from moelab.data.loader import DataSplits, build_splits
 from moelab.data.tokenizer import BytesTokenizer, Tokenizer, load_tokenizer, train_bpe
@@ -44,6 +44,7 @@ def prepare_data(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Ru
     from moelab.data.loader import split_documents
 
     docs = load_corpus(cfg.data)
+    require_two_pieces(cfg.data, docs)
     if tokenizer is None:
         train_docs, _ = split_documents(docs, cfg.data.val_fraction, cfg.data.seed)
         tokenizer = build_tokenizer(cfg.data, train_docs, cfg.model.vocab_size)

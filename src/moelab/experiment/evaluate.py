@@ -133,13 +133,15 @@ def evaluate_checkpoint(
     batches: int | None = None,
     objective: str | None = None,
     max_bytes_per_domain: int | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the checkpoint (or a run folder's newest complete one) at ``path``; a JSON-able dict.
 
     ``data``: a corpus (name, path, ``hf:``) to evaluate every document of; None = the run's validation
     split. ``batches``: at most this many batches of ``train.batch_size`` blocks, evenly spaced (None =
     all). ``objective``: evaluate with this objective (default: the training one). ``max_bytes_per_domain``:
-    cap ``data`` per domain (only with ``data``).
+    cap ``data`` per domain (only with ``data``). ``dtype``: load the weights in bf16/fp16/fp32 (default:
+    as stored, fp32 for what training writes).
 
     Keys: ``checkpoint``, ``objective``, ``data``, ``split`` (``all`` | ``validation``),
     ``max_bytes_per_domain``, ``documents``, ``documents_in_corpus``, ``tokens``, ``bytes``, ``batches``,
@@ -158,7 +160,7 @@ def evaluate_checkpoint(
     ckpt = resolve_checkpoint(path)
     cfg = read_run_config(ckpt)
     obj = eval_objective(cfg, objective)
-    model, tok = load_model(ckpt)
+    model, tok = load_model(ckpt, dtype=dtype)
     seq_len = cfg.data.seq_len
     if data is not None:
         docs, in_corpus = corpus_documents(data, cfg.data, max_bytes_per_domain)

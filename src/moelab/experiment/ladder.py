@@ -206,7 +206,8 @@ def run_ladder(
                 _seed_branch(trunk_dir, ckpt, dirs[b], at, b)
         result[top] = _point(train_run(configs[top], trunk_dir, data, resume=True), top, "independent")
         for b in budgets[:-1]:
-            result[b] = _point(train_run(configs[b], dirs[b], data, resume=True), b, "branch")
+            # the branch resumes the trunk's checkpoint with its own train.steps: a change it means to make
+            result[b] = _point(train_run(configs[b], dirs[b], data, resume=True, allow_config_change=True), b, "branch")
 
     ladder = [result[b] for b in budgets]
     summary = {"mode": mode, "budgets": budgets, "points": [p.to_json() for p in ladder]}

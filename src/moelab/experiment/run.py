@@ -26,6 +26,7 @@ from moelab.model.twins import ParamCount, count_params
 from moelab.train.checkpoint import latest_checkpoint
 from moelab.train.evaluation import EvalResult
 from moelab.train.objective_step import objective_of, prepare_tokenizer
+from moelab.train.run_folder import check_run_folder
 from moelab.train.trainer import Trainer
 
 
@@ -122,13 +123,21 @@ def train_run(
     init: Any = None,
     resume: bool = False,
     stop_at: int | None = None,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
 ) -> TrainedRun:
     """Train ``cfg`` into ``run_dir`` and return the :class:`TrainedRun`.
 
     ``data`` shares one prepared corpus between runs (it must come from :func:`prepare`); without it
     the corpus is prepared here, with the resumed checkpoint's or ``init``'s tokenizer when there is
     one. ``init`` (``moelab.train.init.InitSource``) sets the starting weights of a fresh run.
+
+    ``run_dir`` follows :mod:`moelab.train.run_folder`, checked before the corpus is prepared: a fresh
+    run needs it missing or empty (``overwrite``: it may hold an earlier run, which is deleted);
+    ``resume`` continues its newest checkpoint, with a changed ``train`` config only when
+    ``allow_config_change``.
     """
+    check_run_folder(run_dir, resume=resume, overwrite=overwrite)
     if data is None:
         tokenizer = resume_tokenizer(run_dir, init) if resume else getattr(init, "tokenizer", None)
         cfg, data = prepare_data(cfg, tokenizer=tokenizer)  # the Trainer adds the objective's tokens after --init's check
@@ -142,7 +151,7 @@ def train_run(
         from moelab.train.init import load_init_weights
 
         load_init_weights(trainer.model, init)
-    result = trainer.train(resume=resume, stop_at=stop_at)
+    result = trainer.train(resume=resume, stop_at=stop_at, overwrite=overwrite, allow_config_change=allow_config_change)
     return finished_run(trainer, result, time.perf_counter() - t0)
 
 

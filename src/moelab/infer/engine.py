@@ -5,6 +5,13 @@ Requests become :class:`Job` rows in a queue; the worker takes the first, waits 
 them (each row with its own sampling parameters and seed, so answers do not depend on the
 batch). Admission (:meth:`Engine.admit`) bounds the requests in flight for the HTTP layer's 429.
 Callbacks run on the worker thread.
+
+Cancellation is real work saved, not a flag read at the end: a job cancelled while queued never
+reaches the model (its ``on_done`` gets a ``"cancelled"`` completion at once), and a running row is
+polled every decode step by :func:`generate`, which stops sampling it and ends the batch early
+when every row is done or cancelled. A cancelled row that shares a batch with live rows stops
+sampling but its slot stays in the batch's forward pass until the batch ends (``generate`` keeps
+one static batch).
 """
 
 from __future__ import annotations
@@ -15,31 +22,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from moelab.config import ConfigError
-from moelab.infer.generate import SamplingParams, TokenizerLike, generate
+import torch
+from torch import Tensor
 
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one server accepts. Every field is a ``moelab serve`` flag."""
-
-    max_body_bytes: int = 1_000_000
-    max_pending: int = 64  # requests admitted (queued or running) at once; more get 429
-    max_batch: int = 8  # rows per generate() call
-    batch_wait_s: float = 0.005  # how long the worker waits to fill a batch
-    timeout_s: float = 120.0  # per request, from admission to the last token
-    default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
-    max_stop: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_pending", "max_batch", "default_max_tokens", "max_stop"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"server.{name}={value!r} is invalid: must be an integer >= 1")
-        for name in ("batch_wait_s", "timeout_s"):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ConfigError(f"server.{name}={value!r} is invalid: must be >= 0")
+from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, generate
+from moelab.infer.logprobs import token_logprob
+from moelab.infer.server_limits import ServerLimits
 
 
 @dataclass
@@ -52,6 +40,8 @@ class Job:
     on_text: Any = None  # (delta) -> None
     on_done: Any = None  # (Completion | Exception) -> None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None  # None: off; else how many top alternatives each token reports
+    on_token: Any = None  # (TokenLogprob) -> None, before the on_text of the same step
 
 
 class Engine:
@@ -105,9 +95,15 @@ class Engine:
                     self.jobs.put(None)
                     break
                 batch.append(job)
-            batch = [j for j in batch if not j.cancelled.is_set()]
-            if batch:
-                self._run(batch)
+            live = []
+            for j in batch:
+                if j.cancelled.is_set():  # its client left while it waited: it never reaches the model
+                    if j.on_done is not None:
+                        j.on_done(Completion(finish_reason="cancelled", prompt_tokens=len(j.ids)))
+                else:
+                    live.append(j)
+            if live:
+                self._run(live)
 
     def _run(self, batch: list[Job]) -> None:
         self.batches += 1
@@ -119,11 +115,18 @@ class Engine:
         def should_cancel(row: int) -> bool:
             return batch[row].cancelled.is_set() or time.monotonic() > batch[row].deadline
 
+        def on_token(row: int, token: int, logits_V: Tensor) -> None:
+            job = batch[row]
+            if job.logprobs is not None and job.on_token is not None:
+                job.on_token(token_logprob(logits_V, token, job.logprobs))
+
+        extra = {"on_token": on_token} if any(j.logprobs is not None for j in batch) else {}
         try:
-            results = self.generate_fn(
-                self.model, [j.ids for j in batch], [j.params for j in batch], self.tokenizer,
-                on_text=on_text, should_cancel=should_cancel,
-            )
+            with torch.no_grad():  # grad mode is per thread: this worker's starts enabled
+                results = self.generate_fn(
+                    self.model, [j.ids for j in batch], [j.params for j in batch], self.tokenizer,
+                    on_text=on_text, should_cancel=should_cancel, **extra,
+                )
         except Exception as exc:  # reported to every waiting request as a 500
             for j in batch:
                 j.on_done(exc)

@@ -84,6 +84,9 @@ class Completion:
 
 # (row, text delta) for every piece of text that became final; called from the generating thread.
 StreamCallback = Callable[[int, str], None]
+# (row, token, logits_V) for every token added to a row's completion, with the logits row the
+# sampler drew it from (the server's logprobs); called from the generating thread before on_text.
+TokenCallback = Callable[[int, int, Tensor], None]
 
 
 def filter_logits(logits_V: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -167,7 +170,6 @@ class _Row:
         return delta
 
 
-@torch.no_grad()
 def check_prompts(prompts: Sequence[Sequence[int]], cfg) -> list[int]:
     """Each prompt's length, after one clear error for an empty prompt, one longer than the
     context, or a token id outside the vocabulary (a tokenizer that does not match the model)."""
@@ -186,6 +188,20 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg) -> list[int]:
     return lengths
 
 
+def require_causal(model) -> None:
+    """UserError unless ``model`` is a decoder-only causal model: an encoder–decoder (a ``span``
+    checkpoint, a converted T5/Switch) or a bidirectional/prefix model is refused in one line."""
+    cfg = model.cfg
+    if not hasattr(cfg, "attention"):  # EncoderDecoderConfig: two stacks, no single attention kind
+        raise UserError(
+            f"generation needs a decoder-only causal model; this one is an encoder–decoder ({type(model).__name__}): "
+            "score it with `moelab eval`, or decode it in Python with its generate(input_ids, max_new_tokens, start_id)"
+        )
+    if cfg.attention != "causal":
+        raise UserError(f"generation needs a causal model; this one has attention={cfg.attention!r}")
+
+
+@torch.no_grad()
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -194,6 +210,7 @@ def generate(
     on_text: StreamCallback | None = None,
     cache: str = "static",
     should_cancel: Callable[[int], bool] | None = None,
+    on_token: TokenCallback | None = None,
 ) -> list[Completion]:
     """Generate a continuation of every prompt (token ids) in one batch.
 
@@ -207,10 +224,11 @@ def generate(
             get latent caches (the compressed KV latent and the RoPE key, see ``kv_cache``).
         should_cancel: ``row -> bool`` polled every step (server timeouts); a cancelled row
             finishes with ``finish_reason="cancelled"``.
+        on_token: ``(row, token, logits_V)`` for every token kept in a completion (not a final
+            EOS), with the logits it was sampled from; it does not change what is generated.
     """
+    require_causal(model)
     cfg = model.cfg
-    if cfg.attention != "causal":
-        raise UserError(f"generation needs a causal model; this one has attention={cfg.attention!r}")
     B = len(prompts)
     if B == 0:
         return []
@@ -248,7 +266,10 @@ def generate(
                 continue
             token = sample_token(logits_cpu[b], row.params, row.generator)
             tokens[b, 0] = token
+            kept = len(row.out.token_ids)
             row.push(token)
+            if on_token is not None and len(row.out.token_ids) > kept:
+                on_token(b, token, logits_cpu[b])
             if not row.done and len(row.out.token_ids) >= budget[b]:
                 row.finish("length")
             if on_text is not None:
@@ -290,9 +311,11 @@ __all__ = [
     "Completion",
     "SamplingParams",
     "StreamCallback",
+    "TokenCallback",
     "TokenizerLike",
     "filter_logits",
     "generate",
     "generate_text",
+    "require_causal",
     "sample_token",
 ]

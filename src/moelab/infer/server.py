@@ -1,70 +1,48 @@
 """An OpenAI-compatible HTTP server (FastAPI + uvicorn, the ``serve`` extra).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true``
-as server-sent events), ``GET /v1/models``, ``GET /health``.
+as server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``.
 
-One worker thread owns the model; requests wait in a queue and are batched (up to
-``max_batch`` rows that arrive within ``batch_wait_s``) into one :func:`generate` call, each row
-with its own sampling parameters and seed. Limits, all in :class:`ServerLimits`, answer:
-413 body too large; 400 malformed JSON, prompt + max_tokens beyond the context, bad values;
-422 wrong types; 429 more requests in flight than ``max_pending``; 504 past ``timeout_s``.
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+One worker thread owns the model (:class:`Engine`); requests wait in a queue and are batched.
+A generation request passes these gates in order, each answering one error in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}`` (so do FastAPI's own 404/405/422 and any 500):
+
+1. the API key, when the server has one: 401, before anything is read;
+2. the body, read within ``body_timeout_s`` (408, connection closed) and at most
+   ``max_body_bytes`` (413); a client leaving mid-body is logged in one line;
+3. JSON nesting at most ``max_json_depth`` (400), checked before parsing; malformed JSON 400;
+4. fields: unknown or unsupported 400 naming the field, wrong types 422, an unknown model 404,
+   prompt + max_tokens beyond the context 400;
+5. admission: an in-flight slot is taken only now (429 past ``max_pending``), so a client that
+   never finishes its body holds no slot;
+6. generation: 504 past ``timeout_s``; a client that disconnects has its rows cancelled in the
+   engine (the worker stops sampling them), logged in one line.
 
 No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at
 runtime (``request: Request`` is imported inside :func:`create_app`).
 """
 
 import asyncio
-import contextlib
 import json
+import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from moelab.config import ConfigError
 from moelab.errors import UserError
 from moelab.infer.chat import ChatTemplate
-from moelab.infer.engine import Engine, Job, ServerLimits
-from moelab.infer.generate import Completion, SamplingParams
+from moelab.infer.engine import Engine, Job
+from moelab.infer.generate import SamplingParams
+from moelab.infer.logprobs import chat_logprobs, completion_logprobs
+from moelab.infer.openai_schema import HTTPFailure, chat_messages, error_body, parse_request
+from moelab.infer.server_auth import RequireAPIKey, check_api_key
+from moelab.infer.server_jobs import ClientGone, Row, Submission, finish, log_gone, usage
+from moelab.infer.server_limits import ServerLimits, json_too_deep
+from moelab.infer.server_stream import StreamRequest, sse
 
-MAX_SEED = 2**63 - 1
-
-
-# ----------------------------------------------------------------------------- request bodies
-
-
-def _models():
-    """Pydantic request models, built lazily so moelab imports without the serve extra."""
-    from pydantic import BaseModel, ConfigDict, Field
-
-    class Sampling(BaseModel):
-        model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-        model: str | None = None
-        max_tokens: Annotated[int, Field(ge=0)] | None = None
-        max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
-        temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-        top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-        top_k: Annotated[int, Field(ge=0)] | None = None
-        n: Annotated[int, Field(ge=1)] | None = None
-        seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
-        stop: str | list[str] | None = None
-        stream: bool = False
-        ignore_eos: bool = False
-
-    class CompletionRequest(Sampling):
-        prompt: str | list[str]
-
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        role: Literal["system", "user", "assistant", "developer", "tool"]
-        content: str
-
-    class ChatRequest(Sampling):
-        messages: Annotated[list[Message], Field(min_length=1)]
-
-    return CompletionRequest, ChatRequest
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class _Once:
@@ -81,55 +59,96 @@ class _Once:
         self.fn()
 
 
-class HTTPFailure(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+async def read_body(request, limits: ServerLimits) -> bytes:
+    """The whole body within ``limits.body_timeout_s`` and ``limits.max_body_bytes``.
+
+    The timeout covers the whole body, not each read, so a client trickling one byte a second
+    cannot hold a connection open for longer. Raises :class:`ClientGone` if the client leaves.
+    """
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise HTTPFailure(413, f"request body is {declared} bytes; the limit is {limits.max_body_bytes}", close=True)
+
+    async def collect() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                raise HTTPFailure(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes", close=True)
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(collect(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise HTTPFailure(
+            408, f"the request body did not arrive within the server's body timeout of {limits.body_timeout_s:g} s",
+            close=True,
+        ) from None
+    except ClientDisconnect:
+        raise ClientGone from None
+
+
+def parse_json(body: bytes, limits: ServerLimits) -> Any:
+    """The parsed body, after the nesting check that keeps the parser from recursing too deep."""
+    if json_too_deep(body, limits.max_json_depth):
+        raise HTTPFailure(400, f"request body nests arrays/objects deeper than the limit of {limits.max_json_depth} levels")
+    try:
+        data = json.loads(body)
+    except ValueError as exc:  # bad syntax, bad UTF-8, an integer past Python's digit limit
+        raise HTTPFailure(400, f"request body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(body):  # "\ud800" alone is valid JSON but no text: refuse it here, once
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPFailure(400, "request body holds a lone UTF-16 surrogate escape (such as \\ud800); "
+                                   "strings must be valid Unicode") from None
+    return data
 
 
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(engine: Engine, model_name: str = "moelab", chat_template: ChatTemplate | None = None):
-    """The FastAPI application serving ``engine``."""
+def create_app(
+    engine: Engine, model_name: str = "moelab", chat_template: ChatTemplate | None = None, api_key: str | None = None
+):
+    """The FastAPI application serving ``engine`` as ``model_name``; with ``api_key``, every
+    request but ``GET /health`` must carry ``Authorization: Bearer <api_key>``."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import ValidationError
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.background import BackgroundTask
+    from starlette.exceptions import HTTPException
 
-    CompletionRequest, ChatRequest = _models()
     template = chat_template or ChatTemplate()
     limits, tok = engine.limits, engine.tokenizer
     app = FastAPI(title="moelab", docs_url=None, redoc_url=None)
     app.state.engine = engine
+    if api_key is not None:
+        app.add_middleware(RequireAPIKey, api_key=check_api_key(api_key))
     created = int(time.time())
 
-    def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+    def error(exc: HTTPFailure, headers: dict[str, str] | None = None) -> JSONResponse:
+        headers = {**(headers or {}), **({"Connection": "close"} if exc.close else {})}
+        return JSONResponse(error_body(exc.status, exc.message, exc.kind, exc.param), exc.status, headers=headers)
 
-    async def read_json(request: Request) -> Any:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise HTTPFailure(413, f"request body is {declared} bytes; the limit is {limits.max_body_bytes}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise HTTPFailure(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HTTPFailure(400, f"request body is not valid JSON: {exc}") from None
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        where = f"{request.method} {request.url.path}"
+        message = {404: f"no such endpoint: {where}",
+                   405: f"method not allowed: {where} (allowed: {(exc.headers or {}).get('Allow', 'none')})"}
+        return error(HTTPFailure(exc.status_code, message.get(exc.status_code, str(exc.detail))), exc.headers)
 
-    def validate(cls, data: Any):
-        if not isinstance(data, dict):
-            raise HTTPFailure(400, "request body must be a JSON object")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            raise HTTPFailure(422, f"{where}: {first.get('msg')}", param=where or None) from None
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error(HTTPFailure(422, f"{where}: {first.get('msg', 'invalid request')}", param=where or None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):  # a bug: uvicorn still logs its traceback
+        return error(HTTPFailure(500, f"internal server error: {type(exc).__name__}"))
 
     def sampling(req, prompt_len: int, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
         if req.n not in (None, 1):
@@ -161,156 +180,75 @@ def create_app(engine: Engine, model_name: str = "moelab", chat_template: ChatTe
         except ConfigError as exc:
             raise HTTPFailure(400, str(exc)) from None
 
-    def encode(text: str) -> list[int]:
-        return tok.encode(text) or [tok.bos_id]
+    def rows_of(req, chat: bool) -> list[Row]:
+        if chat:
+            try:
+                prompts, extra = [template.render(chat_messages(req))], template.stop
+            except UserError as exc:  # the checkpoint's template refused these messages
+                raise HTTPFailure(400, str(exc), param="messages") from None
+        else:
+            prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+            if not 1 <= len(prompts) <= limits.max_batch:
+                raise HTTPFailure(400, f"prompt lists must hold 1 to {limits.max_batch} prompts", param="prompt")
+            extra = ()
+        rows = []
+        for p in prompts:
+            ids = tok.encode(p) or [tok.bos_id]
+            rows.append(Row(p, ids, sampling(req, len(ids), extra)))
+        return rows
 
-    def usage(results: list[Completion]) -> dict[str, int]:
-        p = sum(r.prompt_tokens for r in results)
-        c = sum(r.completion_tokens for r in results)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    def top_n(req, chat: bool) -> int | None:
+        """How many alternatives each token reports; None when the request wants no logprobs."""
+        if chat:
+            return (req.top_logprobs or 0) if req.logprobs else None
+        return req.logprobs
 
-    def finish(r: Completion) -> str:
-        return "length" if r.finish_reason == "length" else "stop"
-
-    async def run_jobs(rows: list[tuple[list[int], SamplingParams]], stream_queue: asyncio.Queue | None):
-        """Submit rows; returns their futures (and streams deltas as (row, text) into the queue)."""
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + limits.timeout_s
-        futures, jobs = [], []
-        for row, (ids, params) in enumerate(rows):
-            fut = loop.create_future()
-
-            def done(result, fut=fut, row=row) -> None:
-                def settle() -> None:
-                    if not fut.done():
-                        fut.set_result(result)
-                    if stream_queue is not None:
-                        stream_queue.put_nowait((row, None))
-
-                with contextlib.suppress(RuntimeError):  # the event loop closed (server shutting down)
-                    loop.call_soon_threadsafe(settle)
-
-            on_text = None
-            if stream_queue is not None:
-                def on_text(delta: str, row=row) -> None:
-                    with contextlib.suppress(RuntimeError):
-                        loop.call_soon_threadsafe(stream_queue.put_nowait, (row, delta))
-
-            job = Job(ids, params, deadline, on_text, done)
-            jobs.append(job)
-            futures.append(fut)
-            engine.submit(job)
-        return jobs, futures, deadline
-
-    def check(result) -> Completion:
-        if isinstance(result, Exception):
-            if isinstance(result, (UserError, ConfigError)):
-                raise HTTPFailure(400, str(result))
-            raise HTTPFailure(500, f"generation failed: {type(result).__name__}: {result}", "server_error")
-        if result.finish_reason == "cancelled":
-            raise HTTPFailure(504, f"the request took longer than the server's timeout of {limits.timeout_s:g} s", "timeout")
-        return result
+    def answer(req, chat: bool, ident: str, rows: list[Row], results, logprobs, want: int | None) -> dict[str, Any]:
+        choices = []
+        for i, (row, r) in enumerate(zip(rows, results)):
+            if chat:
+                lp = chat_logprobs(logprobs[i], tok.decode) if want is not None else None
+                choices.append({"index": i, "message": {"role": "assistant", "content": r.text},
+                                "logprobs": lp, "finish_reason": finish(r)})
+            else:
+                lp = completion_logprobs(logprobs[i], tok.decode, len(row.prompt))[0] if want is not None else None
+                choices.append({"index": i, "text": r.text, "logprobs": lp, "finish_reason": finish(r)})
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": req.model or model_name, "choices": choices, "usage": usage(results)}
 
     async def serve(request: Request, chat: bool):
-        if not engine.admit():
-            return error(429, f"too many requests in flight (limit {limits.max_pending}); retry later", "rate_limit_error")
-        streaming = False
         try:
-            data = await read_json(request)
-            req = validate(ChatRequest if chat else CompletionRequest, data)
-            if chat:
-                text = template.render([m.model_dump() for m in req.messages])
-                prompts, extra = [text], template.stop
-            else:
-                prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-                if not 1 <= len(prompts) <= limits.max_batch:
-                    raise HTTPFailure(400, f"prompt lists must hold 1 to {limits.max_batch} prompts", param="prompt")
-                extra = ()
-            rows = []
-            for p in prompts:
-                ids = encode(p)
-                rows.append((ids, sampling(req, len(ids), extra)))
-            ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-            name = req.model or model_name
-            if req.stream:
-                streaming = True
-                release = _Once(engine.release)
-                # released when the stream ends, or after the response if the client left before it began
-                return StreamingResponse(
-                    sse(ident, name, rows, chat, release), media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache"}, background=BackgroundTask(release),
-                )
-            jobs, futures, deadline = await run_jobs(rows, None)
-            try:
-                results = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-            except asyncio.TimeoutError:
-                for j in jobs:
-                    j.cancelled.set()
-                raise HTTPFailure(504, f"the request took longer than the server's timeout of {limits.timeout_s:g} s", "timeout") from None
-            results = [check(r) for r in results]
-            if chat:
-                choices = [{"index": 0, "message": {"role": "assistant", "content": results[0].text},
-                            "finish_reason": finish(results[0]), "logprobs": None}]
-                obj = "chat.completion"
-            else:
-                choices = [{"index": i, "text": r.text, "finish_reason": finish(r), "logprobs": None}
-                           for i, r in enumerate(results)]
-                obj = "text_completion"
-            return {"id": ident, "object": obj, "created": int(time.time()), "model": name,
-                    "choices": choices, "usage": usage(results)}
+            req = parse_request(parse_json(await read_body(request, limits), limits), chat)
+            if req.model is not None and req.model != model_name:
+                raise HTTPFailure(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
+                                  param="model")
+            rows, want = rows_of(req, chat), top_n(req, chat)
         except HTTPFailure as exc:
-            return error(exc.status, exc.message, exc.kind, exc.param)
-        finally:
-            if not streaming:
-                engine.release()
-
-    async def sse(ident: str, name: str, rows, chat: bool, release) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per text delta, a final chunk per row, then [DONE]."""
-        stream_queue: asyncio.Queue = asyncio.Queue()
-        jobs: list[Job] = []
-        now = int(time.time())
-
-        def chunk(row: int, text: str | None, reason: str | None, first: bool = False) -> str:
-            if chat:
-                delta: dict[str, str] = {"role": "assistant"} if first else {}
-                if text:
-                    delta["content"] = text
-                choice = {"index": row, "delta": delta, "finish_reason": reason, "logprobs": None}
-                body = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": name, "choices": [choice]}
-            else:
-                choice = {"index": row, "text": text or "", "finish_reason": reason, "logprobs": None}
-                body = {"id": ident, "object": "text_completion", "created": now, "model": name, "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
-
+            return error(exc)
+        except ClientGone:
+            log_gone(request.scope, "while sending its body")
+            return Response(status_code=400)  # never delivered: the connection is gone
+        if not engine.admit():
+            return error(HTTPFailure(429, f"too many requests in flight (limit {limits.max_pending}); retry later"))
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if req.stream:
+            release = _Once(engine.release)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            stream = StreamRequest(ident, req.model or model_name, chat, rows, want, include_usage, request.scope)
+            # released when the stream ends, or after the response if the client left before it began
+            return StreamingResponse(sse(engine, tok.decode, stream, release), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"}, background=BackgroundTask(release))
         try:
-            jobs, futures, deadline = await run_jobs(rows, stream_queue)
-            if chat:
-                yield chunk(0, None, None, first=True)
-            open_rows = len(rows)
-            while open_rows:
-                try:
-                    row, delta = await asyncio.wait_for(stream_queue.get(), timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-                except asyncio.TimeoutError:
-                    for j in jobs:
-                        j.cancelled.set()
-                    yield "data: " + json.dumps({"error": {"message": "timeout", "type": "timeout", "code": 504}}) + "\n\n"
-                    break
-                if delta is not None:
-                    yield chunk(row, delta, None)
-                    continue
-                open_rows -= 1
-                result = futures[row].result()
-                try:
-                    result = check(result)
-                except HTTPFailure as exc:
-                    yield "data: " + json.dumps({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}}) + "\n\n"
-                    continue
-                yield chunk(row, None, finish(result))
-            yield "data: [DONE]\n\n"
+            sub = Submission(engine, rows, want, None)
+            results = await sub.results(request.receive)
+            return answer(req, chat, ident, rows, results, sub.logprobs, want)
+        except HTTPFailure as exc:
+            return error(exc)
+        except ClientGone:
+            log_gone(request.scope, "while its answer was generated; its rows were cancelled")
+            return Response(status_code=400)
         finally:
-            for j in jobs:  # a client that went away frees its rows
-                j.cancelled.set()
-            release()
+            engine.release()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -320,10 +258,20 @@ def create_app(engine: Engine, model_name: str = "moelab", chat_template: ChatTe
     async def chat_completions(request: Request):
         return await serve(request, chat=True)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "moelab",
+                "context_length": engine.context}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "moelab",
-                                            "context_length": engine.context}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            return error(HTTPFailure(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                                     param="model"))
+        return model_card()
 
     @app.get("/health")
     async def health():
@@ -333,10 +281,16 @@ def create_app(engine: Engine, model_name: str = "moelab", chat_template: ChatTe
 
 
 def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn until interrupted."""
+    """Run ``app`` with uvicorn until interrupted; the ``moelab.serve`` log lines (disconnects)
+    go to uvicorn's console handler."""
+    import copy
+
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["moelab.serve"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=log_config)
 
 
-__all__ = ["Engine", "Job", "ServerLimits", "create_app", "serve_forever"]
+__all__ = ["Engine", "Job", "ServerLimits", "create_app", "read_body", "serve_forever"]

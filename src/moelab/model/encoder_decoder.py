@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from moelab.config import ConfigError, ModelConfig
 from moelab.infer.kv_cache import DynamicKVCache
 from moelab.model.cross_attention import CrossAttention, encoder_key_mask
+from moelab.model.memory_guard import require_fits
 from moelab.model.relative_position import RelativePositionBias, biased_mask, identity_rope
 from moelab.model.transformer import (
     IGNORE_INDEX,
@@ -175,6 +176,7 @@ class EncoderDecoder(nn.Module):
     """T5-style encoder–decoder with dense or MoE feed-forward layers in either stack."""
 
     def __init__(self, cfg: EncoderDecoderConfig) -> None:
+        require_fits(cfg)  # refuse a model bigger than free memory before allocating it
         super().__init__()
         self.cfg = cfg
         enc, dec = cfg.encoder, cfg.decoder

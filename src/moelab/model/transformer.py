@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config import ModelConfig
+from moelab.model.memory_guard import require_fits
 from moelab.model.mlp import DenseMLP
 from moelab.moe.decision import RoutingDecision
 from moelab.moe.layer import MoELayer, MoEOutput
@@ -54,8 +55,16 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    def reset_buffers(self) -> None:
+        """Recompute ``inv_freq`` (fp32, on its device): checkpoints do not store it, so a model built
+        on the meta device and then allocated gets it from here (``moelab.model.materialize``)."""
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
 
     def forward(self, positions_BS: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, S]`` positions → cos, sin ``[B, 1, S, Dh]`` (fp32)."""
@@ -246,6 +255,7 @@ class Transformer(nn.Module):
     """Decoder, encoder or prefix-LM transformer with dense or MoE feed-forward layers."""
 
     def __init__(self, cfg: ModelConfig) -> None:
+        require_fits(cfg)  # refuse a model bigger than free memory before allocating it
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)

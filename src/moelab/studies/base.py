@@ -23,6 +23,7 @@ from moelab.errors import UserError
 from moelab.experiment.runs import threads_per_job
 from moelab.stats import VERDICTS
 from moelab.studies.arms import base_run, data_label, shared_corpus, summarise, train_arms, train_outcomes
+from moelab.studies.folder import claim_study_folder
 from moelab.studies.page import BAR_METRICS, label_tables, write_index, write_study
 from moelab.studies.result import (
     BUDGETS,
@@ -86,19 +87,26 @@ def run_study(
     docs: Path | str = "docs/studies",
     command: str = "",
     jobs: int = 1,
+    overwrite: bool = False,
 ) -> StudyResult:
-    """Run study ``name`` and write its page. ``jobs`` > 1 trains that many (arm, seed) runs side
-    by side, each on ``torch.get_num_threads() // jobs`` threads; the numbers equal a sequential
-    run with that many threads per run."""
+    """Run study ``name`` into ``out/NAME`` and write its page into ``docs``. ``jobs`` > 1 trains that
+    many (arm, seed) runs side by side, each on ``torch.get_num_threads() // jobs`` threads; the
+    numbers equal a sequential run with that many threads per run.
+
+    ``out/NAME`` must be missing or empty, or (``overwrite``) hold nothing but an earlier run of the
+    study, which is deleted: checked before any data is prepared (:mod:`moelab.studies.folder`)."""
     _check_name(name)
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
+    if budget not in BUDGETS:
+        raise UserError(f"unknown budget {budget!r}: expected one of {', '.join(BUDGETS)}")
+    folder = claim_study_folder(Path(out) / name, overwrite=overwrite)
     study = STUDIES[name]
     kwargs = {"jobs": jobs} if "jobs" in inspect.signature(study).parameters else {}
     start = time.perf_counter()
-    res = study(budget=budget, seeds=list(range(seeds)), out=Path(out) / name, **kwargs)
+    res = study(budget=budget, seeds=list(range(seeds)), out=folder, **kwargs)
     res.wall_s, res.threads, res.jobs = round(time.perf_counter() - start, 1), threads_per_job(jobs), jobs
     res.command = command or f"moelab study {name} --budget {budget} --seeds {seeds}"
     write_study(res, Path(docs))

@@ -53,6 +53,7 @@ Legend: B batch rows (1 here), P prompt tokens, N decoded tokens.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -80,6 +81,7 @@ from moelab.infer.offload import Offloader
 from moelab.infer.packed import pack_for_decode
 from moelab.model.transformer import Transformer
 from moelab.model.twins import dense_twin
+from moelab.outputs import TMP_PREFIX
 from moelab.stats import Rule
 from moelab.studies import plots
 from moelab.studies.base import BUDGETS, SCORES, STUDIES, ArmClaim, Scored, StudyResult, arm_summary, mean_std
@@ -349,7 +351,10 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     torch.set_num_threads(spec.threads)
     try:
         bandwidth = memory_bandwidth_gbs(spec.bandwidth_mb)
-        with tempfile.TemporaryDirectory(dir=out) as tmp:
+        # offload stores beside the study, named as moelab.outputs temporaries: skipped by readers, owned by
+        # `--overwrite`, swept by a later write here if this process dies before removing them
+        stores = {"dir": out, "prefix": f"{TMP_PREFIX}stores-", "suffix": f"-{os.getpid()}"}
+        with tempfile.TemporaryDirectory(**stores) as tmp:
             per_seed = [measure_seed(spec, seed, dtype, Path(tmp)) for seed in seeds]
     finally:
         torch.set_num_threads(threads)

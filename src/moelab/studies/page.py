@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
+from moelab.outputs import atomic_write_bytes, atomic_write_text
 from moelab.studies.result import CATALOG, STUDIES, StudyResult
 from moelab.studies.scoring import comparisons, descriptive_differences
 
@@ -30,7 +30,10 @@ BAR_METRICS = (
 
 
 def write_study(res: StudyResult, docs: Path) -> None:
-    """``docs/NAME.json`` and ``docs/NAME.md``, then regenerate ``docs/README.md`` from every JSON there."""
+    """``docs/NAME.json`` and ``docs/NAME.md``, then regenerate ``docs/README.md`` from every JSON there.
+
+    The pages are generated and rewritten by every run by design; each file is replaced in one step
+    (:mod:`moelab.outputs`), so a crash leaves the old page or the new one, never half of one."""
     docs.mkdir(parents=True, exist_ok=True)
     res.plots = [_place_plot(p, docs) for p in res.plots]
     if not res.plots:  # a study without its own figure gets bars of its main metrics
@@ -40,8 +43,8 @@ def write_study(res: StudyResult, docs: Path) -> None:
         if shown:
             plots.arm_bars(res.arms, shown, docs / f"{res.name}.png", f"{res.name} (mean ± std over seeds)")
             res.plots = [f"{res.name}.png"]
-    (docs / f"{res.name}.json").write_text(json.dumps(res.to_json(), indent=1), encoding="utf-8")
-    (docs / f"{res.name}.md").write_text("\n".join(page_lines(res)), encoding="utf-8")
+    atomic_write_text(docs / f"{res.name}.json", json.dumps(res.to_json(), indent=1))
+    atomic_write_text(docs / f"{res.name}.md", "\n".join(page_lines(res)))
     write_index(docs)
 
 
@@ -174,7 +177,7 @@ def _place_plot(plot: str, docs: Path) -> str:
     src = Path(plot)
     if src.is_absolute() or src.parent != Path("."):
         if src.is_file() and src.resolve() != (docs / src.name).resolve():
-            shutil.copyfile(src, docs / src.name)
+            atomic_write_bytes(docs / src.name, src.read_bytes())
         return src.name
     return plot
 
@@ -220,4 +223,4 @@ def write_index(docs: Path) -> None:
         else:
             status = "not run" if name in STUDIES else "not implemented"
             rows.append(f"| {name} | {line} | {status} | |")
-    (docs / "README.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    atomic_write_text(docs / "README.md", "\n".join(rows) + "\n")

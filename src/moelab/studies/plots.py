@@ -21,13 +21,22 @@ def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
 
 
 def save(fig: Any, path: Path, dpi: int = 110) -> None:
-    """Tight layout, write ``path`` (its folder created), free the figure."""
+    """Tight layout, write ``path`` (its folder created) in one step, free the figure.
+
+    Rendered in memory, then written through :func:`moelab.outputs.atomic_write_bytes`: a figure on a
+    committed page is replaced whole or not at all."""
+    import io
+
     import matplotlib.pyplot as plt
 
+    from moelab.outputs import atomic_write_bytes
+
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def arm_bars(arms: dict[str, dict[str, Any]], metrics: list[str], path: Path, title: str = "") -> None:

@@ -10,8 +10,16 @@ A checkpoint is a folder (``RUN/checkpoints/step_00000100/``):
 
 Why this shape: pickle runs code on load, so nothing here is a pickle, and a file that looks
 like one is refused. The folder is written under a temporary name, every file fsync'd, then
-renamed into place, so a crash leaves either a whole checkpoint or an ignorable ``.tmp-`` folder;
-the marker's sizes and hashes catch a file truncated or damaged later.
+renamed into place (:func:`moelab.outputs.staged_folder`), so a crash leaves either a whole
+checkpoint or an ignorable ``.tmp-`` folder; the marker's sizes and hashes catch a file truncated
+or damaged later. Pruning renames a checkpoint out of the way before deleting it, so a kill never
+leaves a half-deleted folder under a ``step_`` name. Weights that are not finite (a run that
+diverged) are refused on load, naming the tensor.
+
+Loading (:func:`load_model`) takes a checkpoint, a run folder or a model folder, and streams: the
+model is built on the meta device and each tensor allocated once, in the dtype asked for (default:
+as stored, fp32 for what training writes), and copied from the memory-mapped file
+(:mod:`moelab.model.materialize`).
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +43,19 @@ from torch import nn
 from moelab.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from moelab.data.tokenizer import Tokenizer, load_tokenizer
 from moelab.errors import UserError
+from moelab.model.materialize import Filler, ModuleLoaded, empty_model, fill_by_names, load_dtype
+from moelab.outputs import TMP_PREFIX, discard, files_kind, fsync_file, staged_folder
+from moelab.safetensors_reader import SafetensorsReader
 
 MARKER = "COMPLETE"
 FILES = ("model.safetensors", "config.yaml", "tokenizer.json", "state.safetensors", "state.json")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 CKPT_PREFIX = "step_"
+CHECKPOINT = files_kind("checkpoint", (*FILES, MARKER))  # what a checkpoint folder holds (moelab.outputs)
 
 
 def checkpoint_name(step: int) -> str:
     return f"{CKPT_PREFIX}{step:08d}"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -130,44 +124,36 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict[str, Any] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write a complete checkpoint folder at ``path`` atomically and return it.
 
     ``train_state`` is JSON-able data (step, sampler state, counters); the optimizer's tensors
-    and the RNG states go to ``state.safetensors``. An existing folder at ``path`` is replaced.
+    and the RNG states go to ``state.safetensors``. An existing *checkpoint* at ``path`` is
+    replaced when ``overwrite`` (a run re-saving its step); any other non-empty folder there (a
+    run folder, files moelab did not write) is refused with a UserError and left untouched.
     """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _st_save_model(model, str(tmp / "model.safetensors"))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
-    tokenizer.save(tmp / "tokenizer.json")
-    tensors = rng_state()
-    meta: dict[str, Any] = {"train_state": train_state or {}}
-    from moelab.quant.model import quantization_record  # quantized modules: how to rebuild them on load
+    with staged_folder(path, CHECKPOINT, overwrite=overwrite) as tmp:
+        _st_save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+        tokenizer.save(tmp / "tokenizer.json")
+        tensors = rng_state()
+        meta: dict[str, Any] = {"train_state": train_state or {}}
+        from moelab.quant.model import quantization_record  # quantized modules: how to rebuild them on load
 
-    if (quant := quantization_record(model)) is not None:
-        meta["quantization"] = quant
-    if optimizer is not None:
-        opt_tensors, opt_meta = _optimizer_state(optimizer)
-        tensors.update(opt_tensors)
-        meta["optimizer"] = opt_meta
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    for name in FILES:
-        _fsync_file(tmp / name)
-    marker = {"files": {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}}
-    (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
-    _fsync_file(tmp / MARKER)
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    return final
+        if (quant := quantization_record(model)) is not None:
+            meta["quantization"] = quant
+        if optimizer is not None:
+            opt_tensors, opt_meta = _optimizer_state(optimizer)
+            tensors.update(opt_tensors)
+            meta["optimizer"] = opt_meta
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        for name in FILES:
+            fsync_file(tmp / name)  # the marker vouches for bytes that are on disk
+        marker = {"files": {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- find and verify
@@ -237,16 +223,24 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (and stale temporaries)."""
+def prune_checkpoints(run_dir: str | Path, keep_last: int, newest: Path | None = None) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints up to ``newest``, and stale temporaries.
+
+    ``newest`` is the checkpoint just written: it is always kept, and checkpoints of later steps are
+    never touched (keep-last must not delete what was just saved because the folder holds later
+    steps). Each deleted folder is renamed to a temporary first (:func:`moelab.outputs.discard`).
+    """
     complete = [p for p in list_checkpoints(run_dir) if (p / MARKER).is_file()]
+    if newest is not None:
+        complete = [p for p in complete if _step_of(p) <= _step_of(Path(newest))]
     for p in complete[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+        if newest is None or p.name != Path(newest).name:
+            discard(p)
     root = Path(run_dir) / "checkpoints"
     if root.is_dir():
-        for p in root.glob(".tmp-*"):
+        for p in root.glob(f"{TMP_PREFIX}*"):
             if not p.name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(p, ignore_errors=True)
+                discard(p)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -273,7 +267,7 @@ def read_run_config(ckpt: Path) -> RunConfig:
     """The run config in a checkpoint; a model-only config becomes the ``model`` of a default run."""
     try:
         data = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {ckpt / 'config.yaml'}: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{ckpt / 'config.yaml'} does not hold a mapping")
@@ -297,17 +291,45 @@ def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu
         raise UserError(
             f"{f} does not match its config.yaml: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+    refuse_non_finite(model.state_dict(), ckpt)
 
 
-def _encoder_decoder(ckpt: Path) -> nn.Module | None:
-    """An EncoderDecoder when config.yaml holds one, else None (then it is a Transformer's run config).
+def refuse_non_finite(state: Mapping[str, torch.Tensor], where: Path) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor.
+
+    Why: a run that diverged can save weights that are all NaN; they would evaluate to a NaN loss
+    and generate garbage with exit code 0. Integer tensors (quantized weights) are skipped.
+    """
+    for name, t in state.items():
+        _refuse_non_finite_tensor(name, t, where)
+
+
+NONFINITE_CHUNK = 1 << 20  # elements checked at once: isfinite's temporaries stay a few MB beside a large tensor
+
+
+def _refuse_non_finite_tensor(name: str, t: torch.Tensor, where: str | Path) -> None:
+    """:func:`refuse_non_finite` for one tensor, checked in chunks (no mask the size of the tensor)."""
+    if not t.is_floating_point():
+        return
+    flat = t.detach().reshape(-1)
+    bad = sum(int((~torch.isfinite(c)).sum()) for c in flat.split(NONFINITE_CHUNK))
+    if bad:
+        hint = " (fp16 overflows past ±65504: load it in bf16 or fp32)" if t.dtype == torch.float16 else ""
+        raise UserError(
+            f"{where}: tensor {name!r} holds {bad} of {t.numel()} values that are NaN or infinite{hint}; the run "
+            "diverged before this was saved: use an earlier checkpoint"
+        )
+
+
+def _encoder_decoder(ckpt: Path) -> Callable[[], nn.Module] | None:
+    """``build()`` of an EncoderDecoder when config.yaml holds one, else None (then it is a Transformer's run config).
 
     Recognised: an ``encoder_decoder:`` section (moelab folders, runs), or the
     EncoderDecoderConfig itself at the top (``save_checkpoint(path, model, enc_dec_cfg, tok)``).
     """
     try:
         data = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None  # read_run_config reports it
     if not isinstance(data, dict):
         return None
@@ -317,12 +339,13 @@ def _encoder_decoder(ckpt: Path) -> nn.Module | None:
     from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 
     try:
-        return EncoderDecoder(from_dict(EncoderDecoderConfig, section))
+        cfg = from_dict(EncoderDecoderConfig, section)
     except ConfigError as exc:
         raise UserError(f"{ckpt / 'config.yaml'}: {exc}") from None
+    return lambda: EncoderDecoder(cfg)
 
 
-def _quantization(ckpt: Path) -> dict[str, Any] | None:
+def stored_quantization(ckpt: Path) -> dict[str, Any] | None:
     """The ``quantization`` record in ``state.json`` (see ``moelab.quant.model``), or None."""
     try:
         return json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("quantization")
@@ -330,32 +353,100 @@ def _quantization(ckpt: Path) -> dict[str, Any] | None:
         return None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """``(Transformer, Tokenizer)`` from a checkpoint folder or a run folder (newest complete checkpoint).
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    on_module_loaded: ModuleLoaded | None = None,
+):
+    """``(model, Tokenizer)`` from a checkpoint folder, a run folder (newest complete checkpoint) or a
+    model folder (:func:`is_model_folder`: moelab or Hugging Face), see :func:`load_checkpoint_model`.
 
-    An encoder–decoder checkpoint (see :func:`_encoder_decoder`) gives an ``EncoderDecoder``.
-
-    The model is in eval mode on ``device``. Raises UserError for a missing, damaged or
-    pickle-bearing checkpoint.
+    Raises UserError for a missing, damaged or pickle-bearing checkpoint, and for a folder without a
+    tokenizer moelab can read.
     """
+    folder = resolve_model_folder(path)
+    tokenizer = folder_tokenizer(folder)  # before the slow load
+    return _load_resolved(folder, device, dtype, on_module_loaded), tokenizer
 
-    if is_model_folder(Path(path)):
-        return _load_model_folder(Path(path), device)
-    ckpt = resolve_checkpoint(path)
-    model = _encoder_decoder(ckpt)
-    if model is None:
+
+def load_checkpoint_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    on_module_loaded: ModuleLoaded | None = None,
+) -> tuple[nn.Module, Path]:
+    """``(model, folder it was read from)``: the model of any folder :func:`load_model` takes, no tokenizer.
+
+    An encoder–decoder checkpoint (see :func:`_encoder_decoder`) gives an ``EncoderDecoder``. The
+    model is in eval mode on ``device``, in ``dtype`` (``"bf16"``/``"fp16"``/``"fp32"``; default the
+    stored weights', fp32 for what training writes; routers stay fp32). It is streamed
+    (:mod:`moelab.model.materialize`): built on the meta device, each tensor allocated once in its
+    final dtype on ``device`` and copied from the memory-mapped file, so the peak is the weights once
+    plus one tensor. ``on_module_loaded`` is called per module once its tensors are in (quantizing
+    while loading uses it). Weights holding NaN or infinity are refused, naming the tensor.
+    """
+    folder = resolve_model_folder(path)
+    return _load_resolved(folder, device, dtype, on_module_loaded), folder
+
+
+def _load_resolved(
+    ckpt: Path, device: str | torch.device, dtype: str | torch.dtype | None, on_module_loaded: ModuleLoaded | None
+) -> nn.Module:
+    """:func:`load_checkpoint_model` of a folder :func:`resolve_model_folder` returned."""
+    refuse_pickles(ckpt)
+    if is_model_folder(ckpt):
+        from moelab.convert.hf import load_any
+
+        model = load_any(ckpt, dtype, device, on_module_loaded)
+        refuse_non_finite(model.state_dict(), ckpt)
+        return model
+    base = _encoder_decoder(ckpt)
+    if base is None:
         from moelab.train.objective_step import build_model, objective_of
 
         run = read_run_config(ckpt)
-        model = build_model(run.model, objective_of(run))  # span: an encoder-decoder derived from run.model
-    quant = _quantization(ckpt)
-    if quant is not None:  # written by `moelab quantize`: rebuild the quantized modules before loading
-        from moelab.quant.model import prepare_quantized
+        base = lambda: build_model(run.model, objective_of(run))  # noqa: E731  (span: an encoder-decoder)
+    quant = stored_quantization(ckpt)
+    lora = _lora_of(ckpt)
 
-        prepare_quantized(model, quant)
-    load_weights(model, ckpt, device)
-    model.to(device).eval()
-    return model, load_tokenizer(ckpt / "tokenizer.json")
+    def build() -> nn.Module:
+        model = base()
+        if quant is not None:  # written by `moelab quantize`: the quantized modules, empty, before loading
+            from moelab.quant.model import prepare_quantized
+
+            prepare_quantized(model, quant)
+        if lora is not None:  # a LoRA run: the frozen base and its adapters, as the trainer held them
+            from moelab.model.lora import apply_lora
+
+            apply_lora(model, lora)
+        return model
+
+    f = ckpt / "model.safetensors"
+    hook = None if lora is not None else on_module_loaded  # adapters are folded in first, then the hook runs
+    with SafetensorsReader([f]) as reader:
+        model = empty_model(build, load_dtype(dtype, reader.float_dtype()), device)
+        fill_by_names(Filler(model, device, str(f), hook), reader, reader.in_file_order())
+    if lora is not None:
+        from moelab.model.lora import merge_lora
+
+        merge_lora(model)  # W + (alpha/rank)·B·A: a plain model for every fast path and export
+        if on_module_loaded is not None:
+            for path, module in list(model.named_modules()):
+                on_module_loaded(model, path, module)
+    refuse_non_finite(model.state_dict(), ckpt)
+    return model.eval()
+
+
+def _lora_of(ckpt: Path):
+    """The run's ``train.lora`` when it trained LoRA adapters (their tensors are in the checkpoint), else None."""
+    if not (ckpt / "config.yaml").is_file():
+        return None
+    try:
+        lora = read_run_config(ckpt).train.lora
+    except UserError:
+        return None  # an encoder-decoder model section: no run config to read adapters from
+    return lora if lora.enabled else None
 
 
 def is_model_folder(p: Path) -> bool:
@@ -371,18 +462,32 @@ def is_model_folder(p: Path) -> bool:
     return is_hf_folder(p) or ((p / "config.yaml").is_file() and (p / "model.safetensors").is_file())
 
 
-def _load_model_folder(p: Path, device: str | torch.device):
-    from moelab.convert.hf import load_any
+def resolve_model_folder(path: str | Path) -> Path:
+    """The folder whose weights ``path`` names: a model folder as it is, else the checkpoint
+    :func:`resolve_checkpoint` finds (a run folder's newest complete one)."""
+    p = Path(path)
+    if is_model_folder(p):
+        return p
+    if not p.exists():
+        raise UserError(f"{p} does not exist: give a model folder (moelab or Hugging Face), a checkpoint or a run folder")
+    return resolve_checkpoint(p)
 
-    refuse_pickles(p)
-    tok = p / "tokenizer.json"
-    if not tok.is_file():
-        raise UserError(
-            f"{p} has no tokenizer.json: put the tokenizer the model was trained with beside model.safetensors "
-            "(moelab's conversion commands copy it from their source folder)"
-        )
-    model = load_any(p)
-    return model.to(device).eval(), load_tokenizer(tok)
+
+def folder_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer beside a model: ``tokenizer.json``, or one made from a sentencepiece ``tokenizer.model``
+    (see :mod:`moelab.convert.tokenizer_files`); UserError saying what to add when neither can be read."""
+    tok = folder / "tokenizer.json"
+    if tok.is_file():
+        return load_tokenizer(tok)
+    if (folder / "tokenizer.model").is_file():
+        from moelab.convert.tokenizer_files import sentencepiece_to_json
+        from moelab.data.tokenizer import tokenizer_from_json
+
+        return tokenizer_from_json(sentencepiece_to_json(folder))
+    raise UserError(
+        f"{folder} has no tokenizer.json: put the tokenizer the model was trained with beside model.safetensors "
+        "(moelab's conversion commands copy it from their source folder)"
+    )
 
 
 def load_training_state(

@@ -23,6 +23,7 @@ Legend: W world size, B global batch (sequences).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from moelab.train import objective_step
 from moelab.train.checkpoint import checkpoint_name, prune_checkpoints
 from moelab.train.init import InitSource, load_init_weights
 from moelab.train.optim import build_optimizer, lr_at, set_lr
-from moelab.train.trainer import Trainer, autocast
+from moelab.train.trainer import GRAD_NORM, LOSS, Trainer, autocast
 
 
 class DistributedTrainer(Trainer):
@@ -57,6 +58,8 @@ class DistributedTrainer(Trainer):
         dp_mode: str = "manual",
         init: InitSource | None = None,
     ) -> None:
+        if cfg.train.lora.enabled:
+            raise UserError("train.lora is not supported under torchrun yet: fine-tune with LoRA in one process")
         super().__init__(cfg, run_dir, data=data)
         if init is not None:  # before _install shards the experts: every rank loads the full weights
             load_init_weights(self.model, init)
@@ -101,12 +104,12 @@ class DistributedTrainer(Trainer):
             self.train_state(),
         )
         if self.layout.env.is_main:
-            prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_last, newest=path)
         return path
 
-    def resume(self) -> bool:
+    def resume(self, allow_config_change: bool = False) -> bool:
         """Restore the newest checkpoint (written at any world size) with this rank's experts."""
-        ckpt = self.checkpoint_to_resume()
+        ckpt = self.checkpoint_to_resume(allow_config_change)
         if ckpt is None:
             return False
         model, optimizer, state, _ = load_sharded_checkpoint(ckpt, self.layout, self._optimizer_factory)
@@ -139,11 +142,7 @@ class DistributedTrainer(Trainer):
             before_step=self.balancer.update,
         )
         self.step += 1
-        if m.skipped:
-            self.bad_total += 1
-            self.bad_in_a_row += 1
-        else:
-            self.bad_in_a_row = 0
+        self.count_step((LOSS if not math.isfinite(m.loss + m.aux_loss) else GRAD_NORM) if m.skipped else None)
         rec: dict[str, Any] = {
             "kind": "train",
             "step": self.step,

@@ -34,7 +34,7 @@ from moelab.config import (
 )
 from moelab.data.tokenizer import Tokenizer, load_tokenizer
 from moelab.errors import ConfigError, UserError
-from moelab.train.checkpoint import MARKER, latest_checkpoint
+from moelab.train.checkpoint import MARKER, latest_checkpoint, refuse_non_finite
 
 
 @dataclass
@@ -79,7 +79,11 @@ def _run_config(folder: Path) -> RunConfig | None:
 
 
 def load_init_source(path: str | Path) -> InitSource:
-    """Read the model (config + weights), run config and tokenizer at ``path``."""
+    """Read the model (config + weights), run config and tokenizer at ``path``.
+
+    Weights holding NaN or infinity are refused, naming the tensor, as every checkpoint load does
+    (:func:`moelab.train.checkpoint.refuse_non_finite`): a run started from them would log NaN losses
+    from step 1."""
     from moelab.convert.hf import load_any
     from moelab.model.transformer import Transformer
 
@@ -89,6 +93,10 @@ def load_init_source(path: str | Path) -> InitSource:
         raise UserError(
             f"--init {str(folder)!r} holds a {type(model).__name__}: moelab train trains decoder-only models"
         )
+    try:
+        refuse_non_finite(model.state_dict(), folder)
+    except UserError as exc:
+        raise UserError(f"--init {exc}") from None
     tok_file = folder / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else None
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -133,8 +141,12 @@ def check_vocab(source: InitSource, tokenizer: Tokenizer) -> None:
 
 
 def load_init_weights(model: torch.nn.Module, source: InitSource) -> None:
-    """Copy the source's weights into ``model`` in place (the optimizer keeps its parameters); strict."""
-    own = model.state_dict()
+    """Copy the source's weights into ``model`` in place (the optimizer keeps its parameters); strict.
+
+    A model with LoRA adapters takes the source's weights as its frozen base (adapters untouched)."""
+    from moelab.model.lora import base_state_dict
+
+    own = base_state_dict(model)
     missing = sorted(set(own) - set(source.state))
     unexpected = sorted(set(source.state) - set(own))
     shapes = [

@@ -4,7 +4,9 @@
 tokens/s, aux and z losses, drop rate, max expert load, grad norm, skipped steps) or ``eval``
 (validation loss, perplexity, per-domain loss, expert load per layer). It is the source of the
 compare report's plots. On resume, records after the resumed step are dropped, so a resumed
-run's log equals an uninterrupted one's.
+run's log equals an uninterrupted one's; that rewrite is atomic, so a crash during it cannot
+lose the log. Whether a fresh log may start in a folder is decided before, by
+``moelab.train.run_folder`` (an earlier run's log is never truncated by accident).
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from moelab.errors import UserError
+from moelab.outputs import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"  # TensorBoard event files
+TB_EVENTS_PREFIX = "events.out.tfevents."
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if p.is_dir():
-        p = p / "metrics.jsonl"
+        p = p / METRICS_FILE
     if not p.is_file():
         return []
     out = []
@@ -47,20 +54,20 @@ class MetricsLogger:
     """Appends records to ``RUN/metrics.jsonl`` and, if asked, to TensorBoard."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = False, resume_step: int | None = None) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("", encoding="utf-8")
         else:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("train.tensorboard=true needs TensorBoard: pip install 'moelab[tb]'") from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            self.tb = SummaryWriter(str(Path(run_dir) / TB_DIR))
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -7,7 +7,13 @@ divided by ``grad_accum``, backward; then :class:`RoutingStats` of the step go t
 clipped and AdamW steps with the warmup+cosine learning rate of that step.
 
 A non-finite loss or gradient norm skips the step (no update, data still consumed, counted);
-``train.max_bad_steps`` in a row stop the run with a :class:`TrainingDiverged` error.
+``train.max_bad_steps`` in a row stop the run with a :class:`TrainingDiverged` error that says
+what was not finite (the loss, the gradient norm) and at which steps.
+
+The run folder follows :mod:`moelab.train.run_folder`: a fresh run never starts over an earlier
+one (``overwrite`` deletes the earlier run's own files first), and a resume checks the saved
+config against the new one (:mod:`moelab.train.resume_config`). Keep-last never deletes the
+checkpoint just written.
 
 Determinism: the seed fixes model init (``torch.manual_seed(train.seed)`` before building the
 model), the sampler's permutation and dropout; the RNG, optimizer and sampler state go into
@@ -26,7 +32,7 @@ from typing import Any
 
 import torch
 
-from moelab.config import RunConfig, to_dict
+from moelab.config import RunConfig
 from moelab.data.loader import Batch, Sampler, eval_batches, repeated_subset
 from moelab.data.prepare import PreparedData, prepare_data
 from moelab.errors import UserError
@@ -46,6 +52,8 @@ from moelab.train.checkpoint import (
 from moelab.train.evaluation import EvalResult, autocast, evaluate, evaluate_with_objective, resolve_precision
 from moelab.train.logging import MetricsLogger, Progress, read_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
+from moelab.train.resume_config import ConfigChange, check_resume_config
+from moelab.train.run_folder import check_run_folder, start_run_folder
 
 
 class RouterHealthWarning(UserWarning):
@@ -53,7 +61,10 @@ class RouterHealthWarning(UserWarning):
 
 
 class TrainingDiverged(UserError):
-    """The loss was not finite for ``train.max_bad_steps`` steps in a row."""
+    """The loss or the gradient norm was not finite for ``train.max_bad_steps`` steps in a row."""
+
+
+LOSS, GRAD_NORM = "loss", "gradient norm"  # what made a step bad
 
 
 class Trainer:
@@ -80,6 +91,10 @@ class Trainer:
         self.bf16 = resolve_precision(tc.precision, self.device)
         torch.manual_seed(tc.seed)
         self.model = objective_step.build_model(cfg.model, self.objective).to(self.device)
+        if tc.lora.enabled:  # before the optimizer: it holds only the adapters (and a trained router)
+            from moelab.model.lora import apply_lora
+
+            apply_lora(self.model, tc.lora)
         self.objective_rng = torch.Generator().manual_seed(tc.seed)  # masks, spans, prefixes
         self.optimizer = build_optimizer(self.model, tc)
         self.balancer = Balancer(self.model)
@@ -90,8 +105,11 @@ class Trainer:
         self.step = 0
         self.bad_total = 0
         self.bad_in_a_row = 0
+        self.bad_streak: list[tuple[int, str]] = []  # (step, what was not finite) of the current bad steps
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []  # every record logged this run (metrics.jsonl in memory)
+        self.opened = False  # the run folder was claimed or resumed by an earlier train() of this trainer
+        self.config_changes: list[ConfigChange] = []  # accepted on resume (--allow-config-change), for the report
 
     # ------------------------------------------------------------------ state
 
@@ -123,27 +141,40 @@ class Trainer:
             self.optimizer,
             self.train_state(),
         )
-        prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_last, newest=path)
         return path
 
-    def checkpoint_to_resume(self) -> Path | None:
-        """The newest complete checkpoint of ``run_dir`` (None when there is none), after checking that it
-        was trained with this run's model and data config."""
+    def checkpoint_to_resume(self, allow_config_change: bool = False) -> Path | None:
+        """The newest complete checkpoint of ``run_dir`` (None when there is none), after checking its
+        config against this run's (:func:`~moelab.train.resume_config.check_resume_config`); the changes
+        accepted go to :attr:`config_changes`."""
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return None
-        saved = read_run_config(ckpt)
-        if to_dict(saved.model) != to_dict(self.cfg.model) or to_dict(saved.data) != to_dict(self.cfg.data):
-            raise UserError(f"{ckpt} was trained with a different model or data config: resume with the same config")
+        self.config_changes = check_resume_config(ckpt, read_run_config(ckpt), self.cfg, allow_config_change)
         return ckpt
 
-    def resume(self) -> bool:
+    def resume(self, allow_config_change: bool = False) -> bool:
         """Restore the newest complete checkpoint of ``run_dir``; False when there is none."""
-        ckpt = self.checkpoint_to_resume()
+        ckpt = self.checkpoint_to_resume(allow_config_change)
         if ckpt is None:
             return False
         self._load_train_state(load_training_state(ckpt, self.model, self.optimizer))
         return True
+
+    def open_run(self, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False) -> bool:
+        """Resume from ``run_dir`` or claim it for a fresh run (:mod:`moelab.train.run_folder`); True when resumed.
+
+        Every rank resumes; only the main process checks and clears the folder: it alone writes there, and
+        another rank looking could take the main process's first files for an earlier run.
+        """
+        if self.is_main:
+            check_run_folder(self.run_dir, resume=resume, overwrite=overwrite)  # also refuses both flags at once
+        resumed = self.resume(allow_config_change) if resume else False
+        if not resumed and self.is_main:
+            start_run_folder(self.run_dir, overwrite=overwrite, resume_asked=resume)
+        self.opened = True
+        return resumed
 
     # ------------------------------------------------------------------ loop
 
@@ -179,6 +210,7 @@ class Trainer:
                 stats.append(RoutingStats.from_routing(out.routing))
         grad_norm = float("nan")
         routing = sum(stats[1:], stats[0]) if stats else RoutingStats({})
+        bad = None if finite else LOSS
         if finite:
             self.balancer.update(routing)
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -187,14 +219,13 @@ class Trainer:
             else:
                 grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
             finite = math.isfinite(grad_norm)
+            bad = None if finite else GRAD_NORM
         if finite:
             self.optimizer.step()
-            self.bad_in_a_row = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            self.bad_total += 1
-            self.bad_in_a_row += 1
         self.step += 1
+        self.count_step(bad)
         rec: dict[str, Any] = {
             "kind": "train",
             "step": self.step,
@@ -223,12 +254,18 @@ class Trainer:
                     warnings.warn(message, RouterHealthWarning, stacklevel=3)
         return out
 
+    def count_step(self, bad: str | None) -> None:
+        """Count the step just taken (``self.step``): ``bad`` names what was not finite, None for a good step."""
+        if bad is None:
+            self.bad_in_a_row, self.bad_streak = 0, []
+            return
+        self.bad_total += 1
+        self.bad_in_a_row += 1
+        self.bad_streak.append((self.step, bad))
+
     def check_diverged(self) -> None:
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
-            raise TrainingDiverged(
-                f"the loss was not finite for {self.bad_in_a_row} steps in a row (step {self.step}, "
-                f"{self.bad_total} skipped in all): lower train.lr, raise train.warmup_steps or use train.precision=fp32"
-            )
+            raise TrainingDiverged(diverged_message(self.bad_streak, self.bad_in_a_row, self.step, self.bad_total))
 
     def evaluate(self) -> EvalResult:
         if objective_step.is_plain_causal(self.objective):
@@ -244,22 +281,34 @@ class Trainer:
         """Whether this process writes logs, the progress bar and checkpoint files (rank 0 under torchrun)."""
         return True
 
-    def train(self, resume: bool = False, stop_at: int | None = None) -> EvalResult:
+    def train(
+        self,
+        resume: bool = False,
+        stop_at: int | None = None,
+        *,
+        overwrite: bool = False,
+        allow_config_change: bool = False,
+    ) -> EvalResult:
         """Train to ``train.steps`` (or stop early at ``stop_at`` with a checkpoint); return the final evaluation.
 
-        Under torchrun every rank runs this loop (steps, evaluation and saving are collective); only
-        :attr:`is_main` logs and shows progress.
+        The first call resumes or claims ``run_dir`` (:meth:`open_run`: ``resume``, ``overwrite``,
+        ``allow_config_change``); a later call on the same trainer goes on from where it stopped and
+        appends to its log. Under torchrun every rank runs this loop (steps, evaluation and saving
+        are collective); only :attr:`is_main` logs and shows progress.
         """
         tc = self.cfg.train
-        resumed = self.resume() if resume else False
+        going_on = self.opened
+        resumed = False if going_on else self.open_run(resume, overwrite, allow_config_change)
         end = tc.steps if stop_at is None else min(stop_at, tc.steps)
         logger: MetricsLogger | _Silent = _Silent()
         progress: Progress | _Silent = _Silent()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            logger = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if resumed else None)
+            keep = resumed or going_on
+            logger = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if keep else None)
             progress = Progress(end, self.step, self.run_dir.name, tc.progress)
-            self.history = read_metrics(self.run_dir) if resumed else []
+            if not going_on:
+                self.history = read_metrics(self.run_dir) if resumed else []
         self.model.train()
         train_time, tok0 = 0.0, self.tokens_seen
         result: EvalResult | None = None
@@ -301,6 +350,32 @@ class _Silent:
     def update(self, *args: Any, **kwargs: Any) -> None: ...
 
     def close(self) -> None: ...
+
+
+def diverged_message(streak: list[tuple[int, str]], in_a_row: int, step: int, total: int) -> str:
+    """Why training stopped: what was not finite (the loss, the gradient norm) and at which steps.
+
+    ``streak`` holds ``(step, what)`` of the bad steps in a row seen by this process (a resumed run may
+    have begun its streak before it started).
+    """
+    steps_of: dict[str, list[int]] = {}
+    for s, what in streak:
+        steps_of.setdefault(what, []).append(s)
+
+    def at(steps: list[int]) -> str:
+        return f"step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}"
+
+    if len(steps_of) == 1:
+        what, steps = next(iter(steps_of.items()))
+        subject, where = f"the {what}", at(steps)
+    else:
+        subject = "the loss or the gradient norm"
+        where = "; ".join(f"{what} at {at(steps)}" for what, steps in steps_of.items()) or f"step {step}"
+    return (
+        f"{subject} was not finite for {in_a_row} steps in a row ({where}; {total} skipped in all): "
+        "lower train.lr, raise train.warmup_steps or use train.precision=fp32"
+    )
+
 
 def eval_record(step: int, tokens: int, r: EvalResult, schedule_steps: int | None = None) -> dict[str, Any]:
     """The ``eval`` line of metrics.jsonl. ``schedule_steps`` is the step at which the run's learning-rate

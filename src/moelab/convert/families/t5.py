@@ -23,20 +23,21 @@ with the field named, on import and on export.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from moelab.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
 from moelab.convert.families.base import HF, Family, expect, need, placement_in, register, unsupported
-from moelab.convert.rules import check_covered, export_tensors, import_tensors, table_rules
+from moelab.convert.hf_files import DEFAULT_MAX_SHARD_SIZE, write_hf_config, write_hf_weights
+from moelab.convert.rules import check_covered, fill_model, iter_export, table_rules
 from moelab.convert.tables import t5_tables
 from moelab.errors import UserError
 from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
+from moelab.model.materialize import Filler, ModuleLoaded, empty_model
 
 # T5 feed_forward_proj → (moelab activation, gelu_approx)
 _T5_ACTS = {
@@ -312,11 +313,20 @@ def _rules(family: str, hf: HF, model: EncoderDecoder) -> list:
     return check_covered(rules, keys)
 
 
-def import_seq2seq(family: Family, hf: HF, tensors: dict[str, torch.Tensor]) -> EncoderDecoder:
-    """An HF T5/Switch folder's config and tensors → :class:`EncoderDecoder` (fp32, eval mode)."""
+def import_seq2seq(
+    family: Family,
+    hf: HF,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    where: str = "the checkpoint",
+    on_module_loaded: ModuleLoaded | None = None,
+) -> EncoderDecoder:
+    """An HF T5/Switch folder's config and tensors (a dict, or a reader that reads on demand) →
+    :class:`EncoderDecoder` in ``dtype`` on ``device``, eval mode, filled one mapping rule at a time."""
     cfg = family.config_in(hf)
-    head, shared = tensors.get("lm_head.weight"), tensors.get("shared.weight")
-    if head is not None and shared is not None and not torch.equal(head, shared):
+    shared = tensors.get("shared.weight")
+    if shared is not None and "lm_head.weight" in tensors and not torch.equal(tensors["lm_head.weight"], shared):
         cfg = replace(cfg, decoder=replace(cfg.decoder, tie_embeddings=False))  # a separately trained head
     for name in _EMBED_COPIES:  # transformers 5 keeps them apart from shared.weight when untied
         if name in tensors and shared is not None and not torch.equal(tensors[name], shared):
@@ -324,37 +334,39 @@ def import_seq2seq(family: Family, hf: HF, tensors: dict[str, torch.Tensor]) -> 
                 f"{name} differs from shared.weight: moelab's encoder and decoder share one embedding "
                 "(separate stack embeddings are not supported)"
             )
-    model = EncoderDecoder(cfg)
+    del shared
+    model = empty_model(lambda: EncoderDecoder(cfg), dtype, device)
     tied = cfg.decoder.tie_embeddings
 
     def ignore(name: str) -> bool:
         return name in _EMBED_COPIES or (tied and name == "lm_head.weight")
 
-    state = import_tensors(_rules(family.model_type, hf, model), tensors, ignore)
-    if tied:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True
-    )
+    fill_model(Filler(model, device, where, on_module_loaded), _rules(family.model_type, hf, model), tensors, ignore)
     return model.eval()
 
 
-def export_seq2seq(model: EncoderDecoder, path: str | Path, family: str | None = None) -> Path:
-    """Write ``model`` as a ``t5`` (dense) or ``switch_transformers`` (MoE) folder."""
+def export_seq2seq(
+    model: EncoderDecoder, path: str | Path, family: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> Path:
+    """Write ``model`` as a ``t5`` (dense) or ``switch_transformers`` (MoE) folder, streamed (see hf_files)."""
     cfg = model.cfg
     name = family or ("t5" if cfg.encoder.moe is None and cfg.decoder.moe is None else "switch_transformers")
     if name not in ("t5", "switch_transformers"):
         raise ConfigError(f"cannot export an encoder–decoder as {name!r}: use 't5' or 'switch_transformers'")
     fam = _FAMILIES_BY_NAME[name]
     hf = fam.config_out(cfg)
-    tensors = export_tensors(_rules(name, hf, model), model.state_dict())
-    if not cfg.decoder.tie_embeddings:  # transformers 5 then loads the stacks' embeddings separately
-        for copy in _EMBED_COPIES:
-            tensors[copy] = tensors["shared.weight"].clone()
+    rules = _rules(name, hf, model)
+    untied = not cfg.decoder.tie_embeddings
+
+    def produce(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        for n, t in iter_export(rules, state):
+            yield n, t
+            if untied and n == "shared.weight":  # transformers 5 then loads the stacks' embeddings separately
+                yield from ((copy, t) for copy in _EMBED_COPIES)
+
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    write_hf_config(out, hf, write_hf_weights(out, produce, model.state_dict(), max_shard_size))
     return out
 
 
