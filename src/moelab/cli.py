@@ -850,13 +850,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         from moelab.experiment.harness import evaluate_tasks, format_task_results
 
-        if args.dtype is not None:
-            raise UserError("--dtype sets the load dtype of the loss evaluation; --tasks loads the model as stored")
         limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
         with _warnings_as_lines():
             result = evaluate_tasks(args.checkpoint, [t.strip() for t in args.tasks.split(",") if t.strip()],
                                     include_path=args.include_path, num_fewshot=args.num_fewshot, limit=limit,
-                                    batch_size=args.batch_size)  # fmt: skip
+                                    batch_size=args.batch_size, dtype=args.dtype)  # fmt: skip
         print(json.dumps(result, indent=1) if args.json else format_task_results(result))
         return 0
     with _warnings_as_lines():

@@ -94,3 +94,21 @@ def test_specialization_only_and_parts(tmp_path):
     assert "gradient_conflict" not in only and only["specialization"]["step0"] is False
     with pytest.raises(Exception, match="needs an MoE model"):
         analyze_moe(dense, tok, data, opts)
+
+
+def test_what_does_not_fit_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    """A released model at full size: per-domain gradients (one FFN-sized copy per domain) and a second
+    step-0 model do not fit beside it; the analysis runs the rest and says what it skipped and why."""
+    from moelab.hardware import AvailableMemory
+
+    data, tok = synthetic_data(6)
+    trained, _, dense = _models()
+    monkeypatch.setattr("moelab.hardware.available_memory", lambda device="cpu": AvailableMemory(1000, "test"))
+    skipped = {"source": "skipped", "seed": None, "note": "step-0 model skipped: too large"}
+    a = analyze_model(trained, tok, data, AnalyzeOptions(out=str(tmp_path / "a"), **OPTS), dense_model=dense,
+                      step0_info=skipped)  # fmt: skip
+    assert "gradient_conflict" not in a and "sparsity" in a and "drops" in a
+    assert a["summary"]["gradient conflict"].startswith("skipped: ") and "GiB free (test)" in a["summary"]["gradient conflict"]
+    assert a["summary"]["dense gradient conflict"].startswith("skipped: ")
+    assert a["specialization"]["step0_model"] == skipped and a["specialization"]["step0"] is False
+    assert "skipped" in (tmp_path / "a" / "report.html").read_text()

@@ -64,3 +64,20 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="does not exist"):
         initial_model_for(tmp_path / "nothing", Transformer(replace(run_preset("smoke").model, vocab_size=64)))
+
+
+def test_a_step0_model_that_does_not_fit_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    """A released model at full size leaves no room for a second copy: the step-0 column is skipped (the
+    shuffled-label baseline still applies) and analysis.json says why, instead of the analysis failing."""
+    from moelab.hardware import AvailableMemory
+    from moelab.model import memory_guard
+
+    from helpers import tiny_config, tiny_moe
+
+    model = Transformer(tiny_config(moe=tiny_moe()))
+    save_moelab(model, tmp_path / "m")
+    monkeypatch.delenv(memory_guard.ALLOW_ENV, raising=False)
+    monkeypatch.setattr(memory_guard, "available_memory", lambda device="cpu": AvailableMemory(1000, "test"))
+    initial, info = initial_model_for(tmp_path / "m", model)
+    assert initial is None and info["source"] == "skipped"
+    assert "step-0 model skipped" in info["note"] and "parameters" in info["note"]

@@ -59,9 +59,19 @@ def test_the_flag_reaches_the_loader(command, ckpt, tmp_path, monkeypatch, capsy
     assert "stop here" in capsys.readouterr().err and seen == ["fp16"]
 
 
-def test_eval_tasks_refuse_a_dtype(ckpt, capsys) -> None:
+def test_eval_tasks_pass_the_dtype_to_the_harness_model(ckpt, capsys, monkeypatch) -> None:
+    import moelab.experiment.harness as harness
+    from moelab.errors import UserError
+
+    seen = []
+
+    def spy(path, tasks, **kwargs):
+        seen.append(kwargs["dtype"])
+        raise UserError("stop here")
+
+    monkeypatch.setattr(harness, "evaluate_tasks", spy)
     assert cli.main(["eval", str(ckpt), "--tasks", "x", "--dtype", "bf16"]) == 2
-    assert "--tasks loads the model as stored" in capsys.readouterr().err
+    assert "stop here" in capsys.readouterr().err and seen == ["bf16"]
 
 
 def test_disk_offload_refuses_a_dtype_the_file_does_not_hold(ckpt, capsys) -> None:

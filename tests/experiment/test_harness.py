@@ -206,6 +206,14 @@ def test_eval_tasks_command(folders, capsys, tmp_path) -> None:
     assert "unknown harness task(s) no_such_task" in capsys.readouterr().err
 
 
+def test_the_harness_model_loads_at_the_asked_dtype(folders) -> None:
+    from moelab.experiment.harness import _harness_model_class
+
+    lm = _harness_model_class()(path=str(folders["moelab"]), dtype="bfloat16")
+    assert lm.model.embed.weight.dtype == torch.bfloat16
+    assert _harness_model_class()(path=str(folders["moelab"])).model.embed.weight.dtype == torch.float32
+
+
 def test_encoder_is_refused() -> None:
     from moelab.errors import UserError
     from moelab.experiment.harness import _Scorer

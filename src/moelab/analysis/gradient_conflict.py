@@ -46,6 +46,13 @@ def ffn_weights(model: torch.nn.Module) -> dict[int, tuple[bool, list[Tensor]]]:
     return out
 
 
+def memory_needed(model: torch.nn.Module, n_values: int) -> int:
+    """Bytes :func:`domain_gradients` holds at its peak: one summed gradient of the FFN weights per label
+    value, plus the step's own gradient and its flattened copy (activations are small beside them)."""
+    ffn_bytes = sum(w.numel() * w.element_size() for _, ws in ffn_weights(model).values() for w in ws)
+    return (n_values + 2) * ffn_bytes
+
+
 def domain_gradients(
     model: torch.nn.Module, batches: Sequence[Batch], label: str = "domain"
 ) -> tuple[list[int], dict[int, dict[int, Tensor]]]:

@@ -188,7 +188,7 @@ def analyze_moe(
         initial_trace = collect(initial_model, data, out / "trace_step0", opts.batch_size, opts.max_tokens,
                                 progress=opts.progress)
     spec = specialization(trace, opts.n_shuffle, opts.n_boot, initial=initial_trace)
-    if initial_model is not None:
+    if initial_model is not None or step0_info is not None:  # built, or skipped with its reason
         spec["step0_model"] = step0_info or {"source": "given by the caller"}
         result["summary"]["step-0 model"] = spec["step0_model"].get("note", spec["step0_model"]["source"])
     result["specialization"] = spec
@@ -205,10 +205,29 @@ def analyze_moe(
         result["drift"] = drift_from_checkpoints(opts.checkpoints, eval_batches(data, opts.batch_size, n),
                                                  progress=opts.progress)
     if _has_domains(data):
-        batches = eval_batches(data, opts.batch_size, opts.conflict_batches)
-        names = data.label_names.get("domain")
-        result["gradient_conflict"] = {"moe": gradient_conflict(model, batches, "domain", names)}
+        skip = _conflict_does_not_fit(model, data)
+        if skip:
+            result["summary"]["gradient conflict"] = skip
+        else:
+            batches = eval_batches(data, opts.batch_size, opts.conflict_batches)
+            names = data.label_names.get("domain")
+            result["gradient_conflict"] = {"moe": gradient_conflict(model, batches, "domain", names)}
     return result
+
+
+def _conflict_does_not_fit(model: torch.nn.Module, data: PackedData) -> str | None:
+    """Why gradient conflict is skipped (one FFN-sized gradient per domain does not fit in free memory,
+    e.g. a released model at full size), or None when it fits."""
+    from moelab.analysis.gradient_conflict import memory_needed
+    from moelab.hardware import available_memory
+
+    free = available_memory(next(model.parameters()).device)
+    n_values = int(torch.unique(data.label_ids_N["domain"]).numel())
+    need = memory_needed(model, n_values)
+    if free is None or need <= free.bytes:
+        return None
+    return (f"skipped: {n_values} per-domain FFN gradients need {need / 2**30:.1f} GiB, "
+            f"{free.bytes / 2**30:.1f} GiB free ({free.source})")  # fmt: skip
 
 
 def analyze_dense(model: torch.nn.Module, data: PackedData, opts: AnalyzeOptions) -> dict[str, Any]:
@@ -219,7 +238,12 @@ def analyze_dense(model: torch.nn.Module, data: PackedData, opts: AnalyzeOptions
     batches = eval_batches(data, opts.batch_size, opts.conflict_batches)
     result: dict[str, Any] = {}
     if _has_domains(data):
-        result["gradient_conflict"] = {"dense": gradient_conflict(model, batches, "domain", data.label_names.get("domain"))}
+        skip = _conflict_does_not_fit(model, data)
+        if skip:
+            result["summary"] = {"dense gradient conflict": skip}
+        else:
+            names = data.label_names.get("domain")
+            result["gradient_conflict"] = {"dense": gradient_conflict(model, batches, "domain", names)}
     with torch.no_grad():
         result["sparsity"] = ffn_sparsity(model, batches)
     return result

@@ -60,12 +60,25 @@ def _has_run_config(ckpt: Path) -> bool:
     return isinstance(data, dict) and "model" in data
 
 
-def initial_model_for(path: str | Path, trained: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+def initial_model_for(path: str | Path, trained: nn.Module) -> tuple[nn.Module | None, dict[str, Any]]:
     """``(step-0 model, info)`` for the checkpoint, run or model folder ``path`` that ``trained`` was loaded from.
 
-    ``info``: ``{"source": "run config" | "random init", "seed": int, "note": str}``; it goes into
-    analysis.json so a reader knows which baseline the step-0 numbers are.
+    ``info``: ``{"source": "run config" | "random init" | "skipped", "seed": int, "note": str}``; it goes
+    into analysis.json so a reader knows which baseline the step-0 numbers are. When a second (fp32)
+    copy of the model does not fit beside ``trained`` (a released model at full size), the model is
+    None and ``info`` says why: the shuffled-label baseline is still subtracted, only the step-0
+    column is missing.
     """
+    from moelab.model.memory_guard import ModelTooLargeError
+
+    try:
+        return _initial_model_for(path, trained)
+    except ModelTooLargeError as exc:
+        note = f"step-0 model skipped: {str(exc).split(';')[0]}"
+        return None, {"source": "skipped", "seed": None, "note": note}
+
+
+def _initial_model_for(path: str | Path, trained: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     from moelab.train.checkpoint import is_model_folder, read_run_config, resolve_checkpoint
 
     p = Path(path)

@@ -120,11 +120,12 @@ def _harness_model_class():
         """A moelab checkpoint as a harness model.
 
         ``--model_args``: ``path`` (required), ``device`` (cpu), ``batch_size`` (8),
-        ``max_length`` (the model's context), ``dtype`` (float32 | bfloat16).
+        ``max_length`` (the model's context), ``dtype`` (bf16 | fp16 | fp32, or their torch names;
+        default: the stored weights', loaded streamed at that size).
         """
 
         def __init__(self, path: str, device: str = "cpu", batch_size: int | str = 8,
-                     max_length: int | None = None, dtype: str = "float32", **_: Any) -> None:  # fmt: skip
+                     max_length: int | None = None, dtype: str | None = None, **_: Any) -> None:  # fmt: skip
             super().__init__()
             from moelab.train.checkpoint import load_model
 
@@ -132,10 +133,8 @@ def _harness_model_class():
                 # the harness's command line defaults to cuda; its own HF model falls back the same way
                 warnings.warn(f"device {device!r} is not available here: running on cpu", stacklevel=2)
                 device = "cpu"
-            model, tokenizer = load_model(path, device=device)
-            if dtype not in ("float32", "bfloat16"):
-                raise UserError(f"dtype={dtype!r}: use float32 or bfloat16")
-            model = model.to(getattr(torch, dtype))
+            aliases = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "auto": None}
+            model, tokenizer = load_model(path, device=device, dtype=aliases.get(dtype, dtype))  # streamed
             context = int(max_length or model.cfg.max_seq_len)
             if not 1 <= context <= model.cfg.max_seq_len:
                 raise UserError(f"max_length={context} must be in [1, {model.cfg.max_seq_len}] (the model's context)")
@@ -234,6 +233,7 @@ def evaluate_tasks(
     batch_size: int = 8,
     device: str = "cpu",
     seed: int = 0,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Run harness ``tasks`` on the model at ``path``; return ``{"results": {task: {metric: value}}, ...}``.
 
@@ -251,14 +251,14 @@ def evaluate_tasks(
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown harness task(s) {', '.join(unknown)}: see `lm-eval ls tasks`, or --include-path DIR")
-    lm = _harness_model_class()(path=str(path), device=device, batch_size=batch_size)
+    lm = _harness_model_class()(path=str(path), device=device, batch_size=batch_size, dtype=dtype)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         log_samples=False,
     )  # fmt: skip
     results = {task: {k: _plain(v) for k, v in metrics.items() if k != "alias"} for task, metrics in out["results"].items()}
-    return {"checkpoint": str(path), "tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit,
+    return {"checkpoint": str(path), "tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit, "dtype": dtype,
             "results": results, "n_samples": out.get("n-samples", {})}  # fmt: skip
 
 

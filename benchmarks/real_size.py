@@ -1,0 +1,276 @@
+"""Benchmark: a released-size MoE on this machine (not a test).
+
+An OLMoE-1B-7B-shaped model (64 experts, top-8, 16 layers, d 2048: 6.9B parameters, 1.3B active),
+random weights written once as sharded bf16 safetensors by transformers' own ``OlmoeForCausalLM``
+(with moelab's bytes tokenizer beside it, so every moelab command takes the folder), then, each stage
+in a fresh process so that its peak RSS (``VmHWM``) is its own:
+
+1. ``load``: moelab's streamed load in bf16 — seconds, peak RSS against the weights' bytes;
+2. ``analyze``: ``moelab analyze`` on ``../shared/corpus`` (routing load, baseline-corrected
+   specialisation, drops) — tokens/s and peak RSS;
+3. ``decode-bf16``: batch-1 greedy decode after a 64-token prompt — tok/s next to ``moelab calc``'s
+   bandwidth-bound prediction at the memory bandwidth measured in the same process;
+4. ``quantize``: ``moelab quantize --bits 4 --group 32 --only experts`` streamed — seconds, peak RSS;
+5. ``decode-int4``: the same decode on the int4 checkpoint, next to calc's int4 prediction.
+
+    python benchmarks/real_size.py --work /tmp/real-size --out benchmarks/results/real-size
+
+Writes ``OUT.json`` and ``OUT.md``. Needs ≈14 GB of RAM for the write stage (transformers builds the
+whole model once) and ≈20 GB of disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = next((p / "shared" / "corpus" for p in ROOT.parents if (p / "shared" / "corpus").is_dir()),
+              Path("../shared/corpus"))  # fmt: skip
+OLMOE = dict(  # OLMoE-1B-7B-0924's config.json sizes
+    vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+    num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
+    rope_theta=10000.0, rms_norm_eps=1e-5, norm_topk_prob=False, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def read_bandwidth_gbs(gib: float = 2.0, repeats: int = 5) -> float:
+    """Memory read bandwidth: the best of ``repeats`` sums over a ``gib`` GiB bf16 tensor (2 threads)."""
+    import torch
+
+    x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 2 / best / 1e9
+
+
+# ----------------------------------------------------------------------------- stages (one process each)
+
+
+def stage_write(folder: Path) -> dict:
+    import torch
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    from moelab.data.tokenizer import BytesTokenizer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    config = OlmoeConfig(**OLMOE, torch_dtype="bfloat16")
+    torch.set_default_dtype(torch.bfloat16)
+    model = OlmoeForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    tmp = folder.with_name(folder.name + ".tmp-write")
+    model.save_pretrained(tmp, max_shard_size="2GB", safe_serialization=True)
+    BytesTokenizer().save(tmp)
+    tmp.rename(folder)
+    return {"parameters": params, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+
+
+def _decode(model, prompt_len: int, new_tokens: int) -> dict:
+    """Greedy batch-1 decode: prefill timed alone (one new token), decode = the rest."""
+    import torch
+
+    from moelab.infer.generate import SamplingParams, generate
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 256, (prompt_len,), generator=g).tolist()
+    params = SamplingParams(max_new_tokens=1, stop_at_eos=False)
+    generate(model, [prompt[:8]], params)  # warm-up
+    t0 = time.perf_counter()
+    generate(model, [prompt], params)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = generate(model, [prompt], SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False))
+    total = time.perf_counter() - t0
+    n = len(out[0].token_ids)
+    return {"prompt_tokens": prompt_len, "new_tokens": n, "prefill_s": prefill,
+            "decode_tok_s": (n - 1) / max(total - prefill, 1e-9)}  # fmt: skip
+
+
+def stage_load_decode(folder: Path, new_tokens: int) -> dict:
+    import torch
+
+    from moelab.calc import arch_from_config, decode_tokens_per_s
+    from moelab.train.checkpoint import load_checkpoint_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    base = rss_mb()
+    t0 = time.perf_counter()
+    model, _ = load_checkpoint_model(folder, dtype="bf16")
+    load_s = time.perf_counter() - t0
+    after_load = peak_rss_mb()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    decode = _decode(model, 64, new_tokens)
+    del model
+    bw = read_bandwidth_gbs()
+    arch = arch_from_config(_model_cfg(folder))
+    return {"load_s": load_s, "rss_before_mb": base, "peak_rss_after_load_mb": after_load,
+            "weight_mb": weight_bytes / 2**20, **decode, "bandwidth_gbs": bw,
+            "calc_decode_tok_s": decode_tokens_per_s(arch, bw, "bf16", context=64)}  # fmt: skip
+
+
+def stage_int4_decode(folder: Path, new_tokens: int) -> dict:
+    import torch
+
+    from moelab.calc import arch_from_config, count, decode_tokens_per_s
+    from moelab.train.checkpoint import load_checkpoint_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    model, _ = load_checkpoint_model(folder)
+    load_s = time.perf_counter() - t0
+    decode = _decode(model, 64, new_tokens)
+    del model
+    bw = read_bandwidth_gbs()
+    cfg = _model_cfg(folder)
+    arch = arch_from_config(cfg)
+    p = count(arch)
+    # int4 g32 experts: 4 bits + a bf16 scale and zero per 32 weights = 5 bits/weight; the rest bf16
+    routed_bytes = p.routed_active * 5 / 8
+    other_bytes = (decode_tokens_bytes(arch) - p.routed_active) * 2
+    return {"load_s": load_s, "peak_rss_mb": peak_rss_mb(), **decode, "bandwidth_gbs": bw,
+            "calc_decode_tok_s": bw * 1e9 / (routed_bytes + other_bytes),
+            "calc_decode_tok_s_bf16": decode_tokens_per_s(arch, bw, "bf16")}  # fmt: skip
+
+
+def decode_tokens_bytes(arch) -> int:
+    """Parameters read per decoded token (calc's convention: active weights, head, no embedding)."""
+    from moelab.calc import _read_per_token
+
+    return _read_per_token(arch)
+
+
+def _model_cfg(folder: Path):
+    from moelab.train.checkpoint import read_run_config
+
+    if (folder / "config.json").is_file():
+        from moelab.convert.hf import config_from_hf
+
+        return config_from_hf(json.loads((folder / "config.json").read_text()))
+    return read_run_config(folder).model
+
+
+def run_stage(name: str, argv: list[str], env: dict | None = None) -> dict:
+    """Run ``python real_size.py --stage NAME ARGV`` in a fresh process; return its JSON line."""
+    cmd = [sys.executable, __file__, "--stage", name, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_cli(args: list[str]) -> dict:
+    """``moelab ARGS`` in a fresh process (stage ``cli``): its seconds and its own peak RSS."""
+    return run_stage("cli", ["-", *args])
+
+
+def stage_cli(args: list[str]) -> dict:
+    """Run ``moelab ARGS`` in this process; its output goes to stderr so the JSON line stays last on stdout."""
+    import contextlib
+
+    from moelab.cli import main as moelab_main
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        code = moelab_main(args)
+    if code != 0:
+        raise SystemExit(code)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/real-size", help="folder for the model copies (≈20 GB)")
+    ap.add_argument("--out", default="benchmarks/results/real-size", help="OUT.json and OUT.md")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--analyze-tokens", type=int, default=8192)
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
+    ap.add_argument("folder", nargs="?", help=argparse.SUPPRESS)
+    if "--stage" in sys.argv and "cli" in sys.argv and "-" in sys.argv:  # --stage cli - MOELAB ARGS
+        print(json.dumps(stage_cli(sys.argv[sys.argv.index("-") + 1 :])))
+        return
+    args = ap.parse_args()
+    if args.stage:
+        folder = Path(args.folder)
+        fn = {"write": lambda: stage_write(folder), "load-decode": lambda: stage_load_decode(folder, args.new_tokens),
+              "int4-decode": lambda: stage_int4_decode(folder, args.new_tokens)}[args.stage]  # fmt: skip
+        print(json.dumps(fn()))
+        return
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    hf, q4, analysis = work / "olmoe-shaped", work / "olmoe-shaped-int4", work / "analysis"
+    result: dict = {"model": "OLMoE-1B-7B-shaped, random weights", "config": OLMOE, "threads": os.cpu_count()}
+    if not hf.is_dir():
+        result["write"] = run_stage("write", [str(hf)])
+    shards = sorted(hf.glob("*.safetensors"))
+    result["files"] = {"shards": len(shards), "bytes": sum(f.stat().st_size for f in shards)}
+    result["load_decode_bf16"] = run_stage("load-decode", [str(hf), "--new-tokens", str(args.new_tokens)])
+    result["analyze"] = run_cli(["analyze", str(hf), "--data", str(CORPUS / "valid.jsonl.gz"), "--dtype", "bf16",
+                                 "--max-tokens", str(args.analyze_tokens), "--drop-tokens", str(args.analyze_tokens),
+                                 "--batch-size", "4", "--seq-len", "512", "--out", str(analysis), "--overwrite",
+                                 "--no-progress"])  # fmt: skip
+    result["analyze"]["tokens_traced"] = 3 * args.analyze_tokens  # routing, then drops by position and by score
+    result["quantize_int4"] = run_cli(["quantize", str(hf), "--bits", "4", "--group", "32", "--only", "experts",
+                                       "--dtype", "bf16", "--out", str(q4), "--overwrite"])  # fmt: skip
+    result["files"]["int4_bytes"] = sum(f.stat().st_size for f in q4.glob("*.safetensors"))
+    result["load_decode_int4"] = run_stage("int4-decode", [str(q4), "--new-tokens", str(args.new_tokens)])
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    ld, q, li, an = r["load_decode_bf16"], r["quantize_int4"], r["load_decode_int4"], r["analyze"]
+    gb = r["files"]["bytes"] / 1e9
+    rows = [
+        ("weights on disk (bf16, transformers' shards)", f"{gb:.2f} GB in {r['files']['shards']} shards", ""),
+        ("streamed load, bf16", f"{ld['load_s']:.1f} s, peak RSS {ld['peak_rss_after_load_mb'] / 1024:.2f} GiB",
+         f"weights {ld['weight_mb'] / 1024:.2f} GiB; bound 1.25× + 0.3 GB = "
+         f"{(1.25 * ld['weight_mb'] + 300) / 1024:.2f} GiB"),
+        ("`moelab analyze --dtype bf16` (load, routing trace, corrected specialisation, drops)",
+         f"{an['seconds']:.0f} s, peak RSS {an['peak_rss_mb'] / 1024:.2f} GiB",
+         f"{an['tokens_traced']:,} tokens traced: {an['tokens_traced'] / max(an['seconds'] - ld['load_s'], 1e-9):.0f} "
+         "tokens/s after the load"),
+        ("decode bf16, batch 1", f"{ld['decode_tok_s']:.2f} tok/s (prefill 64: {ld['prefill_s']:.1f} s)",
+         f"calc: {ld['calc_decode_tok_s']:.2f} tok/s at {ld['bandwidth_gbs']:.1f} GB/s"),
+        ("`moelab quantize --bits 4 --only experts` (streamed)",
+         f"{q['seconds']:.0f} s, peak RSS {q['peak_rss_mb'] / 1024:.2f} GiB",
+         f"int4 checkpoint {r['files']['int4_bytes'] / 1e9:.2f} GB"),
+        ("decode int4 g32 experts, batch 1", f"{li['decode_tok_s']:.2f} tok/s (prefill 64: {li['prefill_s']:.1f} s)",
+         f"calc: {li['calc_decode_tok_s']:.2f} tok/s at {li['bandwidth_gbs']:.1f} GB/s"),
+    ]
+    lines = ["| what | measured | beside it |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
