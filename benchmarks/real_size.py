@@ -13,7 +13,7 @@ in a fresh process so that its peak RSS (``VmHWM``) is its own:
 4. ``quantize``: ``moelab quantize --bits 4 --group 32 --only experts`` streamed — seconds, peak RSS;
 5. ``decode-int4``: the same decode on the int4 checkpoint, next to calc's int4 prediction.
 
-    python benchmarks/real_size.py --work /tmp/real-size --out benchmarks/results/real-size
+    python benchmarks/real_size.py --work /tmp/real-size --out benchmarks/results/real-size [--overwrite]
 
 Writes ``OUT.json`` and ``OUT.md``. Needs ≈14 GB of RAM for the write stage (transformers builds the
 whole model once) and ≈20 GB of disk.
@@ -39,19 +39,20 @@ OLMOE = dict(  # OLMoE-1B-7B-0924's config.json sizes
 )  # fmt: skip
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (``VmHWM``), MiB."""
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field of this process (``VmHWM``: peak resident set), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
 
 
 def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmRSS")
 
 
 def read_bandwidth_gbs(gib: float = 2.0, repeats: int = 5) -> float:
@@ -76,6 +77,7 @@ def stage_write(folder: Path) -> dict:
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     from moelab.data.tokenizer import BytesTokenizer
+    from moelab.outputs import temporary_sibling
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -83,7 +85,7 @@ def stage_write(folder: Path) -> dict:
     torch.set_default_dtype(torch.bfloat16)
     model = OlmoeForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
-    tmp = folder.with_name(folder.name + ".tmp-write")
+    tmp = temporary_sibling(folder)  # renamed into place only once whole; the sweep knows the name
     model.save_pretrained(tmp, max_shard_size="2GB", safe_serialization=True)
     BytesTokenizer().save(tmp)
     tmp.rename(folder)
@@ -136,7 +138,7 @@ def stage_load_decode(folder: Path, new_tokens: int) -> dict:
 def stage_int4_decode(folder: Path, new_tokens: int) -> dict:
     import torch
 
-    from moelab.calc import arch_from_config, count, decode_tokens_per_s
+    from moelab.calc import _read_per_token, arch_from_config, count, decode_tokens_per_s
     from moelab.train.checkpoint import load_checkpoint_model
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -151,17 +153,10 @@ def stage_int4_decode(folder: Path, new_tokens: int) -> dict:
     p = count(arch)
     # int4 g32 experts: 4 bits + a bf16 scale and zero per 32 weights = 5 bits/weight; the rest bf16
     routed_bytes = p.routed_active * 5 / 8
-    other_bytes = (decode_tokens_bytes(arch) - p.routed_active) * 2
+    other_bytes = (_read_per_token(arch) - p.routed_active) * 2  # calc's per-token reads, no embedding
     return {"load_s": load_s, "peak_rss_mb": peak_rss_mb(), **decode, "bandwidth_gbs": bw,
             "calc_decode_tok_s": bw * 1e9 / (routed_bytes + other_bytes),
             "calc_decode_tok_s_bf16": decode_tokens_per_s(arch, bw, "bf16")}  # fmt: skip
-
-
-def decode_tokens_bytes(arch) -> int:
-    """Parameters read per decoded token (calc's convention: active weights, head, no embedding)."""
-    from moelab.calc import _read_per_token
-
-    return _read_per_token(arch)
 
 
 def _model_cfg(folder: Path):
@@ -206,6 +201,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/real-size", help="folder for the model copies (≈20 GB)")
     ap.add_argument("--out", default="benchmarks/results/real-size", help="OUT.json and OUT.md")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier OUT.json / OUT.md")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--analyze-tokens", type=int, default=8192)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -221,6 +217,10 @@ def main() -> None:
         print(json.dumps(fn()))
         return
 
+    out = Path(args.out)
+    taken = [f for f in (out.with_suffix(".json"), out.with_suffix(".md")) if f.exists()]
+    if taken and not args.overwrite:  # refused before ten minutes of work, not after
+        raise SystemExit(f"{taken[0]} exists: give another --out, or --overwrite to replace it")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     hf, q4, analysis = work / "olmoe-shaped", work / "olmoe-shaped-int4", work / "analysis"
@@ -240,10 +240,11 @@ def main() -> None:
     result["files"]["int4_bytes"] = sum(f.stat().st_size for f in q4.glob("*.safetensors"))
     result["load_decode_int4"] = run_stage("int4-decode", [str(q4), "--new-tokens", str(args.new_tokens)])
 
-    out = Path(args.out)
+    from moelab.outputs import atomic_write_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out.with_suffix(".md"), markdown(result))
     print(markdown(result))
 
 

@@ -424,6 +424,7 @@ def _folder_model_config(folder):
     import json
 
     from moelab.config import ModelConfig, from_dict, read_config_file
+    from moelab.model.encoder_decoder import encoder_decoder_section
     from moelab.objectives import build_objective
     from moelab.train.checkpoint import is_model_folder, resolve_checkpoint
 
@@ -439,7 +440,7 @@ def _folder_model_config(folder):
     ckpt = folder if is_model_folder(folder) else resolve_checkpoint(folder)
     data = read_config_file(ckpt / "config.yaml")  # a run config (model, data, train) or a model section alone
     train = data.get("train") if isinstance(data.get("train"), dict) else {}
-    stacks = "encoder_decoder" in data or {"encoder", "decoder"} <= set(data)
+    stacks = encoder_decoder_section(data) is not None
     if stacks or build_objective(train.get("objective", "causal")).architecture == "encoder_decoder":
         raise UserError(f"{ckpt} holds an encoder–decoder model: calc estimates decoder-only models")
     return from_dict(ModelConfig, data.get("model", data))

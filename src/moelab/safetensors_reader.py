@@ -19,6 +19,7 @@ This module knows nothing about models; it sits at the bottom of the layers with
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 MAP_BUDGET = 64 * 2**20  # bytes read through one mapping before it is closed (its pages count as ours till then)
 
 
+def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor's data: ``dtype.itemsize × numel``."""
+    return dtype.itemsize * math.prod(shape)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lies: its file, its name there, dtype, shape and the offset of its data."""
@@ -63,10 +69,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:

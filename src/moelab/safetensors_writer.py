@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from moelab.errors import UserError
-from moelab.safetensors_reader import DTYPE_NAMES, INDEX_FILE
+from moelab.safetensors_reader import DTYPE_NAMES, INDEX_FILE, tensor_nbytes
 
 SINGLE_FILE = "model.safetensors"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # what write_shards names its shards
@@ -49,10 +49,7 @@ class Planned:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
     @classmethod
     def of(cls, name: str, t: Tensor) -> Planned:

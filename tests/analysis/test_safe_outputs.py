@@ -18,6 +18,8 @@ from moelab.errors import UserError
 from moelab.model.transformer import Transformer
 from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
+from helpers import one_line, snapshot
+
 SMALL = [
     "--data",
     "synthetic",
@@ -41,14 +43,6 @@ def ckpt(tmp_path_factory) -> Path:
     return save_checkpoint(tmp / "run" / "checkpoints" / checkpoint_name(1), Transformer(cfg), run, tok)
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_a_second_analysis_is_refused_before_loading_and_overwrite_replaces_only_its_own(
@@ -57,7 +51,7 @@ def test_a_second_analysis_is_refused_before_loading_and_overwrite_replaces_only
     out = tmp_path / "analysis"
     assert main(["analyze", str(ckpt), *SMALL, "--out", str(out)]) == 0
     assert {"analysis.json", "report.html", "trace", "trace_step0"} <= {p.name for p in out.iterdir()}
-    before = _snapshot(out)
+    before = snapshot(out)
 
     import moelab.train.checkpoint
 
@@ -66,13 +60,13 @@ def test_a_second_analysis_is_refused_before_loading_and_overwrite_replaces_only
             moelab.train.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded before refusing")
         )
         assert main(["analyze", str(ckpt), *SMALL, "--out", str(out)]) == 2
-    line = _one_line(capsys)
+    line = one_line(capsys)
     assert "already exists and is not empty" in line and "--overwrite" in line
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
     (out / "trace" / "notes.txt").write_text("mine")
     assert main(["analyze", str(ckpt), *SMALL, "--out", str(out), "--overwrite"]) == 2
-    assert "holds trace/notes.txt, which moelab did not write" in _one_line(capsys)
+    assert "holds trace/notes.txt, which moelab did not write" in one_line(capsys)
     assert (out / "trace" / "notes.txt").read_text() == "mine"
     (out / "trace" / "notes.txt").unlink()
 
@@ -83,18 +77,18 @@ def test_a_second_analysis_is_refused_before_loading_and_overwrite_replaces_only
 
 
 def test_an_output_inside_its_checkpoint_is_refused(ckpt, capsys) -> None:
-    before = _snapshot(ckpt)
+    before = snapshot(ckpt)
     for out in (ckpt / "analysis", ckpt.parent.parent):
         assert main(["analyze", str(ckpt), *SMALL, "--out", str(out), "--overwrite"]) == 2
-        line = _one_line(capsys)
+        line = one_line(capsys)
         assert "the source" in line and ("lies inside" in line or "holds" in line)
-    assert _snapshot(ckpt) == before and not (ckpt / "analysis").exists()
+    assert snapshot(ckpt) == before and not (ckpt / "analysis").exists()
 
 
 def test_a_failed_analysis_keeps_the_earlier_one_whole(ckpt, tmp_path, monkeypatch) -> None:
     out = tmp_path / "analysis"
     assert main(["analyze", str(ckpt), *SMALL, "--out", str(out)]) == 0
-    before = _snapshot(out)
+    before = snapshot(out)
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -103,7 +97,7 @@ def test_a_failed_analysis_keeps_the_earlier_one_whole(ckpt, tmp_path, monkeypat
     fewer = [*SMALL, "--max-tokens", "128"]  # other traces and numbers than the analysis it would replace
     with pytest.raises(OSError, match="disk full"):
         main(["analyze", str(ckpt), *fewer, "--out", str(out), "--overwrite"])
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     with pytest.raises(OSError, match="disk full"):
         main(["analyze", str(ckpt), *SMALL, "--out", str(tmp_path / "new")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis"]  # neither a half folder nor a temporary

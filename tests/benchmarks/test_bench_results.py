@@ -21,16 +21,11 @@ from moelab.errors import UserError
 from moelab.model.transformer import Transformer
 from moelab.model.twins import dense_twin
 
-from helpers import tiny_config, tiny_moe
+from helpers import one_line, tiny_config, tiny_moe
 
 RESULT = {"machine": {"device": "cpu", "torch": "2", "threads": 1}, "date": "2030-01-01", "matmul_gflops": {},
           "layer": []}  # fmt: skip
 
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def _result(decode: float = 10.0) -> DecodeBenchResult:
@@ -55,7 +50,7 @@ def test_bench_refuses_a_file_as_out_before_measuring(tmp_path, capsys, monkeypa
     monkeypatch.setattr(runner, "run_bench", lambda *a, **k: pytest.fail("measured before refusing"))
     (tmp_path / "results").write_text("not a folder")
     assert main(["bench", "--quick", "--no-hf", "--no-model", "--out", str(tmp_path / "results")]) == 2
-    assert "is a file, not a folder" in _one_line(capsys)
+    assert "is a file, not a folder" in one_line(capsys)
 
 
 @pytest.fixture
@@ -74,7 +69,7 @@ def test_bench_decode_refuses_an_earlier_result_before_timing(
         bench_decode, "run_decode_bench", lambda *a, **k: pytest.fail("timed before refusing")
     )
     assert main(["bench-decode", "--quick", "--out", str(tmp_path)]) == 2
-    line = _one_line(capsys)
+    line = one_line(capsys)
     assert "decode-quick.json already exists" in line and "--overwrite" in line
     assert (js.read_bytes(), md.read_bytes()) == before
 
@@ -83,7 +78,7 @@ def test_bench_decode_overwrite_replaces_only_its_own_results(tmp_path, capsys, 
     js, md = write_results(_result(), tmp_path, stem="decode-quick")
     md.write_text("my notes on the last run")  # no longer the table bench-decode wrote
     assert main(["bench-decode", "--quick", "--out", str(tmp_path), "--overwrite"]) == 2
-    assert "decode-quick.md is not a bench-decode result" in _one_line(capsys)
+    assert "decode-quick.md is not a bench-decode result" in one_line(capsys)
     with pytest.raises(UserError, match="not a bench-decode result"):
         write_results(_result(), tmp_path, stem="decode-quick", overwrite=True)  # the library call too
     assert md.read_text() == "my notes on the last run"

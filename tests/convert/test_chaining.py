@@ -19,15 +19,10 @@ from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from moelab.model.transformer import Transformer
 from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
-from helpers import tiny_config, tiny_moe
+from helpers import one_line, tiny_config, tiny_moe
 
 TEXT = "the quick brown fox jumps over the lazy dog, said the fox to the dog."
 
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 @pytest.fixture
@@ -77,7 +72,7 @@ def test_without_sentencepiece_the_reason_is_one_line(sentencepiece_folder, tmp_
     assert "(with tokenizer.model)" in captured.out
     assert "pip install sentencepiece protobuf" in captured.err and "has no tokenizer.json" in captured.err
     assert main(["generate", str(tmp_path / "ml"), "--prompt", "hi"]) == 2
-    assert "pip install sentencepiece protobuf" in _one_line(capsys)
+    assert "pip install sentencepiece protobuf" in one_line(capsys)
 
 
 def _run_folder(tmp_path: Path, moe: bool) -> Path:
@@ -111,7 +106,7 @@ def test_conversion_commands_take_a_run_folder(tmp_path, capsys) -> None:
     assert (tmp_path / "hf" / "config.json").is_file()
     # the newest checkpoint was read: the output keeps clear of the whole run, as generate's outputs do
     assert main(["upcycle", str(dense), "--out", str(dense / "up")]) == 2
-    assert "lies inside the source" in _one_line(capsys)
+    assert "lies inside the source" in one_line(capsys)
 
 
 def test_generate_refuses_an_encoder_decoder_in_one_line(tmp_path, capsys) -> None:
@@ -119,5 +114,5 @@ def test_generate_refuses_an_encoder_decoder_in_one_line(tmp_path, capsys) -> No
     cfg = EncoderDecoderConfig(encoder=replace(stack, attention="bidirectional"), decoder=stack)
     save_checkpoint(tmp_path / "ckpt", EncoderDecoder(cfg), cfg, BytesTokenizer())
     assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "hi"]) == 2
-    line = _one_line(capsys)
+    line = one_line(capsys)
     assert "encoder–decoder (EncoderDecoder)" in line and "moelab eval" in line

@@ -16,7 +16,7 @@ from moelab.data.tokenizer import BytesTokenizer
 from moelab.errors import UserError
 from moelab.model.transformer import Transformer
 
-from helpers import tiny_moe
+from helpers import one_line, snapshot, tiny_moe
 
 
 def _model(moe=None) -> Transformer:
@@ -33,14 +33,6 @@ def folders(tmp_path) -> Path:
     return tmp_path
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def _argv(command: str, d: Path, out: Path) -> list[str]:
@@ -62,24 +54,24 @@ def test_a_non_empty_output_is_refused_and_left_alone(folders, capsys, command) 
     out = folders / "out"
     save_moelab(_model(), out)
     (out / "notes.txt").write_text("mine")
-    before = _snapshot(out)
+    before = snapshot(out)
     assert main(_argv(command, folders, out)) == 2
-    line = _one_line(capsys)
+    line = one_line(capsys)
     assert "already exists and is not empty" in line and "--overwrite" in line
     assert main([*_argv(command, folders, out), "--overwrite"]) == 2
-    assert "holds notes.txt, which moelab did not write" in _one_line(capsys)
-    assert _snapshot(out) == before
+    assert "holds notes.txt, which moelab did not write" in one_line(capsys)
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_an_output_inside_its_source_is_refused(folders, capsys, command) -> None:
     src = folders / ("dense" if command in ("upcycle", "moefy") else "moe")
-    before = _snapshot(src)
+    before = snapshot(src)
     assert main([*_argv(command, folders, src / "sub"), "--overwrite"]) == 2
-    assert "lies inside the source" in _one_line(capsys)
+    assert "lies inside the source" in one_line(capsys)
     assert main([*_argv(command, folders, src), "--overwrite"]) == 2
-    assert "is the source" in _one_line(capsys)
-    assert _snapshot(src) == before
+    assert "is the source" in one_line(capsys)
+    assert snapshot(src) == before
 
 
 def test_overwrite_replaces_an_earlier_model_folder(folders, capsys) -> None:
@@ -101,10 +93,10 @@ def test_a_failed_write_leaves_no_folder_behind(folders, capsys, monkeypatch) ->
         main(["upcycle", str(folders / "dense"), "--experts", "4", "--out", str(folders / "moe4")])
     assert sorted(p.name for p in folders.iterdir()) == ["dense", "moe", "text.txt"]  # no output, no temporary
     save_moelab(_model(), folders / "old")
-    before = _snapshot(folders / "old")
+    before = snapshot(folders / "old")
     with pytest.raises(OSError, match="disk full"):
         main(["upcycle", str(folders / "dense"), "--experts", "4", "--out", str(folders / "old"), "--overwrite"])
-    assert _snapshot(folders / "old") == before  # the old output is kept whole
+    assert snapshot(folders / "old") == before  # the old output is kept whole
 
 
 def test_library_writers_replace_their_own_folders_but_nothing_else(tmp_path) -> None:

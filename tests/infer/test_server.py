@@ -23,10 +23,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 from moelab.infer.chat import ChatTemplate  # noqa: E402
 from moelab.infer.generate import SamplingParams, generate  # noqa: E402
-from moelab.infer.server import Engine, ServerLimits, create_app  # noqa: E402
+from moelab.infer.server import Engine, ServerLimits  # noqa: E402
 from moelab.model.transformer import Transformer  # noqa: E402
 
-from helpers import CharTestTokenizer, tiny_config, tiny_mla, tiny_moe  # noqa: E402
+from helpers import CharTestTokenizer, LoopbackServer, tiny_config, tiny_mla, tiny_moe  # noqa: E402
 
 TOK = CharTestTokenizer()
 
@@ -36,32 +36,11 @@ def _model(mla=None) -> Transformer:
     return Transformer(tiny_config(moe=tiny_moe(num_experts=8), mla=mla)).eval()
 
 
-class Server:
+class Server(LoopbackServer):
     """uvicorn in a thread on a free port of 127.0.0.1."""
 
     def __init__(self, limits: ServerLimits, generate_fn=generate, model: Transformer | None = None) -> None:
-        self.engine = Engine(model if model is not None else _model(), TOK, limits, generate_fn)
-        app = create_app(self.engine, model_name="tiny")
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                break
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=30)
-        self.http = httpx.Client(base_url=self.url, timeout=30)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.engine.close()
+        super().__init__(Engine(model if model is not None else _model(), TOK, limits, generate_fn))
 
 
 LIMITS = ServerLimits(max_body_bytes=4096, max_pending=32, max_batch=8, default_max_tokens=8, timeout_s=30)

@@ -26,7 +26,7 @@ from moelab.infer.generate import generate  # noqa: E402
 from moelab.infer.server import Engine, ServerLimits, create_app  # noqa: E402
 from moelab.model.transformer import Transformer  # noqa: E402
 
-from helpers import CharTestTokenizer, tiny_config, tiny_moe  # noqa: E402
+from helpers import CharTestTokenizer, LoopbackServer, tiny_config, tiny_moe, wait_for  # noqa: E402
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -44,43 +44,13 @@ def _model() -> Transformer:
     return Transformer(tiny_config(moe=tiny_moe(num_experts=8))).eval()
 
 
-class Loopback:
+class Loopback(LoopbackServer):
     """uvicorn in a thread on a free port; its log records reach the root logger (caplog)."""
 
     def __init__(self, limits: ServerLimits, generate_fn=generate, api_key: str | None = None) -> None:
-        self.engine = Engine(_model(), StrictTokenizer(), limits, generate_fn)
-        self.app = create_app(self.engine, model_name="tiny", **({"api_key": api_key} if api_key else {}))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", log_config=None)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        super().__init__(Engine(_model(), StrictTokenizer(), limits, generate_fn), log_config=None,
+                         **({"api_key": api_key} if api_key else {}))  # fmt: skip
 
-    def __enter__(self) -> Loopback:
-        self.thread.start()
-        _wait_for(lambda: self.server.started, 10)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx.Client(base_url=self.url, timeout=30)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.engine.close()
-
-    def raw(self, head: bytes, body: bytes = b"") -> socket.socket:
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        s.sendall(head + body)
-        return s
-
-
-def _wait_for(ok, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if ok():
-            return True
-        time.sleep(0.01)
-    return ok()
 
 
 def _post_head(length: int, path: str = "/v1/completions") -> bytes:
@@ -115,7 +85,7 @@ def test_half_sent_bodies_hold_no_slot_and_are_closed_after_the_body_timeout() -
     limits = ServerLimits(max_pending=4, body_timeout_s=1.0, default_max_tokens=4)
     with Loopback(limits) as s:
         half = [s.raw(_post_head(200), b'{"prompt": "sl' if i % 2 else b"") for i in range(8)]
-        assert _wait_for(lambda: s.engine.in_flight == 0, 0.3)  # none of them took a slot
+        assert wait_for(lambda: s.engine.in_flight == 0, 0.3)  # none of them took a slot
         r = s.http.post("/v1/completions", json={"prompt": "real", "max_tokens": 3})
         assert r.status_code == 200, r.text
         for sock in half:
@@ -134,7 +104,7 @@ def test_a_client_leaving_mid_body_logs_one_line_and_no_traceback(caplog) -> Non
         sock = s.raw(_post_head(500), b'{"prompt": "I will l')
         time.sleep(0.1)
         sock.close()
-        assert _wait_for(lambda: _gone_lines(caplog), 10)
+        assert wait_for(lambda: _gone_lines(caplog), 10)
         time.sleep(0.1)
         assert s.http.get("/health").json()["in_flight"] == 0
     assert len(_gone_lines(caplog)) == 1 and "while sending its body" in _gone_lines(caplog)[0].getMessage()
@@ -177,9 +147,9 @@ def test_non_streaming_work_stops_when_its_client_leaves(caplog) -> None:
         sock = s.raw(_post_head(len(body)), body)
         assert rec.started.wait(10)
         sock.close()
-        assert _wait_for(lambda: rec.results, 20)
+        assert wait_for(lambda: rec.results, 20)
         assert rec.results[0].finish_reason == "cancelled" and rec.results[0].completion_tokens < 60
-        assert _wait_for(lambda: s.engine.in_flight == 0, 5)
+        assert wait_for(lambda: s.engine.in_flight == 0, 5)
         assert len(_gone_lines(caplog)) == 1 and "while its answer was generated" in _gone_lines(caplog)[0].getMessage()
         assert s.http.post("/v1/completions", json={"prompt": "next", "max_tokens": 2}).status_code == 200
     assert not [r for r in caplog.records if r.exc_info]
@@ -195,9 +165,9 @@ def test_a_queued_request_whose_client_left_never_reaches_the_model() -> None:
         assert rec.started.wait(10)  # the worker is inside generate, holding "first"
         body = json.dumps({"prompt": "never me", "max_tokens": 4}).encode()
         sock = s.raw(_post_head(len(body)), body)
-        assert _wait_for(lambda: s.engine.in_flight == 2, 10)
+        assert wait_for(lambda: s.engine.in_flight == 2, 10)
         sock.close()
-        assert _wait_for(lambda: s.engine.in_flight == 1, 10)
+        assert wait_for(lambda: s.engine.in_flight == 1, 10)
         rec.gate.set()
         first.join(20)
         assert s.http.post("/v1/completions", json={"prompt": "later", "max_tokens": 2}).status_code == 200
@@ -213,7 +183,7 @@ def test_a_client_leaving_mid_stream_logs_one_line_and_frees_its_rows(caplog) ->
         with s.http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             next(r.iter_lines())
-        assert _wait_for(lambda: rec.results, 20) and _wait_for(lambda: s.engine.in_flight == 0, 5)
+        assert wait_for(lambda: rec.results, 20) and wait_for(lambda: s.engine.in_flight == 0, 5)
         assert rec.results[0].finish_reason == "cancelled" and rec.results[0].completion_tokens < 55
     assert len(_gone_lines(caplog)) == 1 and "during its stream" in _gone_lines(caplog)[0].getMessage()
     assert not [r for r in caplog.records if r.exc_info]

@@ -12,7 +12,7 @@ from moelab.model.transformer import Transformer
 from moelab.quant import quantization_record
 from moelab.train.checkpoint import checkpoint_name, load_model, save_checkpoint
 
-from helpers import tiny_config, tiny_moe
+from helpers import one_line, snapshot, tiny_config, tiny_moe
 
 
 def _run_folder(tmp_path: Path) -> Path:
@@ -26,38 +26,30 @@ def _run_folder(tmp_path: Path) -> Path:
     return run
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_quantize_into_the_run_folder_is_refused_and_the_run_survives(tmp_path, capsys) -> None:
     run = _run_folder(tmp_path)
-    before = _snapshot(run)
+    before = snapshot(run)
     for src, where in ((run, "is the source"), (run / "checkpoints" / checkpoint_name(4), "holds the source")):
         for extra in ([], ["--overwrite"]):
             assert main(["quantize", str(src), "--bits", "8", "--out", str(run), *extra]) == 2
-            assert where in _one_line(capsys)
+            assert where in one_line(capsys)
     assert main(["quantize", str(run), "--bits", "8", "--out", str(run / "q8")]) == 2
-    assert "lies inside the source" in _one_line(capsys)
-    assert _snapshot(run) == before
+    assert "lies inside the source" in one_line(capsys)
+    assert snapshot(run) == before
 
 
 def test_quantize_onto_its_source_checkpoint_is_refused(tmp_path, capsys) -> None:
     run = _run_folder(tmp_path)
     ckpt = run / "checkpoints" / checkpoint_name(4)
-    before = _snapshot(run)
+    before = snapshot(run)
     assert main(["quantize", str(ckpt), "--bits", "8", "--out", str(ckpt), "--overwrite"]) == 2
-    assert "is the source" in _one_line(capsys)
+    assert "is the source" in one_line(capsys)
     # a new step folder beside it would be resumed as the run's newest checkpoint
     assert main(["quantize", str(ckpt), "--bits", "8", "--out", str(run / "checkpoints" / checkpoint_name(9))]) == 2
-    assert "lies inside the source" in _one_line(capsys)
-    assert _snapshot(run) == before
+    assert "lies inside the source" in one_line(capsys)
+    assert snapshot(run) == before
     model, _ = load_model(ckpt)
     assert quantization_record(model) is None  # still the full-precision weights
 
@@ -66,11 +58,11 @@ def test_quantize_replaces_an_earlier_quantized_copy_only_with_overwrite(tmp_pat
     run = _run_folder(tmp_path)
     out = tmp_path / "q"
     assert main(["quantize", str(run), "--bits", "8", "--out", str(out)]) == 0
-    before = _snapshot(out)
+    before = snapshot(out)
     capsys.readouterr()
     assert main(["quantize", str(run), "--bits", "4", "--out", str(out)]) == 2
-    assert "already exists and is not empty" in (line := _one_line(capsys)) and "--overwrite" in line
-    assert _snapshot(out) == before
+    assert "already exists and is not empty" in (line := one_line(capsys)) and "--overwrite" in line
+    assert snapshot(out) == before
     assert main(["quantize", str(run), "--bits", "4", "--out", str(out), "--overwrite"]) == 0
     model, _ = load_model(out)
     assert quantization_record(model)["bits"] == 4

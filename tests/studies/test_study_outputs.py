@@ -20,7 +20,7 @@ from moelab.studies.page import write_study
 from moelab.studies.result import StudyResult
 from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
-from helpers import tiny_config
+from helpers import error_line, snapshot, tiny_config
 
 STUDY = ["study", "placement", "--budget", "smoke", "--seeds", "2"]
 
@@ -31,14 +31,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line(capsys) -> str:
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("moelab: warning:")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_a_second_run_is_refused_before_any_data_work_and_overwrite_replaces_only_its_own(
@@ -48,7 +40,7 @@ def test_a_second_run_is_refused_before_any_data_work_and_overwrite_replaces_onl
     argv = [*STUDY, "--out", str(out), "--docs", str(docs)]
     assert main(argv) == 0
     study = out / "placement"
-    before, page = _snapshot(study), _snapshot(docs)
+    before, page = snapshot(study), snapshot(docs)
     capsys.readouterr()
 
     with monkeypatch.context() as m:
@@ -56,13 +48,13 @@ def test_a_second_run_is_refused_before_any_data_work_and_overwrite_replaces_onl
             moelab.experiment.run, "prepare", lambda *a, **k: pytest.fail("prepared data before refusing")
         )
         assert main(argv) == 2
-        line = _one_line(capsys)
+        line = error_line(capsys)
         assert "already exists and is not empty" in line and "--overwrite" in line and "--resume" not in line
         (study / "all" / "notes.txt").write_text("mine")
         assert main([*argv, "--overwrite"]) == 2
-        assert "holds all/notes.txt, which moelab did not write" in _one_line(capsys)
+        assert "holds all/notes.txt, which moelab did not write" in error_line(capsys)
     (study / "all" / "notes.txt").unlink()
-    assert _snapshot(study) == before and _snapshot(docs) == page  # neither runs nor page touched
+    assert snapshot(study) == before and snapshot(docs) == page  # neither runs nor page touched
 
     shutil.copytree(
         study / "all" / "seed0", study / "retired_arm" / "seed0"
@@ -71,7 +63,7 @@ def test_a_second_run_is_refused_before_any_data_work_and_overwrite_replaces_onl
     assert sorted(p.name for p in study.iterdir()) == ["all", "every_other", "first_dense", "last_half"]
     assert not any(p.name.startswith(".tmp-") for p in docs.iterdir())
     assert main([*argv, "--overwrite", "--rescore"]) == 2
-    assert "--rescore trains nothing" in _one_line(capsys)
+    assert "--rescore trains nothing" in error_line(capsys)
 
 
 def _run_folder(path: Path, step: int) -> None:
@@ -115,9 +107,9 @@ def test_the_page_is_replaced_whole_or_not_at_all(tmp_path) -> None:
     arms = {"a": {"mean": {"val_loss": 1.0}, "std": {"val_loss": 0.1}, "per_seed": {"val_loss": [1.0, 1.0]}}}
     res = StudyResult("placement", "claim", "method", "smoke", [0, 1], "data", arms, "inconclusive", "reason")
     write_study(res, tmp_path)
-    page = _snapshot(tmp_path)
+    page = snapshot(tmp_path)
     res.verdict_reason = "a reason that cannot be written \ud800"  # fails while the page is being written
     with pytest.raises(UnicodeEncodeError):
         write_study(res, tmp_path)
-    assert _snapshot(tmp_path)["placement.md"] == page["placement.md"]  # not truncated
+    assert snapshot(tmp_path)["placement.md"] == page["placement.md"]  # not truncated
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())

@@ -26,7 +26,7 @@ from moelab.train.logging import read_metrics
 from moelab.train.run_folder import check_run_folder, start_run_folder
 from moelab.train.trainer import Trainer, TrainingDiverged
 
-from helpers import tiny_config, tiny_moe
+from helpers import error_line, snapshot, tiny_config, tiny_moe
 
 FAST = ["--preset", "smoke", "--set", "data.corpus=synthetic", "--set", "data.synthetic_docs=6", "--no-progress"]
 
@@ -40,15 +40,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes: equal snapshots mean nothing was lost or changed."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("moelab: warning:")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 def train_steps(run: Path) -> list[int]:

@@ -51,14 +51,18 @@ from moelab.convert.hf_files import (
 from moelab.convert.rules import build_rules, fill_model, iter_export
 from moelab.convert.tokenizer_files import TOKENIZER_FILES, copy_tokenizer
 from moelab.errors import UserError
-from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
+from moelab.model.encoder_decoder import (
+    ENCODER_DECODER_SECTION,
+    EncoderDecoder,
+    EncoderDecoderConfig,
+    encoder_decoder_section,
+)
 from moelab.model.materialize import Filler, ModuleLoaded, empty_model, fill_by_names
 from moelab.model.transformer import Transformer
 from moelab.outputs import OutputKind, check_output, files_kind, staged_folder
 from moelab.safetensors_reader import INDEX_FILE, SafetensorsReader
 from moelab.safetensors_writer import SHARD_NAME, write_safetensors
 
-ENCODER_DECODER_SECTION = "encoder_decoder"  # config.yaml section of an EncoderDecoder (instead of model:)
 DType = str | torch.dtype | None  # "bf16" | "fp16" | "fp32" | a torch dtype | None (the stored weights')
 
 
@@ -236,8 +240,9 @@ def _write_moelab(model: Transformer, out: Path) -> None:
 def moelab_builder(data: Mapping[str, Any]):
     """``build()`` of the model a moelab ``config.yaml`` (parsed) describes: an EncoderDecoder for an
     ``encoder_decoder:`` section (or an EncoderDecoderConfig at the top), else a Transformer."""
-    if ENCODER_DECODER_SECTION in data or {"encoder", "decoder"} <= set(data):  # folder / save_checkpoint
-        enc = from_dict(EncoderDecoderConfig, data.get(ENCODER_DECODER_SECTION, data))
+    section = encoder_decoder_section(data)
+    if section is not None:
+        enc = from_dict(EncoderDecoderConfig, section)
         return lambda: EncoderDecoder(enc)
     cfg = from_dict(ModelConfig, data.get("model", data))
     return lambda: Transformer(cfg)

@@ -15,6 +15,8 @@ text would put everything in one split and fill whole batches with one source. T
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from moelab.data.document import Document
 
 MAX_DOC_CHARS = 16_000  # longer texts are cut at line breaks: keeps batches mixed and the split fine-grained
@@ -25,13 +27,21 @@ def split_long(text: str, limit: int = MAX_DOC_CHARS) -> list[str]:
     """Cut ``text`` into pieces of at most ~``limit`` characters at line breaks."""
     if len(text) <= limit:
         return [text]
-    pieces, cur, size = [], [], 0
-    for line in text.splitlines(keepends=True):
-        if size + len(line) > limit and cur:
+    return _pack(text.splitlines(keepends=True), limit)
+
+
+def _pack(parts: Iterable[str], limit: int) -> list[str]:
+    """Consecutive ``parts`` joined greedily into pieces of at most ``limit`` characters (a part longer
+    than ``limit`` stays whole, alone in its piece)."""
+    pieces: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for part in parts:
+        if size + len(part) > limit and cur:
             pieces.append("".join(cur))
             cur, size = [], 0
-        cur.append(line)
-        size += len(line)
+        cur.append(part)
+        size += len(part)
     if cur:
         pieces.append("".join(cur))
     return pieces
@@ -83,15 +93,5 @@ def paragraph_pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
     Pieces of only whitespace (blank lines where a cut fell) are dropped; joining the pieces gives
     ``text`` less those.
     """
-    pieces: list[str] = []
-    cur, size = [], 0
-    for para in paragraphs(text):
-        for part in _fit(para, limit):
-            if size + len(part) > limit and cur:
-                pieces.append("".join(cur))
-                cur, size = [], 0
-            cur.append(part)
-            size += len(part)
-    if cur:
-        pieces.append("".join(cur))
+    pieces = _pack((part for para in paragraphs(text) for part in _fit(para, limit)), limit)
     return [p for p in pieces if p.strip()]

@@ -109,7 +109,7 @@ class _Scorer:
 
 def _harness_model_class():
     """The harness model class, defined once lm-eval is importable and registered as ``moelab``."""
-    lm_eval = _require_lm_eval()
+    _require_lm_eval()
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import model_registry, register_model
 
@@ -220,7 +220,6 @@ def _harness_model_class():
             return out
 
     register_model(MODEL_NAME)(MoelabLM)
-    del lm_eval
     return MoelabLM
 
 

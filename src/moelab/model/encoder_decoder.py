@@ -27,7 +27,9 @@ Legend: B batch, L encoder length, S decoder length, D model dim, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,18 @@ from moelab.moe.decision import RoutingDecision
 from moelab.moe.layer import MoEOutput
 
 POSITIONS = ("rope", "t5_relative")
+
+
+ENCODER_DECODER_SECTION = "encoder_decoder"  # config.yaml section of an EncoderDecoder (instead of model:)
+
+
+def encoder_decoder_section(data: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The :class:`EncoderDecoderConfig` part of a parsed ``config.yaml``: its ``encoder_decoder:`` section
+    (moelab folders, runs), or the whole mapping when it is one (``save_checkpoint`` of an
+    EncoderDecoderConfig); None for a decoder-only (``model:``) config."""
+    if ENCODER_DECODER_SECTION in data:
+        return data[ENCODER_DECODER_SECTION]
+    return data if {"encoder", "decoder"} <= set(data) else None
 
 
 @dataclass(frozen=True)

@@ -98,10 +98,18 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         names.append(f"{module_name}.{param}")
     if cfg.train_router:
         for name, p in model.named_parameters():
-            if ".router." in f".{name}":
+            if _is_router(name):
                 p.requires_grad_(True)
     model.lora_config = cfg  # type: ignore[attr-defined]
     return names
+
+
+def _is_adapter(name: str) -> bool:
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def _is_router(name: str) -> bool:
+    return ".router." in f".{name}"
 
 
 def is_lora(model: nn.Module) -> bool:
@@ -114,7 +122,7 @@ def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
     the frozen base weights, so copying into them loads a base model (``train --init``)."""
     out = {}
     for name, value in model.state_dict().items():
-        if ".lora_A" in name or ".lora_B" in name:
+        if _is_adapter(name):
             continue
         out[name.replace(".parametrizations.", ".").replace(".original", "")] = value
     return out
@@ -125,7 +133,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
     keep = {}
     for name, p in model.named_parameters():
-        if "lora_A" in name or "lora_B" in name or (cfg is not None and cfg.train_router and ".router." in f".{name}"):
+        if _is_adapter(name) or (cfg is not None and cfg.train_router and _is_router(name)):
             keep[name] = p.detach().contiguous()
     return keep
 

@@ -333,10 +333,11 @@ def _encoder_decoder(ckpt: Path) -> Callable[[], nn.Module] | None:
         return None  # read_run_config reports it
     if not isinstance(data, dict):
         return None
-    section = data.get("encoder_decoder", data if {"encoder", "decoder"} <= set(data) else None)
+    from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig, encoder_decoder_section
+
+    section = encoder_decoder_section(data)
     if section is None:
         return None
-    from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 
     try:
         cfg = from_dict(EncoderDecoderConfig, section)
@@ -402,13 +403,14 @@ def _load_resolved(
         refuse_non_finite(model.state_dict(), ckpt)
         return model
     base = _encoder_decoder(ckpt)
+    lora = None  # a LoRA run's train.lora: its checkpoint holds the frozen base and the adapters
     if base is None:
         from moelab.train.objective_step import build_model, objective_of
 
         run = read_run_config(ckpt)
         base = lambda: build_model(run.model, objective_of(run))  # noqa: E731  (span: an encoder-decoder)
+        lora = run.train.lora if run.train.lora.enabled else None
     quant = stored_quantization(ckpt)
-    lora = _lora_of(ckpt)
 
     def build() -> nn.Module:
         model = base()
@@ -436,17 +438,6 @@ def _load_resolved(
                 on_module_loaded(model, path, module)
     refuse_non_finite(model.state_dict(), ckpt)
     return model.eval()
-
-
-def _lora_of(ckpt: Path):
-    """The run's ``train.lora`` when it trained LoRA adapters (their tensors are in the checkpoint), else None."""
-    if not (ckpt / "config.yaml").is_file():
-        return None
-    try:
-        lora = read_run_config(ckpt).train.lora
-    except UserError:
-        return None  # an encoder-decoder model section: no run config to read adapters from
-    return lora if lora.enabled else None
 
 
 def is_model_folder(p: Path) -> bool:
