@@ -11,7 +11,10 @@ in a fresh process so that its peak RSS (``VmHWM``) is its own:
 3. ``decode-bf16``: batch-1 greedy decode after a 64-token prompt — tok/s next to ``moelab calc``'s
    bandwidth-bound prediction at the memory bandwidth measured in the same process;
 4. ``quantize``: ``moelab quantize --bits 4 --group 32 --only experts`` streamed — seconds, peak RSS;
-5. ``decode-int4``: the same decode on the int4 checkpoint, next to calc's int4 prediction.
+5. ``decode-int4``: the same decode on the int4 checkpoint, next to calc's int4 prediction;
+6. ``lora``: ``moelab train --init`` the bf16 folder with LoRA adapters on attention and experts
+   (the base stays bf16, ``train.lora.base_dtype=auto``) on ``../shared/corpus`` — peak RSS next to the
+   weights and the memory check's lower bound, tokens/s and the matmul rate they imply.
 
     python benchmarks/real_size.py --work /tmp/real-size --out benchmarks/results/real-size [--overwrite]
 
@@ -169,6 +172,40 @@ def _model_cfg(folder: Path):
     return read_run_config(folder).model
 
 
+LORA = {"rank": 8, "alpha": 16, "batch_size": 2, "seq_len": 256}
+
+
+def lora_stage(hf: Path, run: Path, steps: int) -> dict:
+    """LoRA fine-tune of the bf16 folder in a fresh process; tokens/s from the run's own metrics (steps after the first)."""
+    from moelab.config import LoRAConfig
+    from moelab.model.lora import lora_counts
+    from moelab.model.sizes import training_bytes
+    from moelab.train.logging import read_metrics
+
+    out = run_cli(["train", "--init", str(hf), "--preset", "tiny", "--set", f"data.corpus={CORPUS}",
+                   "--set", "data.max_bytes_per_domain=200000", "--set", f"data.seq_len={LORA['seq_len']}",
+                   "--set", f"train.lora.rank={LORA['rank']}", "--set", f"train.lora.alpha={LORA['alpha']}",
+                   "--set", "train.precision=bf16", "--set", f"train.batch_size={LORA['batch_size']}",
+                   "--set", f"train.steps={steps}", "--set", "train.warmup_steps=1", "--set", f"train.eval_every={steps}",
+                   "--set", "train.eval_batches=2", "--set", "train.log_every=1", "--set", "train.keep_last=1",
+                   "--set", "train.lr=1e-3", "--out", str(run), "--overwrite", "--no-progress"])  # fmt: skip
+    records = read_metrics(run)
+    train = [r for r in records if r.get("kind") == "train"]
+    rates = sorted(r["tokens_per_s"] for r in train[1:])
+    cfg = _model_cfg(hf)
+    adapters, trainable = lora_counts(cfg, LoRAConfig(rank=LORA["rank"], alpha=LORA["alpha"]))
+    tokens = LORA["batch_size"] * LORA["seq_len"]
+    bound = training_bytes(cfg, tokens, 2, 2, adapters, trainable)
+    from moelab.calc import arch_from_config, count
+
+    active = count(arch_from_config(cfg)).active
+    rate = rates[len(rates) // 2]
+    return {**out, "steps": steps, "tokens_per_step": tokens, "tokens_per_s": rate, "adapters": adapters,
+            "trainable": trainable, "active_params": active, "gflops": 4 * active * rate / 1e9,
+            "memory_bound_mb": bound.total / 2**20, "losses": [r["loss"] for r in train],
+            "val_loss": [r["val_loss"] for r in records if "val_loss" in r]}  # fmt: skip
+
+
 def run_stage(name: str, argv: list[str], env: dict | None = None) -> dict:
     """Run ``python real_size.py --stage NAME ARGV`` in a fresh process; return its JSON line."""
     cmd = [sys.executable, __file__, "--stage", name, *argv]
@@ -204,6 +241,8 @@ def main() -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier OUT.json / OUT.md")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--analyze-tokens", type=int, default=8192)
+    ap.add_argument("--lora-steps", type=int, default=6)
+    ap.add_argument("--only", choices=["lora"], help="run this stage alone and add it to an earlier OUT.json")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("folder", nargs="?", help=argparse.SUPPRESS)
     if "--stage" in sys.argv and "cli" in sys.argv and "-" in sys.argv:  # --stage cli - MOELAB ARGS
@@ -219,14 +258,20 @@ def main() -> None:
 
     out = Path(args.out)
     taken = [f for f in (out.with_suffix(".json"), out.with_suffix(".md")) if f.exists()]
-    if taken and not args.overwrite:  # refused before ten minutes of work, not after
+    if taken and not args.overwrite and not args.only:  # refused before ten minutes of work, not after
         raise SystemExit(f"{taken[0]} exists: give another --out, or --overwrite to replace it")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     hf, q4, analysis = work / "olmoe-shaped", work / "olmoe-shaped-int4", work / "analysis"
     result: dict = {"model": "OLMoE-1B-7B-shaped, random weights", "config": OLMOE, "threads": os.cpu_count()}
+    if args.only and not out.with_suffix(".json").is_file():
+        raise SystemExit(f"--only {args.only} adds to an earlier {out.with_suffix('.json')}, which does not exist")
     if not hf.is_dir():
         result["write"] = run_stage("write", [str(hf)])
+    if args.only == "lora":
+        result = {**json.loads(out.with_suffix(".json").read_text()), "lora": lora_stage(hf, work / "lora-run", args.lora_steps)}
+        _write_results(out, result)
+        return
     shards = sorted(hf.glob("*.safetensors"))
     result["files"] = {"shards": len(shards), "bytes": sum(f.stat().st_size for f in shards)}
     result["load_decode_bf16"] = run_stage("load-decode", [str(hf), "--new-tokens", str(args.new_tokens)])
@@ -239,7 +284,12 @@ def main() -> None:
                                        "--dtype", "bf16", "--out", str(q4), "--overwrite"])  # fmt: skip
     result["files"]["int4_bytes"] = sum(f.stat().st_size for f in q4.glob("*.safetensors"))
     result["load_decode_int4"] = run_stage("int4-decode", [str(q4), "--new-tokens", str(args.new_tokens)])
+    result["lora"] = lora_stage(hf, work / "lora-run", args.lora_steps)
 
+    _write_results(out, result)
+
+
+def _write_results(out: Path, result: dict) -> None:
     from moelab.outputs import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +318,16 @@ def markdown(r: dict) -> str:
         ("decode int4 g32 experts, batch 1", f"{li['decode_tok_s']:.2f} tok/s (prefill 64: {li['prefill_s']:.1f} s)",
          f"calc: {li['calc_decode_tok_s']:.2f} tok/s at {li['bandwidth_gbs']:.1f} GB/s"),
     ]
+    if "lora" in r:
+        lo = r["lora"]
+        rows.append((
+            f"`moelab train --init` LoRA r={LORA['rank']} on attention + experts, bf16 base, "
+            f"{lo['steps']} steps of {lo['tokens_per_step']} tokens",
+            f"{lo['seconds']:.0f} s, peak RSS {lo['peak_rss_mb'] / 1024:.2f} GiB; {lo['tokens_per_s']:.0f} tokens/s",
+            f"weights {ld['weight_mb'] / 1024:.2f} GiB, memory check's lower bound {lo['memory_bound_mb'] / 1024:.2f} GiB; "
+            f"{lo['trainable']:,} parameters trained; {lo['gflops']:.0f} GFLOP/s (4 × {lo['active_params'] / 1e9:.2f}B "
+            "active per token: forward + input gradients)",
+        ))  # fmt: skip
     lines = ["| what | measured | beside it |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"

@@ -792,10 +792,11 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UserError("--allow-config-change applies to --resume only: a fresh run takes its config as given")
     init = None
     if args.init:  # the model comes from --init; --config/--preset/--set give data and train
-        from moelab.train.init import init_run_config, load_init_source
+        from moelab.train.init import init_run_config, load_init_source, require_init_training_fits
 
         init = load_init_source(args.init)
         cfg = init_run_config(init, args.config, args.preset, args.overrides)
+        require_init_training_fits(init, cfg)
     else:
         cfg = run_config_from_args(args)
     if args.no_progress:

@@ -465,6 +465,7 @@ DECAY_SHAPES = ("linear", "sqrt", "cosine")  # = moelab.train.schedule.DECAY_SHA
 
 
 LORA_TARGETS = ("attention", "mlp", "experts")  # = moelab.model.lora's weight groups (tested)
+LORA_BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -472,12 +473,15 @@ class LoRAConfig:
     """LoRA fine-tuning (:mod:`moelab.model.lora`): low-rank updates ``(alpha / rank) · B A`` beside
     frozen weights. ``rank`` 0 is off: every weight trains. ``targets`` ⊆ attention, mlp (dense
     FFNs and shared experts), experts (routed experts); the router trains in full only with
-    ``train_router``."""
+    ``train_router``. ``base_dtype`` is the dtype the frozen weights are held in (adapters and
+    routers stay fp32): ``auto`` is the ``--init`` weights' own dtype (a bf16 release stays bf16,
+    2 bytes a parameter), fp32 for a model trained from scratch."""
 
     rank: int = 0
     alpha: float = 16.0
     targets: tuple[str, ...] = ("attention", "experts")
     train_router: bool = False
+    base_dtype: str = "auto"  # auto | fp32 | bf16 | fp16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -487,6 +491,8 @@ class LoRAConfig:
             bool(self.targets) and all(t in LORA_TARGETS for t in self.targets),
             "train.lora.targets", list(self.targets), f"must be a non-empty subset of {list(LORA_TARGETS)}",
         )
+        _require(self.base_dtype in LORA_BASE_DTYPES, "train.lora.base_dtype", self.base_dtype,
+                 f"must be one of {list(LORA_BASE_DTYPES)}")
 
     @property
     def enabled(self) -> bool:

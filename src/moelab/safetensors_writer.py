@@ -25,10 +25,11 @@ import struct
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from moelab.errors import UserError
 from moelab.safetensors_reader import DTYPE_NAMES, INDEX_FILE, tensor_nbytes
@@ -112,6 +113,18 @@ def write_shards(
     return [*names, INDEX_FILE]
 
 
+def unique_state(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with each tied tensor under its first name only (as safetensors stores it)."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        if id(t) in first:
+            aliases.add(name)
+        else:
+            first[id(t)] = name
+    return {k: v for k, v in model.state_dict().items() if k not in aliases}
+
+
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, Tensor]], metadata: dict[str, str] | None = None) -> None:
     """Write finished tensors (``(name, tensor)`` pairs, e.g. a state dict's items) to one file, no copy."""
     items = list(tensors)
@@ -154,4 +167,5 @@ def _write_tensor(f, t: Tensor) -> None:
 if sys.byteorder != "little":  # safetensors is little-endian; tensors are written as they lie in memory
     raise ImportError("moelab.safetensors_writer needs a little-endian machine")
 
-__all__ = ["SHARD_NAME", "SINGLE_FILE", "Planned", "parse_size", "shard_plan", "write_safetensors", "write_shards"]
+__all__ = ["SHARD_NAME", "SINGLE_FILE", "Planned", "parse_size", "shard_plan", "unique_state", "write_safetensors",
+           "write_shards"]  # fmt: skip

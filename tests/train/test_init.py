@@ -113,7 +113,7 @@ def test_init_shape_mismatch(tmp_path, capsys) -> None:
         str(tmp_path / "r"),
     ]
     assert main(argv) == 2
-    one_line_error(capsys, "does not fit", f"vs (259, {2 * d})")
+    one_line_error(capsys, "does not fit", f"has shape [259, {d}]", f"needs [259, {2 * d}]")
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
@@ -127,6 +127,14 @@ def test_init_vocab_mismatch_without_tokenizer(tmp_path, capsys) -> None:
     src = moelab_folder(tmp_path / "m", vocab_size=101)
     assert main(["train", "--init", str(src), *FAST, *SHORT, "--out", str(tmp_path / "r")]) == 2
     one_line_error(capsys, "vocab_size 101", "259")
+
+
+def test_init_with_a_vocabulary_padded_beyond_the_tokenizer_keeps_its_rows(tmp_path) -> None:
+    """Released models pad their embedding (OLMoE: 50,304 rows, 50,280 tokens); the rows stay, unused."""
+    src = moelab_folder(tmp_path / "m", vocab_size=320)
+    assert main(["train", "--init", str(src), *FAST, *SHORT, "--out", str(tmp_path / "r")]) == 0
+    model, tok = load_model(tmp_path / "r")
+    assert tok.vocab_size == 259 and model.embed.weight.shape[0] == 320
 
 
 def test_init_stop_and_resume_equals_one_go(tmp_path) -> None:

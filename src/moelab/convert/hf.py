@@ -29,13 +29,11 @@ refuses any non-empty folder unless asked to overwrite and never writes onto its
 from __future__ import annotations
 
 from collections.abc import Mapping
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import Tensor, nn
 
 from moelab.config import ModelConfig, from_dict, to_dict
 from moelab.convert.families import FAMILIES, default_family
@@ -61,7 +59,7 @@ from moelab.model.materialize import Filler, ModuleLoaded, empty_model, fill_by_
 from moelab.model.transformer import Transformer
 from moelab.outputs import OutputKind, check_output, files_kind, staged_folder
 from moelab.safetensors_reader import INDEX_FILE, SafetensorsReader
-from moelab.safetensors_writer import SHARD_NAME, write_safetensors
+from moelab.safetensors_writer import SHARD_NAME, unique_state, write_safetensors
 
 DType = str | torch.dtype | None  # "bf16" | "fp16" | "fp32" | a torch dtype | None (the stored weights')
 
@@ -215,18 +213,6 @@ def save_moelab(model: Transformer, path: str | Path, overwrite: bool = True) ->
     with staged_folder(path, MODEL_FOLDER, overwrite=overwrite) as tmp:
         _write_moelab(model, tmp)
     return Path(path)
-
-
-def unique_state(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` with each tied tensor under its first name only (as safetensors stores it)."""
-    first: dict[int, str] = {}
-    aliases = set()
-    for name, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
-        if id(t) in first:
-            aliases.add(name)
-        else:
-            first[id(t)] = name
-    return {k: v for k, v in model.state_dict().items() if k not in aliases}
 
 
 def _write_moelab(model: Transformer, out: Path) -> None:

@@ -146,11 +146,7 @@ def train_run(
 
         check_vocab(init, data.tokenizer)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, data=data)
-    if init is not None and not (resume and latest_checkpoint(run_dir) is not None):
-        from moelab.train.init import load_init_weights
-
-        load_init_weights(trainer.model, init)
+    trainer = Trainer(cfg, run_dir, data=data, init=init)  # a resume then replaces init's weights by its own
     result = trainer.train(resume=resume, stop_at=stop_at, overwrite=overwrite, allow_config_change=allow_config_change)
     return finished_run(trainer, result, time.perf_counter() - t0)
 

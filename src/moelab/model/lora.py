@@ -1,69 +1,76 @@
 """LoRA adapters on attention, dense-FFN and expert weights: fine-tune a large model by training a
 low-rank update ``ΔW = (α / r) · B A`` beside each frozen weight (Hu et al., 2021).
 
-Why parametrizations (``torch.nn.utils.parametrize``): the adapted weight is read through the
-same attribute the modules already use (``linear.weight``, ``experts.w_up``), so every dispatch
-backend, the fused SwiGLU and checkpointing see ``W + ΔW`` without a LoRA-aware copy of their
-code; stacked expert weights ``[E, out, in]`` get one adapter per expert (``A: [E, r, in]``,
-``B: [E, out, r]``) the same way a ``[out, in]`` matrix gets one. Merging is removing the
-parametrization with its value kept: the merged model is a plain moelab model.
+The update runs as its own path beside the frozen weight (:class:`~moelab.moe.low_rank.LowRank`):
+a ``nn.Linear`` gets it through a forward hook (``y = W x + (α / r) · B A x``), routed experts
+through :class:`~moelab.moe.experts.Experts`' ``lora_up``/``lora_down``, which every dispatch form
+(per-expert, loop, grouped, padded) adds. Why not fold ``ΔW`` into the weight each step: over a
+bf16 base the sum rounds away every update below the weight's last bit, and the op using it would
+keep a merged copy of every weight until backward (the model's size again). Merging happens once,
+at the end (:func:`merge_lora`), in fp32: the merged model is a plain moelab model.
 
 ``B`` starts at zero, so an adapted model computes exactly what the base model computes until
 the first update. The router is never adapted (a low-rank update of a ``[E, D]`` matrix saves
 nothing); ``train_router=True`` leaves it trainable in full.
 
 Targets: ``attention`` (every linear of self-, cross- and latent attention), ``mlp`` (dense FFNs
-and shared experts), ``experts`` (routed experts' ``w_up``/``w_down``).
+and shared experts), ``experts`` (routed experts' ``w_up``/``w_down``). Adapter names in state
+dicts: ``….q_proj.lora.lora_A``, ``….experts.lora_up.lora_B``.
+
+Memory: with ``train.lora.base_dtype=bf16`` the frozen base is 2 bytes a parameter; adapters stay
+fp32 (what AdamW updates).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from moelab.config import LORA_TARGETS, ConfigError, LoRAConfig
+from moelab.config import LORA_TARGETS, ConfigError, LoRAConfig, ModelConfig
 from moelab.errors import UserError
 from moelab.model.cross_attention import CrossAttention
 from moelab.model.mla import MLAAttention
 from moelab.model.mlp import DenseMLP
-from moelab.model.transformer import Attention
+from moelab.model.transformer import Attention, Transformer
 from moelab.moe.experts import Experts
+from moelab.moe.low_rank import LowRank
 
 TARGETS = LORA_TARGETS
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+# names written by the first LoRA version (torch parametrizations), read by the loaders
+_LEGACY = [
+    (re.compile(r"\.parametrizations\.(weight|w_up|w_down)\.original$"), lambda m: f".{m.group(1)}"),
+    (re.compile(r"\.parametrizations\.weight\.0\.(lora_[AB])$"), lambda m: f".lora.{m.group(1)}"),
+    (re.compile(r"\.parametrizations\.(w_up|w_down)\.0\.(lora_[AB])$"), lambda m: f".lora_{m.group(1)[2:]}.{m.group(2)}"),
+]
 
 
-class LowRankDelta(nn.Module):
-    """``W ↦ W + scale · B @ A`` for a weight ``[..., out, in]`` (leading dims: one adapter each)."""
+def legacy_name(name: str) -> str:
+    """A state-dict name of the first LoRA version (``q_proj.parametrizations.weight.original``,
+    ``…weight.0.lora_A``) under today's (``q_proj.weight``, ``q_proj.lora.lora_A``); others unchanged."""
+    for pattern, repl in _LEGACY:
+        name = pattern.sub(repl, name)
+    return name
 
-    def __init__(self, weight: Tensor, rank: int, scale: float) -> None:
-        super().__init__()
-        *lead, out_dim, in_dim = weight.shape
-        rank = min(rank, out_dim, in_dim)
-        self.scale = scale
-        # A as nn.Linear's default init (Kaiming-uniform over fan_in = in); B zero: ΔW = 0 at the start
-        bound = 1.0 / math.sqrt(in_dim)
-        like = {"dtype": weight.dtype, "device": weight.device}  # meta when a checkpoint is streamed in
-        self.lora_A = nn.Parameter(torch.empty(*lead, rank, in_dim, **like).uniform_(-bound, bound))
-        self.lora_B = nn.Parameter(torch.zeros(*lead, out_dim, rank, **like))
 
-    def delta(self) -> Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight + self.delta().to(weight.dtype)
+def base_dtype(cfg: LoRAConfig) -> torch.dtype:
+    """The dtype a run holds its weights in: ``cfg.base_dtype`` with LoRA on (``auto``, left unresolved
+    by ``train --init``, is fp32), fp32 otherwise (every weight trains and AdamW needs fp32 weights)."""
+    if not cfg.enabled or cfg.base_dtype == "auto":
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.base_dtype]
 
 
 def _adaptable(model: nn.Module, targets: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str]]:
-    """``(module name, module, parameter name)`` of every weight the targets cover."""
+    """``(module name, module, weight name)`` of every weight the targets cover."""
     for name, module in model.named_modules():
         if "attention" in targets and isinstance(module, (Attention, MLAAttention, CrossAttention)):
             for child_name, child in module.named_children():
@@ -76,6 +83,11 @@ def _adaptable(model: nn.Module, targets: tuple[str, ...]) -> Iterator[tuple[str
         elif "experts" in targets and isinstance(module, Experts):
             yield name, module, "w_up"
             yield name, module, "w_down"
+
+
+def _add_low_rank(module: nn.Linear, args: tuple[Any, ...], out: Tensor) -> Tensor:
+    """Forward hook of an adapted ``nn.Linear``: ``W x (+ b) + (α / r) · B A x``."""
+    return out + module.lora(args[0])
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
@@ -94,7 +106,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         raise UserError(f"no weight of this model matches lora.targets={list(cfg.targets)}")
     names = []
     for module_name, module, param in sites:
-        parametrize.register_parametrization(module, param, LowRankDelta(getattr(module, param), cfg.rank, cfg.scale))
+        adapter = LowRank(getattr(module, param), cfg.rank, cfg.scale)
+        if isinstance(module, Experts):
+            setattr(module, f"lora_{param[2:]}", adapter)  # w_up → lora_up
+        else:
+            module.lora = adapter
+            module._lora_hook = module.register_forward_hook(_add_low_rank)
         names.append(f"{module_name}.{param}")
     if cfg.train_router:
         for name, p in model.named_parameters():
@@ -102,6 +119,18 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
                 p.requires_grad_(True)
     model.lora_config = cfg  # type: ignore[attr-defined]
     return names
+
+
+def _adapters(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, LowRank]]:
+    """``(module, adapter attribute, weight attribute, adapter)`` of every adapter in ``model``."""
+    for module in model.modules():
+        if isinstance(module, Experts):
+            for side in ("up", "down"):
+                adapter = getattr(module, f"lora_{side}")
+                if adapter is not None:
+                    yield module, f"lora_{side}", f"w_{side}", adapter
+        elif isinstance(module, nn.Linear) and isinstance(getattr(module, "lora", None), LowRank):
+            yield module, "lora", "weight", module.lora
 
 
 def _is_adapter(name: str) -> bool:
@@ -113,19 +142,12 @@ def _is_router(name: str) -> bool:
 
 
 def is_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LowRankDelta) for m in model.modules())
+    return any(isinstance(m, LowRank) for m in model.modules())
 
 
 def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state under its plain names (``q_proj.weight``, not
-    ``q_proj.parametrizations.weight.original``), adapters left out: the tensors share storage with
-    the frozen base weights, so copying into them loads a base model (``train --init``)."""
-    out = {}
-    for name, value in model.state_dict().items():
-        if _is_adapter(name):
-            continue
-        out[name.replace(".parametrizations.", ".").replace(".original", "")] = value
-    return out
+    """The model's state without its adapters: the frozen base under the plain model's names."""
+    return {name: value for name, value in model.state_dict().items() if not _is_adapter(name)}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -169,7 +191,7 @@ def load_lora(model: nn.Module, folder: str | Path) -> nn.Module:
     except (TypeError, ConfigError) as exc:
         raise UserError(f"{src}/{ADAPTER_CONFIG} is not a LoRA config: {exc}") from None
     apply_lora(model, cfg)
-    tensors = load_file(str(src / ADAPTER_FILE))
+    tensors = {legacy_name(k): v for k, v in load_file(str(src / ADAPTER_FILE)).items()}
     params = dict(model.named_parameters())
     expected = set(lora_state_dict(model))
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -187,17 +209,34 @@ def load_lora(model: nn.Module, folder: str | Path) -> nn.Module:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight (``W ← W + ΔW``) and drop the adapters; all parameters
-    trainable again. The result is a plain model: it saves, converts and exports like any other."""
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for param in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, param, leave_parametrized=True)
+    """Fold every adapter into its weight (``W ← W + ΔW``, summed in fp32, stored in W's dtype) and drop
+    the adapters; all parameters trainable again. The result is a plain model: it saves, converts and
+    exports like any other."""
+    for module, attr, weight_name, adapter in list(_adapters(model)):
+        weight = getattr(module, weight_name)
+        weight.copy_((weight.float() + adapter.delta().float()).to(weight.dtype))
+        delattr(module, attr)
+        if attr == "lora":
+            module._lora_hook.remove()
+            del module._lora_hook
+        else:
+            setattr(module, attr, None)  # Experts without adapters
     for p in model.parameters():
         p.requires_grad_(True)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
+
+
+def lora_counts(model_cfg: ModelConfig, cfg: LoRAConfig) -> tuple[int, int]:
+    """``(adapter parameters, trainable parameters)`` of ``model_cfg`` under ``cfg``, counted on the meta
+    device (nothing allocated): for the training-memory check before a large model is loaded."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    base = sum(p.numel() for p in model.parameters())
+    apply_lora(model, cfg)
+    trainable, total = trainable_parameters(model)
+    return total - base, trainable
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -209,11 +248,14 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 __all__ = [
     "LoRAConfig",
-    "LowRankDelta",
+    "LowRank",
     "apply_lora",
+    "base_dtype",
     "base_state_dict",
     "is_lora",
+    "legacy_name",
     "load_lora",
+    "lora_counts",
     "lora_state_dict",
     "merge_lora",
     "save_lora",

@@ -9,7 +9,8 @@ plus the tensor being copied.
 
 Dtype policy (:func:`cast_on_meta`): every floating parameter and buffer takes the load dtype,
 except routers (gate weights, bias buffers), which stay fp32 because router math is fp32 whatever
-the model's dtype (they are E×D numbers a layer), and RoPE frequencies (recomputed in fp32).
+the model's dtype (they are E×D numbers a layer), LoRA adapters (what training updates), and RoPE
+frequencies (recomputed in fp32).
 
 Buffers that checkpoints do not store (``persistent=False``, RoPE's ``inv_freq``) are allocated at
 the end and recomputed by their module's ``reset_buffers()``; a module holding such a buffer
@@ -63,7 +64,7 @@ def cast_on_meta(model: M, dtype: torch.dtype) -> M:
     """Floating parameters and buffers to ``dtype``, routers back to fp32 (see the module doc); free on meta."""
     model.to(dtype)
     for mod in model.modules():
-        if isinstance(mod, Router):
+        if isinstance(mod, Router) or getattr(mod, "KEEP_FP32", False):  # LoRA adapters: moelab.moe.low_rank
             mod.float()
     return model
 
@@ -198,9 +199,13 @@ class Filler:
             raise AssertionError(f"tensors left on the meta device after loading: {left[:8]}")
 
 
-def fill_by_names(filler: Filler, tensors: Mapping[str, Tensor], order: list[str] | None = None) -> None:
+def fill_by_names(
+    filler: Filler, tensors: Mapping[str, Tensor], order: list[str] | None = None, consume: bool = False
+) -> None:
     """Copy every tensor of ``tensors`` (a :class:`~moelab.safetensors_reader.SafetensorsReader` or a dict)
     into the parameter or buffer of the same name, in ``order`` (default: the mapping's), then :meth:`Filler.finish`.
+    ``consume`` (``tensors`` a dict): drop each tensor from it once copied, so a source held only by the
+    dict is freed as the model fills: one model's size at the peak, not two.
 
     Names are checked before anything is read: a tensor the model lacks, or a tensor (group of tied
     names) the file lacks, is one UserError listing them. A tied tensor stored under two names is read once.
@@ -213,6 +218,8 @@ def fill_by_names(filler: Filler, tensors: Mapping[str, Tensor], order: list[str
     for name in order if order is not None else list(tensors):
         if not filler.is_filled(name):
             filler.fill(name, tensors[name])
+        if consume:
+            del tensors[name]  # type: ignore[attr-defined]
     filler.finish()
 
 

@@ -82,21 +82,33 @@ def require_fits(
 
 
 def require_training_fits(
-    cfg: AnyModelConfig, tokens: int, activation_bytes: int = 4, device: torch.device | str = "cpu"
+    cfg: AnyModelConfig,
+    tokens: int,
+    activation_bytes: int = 4,
+    device: torch.device | str = "cpu",
+    *,
+    weight_bytes: int = 4,
+    adapters: int = 0,
+    trainable: int | None = None,
+    held: int = 0,
 ) -> None:
     """ModelTooLargeError when training ``cfg`` on micro-batches of ``tokens`` tokens needs more than
-    the free memory of ``device``, by :func:`moelab.model.sizes.training_bytes` (a lower bound)."""
+    the free memory of ``device``, by :func:`moelab.model.sizes.training_bytes` (a lower bound; a LoRA
+    run passes its base's ``weight_bytes``, its ``adapters`` and ``trainable`` counts). ``held``: bytes
+    this process already holds that the run gives back as it starts (``--init`` weights), counted as free."""
     free = _free(device)
     if free is None:
         return
-    need = training_bytes(cfg, tokens, activation_bytes)
-    if need.total <= free.bytes:
+    need = training_bytes(cfg, tokens, activation_bytes, weight_bytes, adapters, trainable)
+    if need.total <= free.bytes + held:
         return
+    lora = "" if trainable is None else f", {trainable:,} of them trained"
     raise ModelTooLargeError(
-        f"training this model needs at least {gib(need.total)} ({need.params:,} parameters: weights {gib(need.weights)}, "
-        f"gradients {gib(need.gradients)}, AdamW moments {gib(need.optimizer)}; activations of {tokens:,} tokens "
-        f"{gib(need.activations)}), more than the {gib(free.bytes)} free on {device} ({free.source}); shrink the model "
-        f"or train.batch_size / data.seq_len, or {OVERRIDE}"
+        f"training this model needs at least {gib(need.total)} ({need.params:,} parameters{lora}: weights "
+        f"{gib(need.weights)}, gradients {gib(need.gradients)}, AdamW moments {gib(need.optimizer)}; activations of "
+        f"{tokens:,} tokens {gib(need.activations)}), more than the {gib(free.bytes + held)} free on {device} "
+        f"({free.source}); shrink the model or train.batch_size / data.seq_len, fine-tune with LoRA "
+        f"(train.lora.rank, train.lora.base_dtype=bf16), or {OVERRIDE}"
     )
 
 

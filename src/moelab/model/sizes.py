@@ -107,7 +107,7 @@ class TrainingBytes:
     """Bytes one training process needs at least, by part (see :func:`training_bytes`)."""
 
     params: int
-    weights: int  # fp32 parameters
+    weights: int  # parameters (fp32, or a LoRA run's frozen base in its dtype, plus fp32 adapters)
     gradients: int
     optimizer: int  # AdamW moments
     activations: int  # lower bound for one micro-batch (activation_values_per_token)
@@ -117,19 +117,29 @@ class TrainingBytes:
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
-def training_bytes(cfg: AnyModelConfig, tokens: int, activation_bytes: int = 4) -> TrainingBytes:
+def training_bytes(
+    cfg: AnyModelConfig,
+    tokens: int,
+    activation_bytes: int = 4,
+    weight_bytes: int = 4,
+    adapters: int = 0,
+    trainable: int | None = None,
+) -> TrainingBytes:
     """At least what training ``cfg`` with AdamW on micro-batches of ``tokens`` tokens holds:
-    fp32 weights and gradients, two fp32 moments per parameter, and activations of
-    ``activation_bytes`` each (4 in fp32, 2 under bf16 autocast). An encoder–decoder's
-    activations are those of its two stacks (the encoder's at the same token count)."""
+    weights (``weight_bytes`` each: 4, or 2 for a LoRA run's bf16 base, plus ``adapters`` fp32
+    LoRA parameters), fp32 gradients and two fp32 moments for each of the ``trainable``
+    parameters (default: all), and activations of ``activation_bytes`` each (4 in fp32, 2 under
+    bf16 autocast). An encoder–decoder's activations are those of its two stacks (the encoder's
+    at the same token count)."""
     params = parameter_count(cfg)
+    trainable = params if trainable is None else trainable
     stacks = [cfg.encoder, cfg.decoder] if is_encoder_decoder(cfg) else [cfg]  # type: ignore[union-attr]
     values = sum(activation_values_per_token(c) for c in stacks)
     return TrainingBytes(
         params=params,
-        weights=4 * params,
-        gradients=4 * params,
-        optimizer=8 * params,
+        weights=weight_bytes * params + 4 * adapters,
+        gradients=4 * trainable,
+        optimizer=8 * trainable,
         activations=values * tokens * activation_bytes,
     )
 

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.moe.low_rank import LowRank
+from moelab.moe.matmul_dtype import compute_dtype
+
 
 def activate(h: Tensor, activation: str) -> Tensor:
     """SwiGLU: ``silu(gate) · up`` over the two halves of ``h``; GEGLU-tanh (T5 v1.1):
@@ -71,17 +74,6 @@ def up_multiplier(activation: str) -> int:
     return 2 if activation in GATED else 1
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype matmuls on ``x`` run in: the autocast dtype where autocast is on, else ``x.dtype``.
-
-    Why: ``F.grouped_mm`` is not on autocast's cast list, so its callers cast by hand.
-    """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
 def grouped_mm_available() -> bool:
     """``F.grouped_mm`` exists in this torch (2.8+)."""
     return hasattr(F, "grouped_mm")
@@ -121,7 +113,10 @@ class PerExpertModule(nn.Module):
 
 
 class Experts(nn.Module):
-    """E feed-forward experts with stacked weights."""
+    """E feed-forward experts with stacked weights.
+
+    ``lora_up``/``lora_down`` (:class:`~moelab.moe.low_rank.LowRank`, set by ``moelab.model.lora``) add
+    each expert's low-rank update beside its frozen weights in every form below; None without LoRA."""
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str) -> None:
         super().__init__()
@@ -132,6 +127,8 @@ class Experts(nn.Module):
         m = up_multiplier(activation)
         self.w_up = nn.Parameter(torch.empty(num_experts, m * hidden, d_model))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.lora_up: LowRank | None = None
+        self.lora_down: LowRank | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -142,7 +139,17 @@ class Experts(nn.Module):
 
     def forward_expert(self, e: int, x_nD: Tensor) -> Tensor:
         """One expert on its rows: ``[n, D] → [n, D]`` (the obvious reference)."""
+        if self.lora_up is not None or self.lora_down is not None:
+            return self._adapted_expert(e, x_nD, self.w_up[e], self.w_down[e])
         return F.linear(activate(F.linear(x_nD, self.w_up[e]), self.activation), self.w_down[e])
+
+    def _adapted_expert(self, e: int, x_nD: Tensor, w_up_HD: Tensor, w_down_DF: Tensor) -> Tensor:
+        """Expert ``e`` with LoRA: each projection plus its low-rank update."""
+        h = F.linear(x_nD, w_up_HD)
+        h = h + self.lora_up(x_nD, e) if self.lora_up is not None else h
+        a = activate(h, self.activation)
+        y = F.linear(a, w_down_DF)
+        return y + self.lora_down(a, e) if self.lora_down is not None else y
 
     def forward(self, x_RD: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
         """Rows grouped by expert (``tokens_per_expert_E`` rows for each, in order) → ``[R, D]``.
@@ -150,12 +157,17 @@ class Experts(nn.Module):
         Weights are unbound once and rows split once: indexing ``w[e]`` per expert under
         autograd makes every backward build a full-size zero gradient (shared/PERFORMANCE-NOTES).
         """
+        adapted = self.lora_up is not None or self.lora_down is not None
         outs = []
         pieces = x_RD.split(tokens_per_expert_E)
-        for x_nD, w_up, w_down, n in zip(pieces, self.w_up.unbind(0), self.w_down.unbind(0), tokens_per_expert_E):
+        weights = zip(self.w_up.unbind(0), self.w_down.unbind(0))
+        for e, (x_nD, (w_up, w_down), n) in enumerate(zip(pieces, weights, tokens_per_expert_E)):
             if n == 0:
                 continue
-            outs.append(F.linear(activate_lean(F.linear(x_nD, w_up), self.activation), w_down))
+            if adapted:
+                outs.append(self._adapted_expert(e, x_nD, w_up, w_down))
+            else:
+                outs.append(F.linear(activate_lean(F.linear(x_nD, w_up), self.activation), w_down))
         if not outs:
             return x_RD.new_zeros(0, self.d_model)
         return torch.cat(outs, dim=0)
@@ -181,14 +193,22 @@ class Experts(nn.Module):
         w_up_EDH = self.w_up.to(dtype).transpose(1, 2)
         w_down_EFD = self.w_down.to(dtype).transpose(1, 2)
         h_RH = F.grouped_mm(x_RD.to(dtype).contiguous(), w_up_EDH, offs=offs_E)
+        rows = tokens_per_expert_E.tolist() if self.lora_up is not None or self.lora_down is not None else []
+        if self.lora_up is not None:
+            h_RH = h_RH + self.lora_up.grouped(x_RD, rows).to(dtype)
         a_RF = activate_lean(h_RH, self.activation).contiguous()
-        return F.grouped_mm(a_RF, w_down_EFD, offs=offs_E)
+        y_RD = F.grouped_mm(a_RF, w_down_EFD, offs=offs_E)
+        return y_RD + self.lora_down.grouped(a_RF, rows).to(dtype) if self.lora_down is not None else y_RD
 
     def forward_padded(self, x_ECD: Tensor) -> Tensor:
         """A capacity buffer ``[E, C, D] → [E, C, D]`` with two batched matmuls (padding rows
         are zeros in and come out as zeros for SwiGLU/GELU without bias)."""
         h_ECH = torch.bmm(x_ECD, self.w_up.transpose(1, 2))
-        return torch.bmm(activate_lean(h_ECH, self.activation), self.w_down.transpose(1, 2))
+        if self.lora_up is not None:
+            h_ECH = h_ECH + self.lora_up.padded(x_ECD).to(h_ECH.dtype)
+        a_ECF = activate_lean(h_ECH, self.activation)
+        y_ECD = torch.bmm(a_ECF, self.w_down.transpose(1, 2))
+        return y_ECD + self.lora_down.padded(a_ECF).to(y_ECD.dtype) if self.lora_down is not None else y_ECD
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}"

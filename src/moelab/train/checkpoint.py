@@ -37,7 +37,6 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as _st_load_model
-from safetensors.torch import save_model as _st_save_model
 from torch import nn
 
 from moelab.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
@@ -46,6 +45,7 @@ from moelab.errors import UserError
 from moelab.model.materialize import Filler, ModuleLoaded, empty_model, fill_by_names, load_dtype
 from moelab.outputs import TMP_PREFIX, discard, files_kind, fsync_file, staged_folder
 from moelab.safetensors_reader import SafetensorsReader
+from moelab.safetensors_writer import unique_state, write_safetensors
 
 MARKER = "COMPLETE"
 FILES = ("model.safetensors", "config.yaml", "tokenizer.json", "state.safetensors", "state.json")
@@ -134,7 +134,9 @@ def save_checkpoint(
     run folder, files moelab did not write) is refused with a UserError and left untouched.
     """
     with staged_folder(path, CHECKPOINT, overwrite=overwrite) as tmp:
-        _st_save_model(model, str(tmp / "model.safetensors"))
+        # streamed from the tensors' own memory (safetensors' save_file first copies every tensor to bytes:
+        # twice the model at the peak, which a 7B bf16 LoRA run cannot afford)
+        write_safetensors(tmp / "model.safetensors", unique_state(model).items(), metadata={"format": "pt"})
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
         tokenizer.save(tmp / "tokenizer.json")
         tensors = rng_state()
@@ -426,7 +428,12 @@ def _load_resolved(
 
     f = ckpt / "model.safetensors"
     hook = None if lora is not None else on_module_loaded  # adapters are folded in first, then the hook runs
-    with SafetensorsReader([f]) as reader:
+    reader = SafetensorsReader([f])
+    if lora is not None:  # a checkpoint of the first LoRA version names tensors as torch parametrizations did
+        from moelab.model.lora import legacy_name
+
+        reader = reader.renamed({k: legacy_name(k) for k in reader})
+    with reader:
         model = empty_model(build, load_dtype(dtype, reader.float_dtype()), device)
         fill_by_names(Filler(model, device, str(f), hook), reader, reader.in_file_order())
     if lora is not None:

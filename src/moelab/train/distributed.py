@@ -38,7 +38,7 @@ from moelab.parallel.train_step import accumulate_step, shard_rows
 from moelab.parallel.wrap import build_data_parallel
 from moelab.train import objective_step
 from moelab.train.checkpoint import checkpoint_name, prune_checkpoints
-from moelab.train.init import InitSource, load_init_weights
+from moelab.train.init import InitSource
 from moelab.train.optim import build_optimizer, lr_at, set_lr
 from moelab.train.trainer import GRAD_NORM, LOSS, Trainer, autocast
 
@@ -60,9 +60,7 @@ class DistributedTrainer(Trainer):
     ) -> None:
         if cfg.train.lora.enabled:
             raise UserError("train.lora is not supported under torchrun yet: fine-tune with LoRA in one process")
-        super().__init__(cfg, run_dir, data=data)
-        if init is not None:  # before _install shards the experts: every rank loads the full weights
-            load_init_weights(self.model, init)
+        super().__init__(cfg, run_dir, data=data, init=init)  # every rank loads the full weights; _install shards
         tc = self.cfg.train
         if not objective_step.is_plain_causal(self.objective):
             raise UserError(

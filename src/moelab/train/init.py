@@ -12,16 +12,24 @@ keep every weight's shape, e.g. dropout or loss coefficients); data/train come f
 else from the ``tiny`` preset. The tokenizer is the source's ``tokenizer.json`` when it has one;
 otherwise the data's tokenizer must have exactly the model's vocabulary size. Weights load
 strictly: same names and shapes, or a one-line :class:`UserError`.
+
+Memory: the source is read once, streamed in its own dtype (a bf16 release stays 2 bytes a
+parameter), and the run's model is built on the meta device and filled from it tensor by tensor,
+each source tensor dropped once copied (:func:`init_model`): the weights are held once. A LoRA run
+keeps them in ``train.lora.base_dtype`` (``auto`` → the source's dtype), a full fine-tune in fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import yaml
+from torch import nn
 
 from moelab.config import (
     ModelConfig,
@@ -34,18 +42,34 @@ from moelab.config import (
 )
 from moelab.data.tokenizer import Tokenizer, load_tokenizer
 from moelab.errors import ConfigError, UserError
+from moelab.model.materialize import Filler, cast_on_meta, dtype_name, fill_by_names
 from moelab.train.checkpoint import MARKER, latest_checkpoint, refuse_non_finite
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass
 class InitSource:
-    """The weights and configs found at ``--init PATH``."""
+    """The weights and configs found at ``--init PATH``; :func:`init_model` consumes ``state``."""
 
     path: Path
     model_cfg: ModelConfig
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]  # plain state_dict names, in the source's dtype (routers fp32)
     run_cfg: RunConfig | None  # the source's run config (checkpoints only)
     tokenizer: Tokenizer | None  # the source's tokenizer.json, when it has one
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the source's token embedding (its weights' dtype; routers are fp32 in every load)."""
+        floats = [t for k, t in self.state.items() if t.is_floating_point() and "embed" in k]
+        floats = floats or [t for t in self.state.values() if t.is_floating_point()]
+        return floats[0].dtype if floats else torch.float32
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the source's tensors hold (tied tensors once)."""
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.state.values()}
+        return sum(seen.values())
 
 
 def _resolve(path: str | Path) -> Path:
@@ -99,7 +123,7 @@ def load_init_source(path: str | Path) -> InitSource:
         raise UserError(f"--init {exc}") from None
     tok_file = folder / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else None
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in model.state_dict().items()}  # the loaded tensors themselves: no copy
     return InitSource(folder, model.cfg, state, _run_config(folder), tokenizer)
 
 
@@ -119,7 +143,7 @@ def init_run_config(
         base = source.run_cfg if source.run_cfg is not None else run_preset("tiny")
     overrides = normalize_run_overrides(overrides)
     with contextlib.suppress(ConfigError):  # the base's data/train fit the source's model as they are
-        return apply_overrides(replace(base, model=source.model_cfg), overrides)
+        return _resolve_base_dtype(apply_overrides(replace(base, model=source.model_cfg), overrides), source)
     # else data/train overrides first, so that e.g. data.seq_len can be fitted to the source's max_seq_len
     model_keys = [o for o in overrides if o.strip().startswith("model.")]
     base = apply_overrides(base, [o for o in overrides if o not in model_keys])
@@ -127,43 +151,59 @@ def init_run_config(
         cfg = replace(base, model=source.model_cfg)
     except ConfigError as exc:
         raise UserError(f"--init {str(source.path)!r}: {exc} (fix it with --set)") from None
-    return apply_overrides(cfg, model_keys)
+    return _resolve_base_dtype(apply_overrides(cfg, model_keys), source)
+
+
+def _resolve_base_dtype(cfg: RunConfig, source: InitSource) -> RunConfig:
+    """``train.lora.base_dtype=auto`` → the source's dtype, written into the run's config (resume reads it)."""
+    lora = cfg.train.lora
+    if not lora.enabled or lora.base_dtype != "auto":
+        return cfg
+    return replace(cfg, train=replace(cfg.train, lora=replace(lora, base_dtype=dtype_name(source.dtype))))
 
 
 def check_vocab(source: InitSource, tokenizer: Tokenizer) -> None:
-    """The data's tokenizer must index the model's embedding rows one to one."""
+    """Every id of the data's tokenizer must have an embedding row in the source's model. A model with
+    more rows than its tokenizer has entries is fine (released models pad the vocabulary, e.g. OLMoE's
+    50,304 rows for 50,280 tokens): the extra rows are never read."""
     want = source.model_cfg.vocab_size
-    if tokenizer.vocab_size != want:
+    if tokenizer.vocab_size > want:
         raise UserError(
             f"--init {str(source.path)!r} has vocab_size {want} but the data's tokenizer has {tokenizer.vocab_size} "
-            f"entries: set data.tokenizer to a tokenizer.json with {want} entries (or data.tokenizer=bytes for 259)"
+            f"entries: set data.tokenizer to a tokenizer.json with at most {want} entries (or data.tokenizer=bytes "
+            "for 259)"
         )
 
 
-def load_init_weights(model: torch.nn.Module, source: InitSource) -> None:
-    """Copy the source's weights into ``model`` in place (the optimizer keeps its parameters); strict.
+def init_model(build: Callable[[], M], source: InitSource, dtype: torch.dtype, device: torch.device) -> M:
+    """``build()`` on the meta device, cast to ``dtype`` (routers and LoRA adapters fp32), and filled from
+    ``source.state`` by name, strictly; each source tensor leaves ``source.state`` once copied.
 
-    A model with LoRA adapters takes the source's weights as its frozen base (adapters untouched)."""
-    from moelab.model.lora import base_state_dict
+    No free-memory check here: the source's bytes are already held and are given back as the model fills
+    (the training-memory check of :func:`require_init_training_fits` counts them)."""
+    with torch.device("meta"):
+        model = build()
+    cast_on_meta(model, dtype)
+    where = f"--init {str(source.path)!r} does not fit the run's model"
+    try:
+        fill_by_names(Filler(model, device, where), source.state, consume=True)
+    except UserError as exc:
+        raise UserError(f"{exc}: --set model.* may change only fields that keep the weights' shapes") from None
+    return model
 
-    own = base_state_dict(model)
-    missing = sorted(set(own) - set(source.state))
-    unexpected = sorted(set(source.state) - set(own))
-    shapes = [
-        f"{k} {tuple(source.state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in source.state and source.state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"missing {missing[:4]}" if missing else "",
-            f"unexpected {unexpected[:4]}" if unexpected else "",
-        ]
-        parts.append(f"shape (--init vs run) {'; '.join(shapes[:3])}" if shapes else "")
-        raise UserError(
-            f"--init {str(source.path)!r} does not fit the run's model ({', '.join(p for p in parts if p)}): "
-            "--set model.* may change only fields that keep the weights' shapes"
-        )
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(source.state[k].to(v.device, v.dtype))
+
+def require_init_training_fits(source: InitSource, cfg: RunConfig) -> None:
+    """Refuse (one line) a run from ``source`` whose training needs more memory than is free, counting
+    the source's own bytes as free (the run's model takes their place): a full fine-tune of a 7B release
+    (16 bytes a parameter) is refused here, its LoRA fine-tune in bf16 (≈2 bytes a parameter) is not."""
+    from moelab.model.lora import base_dtype, lora_counts
+    from moelab.model.memory_guard import require_training_fits
+
+    tc = cfg.train
+    dtype = base_dtype(tc.lora)
+    lowp = dtype != torch.float32 or tc.precision != "fp32"
+    adapters, trainable = lora_counts(cfg.model, tc.lora) if tc.lora.enabled else (0, None)
+    require_training_fits(
+        cfg.model, tc.batch_size * cfg.data.seq_len, 2 if lowp else 4, tc.device,
+        weight_bytes=dtype.itemsize, adapters=adapters, trainable=trainable, held=source.nbytes,
+    )  # fmt: skip

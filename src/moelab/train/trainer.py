@@ -36,6 +36,8 @@ from moelab.config import RunConfig
 from moelab.data.loader import Batch, Sampler, eval_batches, repeated_subset
 from moelab.data.prepare import PreparedData, prepare_data
 from moelab.errors import UserError
+from moelab.model.lora import apply_lora, base_dtype
+from moelab.model.materialize import cast_on_meta
 from moelab.moe.balancing import Balancer
 from moelab.moe.health import RouterHealth
 from moelab.moe.stats import RoutingStats
@@ -50,6 +52,7 @@ from moelab.train.checkpoint import (
     save_checkpoint,
 )
 from moelab.train.evaluation import EvalResult, autocast, evaluate, evaluate_with_objective, resolve_precision
+from moelab.train.init import InitSource, init_model
 from moelab.train.logging import MetricsLogger, Progress, read_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
 from moelab.train.resume_config import ConfigChange, check_resume_config
@@ -71,17 +74,22 @@ class Trainer:
     """Trains one model of a :class:`RunConfig` into ``run_dir`` (metrics, checkpoints).
 
     ``data`` lets several runs share one prepared corpus (``moelab compare``); without it the
-    trainer prepares ``cfg.data`` itself. ``model.vocab_size`` is set to the tokenizer's.
+    trainer prepares ``cfg.data`` itself. ``model.vocab_size`` is set to the tokenizer's. ``init``
+    (``train --init``) gives the starting weights; the trainer takes them over (:func:`init_model`).
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, data: PreparedData | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: str | Path, data: PreparedData | None = None, init: InitSource | None = None
+    ) -> None:
         if data is None:
             cfg, data = prepare_data(cfg)
         self.objective = objective_step.objective_of(cfg)
         objective_step.prepare_tokenizer(data.tokenizer, self.objective)  # before the vocab size is read
         self.token_bytes_V = token_bytes(data.tokenizer)  # [V] UTF-8 bytes per token, for bits per byte
         model_cfg = objective_step.model_config_for(cfg.model, self.objective)
-        cfg = replace(cfg, model=replace(model_cfg, vocab_size=data.tokenizer.vocab_size))
+        vocab = data.tokenizer.vocab_size  # --init: the source's rows, padded beyond the tokenizer's or not
+        vocab = vocab if init is None else max(vocab, init.model_cfg.vocab_size)
+        cfg = replace(cfg, model=replace(model_cfg, vocab_size=vocab))
         self.cfg, self.data = cfg, data
         self.run_dir = Path(run_dir)
         tc = cfg.train
@@ -90,11 +98,7 @@ class Trainer:
             raise UserError("train.device=cuda but CUDA is not available: use train.device=cpu")
         self.bf16 = resolve_precision(tc.precision, self.device)
         torch.manual_seed(tc.seed)
-        self.model = objective_step.build_model(cfg.model, self.objective).to(self.device)
-        if tc.lora.enabled:  # before the optimizer: it holds only the adapters (and a trained router)
-            from moelab.model.lora import apply_lora
-
-            apply_lora(self.model, tc.lora)
+        self.model = self._build_model(init)
         self.objective_rng = torch.Generator().manual_seed(tc.seed)  # masks, spans, prefixes
         self.optimizer = build_optimizer(self.model, tc)
         self.balancer = Balancer(self.model)
@@ -110,6 +114,22 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # every record logged this run (metrics.jsonl in memory)
         self.opened = False  # the run folder was claimed or resumed by an earlier train() of this trainer
         self.config_changes: list[ConfigChange] = []  # accepted on resume (--allow-config-change), for the report
+
+    def _build_model(self, init: InitSource | None) -> torch.nn.Module:
+        """The run's model on its device: random (seeded) or ``init``'s weights, in :func:`base_dtype`
+        (fp32, or a LoRA run's frozen base in bf16/fp16), with LoRA adapters when ``train.lora`` is on."""
+        tc = self.cfg.train
+        dtype = base_dtype(tc.lora)
+        build = lambda: objective_step.build_model(self.cfg.model, self.objective)  # noqa: E731
+        if init is not None:
+            model = init_model(build, init, dtype, self.device)
+        else:
+            model = build().to(self.device)
+            if dtype != torch.float32:
+                cast_on_meta(model, dtype)  # the same policy on real tensors: routers stay fp32
+        if tc.lora.enabled:  # before the optimizer: it holds only the adapters (and a trained router)
+            apply_lora(model, tc.lora)
+        return model
 
     # ------------------------------------------------------------------ state
 
