@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from moelab.config import DataConfig, ModelConfig, MoEConfig, RunConfig
+from moelab.checkpoint.state import save_checkpoint
+from moelab.config import IGNORE_INDEX, DataConfig, ModelConfig, MoEConfig, RunConfig
+from moelab.convert.load import load_model
 from moelab.data.corpus import load_files
-from moelab.data.loader import IGNORE_INDEX, Sampler, eval_batches, pack
+from moelab.data.loader import Sampler, eval_batches, pack
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import load_model, save_checkpoint
 
 CORPUS = next(
     (p / "shared" / "corpus" for p in Path(__file__).resolve().parents if (p / "shared" / "corpus").is_dir()),

@@ -120,7 +120,7 @@ def stage_load_decode(folder: Path, new_tokens: int) -> dict:
     import torch
 
     from moelab.calc import arch_from_config, decode_tokens_per_s
-    from moelab.train.checkpoint import load_checkpoint_model
+    from moelab.convert.load import load_checkpoint_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     base = rss_mb()
@@ -142,7 +142,7 @@ def stage_int4_decode(folder: Path, new_tokens: int) -> dict:
     import torch
 
     from moelab.calc import _read_per_token, arch_from_config, count, decode_tokens_per_s
-    from moelab.train.checkpoint import load_checkpoint_model
+    from moelab.convert.load import load_checkpoint_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
@@ -163,7 +163,7 @@ def stage_int4_decode(folder: Path, new_tokens: int) -> dict:
 
 
 def _model_cfg(folder: Path):
-    from moelab.train.checkpoint import read_run_config
+    from moelab.checkpoint.folder import read_run_config
 
     if (folder / "config.json").is_file():
         from moelab.convert.hf import config_from_hf

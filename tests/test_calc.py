@@ -23,7 +23,7 @@ from moelab.calc import (
     resolve,
 )
 from moelab.cli import main
-from moelab.infer.kv_cache import cache_for_config
+from moelab.model.kv_cache import cache_for_config
 from moelab.model.transformer import Transformer
 from moelab.model.twins import count_params
 

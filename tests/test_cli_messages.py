@@ -169,19 +169,19 @@ def test_model_prefixed_key_explains_the_real_constraint(capsys, command: str) -
 
 
 def _checkpoint(folder: Path, model_cfg) -> None:
+    from moelab.checkpoint.state import save_checkpoint
     from moelab.data.tokenizer import BytesTokenizer
     from moelab.model.transformer import Transformer
-    from moelab.train.checkpoint import save_checkpoint
 
     run = RunConfig(model=model_cfg, data=DataConfig(seq_len=32, tokenizer="bytes"), train=TrainConfig(steps=1))
     save_checkpoint(folder, Transformer(model_cfg), run, BytesTokenizer())
 
 
 def test_calc_accepts_run_checkpoint_and_model_folders(capsys, tmp_path) -> None:
+    from moelab.checkpoint.folder import checkpoint_name
     from moelab.convert.hf import save_moelab
     from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
     from moelab.model.transformer import Transformer
-    from moelab.train.checkpoint import checkpoint_name
 
     cfg = tiny_config(moe=tiny_moe())
     run = tmp_path / "run"

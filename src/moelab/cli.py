@@ -78,7 +78,7 @@ def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
 def _load_source(path: str, dtype: str | None = None):
     """``(model, folder read)`` of a model folder (moelab or Hugging Face), a checkpoint or a run folder
     (its newest complete checkpoint): what ``generate`` and ``analyze`` take, for the conversion commands."""
-    from moelab.train.checkpoint import load_checkpoint_model
+    from moelab.convert.load import load_checkpoint_model
 
     return load_checkpoint_model(path, dtype=dtype)
 
@@ -423,10 +423,10 @@ def _folder_model_config(folder):
     sizes, not weights. An encoder–decoder is refused: calc's estimates are for decoder-only models."""
     import json
 
+    from moelab.checkpoint.folder import is_model_folder, resolve_checkpoint
     from moelab.config import ModelConfig, from_dict, read_config_file
     from moelab.model.encoder_decoder import encoder_decoder_section
     from moelab.objectives import build_objective
-    from moelab.train.checkpoint import is_model_folder, resolve_checkpoint
 
     if (folder / "config.json").is_file() and not (folder / "config.yaml").is_file():
         from moelab.convert.hf import config_from_hf
@@ -478,12 +478,10 @@ def _run_calc(args: argparse.Namespace) -> int:
 
 
 def load_checkpoint_for_inference(path: str, device: str, dtype: str | None = None):
-    """``(model, tokenizer)`` from a checkpoint, run or model folder, via ``moelab.train.checkpoint`` (streamed,
-    in ``dtype``; default as stored). An encoder–decoder is refused in one line: these commands decode causal models."""
-    try:
-        from moelab.train.checkpoint import load_model
-    except ImportError:
-        raise UserError("reading checkpoints needs moelab.train.checkpoint, which this build lacks") from None
+    """``(model, tokenizer)`` from a checkpoint, run or model folder, via :func:`moelab.convert.load.load_model`
+    (streamed, in ``dtype``; default as stored). An encoder–decoder is refused in one line: these commands decode
+    causal models."""
+    from moelab.convert.load import load_model
     from moelab.infer.generate import require_causal
 
     model, tok = load_model(path, device=device, dtype=dtype)
@@ -792,7 +790,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UserError("--allow-config-change applies to --resume only: a fresh run takes its config as given")
     init = None
     if args.init:  # the model comes from --init; --config/--preset/--set give data and train
-        from moelab.train.init import init_run_config, load_init_source, require_init_training_fits
+        from moelab.experiment.init_source import load_init_source
+        from moelab.train.init import init_run_config, require_init_training_fits
 
         init = load_init_source(args.init)
         cfg = init_run_config(init, args.config, args.preset, args.overrides)
@@ -918,7 +917,7 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 @command("quantize", "write a weight-only int8/int4 copy of a checkpoint (loads wherever checkpoints load)", _add_quantize_args)
 def _run_quantize(args: argparse.Namespace) -> int:
-    from moelab.quant.convert import quantize_checkpoint
+    from moelab.experiment.quantize import quantize_checkpoint
 
     report = quantize_checkpoint(args.ckpt, args.out, bits=args.bits, group_size=args.group, only=args.only,
                                  overwrite=args.overwrite, dtype=args.dtype)

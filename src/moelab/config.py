@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from moelab.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the field and what is allowed."""
+IGNORE_INDEX = -100  # the label of a position no loss scores (PyTorch's cross_entropy default), everywhere
 
 
 def _fail(path: str, value: Any, allowed: str) -> None:
@@ -837,6 +837,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 __all__ = [
+    "IGNORE_INDEX",
     "ConfigError",
     "DataConfig",
     "LoRAConfig",

@@ -1,8 +1,13 @@
-"""Errors a user can act on. The CLI prints their message as one line and exits with code 2."""
+"""Errors a user can act on. The CLI prints their message as one line and exits with code 2.
+
+The lowest module of the package (it imports nothing of moelab): every layer may raise these.
+"""
 
 from __future__ import annotations
 
-from moelab.config import ConfigError
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field and what is allowed."""
 
 
 class UserError(Exception):

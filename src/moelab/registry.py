@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from moelab.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -31,8 +33,6 @@ class Registry(Generic[T]):
 
     def __getitem__(self, name: str) -> T:
         if name not in self._items:
-            from moelab.config import ConfigError
-
             raise ConfigError(f"unknown {self.kind} {name!r}: expected one of {', '.join(map(repr, sorted(self)))}")
         return self._items[name]
 

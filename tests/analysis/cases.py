@@ -124,9 +124,10 @@ def random_experts(num_experts: int, seed: int = 0):
 
 def main() -> None:  # pragma: no cover - the docs/analysis.md run
     from moelab.analysis.drift import checkpoint_step  # noqa: F401  (checks the package imports)
+    from moelab.checkpoint.folder import checkpoint_name
+    from moelab.checkpoint.state import save_checkpoint
     from moelab.data.corpus import load_corpus
     from moelab.data.tokenizer import train_bpe
-    from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
     p = argparse.ArgumentParser()
     p.add_argument("--corpus", required=True)

@@ -9,11 +9,12 @@ import torch
 from cases import small_config, synthetic_data
 
 from moelab.analysis.drift import checkpoint_series, checkpoint_step, drift_from_checkpoints, routing_drift
+from moelab.checkpoint.folder import checkpoint_name
+from moelab.checkpoint.state import save_checkpoint
 from moelab.config import DataConfig, MoEConfig, RunConfig
 from moelab.data.loader import eval_batches
 from moelab.errors import UserError
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
 E = 8
 

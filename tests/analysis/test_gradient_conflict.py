@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from cases import DomainLookup, force_routing, small_config, synthetic_data
 
 from moelab.analysis.gradient_conflict import cosine_matrix, domain_gradients, gradient_conflict
-from moelab.config import MoEConfig
-from moelab.data.loader import IGNORE_INDEX, eval_batches
+from moelab.config import IGNORE_INDEX, MoEConfig
+from moelab.data.loader import eval_batches
 from moelab.model.transformer import Transformer
 
 

@@ -23,14 +23,15 @@ OPTS = dict(max_tokens=1024, drop_tokens=256, conflict_batches=1, n_shuffle=5, n
 @pytest.fixture(autouse=True)
 def _no_files(monkeypatch):
     """Reading a corpus or a checkpoint is an error here."""
+    import moelab.checkpoint.folder
+    import moelab.convert.load
     import moelab.data.corpus
-    import moelab.train.checkpoint
 
     def refuse(*a, **k):
         raise AssertionError("the in-memory pipeline read from disk")
 
-    for mod, name in ((moelab.data.corpus, "load_corpus"), (moelab.train.checkpoint, "load_model"),
-                      (moelab.train.checkpoint, "resolve_checkpoint")):
+    for mod, name in ((moelab.data.corpus, "load_corpus"), (moelab.convert.load, "load_model"),
+                      (moelab.checkpoint.folder, "resolve_checkpoint")):
         monkeypatch.setattr(mod, name, refuse)
 
 

@@ -17,12 +17,13 @@ from cases import small_config, synthetic_data, train
 
 from moelab.analysis import render_sections
 from moelab.analysis.report import TITLES, render_sections_html, specialization_lines
+from moelab.checkpoint.folder import checkpoint_name
+from moelab.checkpoint.state import save_checkpoint
 from moelab.cli import main
 from moelab.config import DataConfig, MoEConfig, RunConfig
 from moelab.data.corpus import write_jsonl_gz
 from moelab.data.synthetic import synthetic_documents
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,12 @@ from cases import small_config, synthetic_data
 
 import moelab.analysis.report as report
 from moelab.analysis.trace import TraceWriter
+from moelab.checkpoint.folder import checkpoint_name
+from moelab.checkpoint.state import save_checkpoint
 from moelab.cli import main
 from moelab.config import DataConfig, MoEConfig, RunConfig
 from moelab.errors import UserError
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
 from helpers import one_line, snapshot
 
@@ -53,11 +54,11 @@ def test_a_second_analysis_is_refused_before_loading_and_overwrite_replaces_only
     assert {"analysis.json", "report.html", "trace", "trace_step0"} <= {p.name for p in out.iterdir()}
     before = snapshot(out)
 
-    import moelab.train.checkpoint
+    import moelab.convert.load
 
     with monkeypatch.context() as m:  # the refusal comes before the checkpoint is even read
         m.setattr(
-            moelab.train.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded before refusing")
+            moelab.convert.load, "load_model", lambda *a, **k: pytest.fail("loaded before refusing")
         )
         assert main(["analyze", str(ckpt), *SMALL, "--out", str(out)]) == 2
     line = one_line(capsys)

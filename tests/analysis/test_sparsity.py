@@ -9,7 +9,7 @@ from cases import small_config, synthetic_data
 from moelab.analysis.sparsity import active_fraction, ffn_sparsity
 from moelab.data.loader import eval_batches
 from moelab.model.transformer import Transformer
-from moelab.moe.experts import activate
+from moelab.nn.activations import activate
 
 
 def test_active_fraction_by_hand():

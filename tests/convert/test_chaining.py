@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moelab.checkpoint.folder import checkpoint_name
+from moelab.checkpoint.state import save_checkpoint
 from moelab.cli import main
 from moelab.config import DataConfig, ModelConfig, RunConfig
 from moelab.convert import tokenizer_files
@@ -17,7 +19,6 @@ from moelab.convert.hf import load_moelab
 from moelab.data.tokenizer import BytesTokenizer, load_tokenizer
 from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
 from helpers import one_line, tiny_config, tiny_moe
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from moelab import cli
+from moelab.checkpoint.state import save_checkpoint
 from moelab.config import DataConfig, RunConfig
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.errors import UserError
 from moelab.experiment.evaluate import evaluate_checkpoint
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import save_checkpoint
 
 from helpers import tiny_config, tiny_moe
 
@@ -37,7 +37,7 @@ def test_eval_scores_the_weights_in_the_dtype_asked_for(ckpt) -> None:
 @pytest.mark.parametrize("command", ["analyze", "serve", "generate", "eval"])
 def test_the_flag_reaches_the_loader(command, ckpt, tmp_path, monkeypatch, capsys) -> None:
     """Each command hands ``--dtype`` to ``load_model`` (stopped there: the rest is tested elsewhere)."""
-    import moelab.train.checkpoint as checkpoint
+    import moelab.convert.load as checkpoint
 
     seen = []
 

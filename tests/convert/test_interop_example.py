@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 from moelab.cli import main
 from moelab.convert.hf import load_moelab
-from moelab.train.checkpoint import load_model
+from moelab.convert.load import load_model
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "interop.md"
 

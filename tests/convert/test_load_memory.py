@@ -29,7 +29,7 @@ def hwm():
 base = hwm()
 what, src, dst = sys.argv[1], sys.argv[2], sys.argv[3]
 if what == "load":
-    from moelab.train.checkpoint import load_checkpoint_model
+    from moelab.convert.load import load_checkpoint_model
     model, _ = load_checkpoint_model(src, dtype="bf16")
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
 else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moelab.config import MLAConfig
-from moelab.infer.kv_cache import DynamicKVCache
+from moelab.model.kv_cache import DynamicKVCache
 from moelab.model.transformer import Transformer
 
 from helpers import tiny_config

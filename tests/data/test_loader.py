@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moelab.config import IGNORE_INDEX
 from moelab.data.document import Document
-from moelab.data.loader import IGNORE_INDEX, Sampler, build_splits, eval_batches, pack, split_documents
+from moelab.data.loader import Sampler, build_splits, eval_batches, pack, split_documents
 from moelab.data.synthetic import synthetic_documents
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.errors import UserError

@@ -155,8 +155,8 @@ def test_scores_equal_transformers_on_the_exported_weights(folders) -> None:
 def test_batched_scores_equal_one_row_at_a_time(folders) -> None:
     """Right padding cannot leak into a causal model's real positions; windows longer than the
     context keep their last tokens; a one-token continuation works."""
+    from moelab.convert.load import load_model
     from moelab.experiment.harness import _Scorer
-    from moelab.train.checkpoint import load_model
 
     model, _ = load_model(folders["moelab"])
     g = torch.Generator().manual_seed(2)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from moelab.config import run_preset
+from moelab.convert.load import load_model
 from moelab.errors import UserError
 from moelab.experiment.run import TrainedRun, prepare, train_run
 from moelab.experiment.runs import RunSpec, run_all
-from moelab.train.checkpoint import load_model
 
 
 def _cfg(steps: int = 4):

@@ -1,5 +1,5 @@
 """`moelab generate` end to end (the checkpoint loader swapped for an in-code model, and, once
-moelab.train.checkpoint exists, through a real checkpoint)."""
+moelab.checkpoint exists, through a real checkpoint)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_generate_command_errors(in_code_checkpoint, capsys) -> None:
 
 
 def test_generate_from_a_real_checkpoint(tmp_path, capsys) -> None:
-    ckpt = pytest.importorskip("moelab.train.checkpoint")
+    ckpt = pytest.importorskip("moelab.checkpoint.state")
     tokmod = pytest.importorskip("moelab.data.tokenizer")
     tok = tokmod.BytesTokenizer()
     cfg = tiny_config(vocab_size=tok.vocab_size, max_seq_len=128, moe=tiny_moe(num_experts=8))
@@ -108,7 +108,7 @@ def test_serve_command_answers_over_http(tmp_path) -> None:
     import time
     from pathlib import Path
 
-    ckpt = pytest.importorskip("moelab.train.checkpoint")
+    ckpt = pytest.importorskip("moelab.checkpoint.state")
     tokmod = pytest.importorskip("moelab.data.tokenizer")
     pytest.importorskip("uvicorn")
     httpx = pytest.importorskip("httpx")

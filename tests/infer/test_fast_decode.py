@@ -9,7 +9,7 @@ from tests.helpers import tiny_config, tiny_mla, tiny_moe
 from moelab.config import RouterConfig
 from moelab.infer.fast_decode import FastDecoder, cast_for_decode, fast_generate
 from moelab.infer.generate import SamplingParams, generate
-from moelab.infer.kv_cache import make_cache
+from moelab.model.kv_cache import make_cache
 from moelab.model.transformer import Transformer
 from moelab.quant.model import prepack, quantize_model
 

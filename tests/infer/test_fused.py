@@ -13,8 +13,8 @@ from moelab.config import RouterConfig
 from moelab.infer.fast_decode import FastDecoder, _plain_topk, _topk_choice, cast_for_decode
 from moelab.infer.fused import block_step, fused_ffn, fused_moe, route_mode
 from moelab.infer.packed import native_available
-from moelab.model.mlp import DenseMLP, GatedDenseMLP
 from moelab.model.transformer import Transformer
+from moelab.nn.ffn import DenseMLP, GatedDenseMLP
 from moelab.quant import quantize_model
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="moelab's native kernels do not build here")
@@ -161,7 +161,7 @@ def test_fused_attention_equals_the_attention_module(native_build, variant: str)
     """Norm, projections, RoPE, cache write, attention over every cached position and the residual,
     against the module path on the same cache, position after position."""
     from moelab.infer.fused import attention_step
-    from moelab.infer.kv_cache import make_cache
+    from moelab.model.kv_cache import make_cache
 
     torch.manual_seed(0)
     cfg = tiny_config(d_model=64, n_heads=4, n_kv_heads=2)

@@ -12,7 +12,7 @@ from moelab.config import ConfigError
 from moelab.errors import UserError
 from moelab.infer.fast_decode import fast_generate
 from moelab.infer.generate import SamplingParams, filter_logits, generate, generate_text
-from moelab.infer.kv_cache import cache_for_config
+from moelab.model.kv_cache import cache_for_config
 from moelab.model.transformer import Transformer
 
 from helpers import CharTestTokenizer, tiny_config, tiny_mla, tiny_moe

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moelab.config import ConfigError
-from moelab.infer.kv_cache import (
+from moelab.model.kv_cache import (
     DynamicLatentCache,
     DynamicLayerCache,
     StaticLatentCache,

@@ -6,16 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moelab.checkpoint.state import save_checkpoint
 from moelab.config import DataConfig, RunConfig
+from moelab.convert.load import load_model
 from moelab.data.tokenizer import BytesTokenizer
+from moelab.experiment.quantize import quantize_checkpoint
 from moelab.infer.expert_store import expert_payloads, payload_bytes
 from moelab.infer.generate import SamplingParams, generate
 from moelab.infer.offload import Offloader
 from moelab.model.transformer import Transformer
 from moelab.moe.dispatch import DISPATCHERS
-from moelab.quant.convert import quantize_checkpoint
 from moelab.quant.model import quantize_model
-from moelab.train.checkpoint import load_model, save_checkpoint
 
 from helpers import tiny_config, tiny_moe
 

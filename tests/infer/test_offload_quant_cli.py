@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from moelab import cli
+from moelab.checkpoint.state import save_checkpoint
 from moelab.config import DataConfig, RunConfig
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import save_checkpoint
 
 from helpers import tiny_config, tiny_moe
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from moelab.config import ModelConfig, MoEConfig
-from moelab.model.mlp import DenseMLP
 from moelab.model.transformer import Transformer
-from moelab.moe.experts import Experts, activate, up_multiplier
+from moelab.moe.experts import Experts
+from moelab.nn.activations import activate, up_multiplier
+from moelab.nn.ffn import DenseMLP
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from moelab.checkpoint.state import save_checkpoint
 from moelab.config import ModelConfig, MoEConfig, RouterConfig
 from moelab.convert.hf import load_moelab, save_moelab
+from moelab.convert.load import load_model
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
-from moelab.train.checkpoint import load_model, save_checkpoint
 
 
 def _model() -> EncoderDecoder:

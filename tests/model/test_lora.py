@@ -19,7 +19,7 @@ from moelab.model.lora import (
 )
 from moelab.model.transformer import Transformer
 from moelab.moe.experts import Experts
-from moelab.moe.low_rank import LowRank
+from moelab.nn.low_rank import LowRank
 
 from helpers import tiny_config, tiny_mla, tiny_moe
 

@@ -84,7 +84,7 @@ def test_every_registered_router_is_counted(name: str) -> None:
 
 
 def test_calc_gated_activations_are_the_experts_gated_ones() -> None:
-    from moelab.moe.experts import GATED as EXPERTS_GATED
+    from moelab.nn.activations import GATED as EXPERTS_GATED
 
     assert GATED == EXPERTS_GATED
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelab.model.transformer import Attention, RotaryEmbedding, Transformer, apply_rope
+from moelab.model.rope import RotaryEmbedding, apply_rope
+from moelab.model.transformer import Attention, Transformer
 
 from helpers import tiny_config, tiny_moe
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.benchmarks.timing import saved_for_backward_bytes
-from moelab.moe.experts import activate_lean
+from moelab.nn.activations import activate_lean
 
 
 def test_values_and_gradients_equal_silu_gate_times_up() -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moelab.config import RouterConfig
-from moelab.model.mlp import DenseMLP
 from moelab.moe.layer import MoELayer
+from moelab.nn.ffn import DenseMLP
 
 from helpers import tiny_moe
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.config import ConfigError
+from moelab.config import IGNORE_INDEX, ConfigError
 from moelab.data.tokenizer import BytesTokenizer
-from moelab.objectives import IGNORE_INDEX, build_objective
+from moelab.objectives import build_objective
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelab.config import ConfigError
+from moelab.config import IGNORE_INDEX, ConfigError
 from moelab.data.synthetic import synthetic_documents
 from moelab.data.tokenizer import BytesTokenizer, train_bpe
 from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from moelab.model.transformer import Transformer
-from moelab.objectives import IGNORE_INDEX, OBJECTIVES, ObjectiveBatch, build_objective, metrics
+from moelab.objectives import OBJECTIVES, ObjectiveBatch, build_objective, metrics
 
 from helpers import tiny_config, tiny_moe
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelab.config import ConfigError
+from moelab.config import IGNORE_INDEX, ConfigError
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.errors import UserError
 from moelab.model.transformer import Transformer
-from moelab.objectives import IGNORE_INDEX, build_objective
+from moelab.objectives import build_objective
 
 from helpers import tiny_config
 

@@ -113,7 +113,7 @@ def test_bf16_under_torchrun_tracks_one_process(tmp_path):
 def test_router_stats_and_aux_free_bias_are_global(tmp_path):
     """sigmoid_bias updates its bias from the loads of the whole global batch on every rank: the
     world-2 run ends with the one-process bias and logs the same routing statistics."""
-    from moelab.train.checkpoint import load_model
+    from moelab.convert.load import load_model
 
     router = ["--set", "moe.router.name=sigmoid_bias", "--set", "moe.router.bias_update_rate=0.01"]
     one, two = tmp_path / "one", tmp_path / "two"

@@ -13,13 +13,14 @@ import pytest
 import torch
 from torch import nn
 
+from moelab.checkpoint.state import save_checkpoint
 from moelab.cli import main
 from moelab.config import ConfigError, DataConfig, RunConfig
+from moelab.convert.load import load_model
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.errors import UserError
 from moelab.model.transformer import Transformer
 from moelab.quant import QuantExperts, QuantLinear, quantization_record, quantize_model
-from moelab.train.checkpoint import load_model, save_checkpoint
 
 from helpers import tiny_config, tiny_moe
 

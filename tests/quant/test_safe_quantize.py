@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moelab.checkpoint.folder import checkpoint_name
+from moelab.checkpoint.state import save_checkpoint
 from moelab.cli import main
 from moelab.config import DataConfig, RunConfig
+from moelab.convert.load import load_model
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.model.transformer import Transformer
 from moelab.quant import quantization_record
-from moelab.train.checkpoint import checkpoint_name, load_model, save_checkpoint
 
 from helpers import one_line, snapshot, tiny_config, tiny_moe
 

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from moelab.checkpoint.state import save_checkpoint
 from moelab.cli import main
 from moelab.config import DataConfig, RunConfig
 from moelab.convert.hf import save_moelab
+from moelab.convert.load import load_model
 from moelab.data.tokenizer import BytesTokenizer
+from moelab.experiment.quantize import QuantizeWhileLoading, quantize_checkpoint
 from moelab.model.transformer import Transformer
 from moelab.moe.experts import Experts
 from moelab.quant import quantization_record, quantize_model
-from moelab.quant.convert import QuantizeWhileLoading, quantize_checkpoint
 from moelab.quant.linear import QuantLinear
-from moelab.train.checkpoint import load_model, save_checkpoint
 
 from helpers import tiny_config, tiny_moe
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import moelab.experiment.run
+from moelab.checkpoint.folder import checkpoint_name
+from moelab.checkpoint.state import save_checkpoint
 from moelab.cli import main
 from moelab.config import DataConfig, RunConfig
 from moelab.data.tokenizer import BytesTokenizer
@@ -18,7 +20,6 @@ from moelab.model.transformer import Transformer
 from moelab.studies.folder import STUDY_FOLDER, claim_study_folder
 from moelab.studies.page import write_study
 from moelab.studies.result import StudyResult
-from moelab.train.checkpoint import checkpoint_name, save_checkpoint
 
 from helpers import error_line, snapshot, tiny_config
 

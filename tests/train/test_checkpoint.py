@@ -7,19 +7,13 @@ import pickle
 import pytest
 import torch
 
+from moelab.checkpoint.folder import MARKER, checkpoint_name, latest_checkpoint, prune_checkpoints
+from moelab.checkpoint.state import load_training_state, save_checkpoint
 from moelab.config import DataConfig, RunConfig
+from moelab.convert.load import load_model
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.errors import UserError
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import (
-    MARKER,
-    checkpoint_name,
-    latest_checkpoint,
-    load_model,
-    load_training_state,
-    prune_checkpoints,
-    save_checkpoint,
-)
 
 from helpers import tiny_config, tiny_moe
 
@@ -93,7 +87,7 @@ def test_pickles_are_refused(tmp_path) -> None:
     weights.write_bytes(pickle.dumps({"evil": 1}))
     (p1 / MARKER).unlink()
     (p1 / MARKER).write_text("{}")
-    from moelab.train.checkpoint import load_weights
+    from moelab.checkpoint.state import load_weights
 
     with pytest.raises(UserError, match="not a safetensors file"):
         load_weights(model, p1)
@@ -131,7 +125,7 @@ def test_load_model_streams_in_the_requested_dtype(tmp_path) -> None:
 
 
 def test_non_finite_weights_are_found_across_chunks(tmp_path, monkeypatch) -> None:
-    import moelab.train.checkpoint as ck
+    import moelab.checkpoint.folder as ck
 
     _, model, _, _ = _setup(tmp_path, steps=(1,))
     monkeypatch.setattr(ck, "NONFINITE_CHUNK", 7)

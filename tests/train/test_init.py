@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from moelab.checkpoint.folder import read_run_config, resolve_checkpoint
 from moelab.cli import main
 from moelab.convert.hf import load_moelab, save_moelab
+from moelab.convert.load import load_model
 from moelab.data.tokenizer import BytesTokenizer, load_tokenizer
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import load_model, read_run_config, resolve_checkpoint
 
 from helpers import tiny_config
 

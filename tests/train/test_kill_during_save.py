@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from moelab.train.checkpoint import latest_checkpoint, list_checkpoints, load_model, verify_checkpoint
+from moelab.checkpoint.folder import latest_checkpoint, list_checkpoints, verify_checkpoint
+from moelab.convert.load import load_model
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 KILLS = 4
@@ -29,7 +30,8 @@ import torch
 from moelab.config import DataConfig, ModelConfig, RunConfig
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import checkpoint_name, latest_checkpoint, prune_checkpoints, save_checkpoint
+from moelab.checkpoint.folder import checkpoint_name, latest_checkpoint, prune_checkpoints
+from moelab.checkpoint.state import save_checkpoint
 
 run = Path(sys.argv[1])
 cfg = RunConfig(model=ModelConfig(vocab_size=259, d_model=64, n_layers=2, n_heads=4, ffn_hidden=256, max_seq_len=64),

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moelab.checkpoint.folder import latest_checkpoint, read_run_config
+from moelab.checkpoint.state import load_training_state
 from moelab.cli import main
 from moelab.config import ConfigError, LoRAConfig, RunConfig, apply_overrides
 from moelab.model.lora import apply_lora, base_state_dict
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import latest_checkpoint, load_training_state, read_run_config
 from moelab.train.logging import read_metrics
 
 FAST = ["--preset", "smoke", "--set", "data.corpus=synthetic", "--set", "data.synthetic_docs=8", "--no-progress",
@@ -27,7 +28,7 @@ def _cache(tmp_path, monkeypatch):
 def base(tmp_path):
     """A briefly pre-trained MoE (its embeddings and head mean something, as a released model's do)."""
     assert main(["train", *FAST, "--set", "train.steps=40", "--out", str(tmp_path / "base")]) == 0
-    from moelab.train.checkpoint import load_model
+    from moelab.convert.load import load_model
 
     model, _ = load_model(tmp_path / "base")
     return tmp_path / "base", {k: v.clone() for k, v in model.state_dict().items()}
@@ -78,8 +79,8 @@ def test_a_lora_checkpoint_loads_merged_and_evaluates_as_trained(base, tmp_path,
     trainer's own final validation loss."""
     import json
 
+    from moelab.convert.load import load_model
     from moelab.model.lora import is_lora
-    from moelab.train.checkpoint import load_model
 
     folder, _ = base
     out = tmp_path / "ft"
@@ -113,7 +114,7 @@ def test_a_config_yaml_that_is_not_utf8_is_one_line(tmp_path) -> None:
 def bf16_base(base, tmp_path):
     """The same pre-trained MoE stored in bf16, as released models are."""
     from moelab.convert.hf import save_moelab
-    from moelab.train.checkpoint import load_model
+    from moelab.convert.load import load_model
 
     model, tokenizer = load_model(base[0])
     folder = save_moelab(model.to(torch.bfloat16), tmp_path / "bf16")

@@ -12,9 +12,9 @@ import torch
 
 from moelab.cli import main
 from moelab.config import OBJECTIVE_NAMES, ConfigError, TrainConfig, run_preset
+from moelab.convert.load import load_model
 from moelab.model.encoder_decoder import EncoderDecoder
 from moelab.objectives import OBJECTIVES
-from moelab.train.checkpoint import load_model
 from moelab.train.trainer import Trainer
 
 FAST = ["--preset", "smoke", "--set", "data.corpus=synthetic", "--set", "data.synthetic_docs=6", "--no-progress"]

@@ -9,19 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from moelab.checkpoint.folder import checkpoint_name, list_checkpoints, prune_checkpoints
+from moelab.checkpoint.state import save_checkpoint
 from moelab.cli import main
 from moelab.config import DataConfig, RunConfig, TrainConfig
+from moelab.convert.load import load_model
 from moelab.data.prepare import prepare_data
 from moelab.data.tokenizer import BytesTokenizer
 from moelab.errors import UserError
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import (
-    checkpoint_name,
-    list_checkpoints,
-    load_model,
-    prune_checkpoints,
-    save_checkpoint,
-)
 from moelab.train.logging import read_metrics
 from moelab.train.run_folder import check_run_folder, start_run_folder
 from moelab.train.trainer import Trainer, TrainingDiverged

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from moelab.checkpoint.folder import list_checkpoints
 from moelab.config import DataConfig, RunConfig, TrainConfig
 from moelab.data.prepare import prepare_data
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import list_checkpoints
 from moelab.train.logging import read_metrics
 from moelab.train.optim import lr_at, param_groups
 from moelab.train.trainer import RouterHealthWarning, Trainer, TrainingDiverged, evaluate

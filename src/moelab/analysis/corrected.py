@@ -61,6 +61,11 @@ NORMALISERS = {
 }
 
 
+def corrected_of(v: dict[str, Any]) -> float:
+    """The corrected NMI of one stored entry (analyses written before it was stored: NMI − baseline mean)."""
+    return v["corrected"] if "corrected" in v else v["nmi"] - v["baseline_mean"]
+
+
 def entropy(counts: np.ndarray) -> float:
     """Entropy in nats of a (possibly weighted) count vector; 0 when it is empty."""
     total = counts.sum()

@@ -81,7 +81,7 @@ def checkpoint_step(path: Path) -> int:
 
 def checkpoint_series(paths: Sequence[str | Path]) -> list[tuple[int, Path]]:
     """``(step, folder)`` sorted by step: each path a checkpoint, or a run folder (all its checkpoints)."""
-    from moelab.train.checkpoint import MARKER, list_checkpoints
+    from moelab.checkpoint.folder import MARKER, list_checkpoints
 
     found: list[Path] = []
     for p in map(Path, paths):
@@ -102,7 +102,7 @@ def drift_from_checkpoints(
 ) -> dict[str, Any]:
     """:func:`routing_drift` over checkpoint folders (loaded one at a time, so memory holds one model)."""
     from moelab.analysis.progress import progress_iter
-    from moelab.train.checkpoint import load_model
+    from moelab.convert.load import load_model
 
     series = checkpoint_series(paths)
     tops = []

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.data.loader import IGNORE_INDEX, Batch
-from moelab.model.mlp import DenseMLP
+from moelab.config import IGNORE_INDEX
+from moelab.data.loader import Batch
 from moelab.moe.layer import MoELayer
+from moelab.nn.ffn import DenseMLP
 
 
 def ffn_weights(model: torch.nn.Module) -> dict[int, tuple[bool, list[Tensor]]]:

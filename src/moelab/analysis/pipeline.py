@@ -307,7 +307,7 @@ def analyze_model(
 def _seq_len_of(path: Path, model: torch.nn.Module, opts: AnalyzeOptions) -> int:
     if opts.seq_len:
         return opts.seq_len
-    from moelab.train.checkpoint import is_model_folder, read_run_config, resolve_checkpoint
+    from moelab.checkpoint.folder import is_model_folder, read_run_config, resolve_checkpoint
 
     if not is_model_folder(path):
         return read_run_config(resolve_checkpoint(path)).data.seq_len
@@ -318,7 +318,8 @@ def analyze(model_path: str | Path, opts: AnalyzeOptions) -> dict[str, Any]:
     """``moelab analyze``: load the checkpoint (and ``opts.dense``), rebuild its step-0 model, pack
     ``opts.data`` with its tokenizer, then :func:`analyze_model`. Returns the analysis dict."""
     from moelab.analysis.step0 import initial_model_for
-    from moelab.train.checkpoint import is_model_folder, load_model, resolve_checkpoint
+    from moelab.checkpoint.folder import is_model_folder, resolve_checkpoint
+    from moelab.convert.load import load_model
 
     if not opts.data:
         raise UserError("no corpus to analyse on: pass --data NAME_OR_PATH")

@@ -81,7 +81,7 @@ def load_plots(a: dict[str, Any]) -> dict[str, bytes]:
 
 def specialization_plots(a: dict[str, Any]) -> dict[str, bytes]:
     """Corrected NMI per layer and label with its interval (filled dots); the step-0 router's as hollow dots."""
-    from moelab.analysis.report import corrected_of
+    from moelab.analysis.corrected import corrected_of
 
     s = a.get("specialization")
     if not s or not s["layers"]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import jinja2
 
+from moelab.analysis.corrected import corrected_of
 from moelab.outputs import atomic_write_text
 
 
@@ -136,11 +137,6 @@ def _f(x: float) -> str:
 
 def _iv(lo: float, hi: float) -> str:
     return f"[{_f(lo)}, {_f(hi)}]"
-
-
-def corrected_of(v: dict[str, Any]) -> float:
-    """The corrected NMI of one entry (analyses written before it was stored: NMI − baseline mean)."""
-    return v["corrected"] if "corrected" in v else v["nmi"] - v["baseline_mean"]
 
 
 def _specialization_table(s: dict[str, Any]) -> Table:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from moelab.data.loader import Batch
-from moelab.model.mlp import DenseMLP
+from moelab.nn.ffn import DenseMLP
 
 THRESHOLDS = (0.01, 0.05, 0.1, 0.2, 0.5)
 

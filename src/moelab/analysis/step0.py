@@ -79,7 +79,7 @@ def initial_model_for(path: str | Path, trained: nn.Module) -> tuple[nn.Module |
 
 
 def _initial_model_for(path: str | Path, trained: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    from moelab.train.checkpoint import is_model_folder, read_run_config, resolve_checkpoint
+    from moelab.checkpoint.folder import is_model_folder, read_run_config, resolve_checkpoint
 
     p = Path(path)
     if not is_model_folder(p):

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from moelab.benchmarks.hf_mixtral import HF_IMPLEMENTATIONS, mixtral_block_like
 from moelab.benchmarks.timing import cuda_peak_bytes, interleaved, saved_for_backward_bytes
 from moelab.config import MoEConfig
-from moelab.model.mlp import DenseMLP
 from moelab.moe.dispatch import DISPATCHERS
 from moelab.moe.layer import MoELayer
+from moelab.nn.ffn import DenseMLP
 
 
 @dataclass(frozen=True)

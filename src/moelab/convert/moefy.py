@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.config import ConfigError, MoEConfig, RouterConfig
+from moelab.config import IGNORE_INDEX, ConfigError, MoEConfig, RouterConfig
 from moelab.errors import UserError
 from moelab.model.guards import require_decoder_only
-from moelab.model.transformer import IGNORE_INDEX, Transformer
-from moelab.moe.experts import activate, up_multiplier
+from moelab.model.transformer import Transformer
+from moelab.nn.activations import activate, up_multiplier
 
 SPLITS = ("cluster", "random")
 ROUTERS = ("learned", "centroid")

@@ -34,7 +34,7 @@ from moelab.config import ConfigError, ModelConfig, MoEConfig
 from moelab.errors import UserError
 from moelab.model.guards import require_decoder_only
 from moelab.model.transformer import Transformer
-from moelab.moe.experts import up_multiplier
+from moelab.nn.activations import up_multiplier
 
 ROUTER_INITS = ("zeros", "normal")
 

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moelab.config import IGNORE_INDEX
 from moelab.data.document import VALIDATION, Document
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import UserError
-
-IGNORE_INDEX = -100
 
 
 @dataclass

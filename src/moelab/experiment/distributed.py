@@ -2,7 +2,7 @@
 
 The same assembly as :func:`moelab.experiment.run.train_run` (resumed or ``--init`` tokenizer, prepared
 data, the model's starting weights), with the process group, the ``dp × ep`` layout and the
-:class:`~moelab.train.distributed.DistributedTrainer` around it.
+:class:`~moelab.parallel.trainer.DistributedTrainer` around it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def train_distributed(
     the data is prepared, claimed (and, with ``overwrite``, cleared) by rank 0 alone.
     """
     from moelab.parallel import build_layout, fail_together, init_distributed, launched_by_torchrun, shutdown
-    from moelab.train.distributed import DistributedTrainer
+    from moelab.parallel.trainer import DistributedTrainer
 
     if not launched_by_torchrun():
         raise UserError(f"--ep {ep} needs several processes: launch with torchrun --nproc-per-node N -m moelab train ...")

@@ -31,14 +31,15 @@ from typing import Any
 
 import torch
 
+from moelab.checkpoint.folder import read_run_config, resolve_checkpoint
 from moelab.config import DataConfig, RunConfig
+from moelab.convert.load import load_model
 from moelab.data.corpus import CORPORA, cap_by_domain, load_corpus
 from moelab.data.document import Document
 from moelab.data.loader import Batch, PackedData, build_splits, evenly_spaced, pack
 from moelab.errors import UserError
 from moelab.objectives import Objective, build_objective
 from moelab.objectives.metrics import token_bytes
-from moelab.train.checkpoint import load_model, read_run_config, resolve_checkpoint
 from moelab.train.evaluation import evaluate, evaluate_with_objective, resolve_precision
 from moelab.train.objective_step import is_plain_causal
 

@@ -127,7 +127,7 @@ def _harness_model_class():
         def __init__(self, path: str, device: str = "cpu", batch_size: int | str = 8,
                      max_length: int | None = None, dtype: str | None = None, **_: Any) -> None:  # fmt: skip
             super().__init__()
-            from moelab.train.checkpoint import load_model
+            from moelab.convert.load import load_model
 
             if str(device).startswith("cuda") and not torch.cuda.is_available():
                 # the harness's command line defaults to cuda; its own HF model falls back the same way

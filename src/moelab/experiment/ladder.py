@@ -33,11 +33,11 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
+from moelab.checkpoint.folder import checkpoint_name, latest_checkpoint
 from moelab.config import ConfigError, RunConfig
 from moelab.data.prepare import PreparedData
 from moelab.errors import UserError
 from moelab.experiment.run import TrainedRun, prepare, train_run
-from moelab.train.checkpoint import checkpoint_name, latest_checkpoint
 from moelab.train.logging import read_metrics
 from moelab.train.schedule import decay_start, lr_at
 

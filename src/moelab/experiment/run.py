@@ -17,13 +17,13 @@ from typing import Any
 from torch import nn
 
 from moelab.calc import arch_from_config, flops_per_token
+from moelab.checkpoint.folder import latest_checkpoint
 from moelab.config import ModelConfig, RunConfig
 from moelab.data.loader import PackedData
 from moelab.data.prepare import PreparedData, prepare_data
 from moelab.data.tokenizer import Tokenizer, load_tokenizer
 from moelab.model.encoder_decoder import EncoderDecoder
 from moelab.model.twins import ParamCount, count_params
-from moelab.train.checkpoint import latest_checkpoint
 from moelab.train.evaluation import EvalResult
 from moelab.train.objective_step import objective_of, prepare_tokenizer
 from moelab.train.run_folder import check_run_folder

@@ -49,8 +49,8 @@ from moelab.errors import UserError
 from moelab.hardware import bf16_is_fast
 from moelab.infer.fused import attention_step, block_step
 from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, _Row, check_prompts, sample_token
-from moelab.infer.kv_cache import make_cache
 from moelab.infer.packed import pack_for_decode
+from moelab.model.kv_cache import make_cache
 from moelab.moe.routers.base import Router
 from moelab.moe.routers.topk import TopKRouter
 

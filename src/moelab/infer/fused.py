@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from moelab.infer.packed import NativeExperts, NativeLinear
-from moelab.model.mlp import DenseMLP
 from moelab.native.fused import (
     KIND_BF16,
     KIND_F32,
@@ -43,6 +42,7 @@ from moelab.native.fused import (
     Norm,
     make_mat,
 )
+from moelab.nn.ffn import DenseMLP
 
 
 def native_mat(mod: nn.Module, act_dtype: torch.dtype) -> tuple[Mat, tuple[Tensor, ...]] | None:
@@ -157,7 +157,7 @@ def fused_attention(block: nn.Module, cfg, act_dtype: torch.dtype) -> FusedAtten
 def attention_step(block: nn.Module, cfg, act_dtype: torch.dtype):
     """The attention half of one block at batch 1 as a callable ``(x [1, 1, D], rope, cache
     layer) → None`` that updates x in place and fills the cache, or None."""
-    from moelab.infer.kv_cache import StaticLayerCache
+    from moelab.model.kv_cache import StaticLayerCache
     from moelab.native.build import library
 
     if library() is None:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from moelab.config import ConfigError
 from moelab.errors import UserError
-from moelab.infer.kv_cache import make_cache
+from moelab.model.kv_cache import make_cache
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 

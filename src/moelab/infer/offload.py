@@ -49,7 +49,8 @@ from moelab.infer.expert_store import (
     export_experts,
     payload_bytes,
 )
-from moelab.moe.experts import Experts, PerExpertModule, activate
+from moelab.moe.experts import Experts, PerExpertModule
+from moelab.nn.activations import activate
 from moelab.quant.experts import QuantExperts
 
 # ----------------------------------------------------------------------------- statistics

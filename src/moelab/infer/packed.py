@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from moelab.errors import UserError
 from moelab.model.surgery import set_module, weight_modules
-from moelab.moe.experts import Experts, PerExpertModule, activate
+from moelab.moe.experts import Experts, PerExpertModule
+from moelab.nn.activations import activate
 
 BACKENDS = ("auto", "native", "onednn")
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config import ConfigError, ModelConfig
-from moelab.infer.kv_cache import DynamicKVCache
 from moelab.model.cross_attention import CrossAttention, encoder_key_mask
+from moelab.model.kv_cache import DynamicKVCache
 from moelab.model.memory_guard import require_fits
 from moelab.model.relative_position import RelativePositionBias, biased_mask, identity_rope
 from moelab.model.transformer import (

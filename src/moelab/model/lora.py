@@ -1,7 +1,7 @@
 """LoRA adapters on attention, dense-FFN and expert weights: fine-tune a large model by training a
 low-rank update ``ΔW = (α / r) · B A`` beside each frozen weight (Hu et al., 2021).
 
-The update runs as its own path beside the frozen weight (:class:`~moelab.moe.low_rank.LowRank`):
+The update runs as its own path beside the frozen weight (:class:`~moelab.nn.low_rank.LowRank`):
 a ``nn.Linear`` gets it through a forward hook (``y = W x + (α / r) · B A x``), routed experts
 through :class:`~moelab.moe.experts.Experts`' ``lora_up``/``lora_down``, which every dispatch form
 (per-expert, loop, grouped, padded) adds. Why not fold ``ΔW`` into the weight each step: over a
@@ -38,10 +38,10 @@ from moelab.config import LORA_TARGETS, ConfigError, LoRAConfig, ModelConfig
 from moelab.errors import UserError
 from moelab.model.cross_attention import CrossAttention
 from moelab.model.mla import MLAAttention
-from moelab.model.mlp import DenseMLP
 from moelab.model.transformer import Attention, Transformer
 from moelab.moe.experts import Experts
-from moelab.moe.low_rank import LowRank
+from moelab.nn.ffn import DenseMLP
+from moelab.nn.low_rank import LowRank
 
 TARGETS = LORA_TARGETS
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"

@@ -64,7 +64,7 @@ def cast_on_meta(model: M, dtype: torch.dtype) -> M:
     """Floating parameters and buffers to ``dtype``, routers back to fp32 (see the module doc); free on meta."""
     model.to(dtype)
     for mod in model.modules():
-        if isinstance(mod, Router) or getattr(mod, "KEEP_FP32", False):  # LoRA adapters: moelab.moe.low_rank
+        if isinstance(mod, Router) or getattr(mod, "KEEP_FP32", False):  # LoRA adapters: moelab.nn.low_rank
             mod.float()
     return model
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config import ModelConfig
+from moelab.model.rope import apply_rope
 
 
 class MLAAttention(nn.Module):
@@ -35,8 +36,6 @@ class MLAAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        from moelab.model.transformer import apply_rope
-
         assert cfg.mla is not None
         m = cfg.mla
         self._apply_rope = apply_rope

@@ -16,16 +16,27 @@ independent source every formula here is checked against.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from moelab.calc import arch_from_config, count
 from moelab.config import ModelConfig
 
+
+class EncoderDecoderSizes(Protocol):
+    """What the counts read of an :class:`~moelab.model.encoder_decoder.EncoderDecoderConfig` (matched by
+    shape: this module sits below the builders, which import it)."""
+
+    encoder: ModelConfig
+    decoder: ModelConfig
+    position: str
+    relative_buckets: int
+
+
+AnyModelConfig = ModelConfig | EncoderDecoderSizes
+
 if TYPE_CHECKING:
-    from moelab.model.encoder_decoder import EncoderDecoderConfig
     from moelab.model.twins import ParamCount
 
-    AnyModelConfig = ModelConfig | EncoderDecoderConfig
 
 def is_encoder_decoder(cfg: AnyModelConfig) -> bool:
     """An :class:`~moelab.model.encoder_decoder.EncoderDecoderConfig` (checked by shape, not by
@@ -44,7 +55,7 @@ def cross_attention_params(cfg: ModelConfig) -> int:
     return d * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * hd + _norm_params(cfg)
 
 
-def encoder_decoder_params(cfg: EncoderDecoderConfig) -> int:
+def encoder_decoder_params(cfg: EncoderDecoderSizes) -> int:
     """Unique parameters of ``EncoderDecoder(cfg)``: each stack as calc counts a decoder-only model
     (blocks, final norm) with one embedding table between them, no learned position table (the
     encoder–decoder has none), the LM head once unless tied, cross-attention in every decoder

@@ -23,17 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.config import ModelConfig
+from moelab.config import IGNORE_INDEX, ModelConfig
 from moelab.model.memory_guard import require_fits
-from moelab.model.mlp import DenseMLP
+from moelab.model.mla import MLAAttention
+from moelab.model.rope import RotaryEmbedding, apply_rope
 from moelab.moe.decision import RoutingDecision
 from moelab.moe.layer import MoELayer, MoEOutput
-
-IGNORE_INDEX = -100
+from moelab.nn.ffn import DenseMLP
 
 
 class LayerCache(Protocol):
-    """Per-layer key/value cache used by :class:`Attention` (see ``moelab.infer.kv_cache``)."""
+    """Per-layer key/value cache used by :class:`Attention` (see ``moelab.model.kv_cache``)."""
 
     def update(self, k_BGSDh: Tensor, v_BGSDh: Tensor) -> tuple[Tensor, Tensor]:
         """Append the new keys/values and return all of them, ``[B, G, L, Dh]``."""
@@ -44,39 +44,6 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-
-
-class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al. 2021) in the rotate-half convention (Llama/transformers layout).
-
-    cos/sin are computed on the fly for the positions asked for, so any position works and
-    nothing in the state dict depends on ``max_seq_len``.
-    """
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
-
-    def _inv_freq(self) -> Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-
-    def reset_buffers(self) -> None:
-        """Recompute ``inv_freq`` (fp32, on its device): checkpoints do not store it, so a model built
-        on the meta device and then allocated gets it from here (``moelab.model.materialize``)."""
-        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
-
-    def forward(self, positions_BS: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, S]`` positions → cos, sin ``[B, 1, S, Dh]`` (fp32)."""
-        angles = positions_BS.float().unsqueeze(-1) * self.inv_freq  # [B, S, Dh/2]
-        emb = torch.cat([angles, angles], dim=-1).unsqueeze(1)
-        return emb.cos(), emb.sin()
-
-
-def apply_rope(x_BHSDh: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x_BHSDh.shape[-1] // 2
-    rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
-    return (x_BHSDh.float() * cos + rotated.float() * sin).to(x_BHSDh.dtype)
 
 
 def build_attention_mask(
@@ -173,8 +140,6 @@ class Block(nn.Module):
         self.layer = layer
         self.attn_norm = make_norm(cfg)
         if cfg.mla is not None:
-            from moelab.model.mla import MLAAttention  # mla.py imports apply_rope from here
-
             self.attn: nn.Module = MLAAttention(cfg)
         else:
             self.attn = Attention(cfg)

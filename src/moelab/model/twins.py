@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from moelab.config import ConfigError, ModelConfig
-from moelab.moe.experts import up_multiplier
 from moelab.moe.layer import MoELayer
+from moelab.nn.activations import up_multiplier
 
 TWIN_KINDS = ("iso_active", "iso_total", "iso_flop")
 

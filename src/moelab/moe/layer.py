@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from moelab.config import MoEConfig
-from moelab.model.mlp import DenseMLP, GatedDenseMLP
 from moelab.moe.capacity import apply_capacity
 from moelab.moe.decision import RoutingDecision
 from moelab.moe.dispatch import DISPATCHERS
 from moelab.moe.experts import Experts
 from moelab.moe.losses import router_loss
 from moelab.moe.routers import build_router
+from moelab.nn.ffn import DenseMLP, GatedDenseMLP
 
 
 @dataclass

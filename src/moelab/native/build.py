@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from moelab.cache import cache_dir
@@ -133,11 +134,19 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+_ON_RESET: list[Callable[[], None]] = []  # callers' caches of choices made from the library (quant.kernels)
+
+
+def on_reset(forget: Callable[[], None]) -> None:
+    """Call ``forget`` whenever :func:`reset` runs: a layer above that cached a choice made from the library
+    registers here, so native imports nothing of it."""
+    _ON_RESET.append(forget)
+
+
 def reset() -> None:
     """Forget the loaded library and every kernel choice made from it (after changing ``MOELAB_NATIVE``)."""
     global _reason
     _reason = None
     library.cache_clear()
-    from moelab.quant import kernels
-
-    kernels.clear_choices()
+    for forget in _ON_RESET:
+        forget()

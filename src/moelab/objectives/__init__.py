@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moelab.objectives.base import ARCHITECTURES, IGNORE_INDEX, Objective, ObjectiveBatch
+from moelab.config import IGNORE_INDEX
+from moelab.objectives.base import ARCHITECTURES, Objective, ObjectiveBatch
 from moelab.objectives.registry import OBJECTIVES
 
 # Importing the modules registers them.

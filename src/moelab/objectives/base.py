@@ -19,11 +19,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from moelab.config import IGNORE_INDEX
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import UserError
 from moelab.objectives import metrics
 
-IGNORE_INDEX = -100
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from moelab.config import IGNORE_INDEX
 
 
 def loss_sums(logits_BSV: Tensor, labels_BS: Tensor) -> dict[str, float]:

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moelab.config import ConfigError
+from moelab.config import IGNORE_INDEX, ConfigError
 from moelab.data.tokenizer import MASK, Tokenizer
 from moelab.errors import UserError
 from moelab.objectives import metrics
-from moelab.objectives.base import IGNORE_INDEX, Objective, ObjectiveBatch
+from moelab.objectives.base import Objective, ObjectiveBatch
 from moelab.objectives.registry import OBJECTIVES
 
 

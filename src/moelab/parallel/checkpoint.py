@@ -3,7 +3,7 @@
 Why gather rather than ``torch.distributed.checkpoint``: moelab checkpoints are safetensors
 folders that ``load_model`` and every other command read without a process group. So the
 expert shards and their AdamW moments are all-gathered over the ep group, rank 0 rebuilds an
-unsharded model and optimizer and writes them with :func:`moelab.train.checkpoint.save_checkpoint`;
+unsharded model and optimizer and writes them with :func:`moelab.checkpoint.state.save_checkpoint`;
 loading reverses it: every rank reads the folder, restores the full model and optimizer, then
 keeps its own expert slice. Parameter order is unchanged by sharding (an ExpertShard sits where
 its Experts was), so optimizer entries line up by index. Memory: one full copy per rank while
@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moelab.checkpoint.folder import read_run_config, resolve_checkpoint
+from moelab.checkpoint.state import load_training_state, save_checkpoint
 from moelab.config import ModelConfig, RunConfig
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import UserError
 from moelab.parallel.expert_parallel import ExpertShard, full_state_dict, shard_experts
 from moelab.parallel.mesh import ParallelLayout
 from moelab.parallel.wrap import unwrap
-from moelab.train.checkpoint import load_training_state, read_run_config, resolve_checkpoint, save_checkpoint
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 

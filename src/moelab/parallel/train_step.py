@@ -28,14 +28,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.config import IGNORE_INDEX
 from moelab.errors import UserError
 from moelab.moe.dispatch.ep import CommStats
 from moelab.moe.stats import LayerStats, RoutingStats
 from moelab.parallel.expert_parallel import is_expert_param
 from moelab.parallel.mesh import ParallelLayout
 from moelab.parallel.wrap import DataParallel, unwrap
-
-IGNORE_INDEX = -100
 
 
 @dataclass

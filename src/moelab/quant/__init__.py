@@ -2,7 +2,7 @@
 
 ``quantize_model(model, bits, group_size, only)`` replaces experts (and optionally attention,
 dense FFN and LM-head linears) in place; ``moelab quantize`` writes such a model as a checkpoint
-that ``moelab.train.checkpoint.load_model`` loads directly. See docs/quantization.md.
+that ``moelab.convert.load.load_model`` loads directly. See docs/quantization.md.
 """
 
 from moelab.quant.experts import QuantExperts

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from moelab.errors import UserError
+from moelab.native import build as native_build
 from moelab.native import qmatmul as native
 from moelab.registry import Registry
 
@@ -193,6 +194,9 @@ def kernel_for(bits: int, device_type: str) -> WeightKernel:
 def clear_choices() -> None:
     """Forget the cached kernel choices (after the native library was turned on or off)."""
     kernel_for.cache_clear()
+
+
+native_build.on_reset(clear_choices)
 
 
 def kernel_named(name: str) -> WeightKernel:

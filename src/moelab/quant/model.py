@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moelab.checkpoint.state import register_extra_state
 from moelab.errors import UserError
 from moelab.model.surgery import set_module, weight_modules
 from moelab.moe.experts import Experts
@@ -117,6 +118,13 @@ def quantization_record(model: nn.Module) -> dict[str, Any] | None:
         "only": cfg.only if cfg is not None else None,
         "modules": modules,
     }
+
+
+@register_extra_state
+def _checkpoint_state(model: nn.Module) -> dict[str, Any]:
+    """``{"quantization": record}`` in the ``state.json`` of a quantized model's checkpoint, else nothing."""
+    record = quantization_record(model)
+    return {} if record is None else {"quantization": record}
 
 
 def prepare_quantized(model: nn.Module, record: dict[str, Any]) -> nn.Module:

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.calc import arch_from_config, count, flops_per_token
-from moelab.config import ModelConfig, MoEConfig, RunConfig
-from moelab.data.loader import IGNORE_INDEX, Batch, DataSplits, PackedData, evenly_spaced
+from moelab.config import IGNORE_INDEX, ModelConfig, MoEConfig, RunConfig
+from moelab.data.loader import Batch, DataSplits, PackedData, evenly_spaced
 from moelab.data.prepare import PreparedData
 from moelab.model.twins import dense_twin
 from moelab.stats import Rule

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from moelab.data.loader import IGNORE_INDEX, Batch
+from moelab.config import IGNORE_INDEX
+from moelab.data.loader import Batch
 from moelab.hardware import bf16_is_fast
 from moelab.model.transformer import Transformer
 from moelab.moe.stats import RoutingStats

@@ -13,7 +13,8 @@ else from the ``tiny`` preset. The tokenizer is the source's ``tokenizer.json`` 
 otherwise the data's tokenizer must have exactly the model's vocabulary size. Weights load
 strictly: same names and shapes, or a one-line :class:`UserError`.
 
-Memory: the source is read once, streamed in its own dtype (a bf16 release stays 2 bytes a
+The source is read by :func:`moelab.experiment.init_source.load_init_source` (it maps any folder
+kind onto a model, a layer above training). Memory: the source is read once, streamed in its own dtype (a bf16 release stays 2 bytes a
 parameter), and the run's model is built on the meta device and filled from it tensor by tensor,
 each source tensor dropped once copied (:func:`init_model`): the weights are held once. A LoRA run
 keeps them in ``train.lora.base_dtype`` (``auto`` → the source's dtype), a full fine-tune in fp32.
@@ -28,22 +29,19 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-import yaml
 from torch import nn
 
 from moelab.config import (
     ModelConfig,
     RunConfig,
     apply_overrides,
-    from_dict,
     load_run_config,
     normalize_run_overrides,
     run_preset,
 )
-from moelab.data.tokenizer import Tokenizer, load_tokenizer
+from moelab.data.tokenizer import Tokenizer
 from moelab.errors import ConfigError, UserError
 from moelab.model.materialize import Filler, cast_on_meta, dtype_name, fill_by_names
-from moelab.train.checkpoint import MARKER, latest_checkpoint, refuse_non_finite
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -70,61 +68,6 @@ class InitSource:
         """Bytes the source's tensors hold (tied tensors once)."""
         seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.state.values()}
         return sum(seen.values())
-
-
-def _resolve(path: str | Path) -> Path:
-    """The folder that holds the weights: ``path`` itself, or a run folder's newest checkpoint."""
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"--init {str(p)!r} does not exist or is not a folder")
-    if (p / "config.json").is_file() or (p / "model.safetensors").is_file() or (p / MARKER).exists():
-        return p
-    found = latest_checkpoint(p)
-    if found is None:
-        raise UserError(
-            f"--init {str(p)!r} is neither a model folder (config.yaml + model.safetensors, or a Hugging Face "
-            "config.json) nor a run folder with a complete checkpoint"
-        )
-    return found
-
-
-def _run_config(folder: Path) -> RunConfig | None:
-    """The run config of a checkpoint folder (``data:``/``train:`` next to ``model:``), else None."""
-    try:
-        data = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(data, dict) or not ({"data", "train"} & set(data)):
-        return None
-    try:
-        return from_dict(RunConfig, data)
-    except ConfigError as exc:
-        raise UserError(f"{folder / 'config.yaml'}: {exc}") from None
-
-
-def load_init_source(path: str | Path) -> InitSource:
-    """Read the model (config + weights), run config and tokenizer at ``path``.
-
-    Weights holding NaN or infinity are refused, naming the tensor, as every checkpoint load does
-    (:func:`moelab.train.checkpoint.refuse_non_finite`): a run started from them would log NaN losses
-    from step 1."""
-    from moelab.convert.hf import load_any
-    from moelab.model.transformer import Transformer
-
-    folder = _resolve(path)
-    model = load_any(folder)
-    if not isinstance(model, Transformer):
-        raise UserError(
-            f"--init {str(folder)!r} holds a {type(model).__name__}: moelab train trains decoder-only models"
-        )
-    try:
-        refuse_non_finite(model.state_dict(), folder)
-    except UserError as exc:
-        raise UserError(f"--init {exc}") from None
-    tok_file = folder / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else None
-    state = {k: v.detach() for k, v in model.state_dict().items()}  # the loaded tensors themselves: no copy
-    return InitSource(folder, model.cfg, state, _run_config(folder), tokenizer)
 
 
 def init_run_config(

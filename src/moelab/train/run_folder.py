@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moelab.checkpoint.folder import CHECKPOINT, CKPT_PREFIX, MARKER, list_checkpoints
 from moelab.errors import UserError
 from moelab.outputs import TMP_PREFIX, OutputKind, check_output, clear_output, first_foreign
-from moelab.train.checkpoint import CHECKPOINT, CKPT_PREFIX, MARKER, list_checkpoints
 from moelab.train.logging import METRICS_FILE, TB_DIR, TB_EVENTS_PREFIX
 
 CHECKPOINTS_DIR = "checkpoints"

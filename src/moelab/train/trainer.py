@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from moelab.checkpoint.folder import checkpoint_name, latest_checkpoint, prune_checkpoints, read_run_config
+from moelab.checkpoint.state import load_training_state, save_checkpoint
 from moelab.config import RunConfig
 from moelab.data.loader import Batch, Sampler, eval_batches, repeated_subset
 from moelab.data.prepare import PreparedData, prepare_data
@@ -43,14 +45,6 @@ from moelab.moe.health import RouterHealth
 from moelab.moe.stats import RoutingStats
 from moelab.objectives.metrics import token_bytes
 from moelab.train import objective_step
-from moelab.train.checkpoint import (
-    checkpoint_name,
-    latest_checkpoint,
-    load_training_state,
-    prune_checkpoints,
-    read_run_config,
-    save_checkpoint,
-)
 from moelab.train.evaluation import EvalResult, autocast, evaluate, evaluate_with_objective, resolve_precision
 from moelab.train.init import InitSource, init_model
 from moelab.train.logging import MetricsLogger, Progress, read_metrics

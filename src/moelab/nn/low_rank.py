@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.moe.matmul_dtype import compute_dtype
+from moelab.nn.matmul_dtype import compute_dtype
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.moe.experts import activate, up_multiplier
+from moelab.nn.activations import activate, up_multiplier
 
 
 class DenseMLP(nn.Module):

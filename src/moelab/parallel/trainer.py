@@ -27,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moelab.checkpoint.folder import checkpoint_name, prune_checkpoints
 from moelab.config import RunConfig
 from moelab.data.prepare import PreparedData
 from moelab.errors import UserError
@@ -37,7 +38,6 @@ from moelab.parallel.mesh import ParallelLayout
 from moelab.parallel.train_step import accumulate_step, shard_rows
 from moelab.parallel.wrap import build_data_parallel
 from moelab.train import objective_step
-from moelab.train.checkpoint import checkpoint_name, prune_checkpoints
 from moelab.train.init import InitSource
 from moelab.train.optim import build_optimizer, lr_at, set_lr
 from moelab.train.trainer import GRAD_NORM, LOSS, Trainer, autocast

@@ -2,7 +2,7 @@
 
 The output is an ordinary checkpoint folder (``save_checkpoint``: safetensors, atomic, hashed,
 no pickle) whose ``state.json`` carries the ``quantization`` record, so
-``moelab.train.checkpoint.load_model`` rebuilds the quantized modules and loads it directly.
+``moelab.convert.load.load_model`` rebuilds the quantized modules and loads it directly.
 It has no optimizer state: a quantized model is for inference, not for resuming training.
 
 Sources: a training checkpoint, a run folder (its newest complete checkpoint), or a model folder
@@ -100,7 +100,7 @@ def quantize_while_loading(
     src: str | Path, cfg: QuantConfig, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Path]:
     """``(quantized model, folder read)`` of any folder ``load_model`` takes, quantized as it streams in."""
-    from moelab.train.checkpoint import load_checkpoint_model
+    from moelab.convert.load import load_checkpoint_model
 
     hook = QuantizeWhileLoading(cfg)
     model, folder = load_checkpoint_model(src, device, dtype, hook)
@@ -121,15 +121,9 @@ def quantize_checkpoint(
 ) -> QuantizeReport:
     """Quantize ``src`` (checkpoint, run folder or model folder) while loading it (``dtype``: the float
     parts' dtype, default the stored weights') and save it to ``out`` (see the module doc for ``overwrite``)."""
-    from moelab.train.checkpoint import (
-        CHECKPOINT,
-        folder_tokenizer,
-        is_model_folder,
-        read_run_config,
-        resolve_model_folder,
-        save_checkpoint,
-        stored_quantization,
-    )
+    from moelab.checkpoint.folder import CHECKPOINT, is_model_folder, read_run_config, resolve_model_folder
+    from moelab.checkpoint.state import save_checkpoint
+    from moelab.convert.load import folder_tokenizer, stored_quantization
 
     cfg = QuantConfig(bits=bits, group_size=group_size, only=only)  # validate before the slow load
     folder = resolve_model_folder(src)
