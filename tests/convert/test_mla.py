@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moelab.config import MLAConfig
-from moelab.model.kv_cache import DynamicKVCache
+from moelab.model.kv_cache import KVCache
 from moelab.model.transformer import Transformer
 
 from helpers import tiny_config
@@ -17,7 +17,7 @@ def test_cached_decoding_matches_full_pass_and_stores_the_latent() -> None:
     ids = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         full = model(ids).logits
-        cache = DynamicKVCache(model.cfg.n_layers)
+        cache = KVCache.growing(model.cfg.n_layers)
         steps = [model(ids[:, :6], cache=cache).logits]
         for t in range(6, 10):
             past = torch.ones(2, t, dtype=torch.long)

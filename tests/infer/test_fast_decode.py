@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from tests.helpers import tiny_config, tiny_mla, tiny_moe
 
 from moelab.config import RouterConfig
-from moelab.infer.fast_decode import FastDecoder, cast_for_decode, fast_generate
+from moelab.infer.fast_decode import FastDecoder, ModuleRoutingNotice, cast_for_decode, fast_generate
 from moelab.infer.generate import SamplingParams, generate
 from moelab.model.kv_cache import make_cache
 from moelab.model.transformer import Transformer
@@ -162,7 +164,14 @@ def test_batch1_router_shortcut_equals_reference(variant: str) -> None:
     model = Transformer(tiny_config(moe=tiny_moe(**ROUTER_VARIANTS[variant]))).eval()
     params = SamplingParams(max_new_tokens=10)
     ref = generate(model, PROMPTS[:1], params)
-    fast = fast_generate(model, PROMPTS[:1], params)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fast = fast_generate(model, PROMPTS[:1], params)
+    notices = [str(w.message) for w in seen if issubclass(w.category, ModuleRoutingNotice)]
+    if variant in ("capacity", "sigmoid_bias"):  # no lone-token shortcut: said in one line, never silently
+        assert len(notices) == 1 and ("capacity" in notices[0] or "SigmoidBiasRouter" in notices[0]), notices
+    else:
+        assert not notices
     assert fast[0].token_ids == ref[0].token_ids
     if variant == "capacity":
         return  # the full forward drops over the whole sequence; a lone decoded token never does

@@ -10,8 +10,8 @@ from tests.helpers import tiny_config, tiny_moe
 from torch import nn
 
 from moelab.config import RouterConfig
-from moelab.infer.fast_decode import FastDecoder, _plain_topk, _topk_choice, cast_for_decode
-from moelab.infer.fused import block_step, fused_ffn, fused_moe, route_mode
+from moelab.infer.fast_decode import FastDecoder, _decode_spec, _lone_token_choice, cast_for_decode
+from moelab.infer.fused import block_step, fused_ffn, fused_moe
 from moelab.infer.packed import native_available
 from moelab.model.transformer import Transformer
 from moelab.nn.ffn import DenseMLP, GatedDenseMLP
@@ -68,13 +68,14 @@ def test_fused_moe_routes_and_computes_like_the_modules(variant: str, mode: str,
     dec = decode_copy(Transformer(cfg).eval(), variant)
     act = dec.embed.weight.dtype
     ffn = dec.blocks[1].ffn
-    assert _plain_topk(ffn) and route_mode(ffn.router) == mode
-    step = fused_moe(ffn, act)
+    spec = _decode_spec(ffn)
+    assert spec is not None and spec.weights == mode and spec.top_k == top_k
+    step = fused_moe(ffn, act, spec)
     assert step is not None
     for _ in range(5):
         x = torch.randn(64).to(act)
         y = step(x)
-        experts, weights = _topk_choice(ffn.router, x[None])
+        experts, weights = _lone_token_choice(ffn.router, spec, x[None])
         assert step.ids == sorted(experts)
         expected_w = dict(zip(experts, weights.to(act).tolist()))
         for e, w in zip(step.ids, step.weights):
@@ -108,9 +109,10 @@ def test_blocks_that_do_not_qualify_keep_their_modules() -> None:
     cfg = tiny_config(d_model=64, ffn_hidden=96, moe=tiny_moe(expert_hidden=64, placement="first_k_dense"))
     model = Transformer(cfg).eval()
     fp32 = cast_for_decode(model, torch.float32, pack=False)
-    assert all(block_step(b, torch.float32, True) is None for b in fp32.blocks)  # plain fp32 weights
+    spec = _decode_spec(fp32.blocks[1].ffn)
+    assert all(block_step(b, torch.float32, spec) is None for b in fp32.blocks)  # plain fp32 weights
     bf16 = cast_for_decode(model, torch.bfloat16)
-    assert block_step(bf16.blocks[1], torch.bfloat16, False) is None  # router the fused call cannot reproduce
+    assert block_step(bf16.blocks[1], torch.bfloat16, None) is None  # router the fused call cannot reproduce
     gelu = cast_for_decode(nn.ModuleList([DenseMLP(64, 96, "gelu")]), torch.bfloat16)[0]
     assert fused_ffn(gelu, torch.bfloat16) is None
     gated = cast_for_decode(nn.ModuleList([GatedDenseMLP(64, 96, "swiglu")]), torch.bfloat16)[0]

@@ -40,6 +40,7 @@ V vocab, K top-k assignments of one token.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -51,8 +52,7 @@ from moelab.infer.fused import attention_step, block_step
 from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, _Row, check_prompts, sample_token
 from moelab.infer.packed import pack_for_decode
 from moelab.model.kv_cache import make_cache
-from moelab.moe.routers.base import Router
-from moelab.moe.routers.topk import TopKRouter
+from moelab.moe.routers.base import DecodeSpec, Router, softmax_topk_weights
 
 
 def decode_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -104,11 +104,12 @@ class FastDecoder:
         self.batch, self.max_len = batch, max_len
         self.device = next(model.parameters()).device
         self.cache = make_cache("static", model, batch, max_len)
-        self.plain_topk = [bool(b.is_moe) and _plain_topk(b.ffn) for b in model.blocks]
+        self.specs = [_decode_spec(b.ffn) if b.is_moe else None for b in model.blocks]
+        _notice_module_routing(model, self.specs)
         act_dtype = model.embed.weight.dtype
         use_fused = fused and batch == 1 and self.device.type == "cpu"
         self.ffn_steps = [
-            block_step(b, act_dtype, topk) if use_fused else None for b, topk in zip(model.blocks, self.plain_topk)
+            block_step(b, act_dtype, spec) if use_fused else None for b, spec in zip(model.blocks, self.specs)
         ]
         self.attn_steps = [attention_step(b, cfg, act_dtype) if use_fused else None for b in model.blocks]
         self.valid_BM = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
@@ -170,8 +171,9 @@ class FastDecoder:
             decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
             y_TD = ffn.dispatch(x_TD, decision, ffn.experts)
         else:
-            if self.plain_topk[layer]:
-                expert_K, weight_1K = _topk_choice(ffn.router, x_TD)
+            spec = self.specs[layer]
+            if spec is not None:
+                expert_K, weight_1K = _lone_token_choice(ffn.router, spec, x_TD)
                 kept_K = [True] * len(expert_K)
             else:
                 decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
@@ -191,25 +193,43 @@ class FastDecoder:
         return y_TD.view(B, 1, D)
 
 
-def _plain_topk(ffn) -> bool:
-    """A softmax top-k router with nothing that changes its decision for a lone token: no
-    capacity (dropless), no forced balance, eval mode (no jitter)."""
-    router, c = ffn.router, ffn.cfg
-    return (
-        type(router) is TopKRouter
-        and not router.training
-        and not router.cfg.router.force_balanced
-        and c.capacity_factor is None
-        and c.expert_capacity is None
-    )
+class ModuleRoutingNotice(UserWarning):
+    """Some MoE blocks route through their router's forward in fast decoding: slower, same tokens."""
 
 
-def _topk_choice(router: TopKRouter, x_1D: Tensor) -> tuple[list[int], Tensor]:
-    """:class:`TopKRouter`'s experts and combine weights for one token, through the router's own
-    operations without building a :class:`RoutingDecision` (≈10 µs instead of ≈55 µs)."""
+def _notice_module_routing(model: nn.Module, specs: list[DecodeSpec | None]) -> None:
+    """One line naming the MoE layers the lone-token step cannot route, and why."""
+    why: dict[str, list[int]] = {}
+    for i, (block, spec) in enumerate(zip(model.blocks, specs)):
+        if block.is_moe and spec is None:
+            c = block.ffn.cfg
+            capped = c.capacity_factor is not None or c.expert_capacity is not None
+            reason = "a capacity limit" if capped else f"{type(block.ffn.router).__name__} (no lone-token softmax top-k)"
+            why.setdefault(reason, []).append(i)
+    if why:
+        parts = "; ".join(f"layers {layers}: {reason}" for reason, layers in why.items())
+        warnings.warn(
+            f"fast decoding routes through the router's own forward ({parts}): slower, the same tokens",
+            ModuleRoutingNotice,
+            stacklevel=3,
+        )
+
+
+def _decode_spec(ffn) -> DecodeSpec | None:
+    """The block's router's lone-token decision (:meth:`~moelab.moe.routers.base.Router.decode_spec`) when
+    nothing else changes it: no capacity (dropless); None otherwise (the router's forward then routes)."""
+    c = ffn.cfg
+    if c.capacity_factor is not None or c.expert_capacity is not None:
+        return None
+    return ffn.router.decode_spec()
+
+
+def _lone_token_choice(router: Router, spec: DecodeSpec, x_1D: Tensor) -> tuple[list[int], Tensor]:
+    """Experts and combine weights of one token by ``spec``, through the router's own logits, without
+    building a :class:`RoutingDecision` (≈10 µs instead of ≈55 µs)."""
     logits_1E = router.logits(x_1D)
-    kept_logits_1K, expert_1K = logits_1E.topk(router.top_k, dim=-1)
-    weight_1K = router.combine_weights(kept_logits_1K, expert_1K, logits_1E.softmax(dim=-1))
+    kept_logits_1K, expert_1K = logits_1E.topk(spec.top_k, dim=-1)
+    weight_1K = softmax_topk_weights(kept_logits_1K, expert_1K, logits_1E.softmax(dim=-1), spec.weights)
     return expert_1K[0].tolist(), weight_1K[0]
 
 

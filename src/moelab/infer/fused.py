@@ -12,7 +12,7 @@ computation:
   (:class:`moelab.quant.QuantLinear`) packed for the native kernels, without K padding or bias;
 - SwiGLU (the gate rows then the up rows of ``w_up``), activations in bf16 or fp32 (the
   weights' dtype for bf16/fp32 weights);
-- MoE: a plain softmax top-k router (what :func:`moelab.infer.fast_decode._plain_topk` accepts),
+- MoE: a router whose lone-token decision is a softmax top-k (its ``decode_spec()``),
   with its fp32 gate weight; renormalised, raw or softmax-after-top-k combine weights; a shared
   expert inside the call when it is a plain SwiGLU in a native layout;
 - attention: grouped-query with rotate-half RoPE, no biases or q/k norms, causal, a static cache;
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.infer.packed import NativeExperts, NativeLinear
+from moelab.moe.routers.base import DecodeSpec
 from moelab.native.fused import (
     KIND_BF16,
     KIND_F32,
@@ -104,19 +105,12 @@ def fused_ffn(mlp: nn.Module, act_dtype: torch.dtype) -> FusedFFN | None:
     return FusedFFN(up[0], down[0], act_dtype == torch.bfloat16, (*up[1], *down[1]))
 
 
-def route_mode(router) -> str:
-    rcfg = router.cfg.router
-    if rcfg.softmax_after_topk:
-        return "softmax_after_topk"
-    return "renormalize" if rcfg.renormalize else "probs"
-
-
-def fused_moe(ffn: nn.Module, act_dtype: torch.dtype) -> FusedMoE | None:
-    """An MoE block's router and routed experts as one native call, or None. The caller has
-    checked the router (a plain softmax top-k, see :func:`moelab.infer.fast_decode._plain_topk`);
-    shared experts stay outside the call."""
+def fused_moe(ffn: nn.Module, act_dtype: torch.dtype, spec: DecodeSpec) -> FusedMoE | None:
+    """An MoE block's router and routed experts as one native call, or None. ``spec`` is the router's own
+    account of its lone-token decision (:meth:`~moelab.moe.routers.base.Router.decode_spec`: the native
+    call computes exactly that); shared experts stay outside the call."""
     experts = ffn.experts
-    if getattr(experts, "activation", None) != "swiglu" or experts.num_experts > 256 or ffn.router.top_k > 64:
+    if getattr(experts, "activation", None) != "swiglu" or experts.num_experts > 256 or spec.top_k > 64:
         return None
     mats = _expert_mats(experts, act_dtype)
     if mats is None:
@@ -125,7 +119,7 @@ def fused_moe(ffn: nn.Module, act_dtype: torch.dtype) -> FusedMoE | None:
     if gate.bias is not None or gate.weight.dtype != torch.float32:
         return None
     ups, downs, keep = mats
-    return FusedMoE(ups, downs, gate.weight.detach(), ffn.router.top_k, route_mode(ffn.router), act_dtype == torch.bfloat16, keep)
+    return FusedMoE(ups, downs, gate.weight.detach(), spec.top_k, spec.weights, act_dtype == torch.bfloat16, keep)
 
 
 def norm_of(norm: nn.Module, act_dtype: torch.dtype) -> Norm | None:
@@ -157,7 +151,6 @@ def fused_attention(block: nn.Module, cfg, act_dtype: torch.dtype) -> FusedAtten
 def attention_step(block: nn.Module, cfg, act_dtype: torch.dtype):
     """The attention half of one block at batch 1 as a callable ``(x [1, 1, D], rope, cache
     layer) → None`` that updates x in place and fills the cache, or None."""
-    from moelab.model.kv_cache import StaticLayerCache
     from moelab.native.build import library
 
     if library() is None:
@@ -167,7 +160,7 @@ def attention_step(block: nn.Module, cfg, act_dtype: torch.dtype):
         return None
 
     def step(x: Tensor, rope: tuple[Tensor, Tensor], layer) -> None:
-        if type(layer) is not StaticLayerCache:
+        if not layer.is_static:
             raise ValueError("fused attention needs a static KV cache layer")
         fused.add_to(x.view(-1), rope[0], rope[1], layer.k, layer.v, layer.length)
         layer.length += 1
@@ -175,7 +168,7 @@ def attention_step(block: nn.Module, cfg, act_dtype: torch.dtype):
     return step
 
 
-def block_step(block: nn.Module, act_dtype: torch.dtype, plain_topk: bool):
+def block_step(block: nn.Module, act_dtype: torch.dtype, spec: DecodeSpec | None):
     """The feed-forward half of one block at batch 1 (pre-norm, block, residual) as a callable
     ``x [1, 1, D] → None`` updating x in place, built on the native calls above, or None when
     the block does not qualify."""
@@ -193,7 +186,7 @@ def block_step(block: nn.Module, act_dtype: torch.dtype, plain_topk: bool):
             step.norm = norm
             return lambda x: step.add_to(x.view(-1))
         return lambda x: x.add_(step(block.ffn_norm(x).reshape(-1)).view_as(x))
-    moe = fused_moe(ffn, act_dtype) if plain_topk else None
+    moe = fused_moe(ffn, act_dtype, spec) if spec is not None else None
     if moe is None:
         return None
     shared = None if ffn.shared is None else fused_ffn(ffn.shared, act_dtype)
@@ -209,4 +202,4 @@ def block_step(block: nn.Module, act_dtype: torch.dtype, plain_topk: bool):
     return unfused_norm
 
 
-__all__ = ["attention_step", "block_step", "fused_attention", "fused_ffn", "fused_moe", "native_mat", "norm_of", "route_mode"]
+__all__ = ["attention_step", "block_step", "fused_attention", "fused_ffn", "fused_moe", "native_mat", "norm_of"]

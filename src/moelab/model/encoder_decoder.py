@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from moelab.config import ConfigError, ModelConfig
 from moelab.model.cross_attention import CrossAttention, encoder_key_mask
-from moelab.model.kv_cache import DynamicKVCache
+from moelab.model.kv_cache import KVCache
 from moelab.model.memory_guard import require_fits
 from moelab.model.relative_position import RelativePositionBias, biased_mask, identity_rope
 from moelab.model.transformer import (
@@ -178,7 +178,7 @@ class EncoderDecoderCache:
     """
 
     def __init__(self, n_decoder_layers: int) -> None:
-        self.self_attn = DynamicKVCache(n_decoder_layers)
+        self.self_attn = KVCache.growing(n_decoder_layers)
         self.cross: list[tuple[Tensor, Tensor]] | None = None
 
     @property

@@ -10,9 +10,10 @@ depends on the attention:
   per-head keys and values are re-expanded from the latent inside attention, never cached.
   That is the memory saving: ``r + dr`` numbers per token and layer instead of ``2·G·Dh``.
 
-:class:`DynamicKVCache` grows by concatenation: simple and exact, the reference for the
-preallocated :class:`StaticKVCache`. :func:`make_cache` picks the right layer caches for a model.
-``nbytes`` is what a cache holds for its filled positions; ``storage_bytes`` what it has allocated.
+One class, :class:`KVCache` of :class:`LayerCache`, in two modes: growing (``dynamic``: by
+concatenation, simple and exact, the reference) or static (preallocated). :func:`make_cache`
+picks the mode and the streams' shapes for a model. ``nbytes`` is what a cache holds for its
+filled positions; ``storage_bytes`` what it has allocated.
 
 Legend: B batch, G key/value heads, L cached length, S new tokens, M preallocated length,
 Dh head dim, r MLA latent rank (``kv_lora_rank``), dr MLA RoPE key dim (``qk_rope_head_dim``).
@@ -36,92 +37,41 @@ def _storage_bytes(*tensors: Tensor | None) -> int:
     return sum(seen.values())
 
 
-class DynamicLayerCache:
-    """One layer's two streams (GQA: keys and values ``[B, G, L, Dh]``), appended to on every call."""
+class LayerCache:
+    """One layer's two streams (GQA: keys and values ``[B, G, L, Dh]``; MLA: ``latent`` and ``k_rope``).
 
-    def __init__(self) -> None:
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+    Two modes behind one ``update(a, b) -> (all a, all b)``:
 
-    def update(self, k_BGSDh: Tensor, v_BGSDh: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k is None or self.v is None:
-            self.k, self.v = k_BGSDh, v_BGSDh
-        else:
-            self.k = torch.cat([self.k, k_BGSDh], dim=2)
-            self.v = torch.cat([self.v, v_BGSDh], dim=2)
-        return self.k, self.v
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
-
-    @property
-    def storage_bytes(self) -> int:
-        return _storage_bytes(self.k, self.v)
-
-
-class DynamicLatentCache(DynamicLayerCache):
-    """One MLA layer's cache: the KV latent ``[B, 1, L, r]`` and the RoPE key ``[B, 1, L, dr]``.
-
-    Same concatenation as :class:`DynamicLayerCache`; only what the two streams hold differs.
+    - growing (:meth:`growing`): appended by concatenation; simple and exact, the reference;
+    - static (:meth:`static`): buffers preallocated for ``M`` positions, into which only the new entries
+      are written. Why: concatenation copies the whole cache every step (quadratic bytes over a
+      generation). ``k``/``v`` are then the whole buffers (the native attention step writes into them
+      at ``length``); ``update`` returns views of the filled part.
     """
 
-    @property
-    def latent(self) -> Tensor | None:
-        return self.k
-
-    @property
-    def k_rope(self) -> Tensor | None:
-        return self.v
-
-
-class DynamicKVCache(list):
-    """A list of dynamic layer caches, one per layer, passed as ``model(..., cache=...)``.
-
-    ``latent=True`` gives MLA layer caches (:class:`DynamicLatentCache`).
-    """
-
-    def __init__(self, n_layers: int, latent: bool = False) -> None:
-        layer = DynamicLatentCache if latent else DynamicLayerCache
-        super().__init__(layer() for _ in range(n_layers))
-
-    @property
-    def length(self) -> int:
-        return self[0].length if self else 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self)
-
-    @property
-    def storage_bytes(self) -> int:
-        return sum(c.storage_bytes for c in self)
-
-
-class StaticLayerCache:
-    """One layer's two streams in buffers preallocated for ``max_len`` positions (GQA: keys and
-    values ``[B, G, M, Dh]``).
-
-    Why: concatenation copies the whole cache every step (quadratic bytes over a generation);
-    writing into a preallocated buffer copies only the new entries. Returns views of the filled part.
-    """
-
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device) -> None:
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self._allocate(shape, shape, dtype, device)
-
-    def _allocate(self, k_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
-        self.k = torch.zeros(k_shape, dtype=dtype, device=device)
-        self.v = torch.zeros(v_shape, dtype=dtype, device=device)
+    def __init__(self, k: Tensor | None = None, v: Tensor | None = None) -> None:
+        self.k, self.v = k, v
+        self.is_static = k is not None
         self.length = 0
 
+    @classmethod
+    def growing(cls) -> LayerCache:
+        return cls()
+
+    @classmethod
+    def static(cls, k_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: torch.dtype, device) -> LayerCache:
+        """Buffers ``k_shape``/``v_shape`` (``[B, G or 1, M, ·]``), zero-filled."""
+        return cls(torch.zeros(k_shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device))
+
     def update(self, k_BGSDh: Tensor, v_BGSDh: Tensor) -> tuple[Tensor, Tensor]:
-        S = k_BGSDh.shape[2]
-        end = self.length + S
+        end = self.length + k_BGSDh.shape[2]
+        if not self.is_static:
+            first = self.k is None or self.v is None
+            self.k = k_BGSDh if first else torch.cat([self.k, k_BGSDh], dim=2)
+            self.v = v_BGSDh if first else torch.cat([self.v, v_BGSDh], dim=2)
+            self.length = end
+            return self.k, self.v
+        assert self.k is not None and self.v is not None
         if end > self.k.shape[2]:
             raise ValueError(f"static KV cache is full: {end} positions needed, {self.k.shape[2]} allocated")
         self.k[:, :, self.length : end] = k_BGSDh
@@ -130,36 +80,36 @@ class StaticLayerCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     @property
+    def latent(self) -> Tensor | None:
+        """MLA: the cached KV latent ``[B, 1, L, r]`` (the first stream, filled part)."""
+        return None if self.k is None else self.k[:, :, : self.length]
+
+    @property
+    def k_rope(self) -> Tensor | None:
+        """MLA: the cached RoPE key ``[B, 1, L, dr]`` (the second stream, filled part)."""
+        return None if self.v is None else self.v[:, :, : self.length]
+
+    @property
     def nbytes(self) -> int:
-        return sum(t[:, :, : self.length].numel() * t.element_size() for t in (self.k, self.v))
+        """Bytes of the filled positions."""
+        return sum(t[:, :, : self.length].numel() * t.element_size() for t in (self.k, self.v) if t is not None)
 
     @property
     def storage_bytes(self) -> int:
+        """Bytes allocated (a static cache's whole buffers)."""
         return _storage_bytes(self.k, self.v)
 
 
-class StaticLatentCache(StaticLayerCache):
-    """One MLA layer's preallocated cache: latent ``[B, 1, M, r]`` and RoPE key ``[B, 1, M, dr]``."""
+class KVCache(list):
+    """One :class:`LayerCache` per layer, passed as ``model(..., cache=...)``; all growing or all static."""
 
-    def __init__(self, batch: int, max_len: int, rank: int, rope_dim: int, dtype: torch.dtype, device) -> None:
-        self._allocate((batch, 1, max_len, rank), (batch, 1, max_len, rope_dim), dtype, device)
+    @classmethod
+    def growing(cls, n_layers: int) -> KVCache:
+        return cls(LayerCache.growing() for _ in range(n_layers))
 
-    @property
-    def latent(self) -> Tensor:
-        return self.k[:, :, : self.length]
-
-    @property
-    def k_rope(self) -> Tensor:
-        return self.v[:, :, : self.length]
-
-
-class StaticKVCache(list):
-    """Preallocated layer caches for ``batch`` sequences of ``max_len`` positions: GQA
-    (``n_kv_heads`` × ``head_dim``), or MLA latents when ``mla`` is given (then ``n_kv_heads``
-    and ``head_dim`` are unused)."""
-
-    def __init__(
-        self,
+    @classmethod
+    def static(
+        cls,
         n_layers: int,
         batch: int,
         n_kv_heads: int,
@@ -168,15 +118,14 @@ class StaticKVCache(list):
         dtype: torch.dtype,
         device,
         mla: MLAConfig | None = None,
-    ) -> None:
+    ) -> KVCache:
+        """Preallocated for ``batch`` sequences of ``max_len`` positions: GQA (``n_kv_heads`` × ``head_dim``), or
+        MLA latents when ``mla`` is given (then ``n_kv_heads`` and ``head_dim`` are unused)."""
         if mla is None:
-            layers = (StaticLayerCache(batch, n_kv_heads, max_len, head_dim, dtype, device) for _ in range(n_layers))
+            k_shape = v_shape = (batch, n_kv_heads, max_len, head_dim)
         else:
-            layers = (
-                StaticLatentCache(batch, max_len, mla.kv_lora_rank, mla.qk_rope_head_dim, dtype, device)
-                for _ in range(n_layers)
-            )
-        super().__init__(layers)
+            k_shape, v_shape = (batch, 1, max_len, mla.kv_lora_rank), (batch, 1, max_len, mla.qk_rope_head_dim)
+        return cls(LayerCache.static(k_shape, v_shape, dtype, device) for _ in range(n_layers))
 
     @property
     def length(self) -> int:
@@ -197,11 +146,12 @@ CACHE_KINDS = ("dynamic", "static")
 def cache_for_config(
     kind: str, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device="cpu"
 ) -> list:
-    """A cache by name for a model of config ``cfg``: GQA layer caches, or latent caches for MLA."""
+    """A cache by name for a model of config ``cfg`` (``dynamic``: growing, ``static``: preallocated): GQA
+    keys and values, or MLA latents and RoPE keys."""
     if kind == "dynamic":
-        return DynamicKVCache(cfg.n_layers, latent=cfg.mla is not None)
+        return KVCache.growing(cfg.n_layers)
     if kind == "static":
-        return StaticKVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device, mla=cfg.mla)
+        return KVCache.static(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device, mla=cfg.mla)
     raise ConfigError(f"cache={kind!r} is invalid: expected one of {', '.join(map(repr, CACHE_KINDS))}")
 
 

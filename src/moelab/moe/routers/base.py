@@ -5,6 +5,7 @@ Legend: T tokens, D model dim, E experts, K top-k.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -16,6 +17,31 @@ from moelab.registry import Registry
 
 if TYPE_CHECKING:
     from moelab.config import MoEConfig
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a router's decision for one token is, in terms a decode step can compute without the router's
+    forward: a softmax top-``top_k`` over the fp32 logits ``x·W_gᵀ``, combine weights by ``weights``
+    (``renormalize``: kept probabilities over their sum; ``probs``: kept probabilities as they are;
+    ``softmax_after_topk``: a softmax over the kept logits). See :func:`softmax_topk_weights`."""
+
+    top_k: int
+    weights: str
+
+
+WEIGHT_MODES = ("renormalize", "probs", "softmax_after_topk")
+
+
+def softmax_topk_weights(kept_logits_TK: Tensor, expert_TK: Tensor, scores_TE: Tensor, mode: str) -> Tensor:
+    """``[T, K]`` combine weights of a softmax top-k decision (one of :data:`WEIGHT_MODES`): the router's
+    forward and every decode step compute them here, so the two can never differ."""
+    if mode == "softmax_after_topk":
+        return kept_logits_TK.softmax(dim=-1)
+    weight_TK = scores_TE.gather(1, expert_TK)
+    if mode == "renormalize":
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+    return weight_TK
 
 
 class Router(nn.Module):
@@ -67,6 +93,12 @@ class Router(nn.Module):
             with torch.autocast(device_type=x_TD.device.type, enabled=False):
                 return F.linear(x_TD.float(), self.gate.weight.float())
         return F.linear(x_TD.float(), self.gate.weight.float())
+
+    def decode_spec(self) -> DecodeSpec | None:
+        """This router's decision for a lone token as a :class:`DecodeSpec`, for decode steps that route
+        without the router's forward (batch-1 fast decoding, the native fused MoE step); None when it is not
+        such a decision (then decoding calls the router's forward: slower, never different). Default: None."""
+        return None
 
     def forward(
         self,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moelab.moe.decision import RoutingDecision, token_choice_decision
-from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+from moelab.moe.routers.base import ROUTERS, DecodeSpec, Router, round_robin_experts, softmax_topk_weights
 
 
 @ROUTERS.register("topk")
@@ -43,14 +43,21 @@ class TopKRouter(Router):
         weight_TK = self.combine_weights(kept_logits_TK, expert_TK, scores_TE)
         return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)
 
-    def combine_weights(self, kept_logits_TK: Tensor, expert_TK: Tensor, scores_TE: Tensor) -> Tensor:
-        """``[T, K]`` weights of the kept experts: softmax over the kept logits, or their
-        probabilities (renormalised to sum to 1 where configured). Also what batch-1 decoding
-        calls (``moelab.infer.fast_decode``), so the two can never differ."""
+    @property
+    def weight_mode(self) -> str:
         rcfg = self.cfg.router
         if rcfg.softmax_after_topk:
-            return kept_logits_TK.softmax(dim=-1)
-        weight_TK = scores_TE.gather(1, expert_TK)
-        if rcfg.renormalize:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-        return weight_TK
+            return "softmax_after_topk"
+        return "renormalize" if rcfg.renormalize else "probs"
+
+    def combine_weights(self, kept_logits_TK: Tensor, expert_TK: Tensor, scores_TE: Tensor) -> Tensor:
+        """``[T, K]`` weights of the kept experts: softmax over the kept logits, or their
+        probabilities (renormalised to sum to 1 where configured)."""
+        return softmax_topk_weights(kept_logits_TK, expert_TK, scores_TE, self.weight_mode)
+
+    def decode_spec(self) -> DecodeSpec | None:
+        """A softmax top-k in eval (no jitter) without forced balance; a subclass that changes the decision
+        is not one unless it says so itself."""
+        if type(self) is not TopKRouter or self.training or self.cfg.router.force_balanced:
+            return None
+        return DecodeSpec(self.top_k, self.weight_mode)
