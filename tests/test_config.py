@@ -15,6 +15,7 @@ from moelab.config import (
     preset_names,
     save_config,
 )
+from moelab.moe.validate import check_moe_config
 
 from helpers import tiny_config, tiny_moe
 
@@ -27,10 +28,10 @@ from helpers import tiny_config, tiny_moe
         (lambda: ModelConfig(n_heads=4, n_kv_heads=3), r"model\.n_kv_heads=3 is invalid: must divide model\.n_heads=4"),
         (lambda: MoEConfig(capacity_factor=0.0), r"moe\.capacity_factor=0\.0 is invalid: must be > 0"),
         (lambda: MoEConfig(capacity_factor=-1.0), r"moe\.capacity_factor=-1\.0 is invalid"),
-        (lambda: MoEConfig(router=RouterConfig(name="magic")), r"moe\.router\.name='magic' is invalid: expected one of .*'topk'"),
-        (lambda: MoEConfig(dispatch="warp"), r"moe\.dispatch='warp' is invalid: expected one of .*'loop'"),
-        (lambda: MoEConfig(drop_policy="coin"), r"moe\.drop_policy='coin' is invalid: expected one of .*'position'"),
-        (lambda: MoEConfig(aux_loss="magic"), r"moe\.aux_loss='magic' is invalid: expected one of .*'load_balance'"),
+        (lambda: check_moe_config(MoEConfig(router=RouterConfig(name="magic"))), r"moe\.router\.name='magic' is invalid: expected one of .*'topk'"),
+        (lambda: check_moe_config(MoEConfig(dispatch="warp")), r"moe\.dispatch='warp' is invalid: expected one of .*'loop'"),
+        (lambda: check_moe_config(MoEConfig(drop_policy="coin")), r"moe\.drop_policy='coin' is invalid: expected one of .*'position'"),
+        (lambda: check_moe_config(MoEConfig(aux_loss="magic")), r"moe\.aux_loss='magic' is invalid: expected one of .*'load_balance'"),
         (lambda: MoEConfig(placement="some"), r"moe\.placement='some' is invalid: expected one of .*'every_n'"),
         (
             lambda: tiny_config(moe=tiny_moe(placement="explicit", layers=(0, 5))),
@@ -40,7 +41,11 @@ from helpers import tiny_config, tiny_moe
         (lambda: ModelConfig(activation="tanh"), r"model\.activation='tanh' is invalid: expected one of 'geglu_tanh', 'gelu', 'relu', 'swiglu'"),
         (lambda: ModelConfig(attention="sideways"), r"model\.attention='sideways' is invalid"),
         (lambda: ModelConfig(vocab_size=0), r"model\.vocab_size=0 is invalid: must be a positive integer"),
-        (lambda: RouterConfig(n_group=2, topk_group=3), r"moe\.router\.topk_group=3 is invalid: must be between 1 and"),
+        (lambda: check_moe_config(MoEConfig(router=RouterConfig(name="sigmoid_bias", n_group=2, topk_group=3))),
+         r"moe\.router\.topk_group=3 is invalid: must be between 1 and"),
+        (lambda: check_moe_config(MoEConfig(router=RouterConfig(noise_std=0.5))),
+         r"moe\.router\.noise_std=0\.5 is invalid: router 'topk' has no option 'noise_std' \(its options: force_balanced"),
+        (lambda: RouterConfig(temperature=[1, 2]), r"moe\.router\.temperature=\[1, 2\] is invalid: a router option is a number"),
         (lambda: ModelConfig(n_layers=2, layer_ffn_hidden=(4,)), r"model\.layer_ffn_hidden=\[4\] is invalid"),
         (lambda: preset("huge"), r"unknown preset 'huge': expected one of 'small', 'smoke', 'tiny'"),
     ],

@@ -57,9 +57,10 @@ def add_model_config_args(p: argparse.ArgumentParser) -> None:
 
 def model_config_from_args(args: argparse.Namespace, default_preset: str = "tiny"):
     from moelab.config import apply_overrides, load_config, preset
+    from moelab.moe.validate import check_model_config
 
     cfg = load_config(args.config) if args.config else preset(args.preset or default_preset)
-    return apply_overrides(cfg, args.overrides)
+    return check_model_config(apply_overrides(cfg, args.overrides))  # router names and options, resolved
 
 
 def _add_allow_large_arg(p: argparse.ArgumentParser) -> None:
@@ -154,12 +155,23 @@ def _run_config(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("routers", "list the registered routers (one line each), dispatch backends, balance losses and drop policies")
+def _add_routers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--markdown", action="store_true", help="print docs/routers.md's routers table, generated from the registry")
+
+
+@command("routers", "list the registered routers (one line each, then its options), dispatch backends, balance losses and drop policies", _add_routers_args)
 def _run_routers(args: argparse.Namespace) -> int:
     from moelab.moe.capacity import DROP_POLICIES
     from moelab.moe.dispatch import DISPATCHERS
     from moelab.moe.losses import BALANCE_LOSSES
     from moelab.moe.routers import ROUTERS
+
+    if args.markdown:
+        from moelab.moe.routers.table import router_table_markdown
+
+        print(router_table_markdown(), end="")
+        return 0
+    from moelab.moe.routers.table import options_cell
 
     width = max(map(len, ROUTERS))
     print("routers (moe.router.name):")
@@ -175,6 +187,7 @@ def _run_routers(args: argparse.Namespace) -> int:
             if on
         )
         print(f"  {name:<{width}}  {summary}  [{flags}]")
+        print(f"  {'':<{width}}  options: {options_cell(cls).replace('`', '')}")
     print(f"balance losses (moe.aux_loss): {', '.join(BALANCE_LOSSES)}; also z_loss")
     print(f"drop policies (moe.drop_policy): {', '.join(DROP_POLICIES)}")
     print(f"dispatch backends (moe.dispatch): {', '.join(DISPATCHERS)}")
@@ -724,6 +737,7 @@ def run_config_from_args(args: argparse.Namespace, default_preset: str = "tiny")
 
     from moelab.config import apply_overrides, load_run_config, normalize_run_overrides, run_preset
     from moelab.model.memory_guard import require_training_fits
+    from moelab.moe.validate import check_model_config
     from moelab.objectives import build_objective
 
     cfg = load_run_config(args.config) if args.config else run_preset(args.preset or default_preset)
@@ -731,6 +745,7 @@ def run_config_from_args(args: argparse.Namespace, default_preset: str = "tiny")
     if getattr(args, "objective", None):
         overrides.append(f"train.objective={args.objective}")
     cfg = apply_overrides(cfg, normalize_run_overrides(overrides))
+    cfg = replace(cfg, model=check_model_config(cfg.model))  # a bad router name or option: one line, before data
     # The vocabulary comes from the tokenizer when the run starts; count at most the 256 bytes every
     # moelab tokenizer has, so the estimate stays a lower bound.
     model = replace(cfg.model, vocab_size=min(cfg.model.vocab_size, 256))

@@ -20,7 +20,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -38,6 +38,17 @@ def _require(ok: bool, path: str, value: Any, allowed: str) -> None:
         _fail(path, value, allowed)
 
 
+def check_field(ok: bool, path: str, value: Any, allowed: str) -> None:
+    """ConfigError ``path=value is invalid: allowed`` unless ``ok``: the house's wording for config
+    checks outside this module (router options, registry names)."""
+    _require(ok, path, value, allowed)
+
+
+def check_one_of(path: str, value: Any, allowed: Iterable[str]) -> None:
+    """ConfigError naming ``path`` and the allowed values unless ``value`` is one of them."""
+    _one_of(path, value, allowed)
+
+
 def _one_of(path: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = sorted(allowed)
     _require(value in allowed, path, value, f"expected one of {', '.join(map(repr, allowed))}")
@@ -53,43 +64,62 @@ PLACEMENTS = ("all", "every_n", "first_k_dense", "explicit")
 CAPACITY_SCOPES = ("batch", "sequence")  # where expert capacity is counted (moelab.moe.capacity)
 
 
-@dataclass(frozen=True)
-class RouterConfig:
-    """Which router sends tokens to experts, and its options.
+OptionValue = bool | int | float | str | None
 
-    ``name`` is looked up in the router registry (``moelab routers`` lists it); options that a
-    router does not use are ignored by it, and each router validates the ones it does use.
+
+@dataclass(frozen=True, init=False)
+class RouterConfig:
+    """Which router sends tokens to experts (``name``, in the router registry: ``moelab routers``) and
+    its own options, as given: ``RouterConfig(name="sigmoid_bias", n_group=8, topk_group=4)``.
+
+    The options belong to the router: each router class declares them, with their defaults and checks,
+    in its ``Options`` dataclass (:mod:`moelab.moe.routers`), which reads them when the model is built
+    or a run is assembled (:func:`moelab.moe.validate.check_moe_config`). Here they are data only: a
+    name → scalar mapping (YAML: the keys beside ``name`` under ``moe.router``), so this layer knows no
+    router. ``options`` is a sorted tuple of pairs (frozen and hashable); :meth:`option` reads one.
     """
 
-    name: str = "topk"
-    renormalize: bool = True  # top-k weights renormalised to sum to 1 (Mixtral) or left as probabilities
-    softmax_after_topk: bool = False  # softmax over the k kept logits instead of over all E
-    jitter_eps: float = 0.0  # Switch: multiplicative uniform noise in [1-eps, 1+eps] on inputs, training only
-    noise_std: float = 1.0  # noisy top-k: scale of the learned Gaussian noise
-    n_group: int = 1  # group-limited routing (DeepSeek-V3): experts split into n_group groups
-    topk_group: int = 1  # ... of which the best topk_group groups are searched
-    routed_scaling_factor: float = 1.0  # combine weights multiplied by this (DeepSeek-V3)
-    bias_update_rate: float = 0.001  # aux-loss-free balancing step size (gamma)
-    hash_seed: int = 0  # hash routing: seed of the token-id → expert table
-    force_balanced: bool = False  # uniform round-robin assignment, for throughput benchmarks
+    name: str
+    options: tuple[tuple[str, OptionValue], ...]
+    OPEN: ClassVar[bool] = True  # YAML and --set take any key beside ``name`` (an option of the router)
 
-    def __post_init__(self) -> None:
-        _require(self.jitter_eps >= 0, "moe.router.jitter_eps", self.jitter_eps, "must be >= 0")
-        _require(self.noise_std >= 0, "moe.router.noise_std", self.noise_std, "must be >= 0")
-        _require(self.n_group >= 1, "moe.router.n_group", self.n_group, "must be >= 1")
-        _require(
-            1 <= self.topk_group <= self.n_group,
-            "moe.router.topk_group",
-            self.topk_group,
-            f"must be between 1 and moe.router.n_group={self.n_group}",
-        )
-        _require(
-            self.routed_scaling_factor > 0,
-            "moe.router.routed_scaling_factor",
-            self.routed_scaling_factor,
-            "must be > 0",
-        )
-        _require(self.bias_update_rate >= 0, "moe.router.bias_update_rate", self.bias_update_rate, "must be >= 0")
+    def __init__(
+        self, name: str = "topk", options: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), **more: Any
+    ) -> None:
+        merged = {**dict(options), **more}
+        for key, value in merged.items():
+            _require(
+                isinstance(key, str) and key.isidentifier() and key not in ("name", "options"),
+                "moe.router", key, "option names are identifiers other than 'name' and 'options'",
+            )
+            _require(
+                value is None or isinstance(value, (bool, int, float, str)),
+                f"moe.router.{key}", value, "a router option is a number, a string, true/false or null",
+            )
+        _require(isinstance(name, str) and bool(name), "moe.router.name", name, "must be a router's name")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "options", tuple(sorted(merged.items())))
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """The value given for ``key``, else ``default`` (the router's ``Options`` holds the real defaults)."""
+        return dict(self.options).get(key, default)
+
+    def with_options(self, **more: Any) -> RouterConfig:
+        """A copy with ``more`` options set (or replaced)."""
+        return RouterConfig(self.name, {**dict(self.options), **more})
+
+    def to_data(self) -> dict[str, Any]:
+        """The YAML shape: ``{name: ..., option: value, ...}``."""
+        return {"name": self.name, **dict(self.options)}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any], path: str = "moe.router") -> RouterConfig:
+        if not isinstance(data, Mapping):
+            _fail(path, data, "expected a mapping: {name: ROUTER, option: value, ...}")
+        rest = {k: v for k, v in data.items() if k != "name"}
+        if "options" in rest and isinstance(rest["options"], Mapping):  # RouterConfig(options=...) written out
+            rest = {**rest.pop("options"), **rest}
+        return cls(data.get("name", "topk"), rest)
 
 
 # Losses beside aux_loss, by registry name; MoEConfig holds each one's weight as ``<name>_coef``.
@@ -133,12 +163,8 @@ class MoEConfig:
     health_dead_steps: int = 100  # an expert is dead after this many observed steps without tokens
 
     def __post_init__(self) -> None:
-        # Registries are imported lazily: config stays importable without torch-heavy modules.
-        from moelab.moe.capacity import DROP_POLICIES
-        from moelab.moe.dispatch import DISPATCHERS
-        from moelab.moe.losses import BALANCE_LOSSES
-        from moelab.moe.routers import ROUTERS
-
+        # Names of routers, losses, drop policies and dispatch backends, and each router's options, are
+        # checked against their registries by moelab.moe.validate.check_moe_config (config knows no registry).
         object.__setattr__(self, "layers", tuple(self.layers))
         _require(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")
         _require(
@@ -155,8 +181,6 @@ class MoEConfig:
             _require(
                 self.num_shared_experts > 0, "moe.shared_gate", self.shared_gate, "needs moe.num_shared_experts >= 1"
             )
-        _one_of("moe.router.name", self.router.name, ROUTERS)
-        _one_of("moe.aux_loss", self.aux_loss, BALANCE_LOSSES)
         _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         _require(self.z_loss_coef >= 0, "moe.z_loss_coef", self.z_loss_coef, "must be >= 0")
         if self.capacity_factor is not None:
@@ -166,7 +190,6 @@ class MoEConfig:
                 self.capacity_factor,
                 "must be > 0, or null for dropless routing",
             )
-        _one_of("moe.drop_policy", self.drop_policy, DROP_POLICIES)
         _one_of("moe.capacity_scope", self.capacity_scope, CAPACITY_SCOPES)
         if self.expert_capacity is not None:
             _require(
@@ -186,7 +209,6 @@ class MoEConfig:
         _require(self.first_k_dense >= 0, "moe.first_k_dense", self.first_k_dense, "must be >= 0")
         if self.placement == "explicit":
             _require(len(self.layers) > 0, "moe.layers", self.layers, "placement=explicit needs a non-empty list")
-        _one_of("moe.dispatch", self.dispatch, DISPATCHERS)
         for name in _EXTRA_LOSSES:
             coef = getattr(self, f"{name}_coef")
             _require(coef >= 0, f"moe.{name}_coef", coef, "must be >= 0")
@@ -196,13 +218,6 @@ class MoEConfig:
                 coef,
                 f"moe.aux_loss is already {name!r}: set its weight with moe.aux_loss_coef, or pick another aux_loss",
             )
-        if "load" in self.loss_coefs() and not ROUTERS[self.router.name].smooth_load:
-            _fail(
-                "moe.aux_loss" if self.aux_loss == "load" else "moe.load_coef",
-                self.aux_loss if self.aux_loss == "load" else self.load_coef,
-                f"the smooth 'load' loss needs the noisy_topk router (moe.router.name={self.router.name!r}); "
-                "use 'load_balance' or 'importance' instead",
-            )
         _require(
             0 < self.health_collapse_share <= 1,
             "moe.health_collapse_share",
@@ -211,7 +226,6 @@ class MoEConfig:
         )
         _require(self.health_collapse_steps >= 1, "moe.health_collapse_steps", self.health_collapse_steps, "must be >= 1")
         _require(self.health_dead_steps >= 1, "moe.health_dead_steps", self.health_dead_steps, "must be >= 1")
-        ROUTERS[self.router.name].validate(self)
 
     def loss_coefs(self) -> dict[str, float]:
         """Each router loss the MoE layer reports, by registry name, with its coefficient.
@@ -687,6 +701,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if is_dataclass(inner):
         if is_dataclass(value):
             return value
+        if hasattr(inner, "from_data"):
+            return inner.from_data(value, path)
         if not isinstance(value, Mapping):
             _fail(path, value, f"expected a mapping of {inner.__name__} fields")
         return _from_mapping(inner, value, path + ".")
@@ -748,17 +764,22 @@ def _section_prefix(cls: type) -> str:
     }.get(cls.__name__, "")
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Build dataclass ``cls`` from plain data, checking every key and type."""
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str | None = None) -> T:
+    """Build dataclass ``cls`` from plain data, checking every key and type; messages name fields
+    ``prefix + name`` (default: the section's own, ``moe.`` for MoEConfig)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    return _from_mapping(cls, data, _section_prefix(cls))
+    if hasattr(cls, "from_data"):
+        return cls.from_data(data)  # type: ignore[attr-defined,no-any-return]
+    return _from_mapping(cls, data, _section_prefix(cls) if prefix is None else prefix)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain data (lists for tuples), suitable for YAML and JSON."""
 
     def plain(v: Any) -> Any:
+        if hasattr(v, "to_data"):  # an open section (RouterConfig): its own YAML shape
+            return {k: plain(x) for k, x in v.to_data().items()}
         if is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
         if isinstance(v, (tuple, list)):
@@ -804,6 +825,9 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
         node, node_cls = data, cls
         for depth, part in enumerate(path):
             hints = _hints(node_cls)
+            if getattr(node_cls, "OPEN", False) and depth == len(path) - 1:  # any option of the router
+                node[part] = value
+                break
             if part not in hints:
                 where = ".".join(path[:depth]) or node_cls.__name__
                 raise ConfigError(f"unknown key {typed!r} in --set: {where} has {', '.join(hints)}")
@@ -848,6 +872,8 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_field",
+    "check_one_of",
     "config_text",
     "from_dict",
     "load_config",

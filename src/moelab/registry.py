@@ -31,6 +31,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return what it named (a test or plugin that registered it for a while)."""
+        return self._items.pop(name)
+
     def __getitem__(self, name: str) -> T:
         if name not in self._items:
             raise ConfigError(f"unknown {self.kind} {name!r}: expected one of {', '.join(map(repr, sorted(self)))}")

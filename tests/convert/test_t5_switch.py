@@ -173,7 +173,7 @@ def test_router_jitter_is_imported_and_off_at_eval(tmp_path) -> None:
     hf_model = switch(router_jitter_noise=0.3)
     hf_model.save_pretrained(tmp_path / "hf")
     ours = import_hf(tmp_path / "hf")
-    assert ours.cfg.encoder.moe.router.jitter_eps == pytest.approx(0.3)
+    assert ours.cfg.encoder.moe.router.option("jitter_eps") == pytest.approx(0.3)
     check_equal(hf_model, ours)  # deterministic at eval on both sides
     enc, mask, dec = inputs()
     ours.train()

@@ -68,7 +68,7 @@ def test_bias_changes_selection_but_not_weights() -> None:
     assert (d1.expert.view(4, 2) == 5).any(-1).all()
     s = d1.scores
     w = s.gather(1, d1.expert.view(4, 2))
-    want = w / w.sum(-1, keepdim=True) * router.cfg.router.routed_scaling_factor
+    want = w / w.sum(-1, keepdim=True) * router.options.routed_scaling_factor
     assert torch.allclose(d1.weight.view(4, 2), want)
     assert torch.equal(d0.scores, d1.scores)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from moelab.moe.layer import MoELayer
 from router_cases import router_case
+
+pytestmark = pytest.mark.filterwarnings("ignore::moelab.moe.routers.expert_choice.NonCausalRouterWarning")
 
 D = 16
 

@@ -1,4 +1,5 @@
-"""Bad router options fail at config time with a ConfigError naming the field; `moelab routers` lists them."""
+"""Bad router options fail when a config is checked (a layer built, a run assembled) with a ConfigError naming the
+field; `moelab routers` lists them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from moelab.cli import main
 from moelab.config import ConfigError, ModelConfig, MoEConfig, RouterConfig, apply_overrides, preset
 from moelab.moe.routers import ROUTERS
 from moelab.moe.routers.expert_choice import NonCausalRouterWarning
+from moelab.moe.validate import check_model_config, check_moe_config
 from router_cases import router_case
 
 
@@ -35,17 +37,18 @@ from router_cases import router_case
 def test_bad_router_options_name_the_field(kwargs: dict, field: str) -> None:
     router = kwargs.pop("router", {})
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        MoEConfig(num_experts=8, top_k=kwargs.pop("top_k", 2), router=RouterConfig(**router), **kwargs)
+        check_moe_config(MoEConfig(num_experts=8, top_k=kwargs.pop("top_k", 2), router=RouterConfig(**router), **kwargs))
 
 
 def test_topk_group_above_n_group_via_overrides() -> None:
     with pytest.raises(ConfigError, match=r"moe\.router\.topk_group"):
-        apply_overrides(preset("smoke"), ["moe.router.name=sigmoid_bias", "moe.router.n_group=2", "moe.router.topk_group=3"])
+        cfg = apply_overrides(preset("smoke"), ["moe.router.name=sigmoid_bias", "moe.router.n_group=2", "moe.router.topk_group=3"])
+        check_model_config(cfg)
 
 
 def test_expert_choice_warns_that_it_is_not_causal() -> None:
     with pytest.warns(NonCausalRouterWarning, match="not causal"):
-        ModelConfig(moe=MoEConfig(router=RouterConfig(name="expert_choice"), capacity_factor=2.0))
+        check_model_config(ModelConfig(moe=MoEConfig(router=RouterConfig(name="expert_choice"), capacity_factor=2.0)))
     assert not ROUTERS["expert_choice"].causal_safe
 
 
@@ -71,3 +74,13 @@ def test_docs_table_has_one_row_per_router() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "routers.md").read_text(encoding="utf-8")
     for name in ROUTERS:
         assert sum(line.startswith(f"| `{name}` |") for line in doc.splitlines()) == 1, name
+
+
+def test_docs_table_is_the_generated_one(capsys) -> None:
+    """docs/routers.md holds exactly what `moelab routers --markdown` prints from the registry."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "routers.md").read_text(encoding="utf-8")
+    assert main(["routers", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n") == len(ROUTERS) + 2 and table in doc

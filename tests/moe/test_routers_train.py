@@ -18,6 +18,8 @@ from moelab.moe.health import RouterHealth
 from moelab.moe.stats import RoutingStats
 from router_cases import ROUTER_NAMES, router_case
 
+pytestmark = pytest.mark.filterwarnings("ignore::moelab.moe.routers.expert_choice.NonCausalRouterWarning")
+
 STEPS, BATCH, SEQ = 40, 16, 32
 
 

@@ -16,6 +16,7 @@ from moelab.moe.dispatch import DISPATCHERS
 from moelab.moe.experts import Experts
 from moelab.moe.losses import router_loss
 from moelab.moe.routers import build_router
+from moelab.moe.validate import check_moe_config
 from moelab.nn.ffn import DenseMLP, GatedDenseMLP
 
 
@@ -33,7 +34,7 @@ class MoELayer(nn.Module):
 
     def __init__(self, d_model: int, cfg: MoEConfig, activation: str) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = check_moe_config(cfg)  # names and router options, against what exists
         self.router = build_router(d_model, cfg)
         self.experts = Experts(cfg.num_experts, d_model, cfg.expert_hidden, activation)
         self.shared = (

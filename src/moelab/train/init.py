@@ -42,6 +42,7 @@ from moelab.config import (
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import ConfigError, UserError
 from moelab.model.materialize import Filler, cast_on_meta, dtype_name, fill_by_names
+from moelab.moe.validate import check_model_config
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -98,7 +99,9 @@ def init_run_config(
 
 
 def _resolve_base_dtype(cfg: RunConfig, source: InitSource) -> RunConfig:
-    """``train.lora.base_dtype=auto`` → the source's dtype, written into the run's config (resume reads it)."""
+    """``train.lora.base_dtype=auto`` → the source's dtype, written into the run's config (resume reads it);
+    the model's router names and options checked (one line, before any data is prepared)."""
+    cfg = replace(cfg, model=check_model_config(cfg.model))
     lora = cfg.train.lora
     if not lora.enabled or lora.base_dtype != "auto":
         return cfg

@@ -14,12 +14,13 @@ neither run), so the saved and the new config are compared field by field:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from moelab.config import RunConfig, to_dict
 from moelab.errors import UserError
+from moelab.moe.validate import check_model_config
 
 FREE = frozenset(
     {"name", "train.progress", "train.tensorboard", "train.log_every", "train.save_every", "train.keep_last",
@@ -58,6 +59,9 @@ def _diff(saved: Any, new: Any, prefix: str) -> list[ConfigChange]:
 
 def config_changes(saved: RunConfig, new: RunConfig) -> list[ConfigChange]:
     """Every leaf field that differs (a section that is None on one side is one change)."""
+    # router options compare resolved: a config written before routers owned their options lists every
+    # old option at its default, a new one only the router's own
+    saved, new = (replace(c, model=check_model_config(c.model)) for c in (saved, new))
     return _diff(to_dict(saved), to_dict(new), "")
 
 

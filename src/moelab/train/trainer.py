@@ -43,6 +43,7 @@ from moelab.model.materialize import cast_on_meta
 from moelab.moe.balancing import Balancer
 from moelab.moe.health import RouterHealth
 from moelab.moe.stats import RoutingStats
+from moelab.moe.validate import check_model_config
 from moelab.objectives.metrics import token_bytes
 from moelab.train import objective_step
 from moelab.train.evaluation import EvalResult, autocast, evaluate, evaluate_with_objective, resolve_precision
@@ -80,7 +81,7 @@ class Trainer:
         self.objective = objective_step.objective_of(cfg)
         objective_step.prepare_tokenizer(data.tokenizer, self.objective)  # before the vocab size is read
         self.token_bytes_V = token_bytes(data.tokenizer)  # [V] UTF-8 bytes per token, for bits per byte
-        model_cfg = objective_step.model_config_for(cfg.model, self.objective)
+        model_cfg = objective_step.model_config_for(check_model_config(cfg.model), self.objective)  # saved canonical
         vocab = data.tokenizer.vocab_size  # --init: the source's rows, padded beyond the tokenizer's or not
         vocab = vocab if init is None else max(vocab, init.model_cfg.vocab_size)
         cfg = replace(cfg, model=replace(model_cfg, vocab_size=vocab))

@@ -17,6 +17,7 @@ from moelab.convert.families.base import (
     register,
     unsupported,
 )
+from moelab.moe.validate import router_option
 
 
 def _deepseek_in(hf: HF) -> ModelConfig:
@@ -93,10 +94,10 @@ def _deepseek_out(cfg: ModelConfig) -> HF:
         num_experts_per_tok=m.top_k,
         moe_intermediate_size=m.expert_hidden,
         n_shared_experts=m.num_shared_experts,
-        n_group=m.router.n_group,
-        topk_group=m.router.topk_group,
-        routed_scaling_factor=m.router.routed_scaling_factor,
-        norm_topk_prob=m.router.renormalize,
+        n_group=router_option(m, "n_group"),
+        topk_group=router_option(m, "topk_group"),
+        routed_scaling_factor=router_option(m, "routed_scaling_factor"),
+        norm_topk_prob=router_option(m, "renormalize"),
         first_k_dense_replace=first,
         attention_bias=cfg.qkv_bias,
         num_nextn_predict_layers=0,

@@ -17,6 +17,7 @@ from moelab.convert.families.base import (
     register,
     unsupported,
 )
+from moelab.moe.validate import router_option
 
 
 def _mixtral_in(hf: HF) -> ModelConfig:
@@ -50,7 +51,7 @@ def _mixtral_out(cfg: ModelConfig) -> HF:
         "mixtral",
         {
             "moe.num_shared_experts": (m.num_shared_experts, 0),
-            "moe.router.renormalize": (m.router.renormalize, True),
+            "moe.router.renormalize": (router_option(m, "renormalize"), True),
         },
     )
     out = llama_config_out(cfg, "mixtral", "MixtralForCausalLM")
@@ -59,7 +60,7 @@ def _mixtral_out(cfg: ModelConfig) -> HF:
         num_local_experts=m.num_experts,
         num_experts_per_tok=m.top_k,
         router_aux_loss_coef=m.aux_loss_coef,
-        router_jitter_noise=m.router.jitter_eps,
+        router_jitter_noise=router_option(m, "jitter_eps"),
         sliding_window=None,
     )
     return out
@@ -129,7 +130,7 @@ def _qwen_moe_out(cfg: ModelConfig, family: str, architecture: str, qk_norm: str
         num_experts=m.num_experts,
         num_experts_per_tok=m.top_k,
         moe_intermediate_size=m.expert_hidden,
-        norm_topk_prob=m.router.renormalize,
+        norm_topk_prob=router_option(m, "renormalize"),
         router_aux_loss_coef=m.aux_loss_coef,
         decoder_sparse_step=1,
         mlp_only_layers=dense_layers(cfg),
@@ -187,7 +188,7 @@ def _olmoe_out(cfg: ModelConfig) -> HF:
         intermediate_size=m.expert_hidden,
         num_experts=m.num_experts,
         num_experts_per_tok=m.top_k,
-        norm_topk_prob=m.router.renormalize,
+        norm_topk_prob=router_option(m, "renormalize"),
         router_aux_loss_coef=m.aux_loss_coef,
         attention_bias=cfg.qkv_bias,
         clip_qkv=None,

@@ -38,6 +38,7 @@ from moelab.convert.tables import t5_tables
 from moelab.errors import UserError
 from moelab.model.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from moelab.model.materialize import Filler, ModuleLoaded, empty_model
+from moelab.moe.validate import router_option
 
 # T5 feed_forward_proj → (moelab activation, gelu_approx)
 _T5_ACTS = {
@@ -278,7 +279,7 @@ def switch_config_out(cfg: EncoderDecoderConfig) -> HF:
         num_sparse_decoder_layers=len(sparse_layers(cfg.decoder.n_layers, dec_step)),
         router_bias=False,
         router_dtype="float32",
-        router_jitter_noise=m.router.jitter_eps,
+        router_jitter_noise=router_option(m, "jitter_eps"),
         router_aux_loss_coef=m.aux_loss_coef,
         router_z_loss_coef=m.z_loss_coef,
         router_ignore_padding_tokens=False,

@@ -6,13 +6,14 @@ Legend: T tokens, D model dim, E experts, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.moe.decision import RoutingDecision
+from moelab.moe.routers.options import RouterOptions, parse_options
 from moelab.registry import Registry
 
 if TYPE_CHECKING:
@@ -67,22 +68,36 @@ class Router(nn.Module):
     paper: ClassVar[str] = ""
     formula: ClassVar[str] = ""
     balancing: ClassVar[str] = "aux loss (moe.aux_loss)"
+    # for the docs table (moelab routers --markdown): what the options, causality and learnedness columns add
+    options_note: ClassVar[str] = ""
+    causal_note: ClassVar[str] = ""
+    learned_note: ClassVar[str] = ""
+
+    Options: ClassVar[type[RouterOptions]] = RouterOptions  # this router's own options (moe.router.*)
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.options = self.options_of(cfg)
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         if self.learned:
             self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
 
     @classmethod
+    def options_of(cls, cfg: MoEConfig) -> Any:
+        """``cfg.router``'s options as this router's :attr:`Options` (defaults filled, checked)."""
+        return parse_options(cls.Options, cfg.router)
+
+    @classmethod
     def validate(cls, cfg: MoEConfig) -> None:
-        """Raise ConfigError for options this router cannot honour. Default: nothing to check."""
+        """Raise ConfigError for MoE settings this router cannot honour with its options (read them with
+        :meth:`options_of`). Default: nothing to check."""
 
     def jitter(self, x_TD: Tensor) -> Tensor:
-        """Switch-style multiplicative input noise ``x · U(1-eps, 1+eps)``, in training only."""
-        eps = self.cfg.router.jitter_eps
+        """Switch-style multiplicative input noise ``x · U(1-eps, 1+eps)``, in training only (routers whose
+        options have ``jitter_eps``)."""
+        eps = getattr(self.options, "jitter_eps", 0.0)
         if self.training and eps > 0:
             return x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         return x_TD
@@ -93,6 +108,13 @@ class Router(nn.Module):
             with torch.autocast(device_type=x_TD.device.type, enabled=False):
                 return F.linear(x_TD.float(), self.gate.weight.float())
         return F.linear(x_TD.float(), self.gate.weight.float())
+
+    def top_k_experts(self, choice_TE: Tensor) -> Tensor:
+        """``[T, K]`` the K best experts of each token by ``choice_TE``, or the round-robin assignment under
+        ``force_balanced`` (every router honours it: throughput benchmarks set it for all)."""
+        if self.options.force_balanced:
+            return round_robin_experts(choice_TE.shape[0], self.num_experts, self.top_k, choice_TE.device)
+        return choice_TE.topk(self.top_k, dim=-1).indices
 
     def decode_spec(self) -> DecodeSpec | None:
         """This router's decision for a lone token as a :class:`DecodeSpec`, for decode steps that route

@@ -47,8 +47,12 @@ class ExpertChoiceRouter(Router):
     """Each expert takes its top-C tokens by softmax score; tokens get 0..E experts (Zhou et al. 2022)."""
 
     paper = "Zhou et al. 2022 (expert choice routing)"
-    formula = "S = softmax(x·W_g); each expert e keeps TopK(S[:, e], C), C = T·c/E"
-    balancing = "balanced by construction (every expert takes C tokens)"
+    formula = (
+        "`S = softmax(x·W_g)`; each expert e keeps TopK(S[:, e], C) over tokens, `C = ceil(T·c/E)`, `c = moe.capacity_factor` (or `moe.top_k` when null); `w = S[t, e]`"
+    )
+    balancing = "balanced by construction (every expert takes exactly C tokens); tokens may get 0..E experts"
+    options_note = "`moe.capacity_factor` (= c, the average experts per token); the layer's drop policy is not applied"
+    causal_note = "a token's experts depend on the other tokens of the batch, later ones included (config validation warns)"
     causal_safe = False
     manages_capacity = True
 

@@ -19,12 +19,15 @@ Legend: T tokens, D model dim, E experts, K top-k.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from moelab.config import ConfigError
 from moelab.moe.decision import RoutingDecision, token_choice_decision
 from moelab.moe.routers.base import ROUTERS, Router
+from moelab.moe.routers.options import RouterOptions
 
 MERSENNE_31 = 2_147_483_647
 
@@ -41,13 +44,21 @@ def hash_token_ids(token_ids_T: Tensor, seed: int) -> Tensor:
     return (h * a2 + b2) % p
 
 
+@dataclass(frozen=True)
+class HashOptions(RouterOptions):
+    hash_seed: int = 0  # which hash function maps token ids to experts
+
+
 @ROUTERS.register("hash")
 class HashRouter(Router):
     """Expert fixed by a seeded hash of the token id; no learned parameters (Roller et al. 2021)."""
 
     paper = "Roller et al. 2021 (hash layers)"
-    formula = "e = hash_seed(token_id) mod E (K > 1: e, e+1, …), w = 1/K"
-    balancing = "none (load follows token frequency)"
+    Options = HashOptions
+    formula = "`e = hash_seed(token_id) mod E` (K > 1: experts e, e+1, …, e+K−1); `w = 1/K`"
+    balancing = "none: load follows token frequency (set `moe.aux_loss=none`)"
+    options_note = "needs token ids"
+    learned_note = "no router parameters"
     needs_token_ids = True
     learned = False
 
@@ -65,7 +76,7 @@ class HashRouter(Router):
                 "or choose another router"
             )
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
-        first_T = hash_token_ids(token_ids_T.reshape(-1).to(x_TD.device), self.cfg.router.hash_seed) % E
+        first_T = hash_token_ids(token_ids_T.reshape(-1).to(x_TD.device), self.options.hash_seed) % E
         expert_TK = (first_T.unsqueeze(-1) + torch.arange(K, device=x_TD.device)) % E
         weight_TK = torch.full((T, K), 1.0 / K, device=x_TD.device)
         logits_TE = torch.zeros(T, E, device=x_TD.device)

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.config import ConfigError, MoEConfig
+from moelab.config import ConfigError, MoEConfig, check_field
 from moelab.moe.decision import RoutingDecision, token_choice_decision
 from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+from moelab.moe.routers.options import RouterOptions
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,26 @@ class NoisyRoutingDecision(RoutingDecision):
         )
 
 
+@dataclass(frozen=True)
+class NoisyTopKOptions(RouterOptions):
+    noise_std: float = 1.0  # scale of the learned Gaussian noise on the logits (training only)
+
+    def __post_init__(self) -> None:
+        check_field(self.noise_std >= 0, "moe.router.noise_std", self.noise_std, "must be >= 0")
+
+
 @ROUTERS.register("noisy_topk")
 class NoisyTopKRouter(Router):
     """Learned Gaussian noise on the gate logits, keep top-k, softmax over the kept (Shazeer et al. 2017)."""
 
     paper = "Shazeer et al. 2017 (sparsely-gated MoE)"
-    formula = "H = x·W_g + ε·softplus(x·W_noise); w = softmax(KeepTopK(H, K))"
-    balancing = "importance + load CV² losses (moe.importance_coef, moe.load_coef)"
+    formula = "`H = x·W_g + ε·softplus(x·W_noise)·noise_std`, ε ~ N(0,1) in training; `w = softmax(KeepTopK(H, K))`"
+    balancing = (
+        "importance + load CV² losses (`moe.importance_coef`, `moe.load_coef`, or `moe.aux_loss=importance/load`)"
+    )
+    options_note = "`noise_std` scales the learned noise"
     smooth_load = True
+    Options = NoisyTopKOptions
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__(d_model, cfg)
@@ -72,9 +85,10 @@ class NoisyTopKRouter(Router):
                 f"moe.top_k={cfg.top_k!r} is invalid: the smooth load loss needs top_k < moe.num_experts="
                 f"{cfg.num_experts} (with K = E every expert is always chosen)"
             )
-        if uses_load and cfg.router.noise_std <= 0:
+        noise_std = cls.options_of(cfg).noise_std
+        if uses_load and noise_std <= 0:
             raise ConfigError(
-                f"moe.router.noise_std={cfg.router.noise_std!r} is invalid: the smooth load loss divides by the "
+                f"moe.router.noise_std={noise_std!r} is invalid: the smooth load loss divides by the "
                 "noise scale; use noise_std > 0 or drop the load loss"
             )
 
@@ -82,7 +96,7 @@ class NoisyTopKRouter(Router):
         """``[T, E]`` fp32 softplus(x·W_noise) · noise_std."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             raw_TE = F.linear(x_TD.float(), self.noise.weight.float())
-        return F.softplus(raw_TE) * self.cfg.router.noise_std
+        return F.softplus(raw_TE) * self.options.noise_std
 
     def forward(
         self,
@@ -93,11 +107,11 @@ class NoisyTopKRouter(Router):
     ) -> RoutingDecision:
         clean_TE = self.logits(x_TD)
         std_TE = self.noise_scale(x_TD)
-        if self.training and self.cfg.router.noise_std > 0:
+        if self.training and self.options.noise_std > 0:
             noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
         else:
             noisy_TE = clean_TE
-        if self.cfg.router.force_balanced:
+        if self.options.force_balanced:
             expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
             kept_TK = noisy_TE.gather(1, expert_TK)
         else:

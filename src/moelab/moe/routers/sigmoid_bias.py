@@ -18,14 +18,16 @@ Legend: T tokens, D model dim, E experts, K top-k, G groups, E/G experts per gro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from moelab.config import ConfigError, MoEConfig
+from moelab.config import ConfigError, MoEConfig, check_field
 from moelab.moe.decision import RoutingDecision, token_choice_decision
 from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+from moelab.moe.routers.options import RouterOptions
 
 if TYPE_CHECKING:
     from moelab.moe.stats import LayerStats
@@ -45,15 +47,39 @@ def group_limited_mask(choice_TE: Tensor, n_group: int, topk_group: int) -> Tens
     return group_mask_TG.unsqueeze(-1).expand(T, n_group, per_group).reshape(T, E)
 
 
+@dataclass(frozen=True)
+class SigmoidBiasOptions(RouterOptions):
+    n_group: int = 1  # group-limited routing (DeepSeek-V3): experts split into n_group groups ...
+    topk_group: int = 1  # ... of which the best topk_group groups are searched
+    routed_scaling_factor: float = 1.0  # combine weights multiplied by this (DeepSeek-V3)
+    renormalize: bool = True  # kept scores over their sum (DeepSeek's norm_topk_prob)
+    bias_update_rate: float = 0.001  # aux-loss-free balancing step size (gamma)
+
+    def __post_init__(self) -> None:
+        check_field(self.n_group >= 1, "moe.router.n_group", self.n_group, "must be >= 1")
+        check_field(1 <= self.topk_group <= self.n_group, "moe.router.topk_group", self.topk_group,
+                    f"must be between 1 and moe.router.n_group={self.n_group}")  # fmt: skip
+        check_field(self.routed_scaling_factor > 0, "moe.router.routed_scaling_factor", self.routed_scaling_factor,
+                    "must be > 0")  # fmt: skip
+        check_field(self.bias_update_rate >= 0, "moe.router.bias_update_rate", self.bias_update_rate, "must be >= 0")
+
+
 @ROUTERS.register("sigmoid_bias")
 class SigmoidBiasRouter(Router):
     """Sigmoid scores, selection by score + bias, bias balanced outside the gradient (DeepSeek-V3)."""
 
-    paper = "DeepSeek-AI 2024 (DeepSeek-V3); Wang et al. 2024 (aux-loss-free balancing)"
-    formula = "s = σ(x·W_g); experts = TopK(s + b, K) in best groups; w = s/Σs · scale; b += γ·sign(mean − load)"
-    balancing = "bias update b_i += γ·sign(mean_load − load_i) (Balancer), optional seq_aux loss"
+    paper = "DeepSeek-V3 (2024); Wang et al. 2024 (aux-loss-free balancing)"
+    formula = (
+        "`s = σ(x·W_g)`; experts = TopK(s + b, K) inside the best `topk_group` of `n_group` groups (group score = sum of its 2 best `s + b`); `w = s_e / Σ_kept s · routed_scaling_factor`"
+    )
+    balancing = (
+        "`b_i += γ·sign(mean_load − load_i)` after each step (`Balancer`); optional sequence-wise loss `moe.seq_aux_coef` (small α)"
+    )
+    options_note = "`renormalize` is DeepSeek's `norm_topk_prob`; `bias_update_rate` is γ"
+    learned_note = "+ bias `b` updated outside the gradient"
 
     bias: Tensor
+    Options = SigmoidBiasOptions
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__(d_model, cfg)
@@ -62,7 +88,7 @@ class SigmoidBiasRouter(Router):
 
     @classmethod
     def validate(cls, cfg: MoEConfig) -> None:
-        r = cfg.router
+        r = cls.options_of(cfg)
         if cfg.num_experts % r.n_group:
             raise ConfigError(
                 f"moe.router.n_group={r.n_group!r} is invalid: must divide moe.num_experts={cfg.num_experts}"
@@ -81,7 +107,7 @@ class SigmoidBiasRouter(Router):
         token_ids_T: Tensor | None = None,
         token_mask_T: Tensor | None = None,
     ) -> RoutingDecision:
-        r = self.cfg.router
+        r = self.options
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
         if r.force_balanced:
@@ -102,4 +128,4 @@ class SigmoidBiasRouter(Router):
     def update_bias(self, stats: LayerStats) -> None:
         """Aux-loss-free balancing step: ``b_i += γ · sign(mean_load − load_i)`` (γ = bias_update_rate)."""
         load_E = stats.load.to(device=self.bias.device, dtype=torch.float32)
-        self.bias += self.cfg.router.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.bias += self.options.bias_update_rate * torch.sign(load_E.mean() - load_E)

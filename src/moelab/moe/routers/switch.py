@@ -12,11 +12,22 @@ Legend: T tokens, D model dim, E experts, K top-k (= 1).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
-from moelab.config import ConfigError, MoEConfig
+from moelab.config import ConfigError, MoEConfig, check_field
 from moelab.moe.decision import RoutingDecision, token_choice_decision
 from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+from moelab.moe.routers.options import RouterOptions
+
+
+@dataclass(frozen=True)
+class SwitchOptions(RouterOptions):
+    jitter_eps: float = 0.0  # inputs × U(1-eps, 1+eps), training only
+
+    def __post_init__(self) -> None:
+        check_field(self.jitter_eps >= 0, "moe.router.jitter_eps", self.jitter_eps, "must be >= 0")
 
 
 @ROUTERS.register("switch")
@@ -24,7 +35,10 @@ class SwitchRouter(Router):
     """Top-1 softmax router with optional multiplicative input jitter in training (Switch Transformer)."""
 
     paper = "Fedus et al. 2021 (Switch Transformers)"
-    formula = "p = softmax(x·W_r); e = argmax p; w = p_e"
+    balancing = "`load_balance` (`α·E·Σ f_i·P_i`), z-loss"
+    options_note = "`jitter_eps`: inputs × U(1−ε, 1+ε), training only; needs `moe.top_k=1`"
+    Options = SwitchOptions
+    formula = "`p = softmax(x·W_r)`; `e = argmax p`; `w = p_e`"
 
     @classmethod
     def validate(cls, cfg: MoEConfig) -> None:
@@ -43,7 +57,7 @@ class SwitchRouter(Router):
     ) -> RoutingDecision:
         logits_TE = self.logits(self.jitter(x_TD))
         probs_TE = logits_TE.softmax(dim=-1)
-        if self.cfg.router.force_balanced:
+        if self.options.force_balanced:
             expert_T1 = round_robin_experts(x_TD.shape[0], self.num_experts, 1, x_TD.device)
         else:
             expert_T1 = probs_TE.argmax(dim=-1, keepdim=True)

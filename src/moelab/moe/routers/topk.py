@@ -12,18 +12,35 @@ Legend: T tokens, D model dim, E experts, K top-k.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
+from moelab.config import check_field
 from moelab.moe.decision import RoutingDecision, token_choice_decision
 from moelab.moe.routers.base import ROUTERS, DecodeSpec, Router, round_robin_experts, softmax_topk_weights
+from moelab.moe.routers.options import RouterOptions
+
+
+@dataclass(frozen=True)
+class TopKOptions(RouterOptions):
+    renormalize: bool = True  # kept probabilities renormalised to sum to 1 (Mixtral) or left as they are (Qwen)
+    softmax_after_topk: bool = False  # a softmax over the K kept logits instead of over all E
+    jitter_eps: float = 0.0  # Switch: inputs × U(1-eps, 1+eps), training only
+
+    def __post_init__(self) -> None:
+        check_field(self.jitter_eps >= 0, "moe.router.jitter_eps", self.jitter_eps, "must be >= 0")
 
 
 @ROUTERS.register("topk")
 class TopKRouter(Router):
     """Softmax over E experts, keep the K best per token (k=1: Switch-style top-1)."""
 
-    paper = "Shazeer et al. 2017; Jiang et al. 2024 (Mixtral)"
-    formula = "p = softmax(x·W_g); experts = topk(p, K); w = p_kept / Σ p_kept (renormalize)"
+    paper = "Shazeer et al. 2017; Mixtral (Jiang et al. 2024); Qwen-MoE"
+    balancing = "`moe.aux_loss=load_balance` (Switch/GShard)"
+    options_note = "`renormalize`: Mixtral, OLMoE; false: raw probabilities (Qwen, DeepSeek-V2); `softmax_after_topk`: top-k, then a softmax over the K kept logits; `jitter_eps`: inputs × U(1−ε, 1+ε), training only"
+    Options = TopKOptions
+    formula = "`p = softmax(x·W_g)`; experts = TopK(p, K); `w = p_kept / Σ p_kept`"
 
     def forward(
         self,
@@ -32,10 +49,9 @@ class TopKRouter(Router):
         token_ids_T: Tensor | None = None,
         token_mask_T: Tensor | None = None,
     ) -> RoutingDecision:
-        rcfg = self.cfg.router
         logits_TE = self.logits(self.jitter(x_TD))
         scores_TE = logits_TE.softmax(dim=-1)
-        if rcfg.force_balanced:
+        if self.options.force_balanced:
             expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
             kept_logits_TK = logits_TE.gather(1, expert_TK)
         else:
@@ -45,10 +61,10 @@ class TopKRouter(Router):
 
     @property
     def weight_mode(self) -> str:
-        rcfg = self.cfg.router
-        if rcfg.softmax_after_topk:
+        o = self.options
+        if o.softmax_after_topk:
             return "softmax_after_topk"
-        return "renormalize" if rcfg.renormalize else "probs"
+        return "renormalize" if o.renormalize else "probs"
 
     def combine_weights(self, kept_logits_TK: Tensor, expert_TK: Tensor, scores_TE: Tensor) -> Tensor:
         """``[T, K]`` weights of the kept experts: softmax over the kept logits, or their
@@ -58,6 +74,6 @@ class TopKRouter(Router):
     def decode_spec(self) -> DecodeSpec | None:
         """A softmax top-k in eval (no jitter) without forced balance; a subclass that changes the decision
         is not one unless it says so itself."""
-        if type(self) is not TopKRouter or self.training or self.cfg.router.force_balanced:
+        if type(self) is not TopKRouter or self.training or self.options.force_balanced:
             return None
         return DecodeSpec(self.top_k, self.weight_mode)

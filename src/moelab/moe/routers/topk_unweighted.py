@@ -22,9 +22,11 @@ class TopKUnweightedRouter(Router):
     """Keep the K best experts per token with weight 1 each (MoEfication: sum of chosen experts)."""
 
     paper = "Zhang et al. 2022 (MoEfication)"
-    formula = "experts = TopK(x·W_g, K); w = 1 for each chosen expert (written p/sg(p)); y = Σ_chosen f_e(x)"
+    formula = (
+        "experts = TopK(x·W_g, K); `w = 1` per chosen expert (written `p/sg(p)` so the router still gets a gradient); `y = Σ_chosen f_e(x)`"
+    )
     balancing = (
-        "none needed (routers are fitted to calibration activations); aux loss (moe.aux_loss) if trained"
+        "none needed (routers fitted to calibration activations by `moelab moefy`); `moe.aux_loss` if trained further"
     )
 
     def forward(
@@ -36,7 +38,7 @@ class TopKUnweightedRouter(Router):
     ) -> RoutingDecision:
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
-        if self.cfg.router.force_balanced:
+        if self.options.force_balanced:
             expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
         else:
             expert_TK = logits_TE.topk(self.top_k, dim=-1).indices
