@@ -12,9 +12,8 @@ import torch
 
 from moelab.cli import main
 from moelab.config import ConfigError, MoEConfig, RouterConfig, check_field
-from moelab.moe.decision import RoutingDecision, token_choice_decision
 from moelab.moe.routers import ROUTERS
-from moelab.moe.routers.base import Router
+from moelab.moe.routers.base import Router, Selection
 from moelab.moe.routers.options import RouterOptions
 from moelab.moe.routers.table import router_table_markdown
 from moelab.moe.validate import check_moe_config
@@ -37,13 +36,12 @@ class TemperedTopKRouter(Router):
     formula = "p = softmax(x·W_g / τ); experts = TopK(p, K); w = p_kept / Σ p_kept"
     Options = TemperedOptions
 
-    def forward(self, x_TD, batch_shape, token_ids_T=None, token_mask_T=None) -> RoutingDecision:
+    def select(self, x_TD, token_ids_T) -> Selection:  # its own math only: Router.forward does the rest
         logits_TE = self.logits(x_TD) / self.options.temperature
         scores_TE = logits_TE.softmax(dim=-1)
         expert_TK = self.top_k_experts(scores_TE)  # honours force_balanced, as every router must
         kept_TK = scores_TE.gather(1, expert_TK)
-        weight_TK = kept_TK / kept_TK.sum(dim=-1, keepdim=True)
-        return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)
+        return Selection(expert_TK, kept_TK / kept_TK.sum(dim=-1, keepdim=True), logits_TE, scores_TE)
 
 
 @pytest.fixture

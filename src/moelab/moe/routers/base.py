@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.moe.decision import RoutingDecision
+from moelab.errors import ConfigError
+from moelab.moe.decision import RoutingDecision, token_choice_decision
 from moelab.moe.routers.options import RouterOptions, parse_options
 from moelab.registry import Registry
 
@@ -43,6 +44,17 @@ def softmax_topk_weights(kept_logits_TK: Tensor, expert_TK: Tensor, scores_TE: T
     if mode == "renormalize":
         weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
     return weight_TK
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A token-choice router's own output: ``expert_TK`` ``[T, K]`` chosen experts, ``weight_TK`` their
+    combine weights, ``logits_TE``/``scores_TE`` ``[T, E]`` fp32 (what the balance losses read)."""
+
+    expert_TK: Tensor
+    weight_TK: Tensor
+    logits_TE: Tensor
+    scores_TE: Tensor
 
 
 class Router(nn.Module):
@@ -122,6 +134,15 @@ class Router(nn.Module):
         such a decision (then decoding calls the router's forward: slower, never different). Default: None."""
         return None
 
+    def select(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Selection:
+        """This router's own math for token-choice routing: each token's experts and combine weights, and
+        the fp32 logits and scores they came from. Implemented by every token-choice router."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither select() nor forward()")
+
+    def decide(self, s: Selection, batch_shape: tuple[int, int], token_mask_T: Tensor | None) -> RoutingDecision:
+        """The :class:`RoutingDecision` of a selection (a router that reports more evidence overrides it)."""
+        return token_choice_decision(s.expert_TK, s.weight_TK, s.logits_TE, s.scores_TE, batch_shape, token_mask_T)
+
     def forward(
         self,
         x_TD: Tensor,
@@ -129,7 +150,15 @@ class Router(nn.Module):
         token_ids_T: Tensor | None = None,
         token_mask_T: Tensor | None = None,
     ) -> RoutingDecision:
-        raise NotImplementedError
+        """The shared work: token ids checked for routers that need them, then :meth:`select` (the router's
+        own math) and :meth:`decide`. A router that is not token-choice (expert choice) overrides this."""
+        if self.needs_token_ids and token_ids_T is None:
+            raise ConfigError(
+                f"moe.router.name={self.cfg.router.name!r} is invalid here: this router needs token ids, but this "
+                "MoE layer was called without them; call the model with input_ids (or MoELayer with token_ids_BS), "
+                "or choose another router"
+            )
+        return self.decide(self.select(x_TD, token_ids_T), batch_shape, token_mask_T)
 
 
 ROUTERS: Registry[type[Router]] = Registry("router")

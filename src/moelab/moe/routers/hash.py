@@ -24,9 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moelab.config import ConfigError
-from moelab.moe.decision import RoutingDecision, token_choice_decision
-from moelab.moe.routers.base import ROUTERS, Router
+from moelab.moe.routers.base import ROUTERS, Router, Selection
 from moelab.moe.routers.options import RouterOptions
 
 MERSENNE_31 = 2_147_483_647
@@ -62,23 +60,12 @@ class HashRouter(Router):
     needs_token_ids = True
     learned = False
 
-    def forward(
-        self,
-        x_TD: Tensor,
-        batch_shape: tuple[int, int],
-        token_ids_T: Tensor | None = None,
-        token_mask_T: Tensor | None = None,
-    ) -> RoutingDecision:
-        if token_ids_T is None:
-            raise ConfigError(
-                "moe.router.name='hash' is invalid here: hash routing needs token ids, but this MoE layer "
-                "was called without them; call the model with input_ids (or MoELayer with token_ids_BS), "
-                "or choose another router"
-            )
+    def select(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Selection:
+        assert token_ids_T is not None  # Router.forward refuses a call without them (needs_token_ids)
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         first_T = hash_token_ids(token_ids_T.reshape(-1).to(x_TD.device), self.options.hash_seed) % E
         expert_TK = (first_T.unsqueeze(-1) + torch.arange(K, device=x_TD.device)) % E
         weight_TK = torch.full((T, K), 1.0 / K, device=x_TD.device)
         logits_TE = torch.zeros(T, E, device=x_TD.device)
         scores_TE = torch.zeros(T, E, device=x_TD.device).scatter_(1, expert_TK, 1.0 / K)
-        return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)
+        return Selection(expert_TK, weight_TK, logits_TE, scores_TE)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config import ConfigError, MoEConfig, check_field
-from moelab.moe.decision import RoutingDecision, token_choice_decision
-from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+from moelab.moe.decision import RoutingDecision
+from moelab.moe.routers.base import ROUTERS, Router, Selection
 from moelab.moe.routers.options import RouterOptions
 
 
@@ -50,6 +50,14 @@ class NoisyRoutingDecision(RoutingDecision):
             noisy_logits=None if self.noisy_logits is None else self.noisy_logits.detach(),
             noise_std=None if self.noise_std is None else self.noise_std.detach(),
         )
+
+
+@dataclass(frozen=True)
+class NoisySelection(Selection):
+    """A selection plus H(x) (``noisy_logits_TE``, what the top-k was taken over) and the noise scale."""
+
+    noisy_logits_TE: Tensor
+    noise_std_TE: Tensor
 
 
 @dataclass(frozen=True)
@@ -98,31 +106,24 @@ class NoisyTopKRouter(Router):
             raw_TE = F.linear(x_TD.float(), self.noise.weight.float())
         return F.softplus(raw_TE) * self.options.noise_std
 
-    def forward(
-        self,
-        x_TD: Tensor,
-        batch_shape: tuple[int, int],
-        token_ids_T: Tensor | None = None,
-        token_mask_T: Tensor | None = None,
-    ) -> RoutingDecision:
+    def select(self, x_TD: Tensor, token_ids_T: Tensor | None) -> NoisySelection:
         clean_TE = self.logits(x_TD)
         std_TE = self.noise_scale(x_TD)
         if self.training and self.options.noise_std > 0:
             noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
         else:
             noisy_TE = clean_TE
-        if self.options.force_balanced:
-            expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
-            kept_TK = noisy_TE.gather(1, expert_TK)
-        else:
-            kept_TK, expert_TK = noisy_TE.topk(self.top_k, dim=-1)
-        weight_TK = kept_TK.softmax(dim=-1)
-        base = token_choice_decision(
-            expert_TK, weight_TK, clean_TE, noisy_TE.softmax(dim=-1), batch_shape, token_mask_T
-        )
+        expert_TK = self.top_k_experts(noisy_TE)
+        weight_TK = noisy_TE.gather(1, expert_TK).softmax(dim=-1)
+        return NoisySelection(expert_TK, weight_TK, clean_TE, noisy_TE.softmax(dim=-1), noisy_TE, std_TE)
+
+    def decide(self, s: Selection, batch_shape: tuple[int, int], token_mask_T: Tensor | None) -> RoutingDecision:
+        """The decision plus the evidence the smooth load loss reads (:class:`NoisyRoutingDecision`)."""
+        assert isinstance(s, NoisySelection)
+        base = super().decide(s, batch_shape, token_mask_T)
         return NoisyRoutingDecision(
             **{f: getattr(base, f) for f in RoutingDecision.__dataclass_fields__},
-            noisy_logits=noisy_TE,
-            noise_std=std_TE,
+            noisy_logits=s.noisy_logits_TE,
+            noise_std=s.noise_std_TE,
             top_k=self.top_k,
         )

@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from moelab.config import ConfigError, MoEConfig, check_field
-from moelab.moe.decision import RoutingDecision, token_choice_decision
-from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+from moelab.moe.routers.base import ROUTERS, Router, Selection
 from moelab.moe.routers.options import RouterOptions
 
 if TYPE_CHECKING:
@@ -100,29 +99,19 @@ class SigmoidBiasRouter(Router):
                 f"{selectable} experts to choose from; raise moe.router.topk_group or lower moe.top_k"
             )
 
-    def forward(
-        self,
-        x_TD: Tensor,
-        batch_shape: tuple[int, int],
-        token_ids_T: Tensor | None = None,
-        token_mask_T: Tensor | None = None,
-    ) -> RoutingDecision:
+    def select(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Selection:
         r = self.options
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
-        if r.force_balanced:
-            expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
-        else:
-            choice_TE = scores_TE.detach() + self.bias.float()
-            if r.n_group > 1:
-                allowed_TE = group_limited_mask(choice_TE, r.n_group, r.topk_group)
-                choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
-            expert_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        choice_TE = scores_TE.detach() + self.bias.float()
+        if r.n_group > 1:
+            allowed_TE = group_limited_mask(choice_TE, r.n_group, r.topk_group)
+            choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
+        expert_TK = self.top_k_experts(choice_TE)
         weight_TK = scores_TE.gather(1, expert_TK)
         if r.renormalize:
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        weight_TK = weight_TK * r.routed_scaling_factor
-        return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)
+        return Selection(expert_TK, weight_TK * r.routed_scaling_factor, logits_TE, scores_TE)
 
     @torch.no_grad()
     def update_bias(self, stats: LayerStats) -> None:

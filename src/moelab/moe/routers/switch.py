@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from moelab.config import ConfigError, MoEConfig, check_field
-from moelab.moe.decision import RoutingDecision, token_choice_decision
-from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+from moelab.moe.routers.base import ROUTERS, Router, Selection, round_robin_experts
 from moelab.moe.routers.options import RouterOptions
 
 
@@ -48,18 +47,11 @@ class SwitchRouter(Router):
                 "expert; set moe.top_k=1, or use moe.router.name='topk' for K > 1"
             )
 
-    def forward(
-        self,
-        x_TD: Tensor,
-        batch_shape: tuple[int, int],
-        token_ids_T: Tensor | None = None,
-        token_mask_T: Tensor | None = None,
-    ) -> RoutingDecision:
+    def select(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Selection:
         logits_TE = self.logits(self.jitter(x_TD))
         probs_TE = logits_TE.softmax(dim=-1)
         if self.options.force_balanced:
             expert_T1 = round_robin_experts(x_TD.shape[0], self.num_experts, 1, x_TD.device)
         else:
-            expert_T1 = probs_TE.argmax(dim=-1, keepdim=True)
-        weight_T1 = probs_TE.gather(1, expert_T1)
-        return token_choice_decision(expert_T1, weight_T1, logits_TE, probs_TE, batch_shape, token_mask_T)
+            expert_T1 = probs_TE.argmax(dim=-1, keepdim=True)  # argmax, as the paper and transformers break ties
+        return Selection(expert_T1, probs_TE.gather(1, expert_T1), logits_TE, probs_TE)

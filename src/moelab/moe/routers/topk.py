@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from moelab.config import check_field
-from moelab.moe.decision import RoutingDecision, token_choice_decision
-from moelab.moe.routers.base import ROUTERS, DecodeSpec, Router, round_robin_experts, softmax_topk_weights
+from moelab.moe.routers.base import ROUTERS, DecodeSpec, Router, Selection, softmax_topk_weights
 from moelab.moe.routers.options import RouterOptions
 
 
@@ -42,22 +41,12 @@ class TopKRouter(Router):
     Options = TopKOptions
     formula = "`p = softmax(x·W_g)`; experts = TopK(p, K); `w = p_kept / Σ p_kept`"
 
-    def forward(
-        self,
-        x_TD: Tensor,
-        batch_shape: tuple[int, int],
-        token_ids_T: Tensor | None = None,
-        token_mask_T: Tensor | None = None,
-    ) -> RoutingDecision:
+    def select(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Selection:
         logits_TE = self.logits(self.jitter(x_TD))
         scores_TE = logits_TE.softmax(dim=-1)
-        if self.options.force_balanced:
-            expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
-            kept_logits_TK = logits_TE.gather(1, expert_TK)
-        else:
-            kept_logits_TK, expert_TK = logits_TE.topk(self.top_k, dim=-1)
-        weight_TK = self.combine_weights(kept_logits_TK, expert_TK, scores_TE)
-        return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)
+        expert_TK = self.top_k_experts(logits_TE)
+        weight_TK = self.combine_weights(logits_TE.gather(1, expert_TK), expert_TK, scores_TE)
+        return Selection(expert_TK, weight_TK, logits_TE, scores_TE)
 
     @property
     def weight_mode(self) -> str:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moelab.moe.decision import RoutingDecision, token_choice_decision
-from moelab.moe.routers.base import ROUTERS, Router, round_robin_experts
+from moelab.moe.routers.base import ROUTERS, Router, Selection
 
 
 @ROUTERS.register("topk_unweighted")
@@ -29,19 +28,9 @@ class TopKUnweightedRouter(Router):
         "none needed (routers fitted to calibration activations by `moelab moefy`); `moe.aux_loss` if trained further"
     )
 
-    def forward(
-        self,
-        x_TD: Tensor,
-        batch_shape: tuple[int, int],
-        token_ids_T: Tensor | None = None,
-        token_mask_T: Tensor | None = None,
-    ) -> RoutingDecision:
+    def select(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Selection:
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
-        if self.options.force_balanced:
-            expert_TK = round_robin_experts(x_TD.shape[0], self.num_experts, self.top_k, x_TD.device)
-        else:
-            expert_TK = logits_TE.topk(self.top_k, dim=-1).indices
+        expert_TK = self.top_k_experts(logits_TE)
         p_TK = scores_TE.gather(1, expert_TK)
-        weight_TK = p_TK / p_TK.detach()
-        return token_choice_decision(expert_TK, weight_TK, logits_TE, scores_TE, batch_shape, token_mask_T)
+        return Selection(expert_TK, p_TK / p_TK.detach(), logits_TE, scores_TE)
