@@ -194,6 +194,30 @@ def _run_routers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_dist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ep", type=int, default=1, metavar="N", help="expert-parallel ranks (divides the world size)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--global-batch", type=int, default=16, metavar="N", help="sequences per step over all ranks")
+    p.add_argument("--seq", type=int, default=128, metavar="N", help="tokens per sequence")
+    p.add_argument("--d-model", type=int, default=128, metavar="N")
+    p.add_argument("--experts", type=int, default=8, metavar="E")
+    p.add_argument("--mode", default="ddp", help="data-parallel mode: a name in moelab.parallel.wrap (manual, ddp, fsdp)")
+
+
+@command("bench-dist", "distributed throughput under torchrun: tokens/s and all-to-all bytes per step (JSON line)",
+         _add_bench_dist_args)  # fmt: skip
+def _run_bench_dist(args: argparse.Namespace) -> int:
+    import json
+
+    from moelab.parallel.bench import bench
+
+    out = bench(args.ep, args.steps, args.warmup, args.global_batch, args.seq, args.d_model, args.experts, args.mode)
+    if out:  # rank 0 prints
+        print(json.dumps(out))
+    return 0
+
+
 def _add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="CKPT_OR_RUN", help="checkpoint folder, or run folder (its newest checkpoint)")
     p.add_argument("--data", required=True, metavar="NAME_OR_PATH", help="labelled corpus: synthetic, builtin, a path, hf:NAME")

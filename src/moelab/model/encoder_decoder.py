@@ -153,11 +153,7 @@ class DecoderBlock(Block):
     ) -> tuple[Tensor, MoEOutput | None]:
         x_BSD = x_BSD + self.drop(self.attn(self.attn_norm(x_BSD), rope, mask_B1SS, True, cache))
         x_BSD = x_BSD + self.drop(self.cross_attn(self.cross_norm(x_BSD), cross_kv, cross_mask_B11L))
-        h_BSD = self.ffn_norm(x_BSD)
-        if self.is_moe:
-            moe_out = self.ffn(h_BSD, token_ids_BS, token_mask_BS)
-            return x_BSD + self.drop(moe_out.y), moe_out
-        return x_BSD + self.drop(self.ffn(h_BSD)), None
+        return self.ffn_residual(x_BSD, token_ids_BS, token_mask_BS)
 
 
 @dataclass

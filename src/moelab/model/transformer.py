@@ -166,6 +166,12 @@ class Block(nn.Module):
         cache: LayerCache | None = None,
     ) -> tuple[Tensor, MoEOutput | None]:
         x_BSD = x_BSD + self.drop(self.attn(self.attn_norm(x_BSD), rope, mask_B1SL, is_causal, cache))
+        return self.ffn_residual(x_BSD, token_ids_BS, token_mask_BS)
+
+    def ffn_residual(
+        self, x_BSD: Tensor, token_ids_BS: Tensor, token_mask_BS: Tensor | None
+    ) -> tuple[Tensor, MoEOutput | None]:
+        """``x + ffn(norm(x))`` (dense FFN or MoE layer), and what the MoE layer reported (None when dense)."""
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
             moe_out = self.ffn(h_BSD, token_ids_BS, token_mask_BS)

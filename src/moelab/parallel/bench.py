@@ -2,8 +2,8 @@
 
 Run under torchrun, e.g. on CPU::
 
-    torchrun --nproc-per-node 2 -m moelab.parallel.bench --ep 2 --steps 20
-    python -m moelab.parallel.bench --steps 20              # world 1
+    torchrun --nproc-per-node 2 -m moelab bench-dist --ep 2 --steps 20
+    moelab bench-dist --steps 20                            # world 1
 
 Every rank trains a small MoE model on random tokens with :func:`train_step`; rank 0 prints
 one JSON line: world, dp, ep, global batch, median step time, tokens/s and all-to-all bytes
@@ -13,8 +13,6 @@ so the numbers compare.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
@@ -83,21 +81,4 @@ def bench(
     return result if env.is_main else {}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--mode", default="ddp")
-    a = p.parse_args()
-    out = bench(a.ep, a.steps, a.warmup, a.global_batch, a.seq, a.d_model, a.experts, a.mode)
-    if out:
-        print(json.dumps(out))
-
-
-if __name__ == "__main__":
-    main()
+__all__ = ["bench"]
