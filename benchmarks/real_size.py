@@ -59,17 +59,10 @@ def rss_mb() -> float:
 
 
 def read_bandwidth_gbs(gib: float = 2.0, repeats: int = 5) -> float:
-    """Memory read bandwidth: the best of ``repeats`` sums over a ``gib`` GiB bf16 tensor (2 threads)."""
-    import torch
+    """Memory read bandwidth (GB/s) with 2 threads: :func:`moelab.hardware.measure_read_bandwidth`."""
+    from moelab.hardware import measure_read_bandwidth
 
-    x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 2 / best / 1e9
+    return measure_read_bandwidth(gib, repeats)
 
 
 # ----------------------------------------------------------------------------- stages (one process each)

@@ -40,7 +40,7 @@ from torch import nn
 
 from moelab.config import ModelConfig, MoEConfig
 from moelab.errors import UserError
-from moelab.hardware import describe
+from moelab.hardware import describe, measure_read_bandwidth
 from moelab.infer.fast_decode import FastDecoder, cast_for_decode, decode_dtype
 from moelab.infer.packed import packed_bytes
 from moelab.outputs import atomic_write_text
@@ -68,6 +68,8 @@ class Row:
     weights_mib: float
     rss_mib: float
     decode_rounds: list[float] = field(default_factory=list)  # decode tok/s of each round, in round order
+    bytes_per_token: float = 0.0  # moelab rows: what a decode step reads per token (moelab.infer.read_bytes)
+    of_bound: float = 0.0  # bytes/token × tok/s ÷ the round's measured read bandwidth (median over rounds)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class DecodeBenchResult:
     new_tokens: int
     host: dict = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
+    bandwidth_gbs: list[float] = field(default_factory=list)  # memory read bandwidth measured before each round
 
     def get(self, model: str, impl: str, dtype: str, batch: int) -> Row | None:
         for r in self.rows:
@@ -107,14 +110,22 @@ class DecodeBenchResult:
             f"{self.host.get('threads')} threads, bf16 units: {self.host.get('cpu_bf16_units')}, "
             f"native kernels: {self.host.get('native_kernels')}",
             "",
-            "| model | impl | weights | batch | prefill tok/s | decode tok/s | weights MiB | RSS MiB |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
+            "| model | impl | weights | batch | prefill tok/s | decode tok/s | weights MiB | RSS MiB "
+            "| MB read / token | of the bandwidth bound |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in self.rows:
+            bound = f"{r.bytes_per_token / 1e6:.1f} | {100 * r.of_bound:.0f}%" if r.bytes_per_token else " | "
             lines.append(
                 f"| {r.model} | {r.impl} | {r.dtype} | {r.batch} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} "
-                f"| {r.weights_mib:.0f} | {r.rss_mib:.0f} |"
+                f"| {r.weights_mib:.0f} | {r.rss_mib:.0f} | {bound} |"
             )
+        if self.bandwidth_gbs:
+            bw = ", ".join(f"{b:.1f}" for b in self.bandwidth_gbs)
+            lines += ["", f"Memory read bandwidth measured before each round (GB/s, a 1 GiB bf16 sum): {bw}. "
+                      "'Of the bound' = MB read per token × decode tok/s ÷ the bandwidth of the same round, median "
+                      "over rounds; MB read per token from the decode copy's own storage (experts at batch B: the "
+                      "expected distinct ones under uniform routing; KV cache at the mean context)."]  # fmt: skip
         lines += ["", "| ratio (decode; median of the per-round ratios, one run) | value |", "|---|---:|"]
         lines += [f"| {name} | {v:.2f} |" for name, v in self.ratios()]
         return "\n".join(lines) + "\n"
@@ -125,6 +136,7 @@ class DecodeBenchResult:
             "new_tokens": self.new_tokens,
             "host": self.host,
             "rows": [asdict(r) for r in self.rows],
+            "bandwidth_gbs": self.bandwidth_gbs,
             "ratios": dict(self.ratios()),
         }
 
@@ -151,6 +163,15 @@ def weights_mib(model: nn.Module) -> float:
     for t in list(model.parameters()) + list(model.buffers()):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return (sum(seen.values()) + packed_bytes(model)) / 2**20
+
+
+def read_per_token(model: nn.Module, batch: int, context: int) -> float:
+    """Bytes a fast-path decode step of ``batch`` rows at ``context`` positions reads per token."""
+    from moelab.infer.read_bytes import step_bytes
+    from moelab.model.kv_cache import make_cache
+
+    cache = make_cache("static", model, 1, 1)  # one row, one position: the cache's bytes per position
+    return step_bytes(model, batch, context, float(cache.storage_bytes)).per_token
 
 
 def variant(base: nn.Module, dtype: str, group: int) -> nn.Module:
@@ -288,6 +309,7 @@ def run_decode_bench(
                     units.append(([(name, "transformers", dtype, b)], [hf], lambda fn=fn: [fn()]))
         samples: dict[Key, list[tuple[float, float]]] = {k: [] for keys, _, _ in units for k in keys}
         for r in range(rounds):
+            res.bandwidth_gbs.append(measure_read_bandwidth())  # the bound of this round's figures
             shift = r % len(units)
             for keys, _, fn in units[shift:] + units[:shift]:
                 for key, sample in zip(keys, fn()):
@@ -301,7 +323,13 @@ def run_decode_bench(
         for key in order:
             pre = statistics.median(s[0] for s in samples[key])
             dec = statistics.median(s[1] for s in samples[key])
-            res.rows.append(Row(*key, pre, dec, weights_mib(model_of[key]), rss, [s[1] for s in samples[key]]))
+            row = Row(*key, pre, dec, weights_mib(model_of[key]), rss, [s[1] for s in samples[key]])
+            if key[1] == "moelab":
+                row.bytes_per_token = read_per_token(model_of[key], key[3], prompt + new // 2)
+                row.of_bound = statistics.median(
+                    row.bytes_per_token * tok_s / (bw * 1e9) for tok_s, bw in zip(row.decode_rounds, res.bandwidth_gbs)
+                )
+            res.rows.append(row)
     del units, built
     gc.collect()
     return res
@@ -319,8 +347,8 @@ def is_decode_result(path: Path) -> bool:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    if path.suffix != ".json":
-        return TABLE_HEADER in text.splitlines()
+    if path.suffix != ".json":  # tables written before the bandwidth columns existed start the same way
+        return any(line.startswith(TABLE_HEADER) for line in text.splitlines())
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

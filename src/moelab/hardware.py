@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,21 @@ def bf16_is_fast(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_has_bf16()
+
+
+def measure_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Memory read bandwidth in GB/s: the best of ``repeats`` sums over a ``gib`` GiB bf16 tensor, with
+    torch's threads. A sum reads each byte once and computes little, so it runs at the rate memory gives
+    this process now (here it moves between ≈33 and ≈56 GB/s from minute to minute: measure beside the
+    figure it bounds, not once per machine)."""
+    x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 2 / best / 1e9
 
 
 def describe(device: torch.device | str = "cpu") -> dict[str, object]:

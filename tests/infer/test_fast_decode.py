@@ -134,6 +134,12 @@ def test_bench_decode_tiny_run_writes_rows_and_ratios(tmp_path) -> None:
     assert sum("round 2/2" in line for line in log) == len(res.rows)  # every candidate timed in each round
     assert len(res.rows) == 2 * (2 * 2 + 2 * 2)  # models × (moelab dtypes + transformers dtypes) × batches
     assert all(r.decode_tok_s > 0 and r.weights_mib > 0 for r in res.rows)
+    assert len(res.bandwidth_gbs) == 2 and all(b > 0 for b in res.bandwidth_gbs)  # measured before each round
+    ours = [r for r in res.rows if r.impl == "moelab"]
+    assert all(r.bytes_per_token > 0 and r.of_bound > 0 for r in ours)
+    assert all(r.bytes_per_token == 0 for r in res.rows if r.impl == "transformers")
+    one = {(r.model, r.dtype): r.bytes_per_token for r in ours if r.batch == 1}
+    assert one[("moe", "int8")] < one[("moe", "bf16")]  # int8 reads about half the bytes of bf16
     js, md = write_results(res, tmp_path)
     assert "moelab int8 / moelab bf16 (MoE), batch 1" in js.read_text()
     assert "| moe | transformers | bf16 | 2 |" in md.read_text()

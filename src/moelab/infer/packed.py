@@ -169,18 +169,20 @@ class NativeExperts(PerExpertModule):
         return f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, packed=native-{kind}"
 
 
+def module_packed_bytes(mod: nn.Module) -> int:
+    """Bytes ``mod`` itself holds in prepacked weights (invisible to ``parameters()`` and ``buffers()``)."""
+    if isinstance(mod, (PackedLinear, NativeLinear)):
+        tensors = [mod.packed]
+    elif isinstance(mod, (PackedExperts, NativeExperts)):
+        tensors = mod._up + mod._down
+    else:
+        return 0
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def packed_bytes(model: nn.Module) -> int:
-    """Bytes held in prepacked weights (invisible to ``parameters()`` and ``buffers()``)."""
-    total = 0
-    for mod in model.modules():
-        if isinstance(mod, (PackedLinear, NativeLinear)):
-            tensors = [mod.packed]
-        elif isinstance(mod, (PackedExperts, NativeExperts)):
-            tensors = mod._up + mod._down
-        else:
-            continue
-        total += sum(t.numel() * t.element_size() for t in tensors)
-    return total
+    """Bytes held in prepacked weights across ``model``."""
+    return sum(module_packed_bytes(mod) for mod in model.modules())
 
 
 def native_available() -> bool:
