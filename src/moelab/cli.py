@@ -624,23 +624,22 @@ def _run_generate(args: argparse.Namespace) -> int:
             source=source if args.offload_from == "disk" and source.is_file() else None, device=args.device, counts=counts,
         )
         model.to(args.device)
+    decoder = None  # generate's default: the model's own forward with a KV cache
     if args.fast:
-        from moelab.infer.fast_decode import cast_for_decode, decode_dtype, fast_generate
+        from moelab.infer.fast_decode import FastDecoder, cast_for_decode, decode_dtype
 
         if args.offload:
             raise UserError("--fast and --offload do not combine: the fast path keeps every expert resident")
         if model.cfg.attention != "causal":
             raise UserError(f"--fast needs a causal model; this one has attention={model.cfg.attention!r}")
-        quantized = getattr(model, "quant_config", None) is not None
-        fast_model = model if quantized else cast_for_decode(model, decode_dtype(args.device))
-        results = fast_generate(fast_model, ids, params, tok)
-        stream = False
-    else:
-        stream = len(prompts) == 1 and not args.json
-        on_text = (lambda row, delta: print(delta, end="", flush=True)) if stream else None
-        if stream:
-            print(prompts[0], end="", flush=True)
-        results = generate(model, ids, params, tok, on_text=on_text, cache=args.cache)
+        if getattr(model, "quant_config", None) is None:
+            model = cast_for_decode(model, decode_dtype(args.device))
+        decoder = FastDecoder
+    stream = len(prompts) == 1 and not args.json
+    on_text = (lambda row, delta: print(delta, end="", flush=True)) if stream else None
+    if stream:
+        print(prompts[0], end="", flush=True)
+    results = generate(model, ids, params, tok, on_text=on_text, cache=args.cache, decoder=decoder)
     if args.json:
         data = {"completions": [dict(prompt=p, text=r.text, finish_reason=r.finish_reason,
                                      prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)

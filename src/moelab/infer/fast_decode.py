@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +50,7 @@ from torch import Tensor, nn
 from moelab.errors import UserError
 from moelab.hardware import bf16_is_fast
 from moelab.infer.fused import attention_step, block_step
-from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, _Row, check_prompts, sample_token
+from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, generate
 from moelab.infer.packed import pack_for_decode
 from moelab.model.kv_cache import make_cache
 from moelab.moe.routers.base import DecodeSpec, Router, softmax_topk_weights
@@ -242,47 +243,12 @@ def fast_generate(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams | Sequence[SamplingParams] = _DEFAULT_PARAMS,
     tokenizer: TokenizerLike | None = None,
+    **kw: Any,
 ) -> list[Completion]:
-    """:func:`moelab.infer.generate` on the fast path: same arguments (no streaming or
-    cancelling), same tokens (greedy exactly; sampling with the same per-row generators)."""
-    cfg = model.cfg
-    B = len(prompts)
-    if B == 0:
-        return []
-    per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
-    lengths = check_prompts(prompts, cfg)
-    rows = [_Row(n, p, tokenizer) for n, p in zip(lengths, per_row)]
-    budget = [min(p.max_new_tokens, cfg.max_seq_len - n) for n, p in zip(lengths, per_row)]
-    steps = max(budget)
-    P = max(lengths)
-    pad = 0 if tokenizer is None else tokenizer.pad_id
-    device = next(model.parameters()).device
-    ids = torch.full((B, P), pad, dtype=torch.long)
-    mask = torch.zeros(B, P, dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        ids[b, P - lengths[b] :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        mask[b, P - lengths[b] :] = 1
-    dec = FastDecoder(model, B, P + steps)
-    logits_BV = dec.prefill(ids.to(device), mask.to(device))
-    tokens = torch.full((B, 1), pad, dtype=torch.long)
-    for _ in range(steps):
-        logits_cpu = logits_BV.float().cpu()
-        tokens.fill_(pad)
-        for b, row in enumerate(rows):
-            if row.done:
-                continue
-            token = sample_token(logits_cpu[b], row.params, row.generator)
-            tokens[b, 0] = token
-            row.push(token)
-            if not row.done and len(row.out.token_ids) >= budget[b]:
-                row.finish("length")
-        if all(r.done for r in rows):
-            break
-        logits_BV = dec.step(tokens.to(device))
-    for row in rows:
-        if not row.done:
-            row.finish("length")
-    return [r.out for r in rows]
+    """:func:`moelab.infer.generate.generate` with :class:`FastDecoder` as its backend: the same loop,
+    arguments (streaming, cancelling, ``on_token`` included) and tokens (greedy exactly; sampling with the
+    same per-row generators)."""
+    return generate(model, prompts, params, tokenizer, decoder=FastDecoder, **kw)
 
 
 __all__ = ["FastDecoder", "cast_for_decode", "decode_dtype", "fast_generate"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -201,6 +201,50 @@ def require_causal(model) -> None:
         raise UserError(f"generation needs a causal model; this one has attention={cfg.attention!r}")
 
 
+class Decoder(Protocol):
+    """A decode backend: the model's state for ``B`` rows. ``prefill`` runs the left-padded prompts and
+    returns the last column's logits ``[B, V]``; ``step`` takes one token per row ``[B, 1]`` and returns the
+    next logits. :class:`ModuleDecoder` (the model's forward with a KV cache: the reference) and
+    :class:`moelab.infer.fast_decode.FastDecoder` (packed weights, native fused blocks) are the two; every
+    caller samples through the one loop of :func:`generate`."""
+
+    def prefill(self, ids_BP: Tensor, mask_BP: Tensor) -> Tensor: ...
+
+    def step(self, tokens_B1: Tensor) -> Tensor: ...
+
+
+# (model, rows B, positions to hold M) → a Decoder for them
+DecoderFactory = Callable[[Any, int, int], Decoder]
+
+
+class ModuleDecoder:
+    """The model's own forward with a KV cache (``static``: preallocated, or ``dynamic``: growing); both exact.
+    Positions start at 0 at each row's first real token; padding is masked from attention."""
+
+    def __init__(self, model, batch: int, max_len: int, cache: str = "static") -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.kv = make_cache(cache, model, batch, max_len)
+        self.mask_BL: Tensor | None = None
+        self.next_pos_B1: Tensor | None = None
+
+    def prefill(self, ids_BP: Tensor, mask_BP: Tensor) -> Tensor:
+        pos_BP = (mask_BP.cumsum(1) - 1).clamp(min=0)
+        logits = self.model(ids_BP, attention_mask=mask_BP, position_ids=pos_BP, cache=self.kv).logits[:, -1]
+        self.mask_BL, self.next_pos_B1 = mask_BP, pos_BP[:, -1:] + 1
+        return logits
+
+    def step(self, tokens_B1: Tensor) -> Tensor:
+        assert self.mask_BL is not None and self.next_pos_B1 is not None, "prefill first"
+        step_mask = torch.ones(tokens_B1.shape[0], 1, dtype=torch.long, device=self.device)
+        logits = self.model(
+            tokens_B1, attention_mask=step_mask, position_ids=self.next_pos_B1, cache=self.kv, past_mask=self.mask_BL
+        ).logits[:, -1]
+        self.mask_BL = torch.cat([self.mask_BL, step_mask], dim=1)
+        self.next_pos_B1 = self.next_pos_B1 + 1
+        return logits
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -211,6 +255,7 @@ def generate(
     cache: str = "static",
     should_cancel: Callable[[int], bool] | None = None,
     on_token: TokenCallback | None = None,
+    decoder: DecoderFactory | None = None,
 ) -> list[Completion]:
     """Generate a continuation of every prompt (token ids) in one batch.
 
@@ -226,6 +271,8 @@ def generate(
             finishes with ``finish_reason="cancelled"``.
         on_token: ``(row, token, logits_V)`` for every token kept in a completion (not a final
             EOS), with the logits it was sampled from; it does not change what is generated.
+        decoder: the backend, ``(model, B, max_len) -> Decoder``; default :class:`ModuleDecoder` with
+            ``cache`` (``moelab.infer.fast_decode.fast_generate`` passes its ``FastDecoder``).
     """
     require_causal(model)
     cfg = model.cfg
@@ -249,11 +296,8 @@ def generate(
     for b, prompt in enumerate(prompts):
         ids[b, P - lengths[b] :] = torch.as_tensor(list(prompt), dtype=torch.long)
         mask[b, P - lengths[b] :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    kv = make_cache(cache, model, B, P + steps)
-    logits_BV = model(ids, attention_mask=mask, position_ids=pos, cache=kv).logits[:, -1]
-    next_pos = pos[:, -1:] + 1
+    dec = (decoder or (lambda m, b, n: ModuleDecoder(m, b, n, cache)))(model, B, P + steps)
+    logits_BV = dec.prefill(ids.to(device), mask.to(device))
 
     for _ in range(steps):
         logits_cpu = logits_BV.float().cpu()
@@ -278,12 +322,7 @@ def generate(
                     on_text(b, delta)
         if all(r.done for r in rows):
             break
-        step_mask = torch.ones(B, 1, dtype=torch.long, device=device)
-        logits_BV = model(
-            tokens.to(device), attention_mask=step_mask, position_ids=next_pos, cache=kv, past_mask=mask
-        ).logits[:, -1]
-        mask = torch.cat([mask, step_mask], dim=1)
-        next_pos = next_pos + 1
+        logits_BV = dec.step(tokens.to(device))
     for b, row in enumerate(rows):
         if not row.done:
             row.finish("length")
