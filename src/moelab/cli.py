@@ -682,6 +682,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="(default 256) tokens generated when a request gives no max_tokens")
     p.add_argument("--offload", action="store_true", help="keep routed experts off the device in a bounded cache")
+    p.add_argument("--fast", action="store_true",
+                   help="decode through the fast path (moelab.infer.fast_decode: packed weights in the detected dtype, "
+                        "native fused blocks at batch 1); not with --offload")
     p.add_argument("--expert-cache", default="25%", metavar="SIZE", help="experts per layer in the cache: '25%%' or a count")
     p.add_argument("--cache-policy", default="lru", help="lru or lfu (lfu without a trace counts uses online)")
     p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's experts with its router")
@@ -723,7 +726,19 @@ def _run_serve(args: argparse.Namespace) -> int:
         Offloader(model, args.expert_cache, args.cache_policy, prefetch=args.prefetch,
                   source=source if source.is_file() else None, device=args.device)
         model.to(args.device)
-    engine = Engine(model, tok, limits)
+    generate_fn = None
+    if args.fast:
+        from functools import partial
+
+        from moelab.infer.fast_decode import FastDecoder, cast_for_decode, decode_dtype
+        from moelab.infer.generate import generate
+
+        if args.offload:
+            raise UserError("--fast and --offload do not combine: the fast path keeps every expert resident")
+        if getattr(model, "quant_config", None) is None:
+            model = cast_for_decode(model, decode_dtype(args.device))
+        generate_fn = partial(generate, decoder=FastDecoder)  # the same loop, the fast backend
+    engine = Engine(model, tok, limits) if generate_fn is None else Engine(model, tok, limits, generate_fn)
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(engine, model_name=name, chat_template=load_chat_template(args.checkpoint), api_key=api_key)
     serve_forever(app, args.host, args.port)

@@ -393,3 +393,18 @@ def test_streamed_logprobs_equal_the_whole_answers(server) -> None:
     chunks = list(server.client.chat.completions.create(stream=True, **ckw))
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [t.model_dump() for t in streamed] == [t.model_dump() for t in whole]
+
+
+def test_the_fast_backend_serves_the_same_answers() -> None:
+    """`moelab serve --fast`: the engine's one generate loop over FastDecoder; greedy answers, streamed or not,
+    equal the fast path's own and (fp32 weights) the module path's."""
+    from functools import partial
+
+    from moelab.infer.fast_decode import FastDecoder, cast_for_decode
+
+    fast_model = cast_for_decode(_model(), torch.float32)
+    with Server(LIMITS, partial(generate, decoder=FastDecoder), model=fast_model) as s:
+        out = s.client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0)
+        parts = s.client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0, stream=True)
+        streamed = "".join(c.choices[0].text for c in parts)
+    assert out.choices[0].text == streamed == _direct("Hello", max_new_tokens=10)
