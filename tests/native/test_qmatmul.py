@@ -229,3 +229,20 @@ def test_quantized_layer_switches_layouts_and_saves_plain(bits, monkeypatch):
     finally:
         monkeypatch.undo()
         build.reset()
+
+
+@pytest.mark.skipif(build.library() is None, reason="no C compiler: the native kernels are not built")
+def test_kernels_are_torch_operators_the_profiler_and_compile_see() -> None:
+    """torch.ops.moelab.*: the profiler names the kernel, and torch.compile traces through it (its shape
+    function) with the same result as eager."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 64).to(torch.bfloat16)
+    packed = qmatmul.bf16_pack(w)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with torch.profiler.profile() as prof:
+        y = qmatmul.bf16_matmul(x, packed, 48)
+    assert "moelab::bf16_matmul" in {e.name for e in prof.events()}
+    compiled = torch.compile(lambda a: qmatmul.bf16_matmul(a, packed, 48) * 2, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), y * 2)
+    fake = torch.ops.moelab.bf16_matmul.default(x.to("meta"), packed.to("meta"), 48)
+    assert fake.shape == (3, 48) and fake.dtype == torch.bfloat16
