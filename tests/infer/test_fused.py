@@ -220,3 +220,20 @@ def test_one_token_with_a_wide_range_of_magnitudes_through_integer_limbs() -> No
     bound = 2.0**-21 * x.abs().max() * w_abs + 1e-6 * terms
     assert ((got - ref).abs() <= bound).all()
     assert torch.equal(q8_matmul(torch.zeros(1, 64), interleave_rows(q), s, 32), torch.zeros(1, 32))
+
+
+def test_the_profiler_names_every_fused_call() -> None:
+    """A decode step under torch.profiler shows the fused native blocks by name (moelab::attn_res, moe_res,
+    ffn_res); without a profiler they are plain calls."""
+    from moelab.native.build import library
+
+    if library() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    torch.manual_seed(0)
+    moe = tiny_moe(num_experts=4, top_k=2, expert_hidden=64, placement="first_k_dense")
+    dec = FastDecoder(decode_copy(Transformer(tiny_config(d_model=64, ffn_hidden=96, moe=moe)).eval(), "bf16"), 1, 12)
+    tok = dec.prefill(torch.randint(0, 90, (1, 4))).argmax(-1, keepdim=True)
+    with torch.profiler.profile() as prof:
+        dec.step(tok)
+    names = {e.name for e in prof.events()}
+    assert {"moelab::attn_res", "moelab::moe_res", "moelab::ffn_res"} <= names, sorted(n for n in names if "moelab" in n)
