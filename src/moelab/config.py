@@ -669,12 +669,8 @@ def read_config_file(path: str | Path) -> Mapping[str, Any]:
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    """Read a run config; a file holding only model fields is taken as ``model:`` of a default run."""
-    data = read_config_file(path)
-    run_fields = {f.name for f in fields(RunConfig)}
-    if data and not set(data) & run_fields:
-        data = {"model": data}
-    return from_dict(RunConfig, data)
+    """:func:`load_config` of a :class:`RunConfig` (a file of model fields only is a default run's ``model:``)."""
+    return load_config(path, RunConfig)
 
 
 # ----------------------------------------------------------------------------- generic (de)serialisation
@@ -844,8 +840,13 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
 
 
 def load_config(path: str | Path, cls: type[T] = ModelConfig) -> T:  # type: ignore[assignment]
-    """Read a YAML or JSON file into ``cls``."""
-    return from_dict(cls, read_config_file(path))
+    """Read a YAML or JSON file into ``cls`` (the one config reader: :func:`read_config_file`'s checks, then
+    :func:`from_dict`'s). For a :class:`RunConfig`, a file holding only model fields is taken as ``model:`` of a
+    default run, so a model config file also names a run."""
+    data = read_config_file(path)
+    if cls is RunConfig and data and not set(data) & {f.name for f in fields(RunConfig)}:
+        data = {"model": data}
+    return from_dict(cls, data)
 
 
 def config_text(cfg: Any, suffix: str = ".yaml") -> str:
