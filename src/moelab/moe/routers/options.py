@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from moelab.config import RouterConfig, from_dict
+from moelab.config import RouterConfig, check_field, from_dict
 from moelab.errors import ConfigError
 
 # The flat RouterConfig's fields and defaults before routers owned their options (checkpoints, YAML files).
@@ -37,6 +37,16 @@ class RouterOptions:
     """Options every router takes."""
 
     force_balanced: bool = False  # uniform round-robin assignment, for throughput benchmarks
+
+
+@dataclass(frozen=True)
+class JitterOptions(RouterOptions):
+    """Options of routers that take Switch's multiplicative input noise (``Router.jitter``)."""
+
+    jitter_eps: float = 0.0  # inputs × U(1-eps, 1+eps), training only
+
+    def __post_init__(self) -> None:
+        check_field(self.jitter_eps >= 0, "moe.router.jitter_eps", self.jitter_eps, "must be >= 0")
 
 
 def option_names(options_cls: type[RouterOptions]) -> list[str]:
@@ -64,4 +74,4 @@ def canonical_router(options_cls: type[RouterOptions], router: RouterConfig) -> 
     return RouterConfig(router.name, asdict(parse_options(options_cls, router)))
 
 
-__all__ = ["LEGACY_DEFAULTS", "RouterOptions", "canonical_router", "option_names", "parse_options"]
+__all__ = ["LEGACY_DEFAULTS", "JitterOptions", "RouterOptions", "canonical_router", "option_names", "parse_options"]

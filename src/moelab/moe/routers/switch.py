@@ -12,21 +12,11 @@ Legend: T tokens, D model dim, E experts, K top-k (= 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
-from moelab.config import ConfigError, MoEConfig, check_field
+from moelab.config import ConfigError, MoEConfig
 from moelab.moe.routers.base import ROUTERS, Router, Selection, round_robin_experts
-from moelab.moe.routers.options import RouterOptions
-
-
-@dataclass(frozen=True)
-class SwitchOptions(RouterOptions):
-    jitter_eps: float = 0.0  # inputs × U(1-eps, 1+eps), training only
-
-    def __post_init__(self) -> None:
-        check_field(self.jitter_eps >= 0, "moe.router.jitter_eps", self.jitter_eps, "must be >= 0")
+from moelab.moe.routers.options import JitterOptions
 
 
 @ROUTERS.register("switch")
@@ -36,7 +26,7 @@ class SwitchRouter(Router):
     paper = "Fedus et al. 2021 (Switch Transformers)"
     balancing = "`load_balance` (`α·E·Σ f_i·P_i`), z-loss"
     options_note = "`jitter_eps`: inputs × U(1−ε, 1+ε), training only; needs `moe.top_k=1`"
-    Options = SwitchOptions
+    Options = JitterOptions
     formula = "`p = softmax(x·W_r)`; `e = argmax p`; `w = p_e`"
 
     @classmethod

@@ -16,19 +16,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from moelab.config import check_field
 from moelab.moe.routers.base import ROUTERS, DecodeSpec, Router, Selection, softmax_topk_weights
-from moelab.moe.routers.options import RouterOptions
+from moelab.moe.routers.options import JitterOptions
 
 
 @dataclass(frozen=True)
-class TopKOptions(RouterOptions):
+class TopKOptions(JitterOptions):
     renormalize: bool = True  # kept probabilities renormalised to sum to 1 (Mixtral) or left as they are (Qwen)
     softmax_after_topk: bool = False  # a softmax over the K kept logits instead of over all E
-    jitter_eps: float = 0.0  # Switch: inputs × U(1-eps, 1+eps), training only
-
-    def __post_init__(self) -> None:
-        check_field(self.jitter_eps >= 0, "moe.router.jitter_eps", self.jitter_eps, "must be >= 0")
 
 
 @ROUTERS.register("topk")
