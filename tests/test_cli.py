@@ -58,3 +58,27 @@ def test_routers_command_lists_the_registry(capsys) -> None:
     assert main(["routers"]) == 0
     out = capsys.readouterr().out
     assert "topk" in out and "loop" in out and "load_balance" in out
+
+
+def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(tmp_path, monkeypatch, capsys) -> None:
+    """`moelab routers | head -1`: when the reader has gone (BrokenPipeError on write) the command stops with the
+    status a shell expects (141), no traceback, and its stdout pointed at /dev/null for Python's exit flush."""
+    import sys
+
+    class GonePipe:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return self.f.fileno()
+
+    with open(tmp_path / "stdout", "w") as f:
+        monkeypatch.setattr(sys, "stdout", GonePipe(f))
+        assert main(["routers"]) == 141
+    assert "Traceback" not in capsys.readouterr().err
