@@ -16,8 +16,9 @@ modules and the same arithmetic but:
   work unchanged. Experts are summed in ascending id order from zero, as the ``loop``
   dispatch does, so fp32 results are bitwise those of the reference. Batched steps use the
   model's own dispatch backend;
-- for a single token and a plain softmax top-k router (dropless, eval), the router's own
-  operations without building a RoutingDecision (other routers go through ``route``);
+- for a single token and a router whose lone-token decision is a softmax top-k (its
+  ``decode_spec()``; dropless, eval), the router's own logits and the shared combine weights without
+  building a RoutingDecision (other routers go through ``route``, said once in a line);
 - no router losses (nothing trains here); ``inference_mode`` for the steps;
 - weights prepacked by :func:`cast_for_decode` (:mod:`moelab.infer.packed`: moelab's native
   layouts for bf16/fp32, oneDNN's where the native kernels do not build);
@@ -26,6 +27,8 @@ modules and the same arithmetic but:
   the attention half, and the dense FFN or whole MoE block with its router. Those equal the
   modules to rounding, not bitwise; ``fused=False`` keeps the modules.
 
+It is one of :func:`moelab.infer.generate`'s decode backends (``decoder=FastDecoder``; the other is the
+model's forward, ``ModuleDecoder``): the sampling loop, streaming and cancelling are that function's.
 Prefill is the model's own forward into the static cache (one large pass; nothing to gain).
 :func:`decode_dtype` picks bf16 where the CPU has native bf16 units. ``torch.compile`` is not
 used: eager is the reference and the default (see docs/inference.md, "Fast decode").

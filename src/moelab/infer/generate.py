@@ -348,6 +348,9 @@ def generate_text(
 
 __all__ = [
     "Completion",
+    "Decoder",
+    "DecoderFactory",
+    "ModuleDecoder",
     "SamplingParams",
     "StreamCallback",
     "TokenCallback",
