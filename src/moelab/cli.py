@@ -527,6 +527,20 @@ def load_checkpoint_for_inference(path: str, device: str, dtype: str | None = No
     return model, tok
 
 
+def _fast_decode_model(model, args: argparse.Namespace):
+    """The model ``--fast`` decodes (``generate`` and ``serve``): cast and packed for the fast path in the
+    device's decode dtype, a quantized model as it is; refused with ``--offload`` or for a non-causal model."""
+    from moelab.infer.fast_decode import cast_for_decode, decode_dtype
+
+    if args.offload:
+        raise UserError("--fast and --offload do not combine: the fast path keeps every expert resident")
+    if model.cfg.attention != "causal":
+        raise UserError(f"--fast needs a causal model; this one has attention={model.cfg.attention!r}")
+    if getattr(model, "quant_config", None) is None:
+        model = cast_for_decode(model, decode_dtype(args.device))
+    return model
+
+
 def _check_disk_offload_dtype(args: argparse.Namespace) -> None:
     """The disk tier reads experts as stored: refuse a --dtype that differs, before the load."""
     from pathlib import Path
@@ -627,14 +641,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         model.to(args.device)
     decoder = None  # generate's default: the model's own forward with a KV cache
     if args.fast:
-        from moelab.infer.fast_decode import FastDecoder, cast_for_decode, decode_dtype
+        from moelab.infer.fast_decode import FastDecoder
 
-        if args.offload:
-            raise UserError("--fast and --offload do not combine: the fast path keeps every expert resident")
-        if model.cfg.attention != "causal":
-            raise UserError(f"--fast needs a causal model; this one has attention={model.cfg.attention!r}")
-        if getattr(model, "quant_config", None) is None:
-            model = cast_for_decode(model, decode_dtype(args.device))
+        model = _fast_decode_model(model, args)
         decoder = FastDecoder
     stream = len(prompts) == 1 and not args.json
     on_text = (lambda row, delta: print(delta, end="", flush=True)) if stream else None
@@ -731,13 +740,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.fast:
         from functools import partial
 
-        from moelab.infer.fast_decode import FastDecoder, cast_for_decode, decode_dtype
+        from moelab.infer.fast_decode import FastDecoder
         from moelab.infer.generate import generate
 
-        if args.offload:
-            raise UserError("--fast and --offload do not combine: the fast path keeps every expert resident")
-        if getattr(model, "quant_config", None) is None:
-            model = cast_for_decode(model, decode_dtype(args.device))
+        model = _fast_decode_model(model, args)
         generate_fn = partial(generate, decoder=FastDecoder)  # the same loop, the fast backend
     engine = Engine(model, tok, limits) if generate_fn is None else Engine(model, tok, limits, generate_fn)
     name = args.model_name or Path(args.checkpoint).resolve().name

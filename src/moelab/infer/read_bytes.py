@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from moelab.infer.packed import module_packed_bytes
+from moelab.moe.layer import MoELayer
 
 
 def _own_bytes(mod: nn.Module, seen: set[int] | None = None) -> int:
@@ -31,10 +32,6 @@ def _own_bytes(mod: nn.Module, seen: set[int] | None = None) -> int:
             seen.add(ptr)
         total += t.numel() * t.element_size()
     return total
-
-
-def _is_experts(mod: nn.Module) -> bool:
-    return hasattr(mod, "forward_expert") and hasattr(mod, "num_experts")
 
 
 @dataclass(frozen=True)
@@ -65,12 +62,12 @@ def step_bytes(model: nn.Module, batch: int, context: int, kv_bytes_per_position
     head = getattr(model, "lm_head", None)
     tied = embed is not None and head is not None and getattr(head, "weight", None) is getattr(embed, "weight", None)
     inside_experts: set[int] = set()
-    for mod in model.modules():
-        if _is_experts(mod):
-            per_expert = sum(_own_bytes(m) for m in mod.modules()) / mod.num_experts  # type: ignore[operator]
-            k = mod.top_k if hasattr(mod, "top_k") else _top_k_of(model, mod)
-            experts_bytes += per_expert * expected_distinct(int(mod.num_experts), k, batch)  # type: ignore[arg-type]
-            inside_experts.update(id(m) for m in mod.modules())
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):  # its experts module may be packed, quantized or offloaded: its bytes count
+            experts = layer.experts
+            per_expert = sum(_own_bytes(m) for m in experts.modules()) / layer.cfg.num_experts
+            experts_bytes += per_expert * expected_distinct(layer.cfg.num_experts, layer.cfg.top_k, batch)
+            inside_experts.update(id(m) for m in experts.modules())
     seen: set[int] = set()
     for mod in model.modules():
         if id(mod) in inside_experts or (mod is embed and tied):  # a tied embedding is read whole as the head
@@ -80,14 +77,6 @@ def step_bytes(model: nn.Module, batch: int, context: int, kv_bytes_per_position
             continue
         dense_bytes += _own_bytes(mod, seen)
     return StepBytes(batch, dense_bytes, experts_bytes, kv_bytes_per_position * context * batch)
-
-
-def _top_k_of(model: nn.Module, experts: nn.Module) -> int:
-    """The top-k of the MoE layer that holds ``experts``."""
-    for mod in model.modules():
-        if getattr(mod, "experts", None) is experts and hasattr(mod, "cfg"):
-            return int(mod.cfg.top_k)
-    raise ValueError("experts module outside an MoE layer")
 
 
 __all__ = ["StepBytes", "expected_distinct", "step_bytes"]

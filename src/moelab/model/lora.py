@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from moelab.config import LORA_TARGETS, ConfigError, LoRAConfig, ModelConfig
 from moelab.errors import UserError
 from moelab.model.cross_attention import CrossAttention
+from moelab.model.materialize import DTYPES
 from moelab.model.mla import MLAAttention
 from moelab.model.transformer import Attention, Transformer
 from moelab.moe.experts import Experts
@@ -66,7 +67,7 @@ def base_dtype(cfg: LoRAConfig) -> torch.dtype:
     by ``train --init``, is fp32), fp32 otherwise (every weight trains and AdamW needs fp32 weights)."""
     if not cfg.enabled or cfg.base_dtype == "auto":
         return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.base_dtype]
+    return DTYPES[cfg.base_dtype]
 
 
 def _adaptable(model: nn.Module, targets: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str]]:

@@ -91,9 +91,14 @@ class Experts(nn.Module):
         self.w_up.uniform_(-self.d_model**-0.5, self.d_model**-0.5)
         self.w_down.uniform_(-self.hidden**-0.5, self.hidden**-0.5)
 
+    @property
+    def adapted(self) -> bool:
+        """Whether LoRA adapters sit beside the weights (``moelab.model.lora``)."""
+        return self.lora_up is not None or self.lora_down is not None
+
     def forward_expert(self, e: int, x_nD: Tensor) -> Tensor:
         """One expert on its rows: ``[n, D] → [n, D]`` (the obvious reference)."""
-        if self.lora_up is not None or self.lora_down is not None:
+        if self.adapted:
             return self._adapted_expert(e, x_nD, self.w_up[e], self.w_down[e])
         return F.linear(activate(F.linear(x_nD, self.w_up[e]), self.activation), self.w_down[e])
 
@@ -111,14 +116,13 @@ class Experts(nn.Module):
         Weights are unbound once and rows split once: indexing ``w[e]`` per expert under
         autograd makes every backward build a full-size zero gradient (shared/PERFORMANCE-NOTES).
         """
-        adapted = self.lora_up is not None or self.lora_down is not None
         outs = []
         pieces = x_RD.split(tokens_per_expert_E)
         weights = zip(self.w_up.unbind(0), self.w_down.unbind(0))
         for e, (x_nD, (w_up, w_down), n) in enumerate(zip(pieces, weights, tokens_per_expert_E)):
             if n == 0:
                 continue
-            if adapted:
+            if self.adapted:
                 outs.append(self._adapted_expert(e, x_nD, w_up, w_down))
             else:
                 outs.append(F.linear(activate_lean(F.linear(x_nD, w_up), self.activation), w_down))
@@ -147,7 +151,7 @@ class Experts(nn.Module):
         w_up_EDH = self.w_up.to(dtype).transpose(1, 2)
         w_down_EFD = self.w_down.to(dtype).transpose(1, 2)
         h_RH = F.grouped_mm(x_RD.to(dtype).contiguous(), w_up_EDH, offs=offs_E)
-        rows = tokens_per_expert_E.tolist() if self.lora_up is not None or self.lora_down is not None else []
+        rows = tokens_per_expert_E.tolist() if self.adapted else []
         if self.lora_up is not None:
             h_RH = h_RH + self.lora_up.grouped(x_RD, rows).to(dtype)
         a_RF = activate_lean(h_RH, self.activation).contiguous()

@@ -10,12 +10,13 @@ The run's model section is the source's model config (``--set model.…`` may ch
 keep every weight's shape, e.g. dropout or loss coefficients); data/train come from
 ``--config``/``--preset`` when given, else from the source's run config when it is a checkpoint,
 else from the ``tiny`` preset. The tokenizer is the source's ``tokenizer.json`` when it has one;
-otherwise the data's tokenizer must have exactly the model's vocabulary size. Weights load
-strictly: same names and shapes, or a one-line :class:`UserError`.
+otherwise the data's tokenizer may have at most the model's vocabulary size (released models pad
+their embedding). Weights load strictly: same names and shapes, or a one-line :class:`UserError`.
 
 The source is read by :func:`moelab.experiment.init_source.load_init_source` (it maps any folder
-kind onto a model, a layer above training). Memory: the source is read once, streamed in its own dtype (a bf16 release stays 2 bytes a
-parameter), and the run's model is built on the meta device and filled from it tensor by tensor,
+kind onto a model, a layer above training). Memory: the source is read once, streamed in its own
+dtype (a bf16 release stays 2 bytes a parameter), and the run's model is built on the meta device
+and filled from it tensor by tensor,
 each source tensor dropped once copied (:func:`init_model`): the weights are held once. A LoRA run
 keeps them in ``train.lora.base_dtype`` (``auto`` → the source's dtype), a full fine-tune in fp32.
 """

@@ -32,11 +32,8 @@ class DecodeSpec:
     weights: str
 
 
-WEIGHT_MODES = ("renormalize", "probs", "softmax_after_topk")
-
-
 def softmax_topk_weights(kept_logits_TK: Tensor, expert_TK: Tensor, scores_TE: Tensor, mode: str) -> Tensor:
-    """``[T, K]`` combine weights of a softmax top-k decision (one of :data:`WEIGHT_MODES`): the router's
+    """``[T, K]`` combine weights of a softmax top-k decision (``mode``: :class:`DecodeSpec`'s ``weights``): the router's
     forward and every decode step compute them here, so the two can never differ."""
     if mode == "softmax_after_topk":
         return kept_logits_TK.softmax(dim=-1)
