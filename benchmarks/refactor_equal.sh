@@ -5,11 +5,14 @@
 #   bash benchmarks/refactor_equal.sh . /tmp/eq-after > after.txt && diff before.txt after.txt
 # Same seeds -> the same training losses (every logged step, every evaluation, full precision) for a
 # top-k MoE and a group-limited sigmoid_bias MoE, and the same sampled tokens from each checkpoint on the
-# module path and on the fast decode path. OUT is deleted and rewritten (give a scratch folder).
+# module path and on the fast decode path. OUT must be new or empty: nothing already there is touched.
 set -euo pipefail
 TREE=$(cd "$1" && pwd); OUT=$2
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+  echo "refactor_equal.sh: $OUT is not empty: give a new folder" >&2; exit 2
+fi
 export PYTHONPATH=$TREE/src MOELAB_CACHE=$OUT/cache
-rm -rf "$OUT"; mkdir -p "$OUT"
+mkdir -p "$OUT"
 common=(--preset smoke --set data.corpus=synthetic --set data.synthetic_docs=30 --set train.steps=20 --set train.eval_every=10 --no-progress)
 python -m moelab train "${common[@]}" --out "$OUT/moe" > /dev/null
 python -m moelab train "${common[@]}" --set moe.router.name=sigmoid_bias --set moe.router.n_group=2 --set moe.aux_loss=none \
