@@ -1120,7 +1120,8 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
 def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="study name (see --list)")
     p.add_argument("--list", action="store_true", help="list every study (issue 11's twelve and issue 14's), one line each")
-    p.add_argument("--budget", choices=["smoke", "full"], default="smoke", help="smoke: sanity only; full: committed results")
+    p.add_argument("--budget", choices=["smoke", "full", "gpu"], default="smoke",
+                   help="smoke: sanity only; full: the committed results (CPU); gpu: 20x the tokens of full, on CUDA")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
     p.add_argument("--out", default="runs/studies", metavar="DIR", help="where the runs go (OUT/NAME)")
     p.add_argument("--overwrite", action="store_true",

@@ -27,6 +27,8 @@ def test_layer_stats_on_known_routing() -> None:
     p = torch.tensor([0.5, 0.25, 0.125, 0.125])
     assert math.isclose(s.load_entropy, float(-(p * p.log()).sum() / math.log(4)), rel_tol=1e-6)
     assert math.isclose(s.mean_top1_prob, 0.25)
+    # MaxVio (Wang et al. 2024): (max_i Load_i - mean Load) / mean Load = (4 - 2) / 2
+    assert math.isclose(s.max_violation, (4 - 8 / 4) / (8 / 4))
 
 
 def test_padding_is_not_counted() -> None:

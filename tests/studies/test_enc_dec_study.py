@@ -56,3 +56,22 @@ def test_nmi_separates_token_bound_from_token_blind_routing() -> None:
     tokens = rng.integers(0, 8, 20_000)
     assert nmi(tokens % 8, tokens) > 0.99
     assert nmi(rng.integers(0, 8, 20_000), tokens) < 0.01
+
+
+def test_equal_text_tokens_drops_specials_and_matches_counts_per_sequence() -> None:
+    """Both stacks keep text tokens only, the same number in every sequence, drawn from that sequence."""
+    from moelab.studies.enc_dec_specialisation import equal_text_tokens
+
+    special = np.array([90, 91, 99])  # two sentinels and EOS
+    enc_tok = np.array([1, 2, 90, 3, 4, 5, 99, 6, 7, 91, 8, 99])
+    enc_row = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    dec_tok = np.array([99, 90, 10, 11, 91, 12, 99, 90, 13])  # row 0: 3 text tokens; row 1: 1
+    dec_row = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    e, d = equal_text_tokens(enc_tok, enc_row, dec_tok, dec_row, special, seed=3)
+    assert not np.isin(enc_tok[e], special).any() and not np.isin(dec_tok[d], special).any()
+    for row in (0, 1):
+        assert (enc_row[e] == row).sum() == (dec_row[d] == row).sum() == (3 if row == 0 else 1)
+    assert dec_tok[d].tolist() == [10, 11, 12, 13]  # the decoder's text is all kept (it has fewer)
+    assert set(enc_tok[e][enc_row[e] == 1]) <= {6, 7, 8} and list(e) == sorted(e)
+    e2, _ = equal_text_tokens(enc_tok, enc_row, dec_tok, dec_row, special, seed=3)
+    assert e2.tolist() == e.tolist()  # seeded: the same draw for the trained and the step-0 router

@@ -24,16 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import json, sys
-from dataclasses import replace
 from pathlib import Path
 from moelab.studies import capacity
 from moelab.studies.base import base_run, train_arms
 
 base = base_run("full", capacity.FULL_STEPS)
-moe = base.model.moe
-arms = {
-    "cf1": replace(base.model, moe=replace(moe, capacity_factor=1.0, drop_policy="position")),
-}
+arms = {"cf1": capacity.capacity_arms(base)["cf1"]}
 res = train_arms(base, arms, [0], Path(sys.argv[1]), probe=capacity.drops_by_position)
 print(json.dumps({arm: r["per_seed"] for arm, r in res.items()}))
 """

@@ -174,3 +174,61 @@ def test_rescore_cli(tmp_path):
     assert "capacity: supported -> supported: dropless − cf1 = " in r.stdout
     r = study_cli("iso-flop", "--rescore", "--docs", str(docs), cwd=tmp_path)
     assert r.returncode == 2 and "cannot be re-scored" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_threshold_claim_tests_a_quantity_against_a_number_fixed_before_the_run():
+    from moelab.studies.scoring import ThresholdClaim
+
+    rule = Rule("progress", lower_is_better=False, min_effect=0.05, alpha=0.05, paired=True, unit="")
+    claim = ThresholdClaim(rule, "learned", 0.5, "half way")
+    above = claim.score({"learned": {"per_seed": {"progress": [0.71, 0.74, 0.69]}}}, claim="learned early")
+    assert above.verdict == "supported" and above.claim == "learned early"
+    c = above.detail["comparison"]
+    assert c["mean"] == pytest.approx(0.213333, abs=1e-5) and c["b"] == "half way"  # per-seed value − 0.5
+    below = claim.score({"learned": {"per_seed": {"progress": [0.31, 0.34, 0.29]}}})
+    assert below.verdict == "not supported"
+    missing = claim.score({})
+    assert missing.verdict == "inconclusive" and "cannot score" in missing.reason
+    assert claim.to_json()["than"] == ["half way"] and claim.to_json()["threshold"] == 0.5
+
+
+def test_further_claims_get_their_own_verdict_on_the_page_and_in_the_index(tmp_path):
+    from dataclasses import replace
+
+    from moelab.studies.result import Scored
+    from moelab.studies.scoring import ThresholdClaim
+
+    arms = _arms(a=[5.0, 5.5, 6.0], b=[5.1, 5.61, 6.09])
+    arms["a"]["per_seed"]["progress"] = [0.31, 0.34, 0.29]
+    for name in ("steps", "tokens_per_active_param"):
+        arms["a"]["mean"][name] = arms["b"]["mean"][name] = 100.0 if name == "steps" else 2.5
+    rule = Rule("progress", lower_is_better=False, min_effect=0.05, alpha=0.05, paired=True, unit="")
+    second = ThresholdClaim(rule, "a", 0.5).score(arms, claim="a gets half way")
+    scored = replace(ArmClaim(LOSS, "a", ("b",)).score(arms), further=(second,))
+    res = StudyResult.scored(scored, name="routers", claim="a beats b", method="m", budget="full", seeds=[0, 1, 2],
+                             data="d", arms=arms)  # fmt: skip
+    assert res.further_claims[0]["verdict"] == "not supported"
+    write_study(res, tmp_path)
+    page = (tmp_path / "routers.md").read_text()
+    assert "**Claim 2.** a gets half way" in page and "**Verdict: not supported**" in page
+    assert "Budget of each run:" in page
+    index = (tmp_path / "README.md").read_text()
+    row = next(line for line in index.splitlines() if line.startswith("| [routers](routers.md) |"))
+    assert "| supported | a − b: -0.1 [" in row and "| 2.5 | 100 | 3 | full |" in row
+    assert "[routers](routers.md) (claim 2) | a gets half way | a vs 0.5: higher progress by >= 0.05" in index
+    assert "| not supported | a − 0.5: -0.187 [" in index
+    again = StudyResult.from_json(json.loads((tmp_path / "routers.json").read_text()))
+    assert again.further_claims == res.further_claims
+    with pytest.raises(ValueError, match="further claim needs its sentence"):
+        Scored("supported", "r", {}, {}, further=(Scored("supported", "r", {}, {}),))
+
+
+def test_every_committed_page_has_the_verdict_its_study_scores_from_its_numbers():
+    """The pages in docs/studies agree with the code: each study's score, applied to the page's stored
+    per-seed numbers, gives the page's verdict and further claims' verdicts (a changed rule or a page
+    edited by hand would not)."""
+    for path in sorted(DOCS.glob("*.json")):
+        res = StudyResult.from_json(json.loads(path.read_text()))
+        scored = SCORES[res.name](res.arms, res.numbers)
+        assert scored.verdict == res.verdict, res.name
+        assert [f.verdict for f in scored.further] == [c["verdict"] for c in res.further_claims], res.name

@@ -72,3 +72,14 @@ def test_swarm_smoke_has_equal_budgets_and_costs(tmp_path):
     assert 0 < arms["moe"]["mean"]["active_params"] - spec["active_params"] < 0.05 * spec["active_params"]
     assert all(0.0 <= a <= 1.0 for a in n["classifier_accuracy"])
     assert "domain" in arms["moe"]["by_label"] and (tmp_path / "docs" / "swarm.png").is_file()
+    # branch-train-merge: the specialists branch from one seed model trained on all data
+    assert 0 < n["seed_steps"] < n["steps"] and n["specialist_lr"] < run_preset("smoke").train.lr
+    spec_run = tmp_path / "runs" / "swarm" / f"specialist_{n['domains'][0]}" / "seed0"
+    records = [json.loads(line) for line in (spec_run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records if "step" in r) == n["steps"] - n["seed_steps"]
+
+
+def test_branch_learning_rate_scales_with_the_square_root_of_the_batch():
+    from moelab.studies.swarm import branch_lr
+
+    assert branch_lr(3e-3, 16, 4) == 3e-3 * 0.5 and branch_lr(1e-3, 8, 8) == 1e-3

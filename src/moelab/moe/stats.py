@@ -55,6 +55,12 @@ class LayerStats:
         return self.max_load * self.load.numel()
 
     @property
+    def max_violation(self) -> float:
+        """MaxVio of the loss-free balancing paper (Wang et al. 2024, eq. 7):
+        ``(max_i load_i − mean load) / mean load``; 0 = balanced, E − 1 = every choice on one expert."""
+        return self.max_over_mean - 1.0
+
+    @property
     def load_entropy(self) -> float:
         """Entropy of the load distribution normalised by log E: 1 = balanced, 0 = one expert."""
         p = self.load_fraction

@@ -15,6 +15,7 @@ arms' per-seed numbers *paired* for :mod:`moelab.stats`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from moelab.config import ModelConfig, RunConfig, run_preset
 from moelab.data.prepare import PreparedData
 from moelab.errors import UserError
+from moelab.experiment.run import RunRecord
 from moelab.experiment.runs import Probe, RunOutcome, RunSpec, run_all
 from moelab.studies.result import BUDGETS, arm_summary, mean_std
 
@@ -37,16 +39,35 @@ def shared_corpus(start: Path | None = None) -> Path | None:
     return None
 
 
-def base_run(budget: str, full_steps: int = 200) -> RunConfig:
-    """The run every arm starts from: the ``smoke`` preset shrunk further, or ``tiny`` for full.
+GPU_STEP_FACTOR = 10  # --budget gpu: each study's full steps × this ...
+GPU_BATCH_FACTOR = 2  # ... at this × the batch: 20× the tokens of --budget full
 
-    ``full`` trains the ``tiny`` model for ``full_steps`` steps (each study picks its own so that
-    every arm and seed fit in a few minutes to half an hour on 2 CPU cores: the preset's 1000 steps
-    × arms × seeds would take hours), warm-up a tenth of that, and evaluates only at the end
-    unless the study asks for curves.
-    """
+
+def check_budget(budget: str) -> None:
+    """One clear error for a budget this machine cannot run: an unknown name, or ``gpu`` without CUDA."""
     if budget not in BUDGETS:
         raise UserError(f"unknown budget {budget!r}: expected one of {', '.join(BUDGETS)}")
+    if budget == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(
+                "--budget gpu trains on CUDA and no CUDA device is visible here (torch.cuda.is_available() is "
+                "False): run --budget full on CPU, or run on a machine with a GPU and a CUDA build of torch"
+            )
+
+
+def base_run(budget: str, full_steps: int = 200) -> RunConfig:
+    """The run every arm starts from: the ``smoke`` preset shrunk further, or ``tiny`` for full and gpu.
+
+    ``full`` trains the ``tiny`` model for ``full_steps`` steps (each study picks its own so that
+    every arm and seed fit in a few minutes to an hour on 2 CPU cores: the preset's 1000 steps
+    × arms × seeds would take hours), warm-up a twentieth of that (at most 50 steps), and evaluates
+    only at the end unless the study asks for curves. ``gpu`` is the same model at
+    ``GPU_STEP_FACTOR`` × the steps and ``GPU_BATCH_FACTOR`` × the batch (20× the tokens) on CUDA with
+    bf16 autocast, the warm-up scaled with the steps.
+    """
+    check_budget(budget)
     if budget == "smoke":
         cfg = run_preset("smoke")
         tr = replace(
@@ -67,6 +88,16 @@ def base_run(budget: str, full_steps: int = 200) -> RunConfig:
     train = replace(
         cfg.train, steps=full_steps, warmup_steps=min(50, full_steps // 4), eval_every=0, progress=False
     )
+    if budget == "gpu":
+        steps = full_steps * GPU_STEP_FACTOR
+        train = replace(
+            train,
+            steps=steps,
+            batch_size=train.batch_size * GPU_BATCH_FACTOR,
+            warmup_steps=min(50 * GPU_STEP_FACTOR, steps // 4),
+            device="cuda",
+            precision="bf16",
+        )
     return replace(cfg, data=data, train=train)
 
 
@@ -129,19 +160,87 @@ def train_outcomes(
     return by_arm
 
 
+LR_FACTORS = (0.5, 1.0, 2.0)  # the grid around the preset's learning rate
+TUNING_SEED = 1000  # the seed the learning rate is chosen on: no verdict uses it
+
+
+def tune_lr(
+    base: RunConfig,
+    arms: Mapping[str, ModelConfig | RunConfig],
+    out: Path,
+    factors: Sequence[float] = LR_FACTORS,
+    seed: int = TUNING_SEED,
+    jobs: int = 1,
+    data: PreparedData | None = None,
+) -> tuple[dict[str, RunConfig], dict[str, Any]]:
+    """Each arm at its own best learning rate: every arm trained once at ``base.train.lr × factor`` for
+    each factor, on ``seed`` (a seed the verdict does not use, so choosing cannot flatter the paired
+    numbers), into ``out``; the lowest final validation loss wins.
+
+    Why: one learning rate for every arm favours the arm it happens to suit (finer experts, a shared
+    expert or another router may want another one); a claim about architectures compares each at its
+    best. Returns the arms as complete runs at their chosen rate, and ``{"seed", "grid": {arm: {lr:
+    val_loss}}, "lr": {arm: lr}, "at_edge": [arms whose best rate is the grid's smallest or largest]}``."""
+    if data is None:
+        from moelab.experiment.run import prepare
+
+        base, data = prepare(base)
+    as_runs = {arm: cfg if isinstance(cfg, RunConfig) else replace(base, model=cfg) for arm, cfg in arms.items()}
+    lrs = sorted({round(base.train.lr * f, 12) for f in factors})
+    grid_arms = {
+        f"{arm}@lr{lr:g}": replace(run, train=replace(run.train, lr=lr)) for arm, run in as_runs.items() for lr in lrs
+    }
+    outcomes = train_outcomes(base, grid_arms, [seed], out, jobs=jobs, data=data)
+    grid: dict[str, dict[str, float]] = {}
+    for arm in as_runs:
+        grid[arm] = {f"{lr:g}": float(outcomes[f"{arm}@lr{lr:g}"][0].result.loss) for lr in lrs}
+    best = {arm: min(lrs, key=lambda lr: _finite_or_inf(grid[arm][f"{lr:g}"])) for arm in as_runs}
+    chosen = {arm: replace(run, train=replace(run.train, lr=best[arm])) for arm, run in as_runs.items()}
+    at_edge = [arm for arm, lr in best.items() if len(lrs) > 1 and lr in (lrs[0], lrs[-1])]
+    return chosen, {"seed": seed, "grid": grid, "lr": best, "at_edge": at_edge}
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def run_numbers(o: RunOutcome) -> dict[str, float]:
-    """One run's per-seed metrics: final validation loss, tokens, training FLOPs, then the probe's numbers."""
-    vals = {
-        "val_loss": float(o.result.loss),
-        "tokens": float(o.tokens),
-        "train_flops": o.flops_per_token * o.tokens,
+# Per-run numbers that say how big the run was, not how it did (the page shows them as its budget).
+BUDGET_METRICS = ("steps", "tokens", "train_flops", "params_active", "params_total", "tokens_per_active_param")
+
+
+def budget_numbers(run: RunRecord) -> dict[str, float]:
+    """A run's :data:`BUDGET_METRICS`: steps, tokens, training FLOPs, non-embedding parameters active
+    per token and in total, tokens per active parameter."""
+    return {
+        "steps": float(run.steps),
+        "tokens": float(run.tokens),
+        "train_flops": run.flops_per_token * run.tokens,
+        "params_active": float(run.counts.active),
+        "params_total": float(run.counts.total),
+        "tokens_per_active_param": run.tokens / max(run.counts.active, 1),
     }
+
+
+def run_numbers(o: RunOutcome) -> dict[str, float]:
+    """One run's per-seed metrics: final validation loss, then its budget (:func:`budget_numbers`),
+    then the probe's numbers."""
+    vals = {"val_loss": float(o.result.loss), **budget_numbers(o)}
     vals.update({k: float(v) for k, v in o.probe.items() if _is_number(v)})
     return vals
+
+
+def budget_summary(outcomes: Mapping[str, list[RunOutcome]]) -> dict[str, dict[str, Any]]:
+    """Each trained arm's :data:`BUDGET_METRICS` as an :func:`arm_summary`: for a study whose rows are
+    not its runs (e.g. one row per label), stored as ``numbers["budget_arms"]`` so that its page and
+    the index still state how far the runs were trained."""
+    return {
+        arm: arm_summary({m: [run_numbers(o)[m] for o in runs] for m in BUDGET_METRICS})
+        for arm, runs in outcomes.items()
+    }
 
 
 def summarise(

@@ -22,7 +22,15 @@ from pathlib import Path
 from moelab.errors import UserError
 from moelab.experiment.runs import threads_per_job
 from moelab.stats import VERDICTS
-from moelab.studies.arms import base_run, data_label, shared_corpus, summarise, train_arms, train_outcomes
+from moelab.studies.arms import (
+    base_run,
+    check_budget,
+    data_label,
+    shared_corpus,
+    summarise,
+    train_arms,
+    train_outcomes,
+)
 from moelab.studies.folder import claim_study_folder
 from moelab.studies.page import BAR_METRICS, label_tables, write_index, write_study
 from moelab.studies.result import (
@@ -100,8 +108,7 @@ def run_study(
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
-    if budget not in BUDGETS:
-        raise UserError(f"unknown budget {budget!r}: expected one of {', '.join(BUDGETS)}")
+    check_budget(budget)
     folder = claim_study_folder(Path(out) / name, overwrite=overwrite)
     study = STUDIES[name]
     kwargs = {"jobs": jobs} if "jobs" in inspect.signature(study).parameters else {}

@@ -7,9 +7,15 @@ assignments win) the drops fall towards the end of the sequence ("drops towards 
 Verdict: dropless vs capacity 1.0 (position policy) on validation loss, paired over seeds
 (:data:`CLAIM`).
 
-Each model is also measured on held-out blocks, one sequence per forward pass so the capacity
-group is the sequence (as in OpenMoE; ``moelab.analysis.drops``): drop rate overall and in the
-first and last quarter of the sequence, averaged over MoE layers.
+Capacity scope: every arm counts capacity per sequence (``moe.capacity_scope=sequence``: each
+expert takes at most ``ceil(cf · K · S / E)`` of a sequence's assignments, transformers' Switch
+"groups"), in training and in the drop probe alike, so the loss and the drops measure the same
+limit and "the end" is the end of a sequence. (Until 2026-12-06 the arms trained with capacity
+counted over the whole flattened batch while drops were measured per sequence.)
+
+Each model is also measured on held-out blocks, one sequence per forward pass (as in OpenMoE;
+``moelab.analysis.drops``): drop rate overall and in the first and last quarter of the sequence,
+averaged over MoE layers.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 import torch
 
 from moelab.analysis.drops import drop_rate_by_position, quarter_rates
-from moelab.config import MoEConfig
+from moelab.config import ModelConfig, MoEConfig, RunConfig
 from moelab.experiment.run import TrainedRun
 from moelab.stats import Rule
 from moelab.studies.base import (
@@ -36,7 +42,8 @@ from moelab.studies.base import (
     train_arms,
 )
 
-FULL_STEPS = 100  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
+FULL_STEPS = 300  # at --budget full: 9 arms × 3 seeds ≈ 25 min with --jobs 2
+SCOPE = "sequence"  # where capacity is counted, in training and in the drop probe
 
 # The claim, declared before any run. Minimum effect 0.01 nats/token (1% in perplexity): a smaller loss
 # gap is no reason to choose a capacity policy.
@@ -82,25 +89,32 @@ def score(arms: dict[str, Any], numbers: dict[str, Any]) -> Scored:
     return CLAIM.score(arms)
 
 
-@STUDIES.register("capacity")
-def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
-    base = base_run(budget, FULL_STEPS)
-    moe = base.model.moe or MoEConfig()
+def capacity_arms(base: RunConfig) -> dict[str, ModelConfig]:
+    """The study's models: one per capacity factor and drop policy (``cf1`` = 1.0, position), and a
+    dropless one, every one with capacity counted per sequence (:data:`SCOPE`)."""
+    moe = replace(base.model.moe or MoEConfig(), capacity_scope=SCOPE)
     arms = {}
     for policy in POLICIES:
         suffix = "" if policy == "position" else f"-{policy}"
         for f in FACTORS:
             arms[f"cf{f:g}{suffix}"] = replace(base.model, moe=replace(moe, capacity_factor=f, drop_policy=policy))
     arms["dropless"] = replace(base.model, moe=replace(moe, capacity_factor=None))
-    res = train_arms(base, arms, seeds, out, probe=drops_by_position, jobs=jobs)
+    return arms
+
+
+@STUDIES.register("capacity")
+def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
+    base = base_run(budget, FULL_STEPS)
+    res = train_arms(base, capacity_arms(base), seeds, out, probe=drops_by_position, jobs=jobs)
     return StudyResult.scored(
         score(res, {}),
         name="capacity",
         claim="dropless routing reaches lower validation loss than capacity factor 1.0",
         method=(
             "one MoE per capacity factor and drop policy (position: earliest assignments win; score: highest "
-            "router weight wins) and a dropless one; same data, steps, seeds; drop rates on held-out sequences "
-            "(overall, first and last quarter)"
+            f"router weight wins) and a dropless one, capacity counted per {SCOPE} in training and in the probe "
+            "(moe.capacity_scope); same data, steps, seeds; drop rates on held-out sequences (overall, first and last "
+            "quarter)"
         ),
         budget=budget,
         seeds=seeds,

@@ -13,7 +13,12 @@ NMI(top-1 expert; token id) (:func:`moelab.analysis.corrected.corrected_nmi`, ar
 normalisation): raw NMI minus the mean NMI after shuffling token ids between tokens. Raw NMI is
 biased upwards by an amount that grows with the number of distinct tokens, and the decoder's
 inputs (short targets) hold fewer tokens than the encoder's, so raw NMI compares the stacks at
-different biases; the correction removes that. The resampling unit of the interval is a sequence
+different biases; the correction removes that. Both stacks are also measured on the same kind and
+number of tokens: sentinels, EOS and the decoder's start token are left out (a sentinel's expert
+says nothing about the text), and in each sequence the encoder's text tokens are subsampled (seeded)
+to the number of text tokens the decoder has in that sequence (:func:`equal_text_tokens`: about 19
+of each in a block of 128 at 15% noise, against ≈115 encoder and ≈26 decoder tokens before).
+The resampling unit of the interval is a sequence
 (a row of the batch): the corrupted inputs no longer map token by token onto documents. The same
 statistic for the step-0 router (the run's initial weights) on the same tokens, and the gain. Per
 seed, the mean over the encoder's and over the decoder's layers.
@@ -44,6 +49,7 @@ from moelab.analysis.step0 import initial_model_from_config
 from moelab.experiment.run import TrainedRun
 from moelab.stats import Rule
 from moelab.studies import plots
+from moelab.studies.arms import budget_summary
 from moelab.studies.base import (
     SCORES,
     STUDIES,
@@ -104,6 +110,29 @@ def _top1_tokens(
     return {layer: tuple(np.concatenate([p[j] for p in ps]) for j in range(3)) for layer, ps in parts.items()}  # type: ignore[misc]
 
 
+def equal_text_tokens(
+    enc_tokens: np.ndarray, enc_rows: np.ndarray, dec_tokens: np.ndarray, dec_rows: np.ndarray,
+    special: np.ndarray, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into the encoder's and the decoder's routed tokens (flattened order, ``[N_enc]`` and
+    ``[N_dec]`` with their sequence ``rows``) so that both stacks keep only text tokens (ids not in
+    ``special``) and the same number of them in every sequence: in each row, ``n = min(text tokens of
+    either stack)`` tokens of each, drawn without replacement by a generator seeded with ``seed``.
+    Both index arrays are sorted (flattened order kept)."""
+    rng = np.random.default_rng(seed)
+    enc_text = ~np.isin(enc_tokens, special)
+    dec_text = ~np.isin(dec_tokens, special)
+    keep_enc: list[np.ndarray] = []
+    keep_dec: list[np.ndarray] = []
+    for row in np.union1d(enc_rows, dec_rows):
+        e = np.flatnonzero(enc_text & (enc_rows == row))
+        d = np.flatnonzero(dec_text & (dec_rows == row))
+        n = min(len(e), len(d))
+        keep_enc.append(rng.choice(e, size=n, replace=False) if n < len(e) else e)
+        keep_dec.append(rng.choice(d, size=n, replace=False) if n < len(d) else d)
+    return np.sort(np.concatenate(keep_enc)).astype(np.int64), np.sort(np.concatenate(keep_dec)).astype(np.int64)
+
+
 @torch.no_grad()
 def token_nmi_per_layer(run: TrainedRun) -> dict[str, Any]:
     """The probe: per stack and layer, raw and corrected NMI(top-1 expert; token id) of the trained
@@ -118,15 +147,20 @@ def token_nmi_per_layer(run: TrainedRun) -> dict[str, Any]:
     ]
     trained = _top1_tokens(run.model, obs, n_enc)
     initial = _top1_tokens(initial_model_from_config(run.cfg).to(trainer.device), obs, n_enc)
+    special = np.array([*tok.sentinel_ids(), tok.eos_id, tok.pad_id], dtype=np.int64)
+    enc0, dec0 = min(trained), max(trained)  # every layer of a stack routes the same tokens in the same order
+    keep = dict(zip(STACKS, equal_text_tokens(*trained[enc0][1:], *trained[dec0][1:], special, seed=EVAL_SEED)))
     out: dict[str, Any] = {
-        key: {s: [] for s in STACKS} for key in ("nmi", "corrected", "step0_corrected", "gain")
+        key: {s: [] for s in STACKS} for key in ("nmi", "corrected", "step0_corrected", "gain", "tokens")
     }
     for layer in sorted(trained):
-        experts, tokens, rows = trained[layer]
-        e = corrected_nmi(
-            experts, tokens, rows, N_SHUFFLE, N_BOOT, unit="token", initial_expert_N=initial[layer][0]
-        )
         stack = "encoder" if layer < n_enc else "decoder"
+        idx = keep[stack]
+        experts, tokens, rows = (a[idx] for a in trained[layer])
+        e = corrected_nmi(
+            experts, tokens, rows, N_SHUFFLE, N_BOOT, unit="token", initial_expert_N=initial[layer][0][idx]
+        )
+        out["tokens"][stack].append(float(len(idx)))
         for key, value in (("nmi", e["nmi"]), ("corrected", e["corrected"]),
                            ("step0_corrected", e["step0"]["corrected"]), ("gain", e["gain"])):  # fmt: skip
             out[key][stack].append(value)
@@ -147,12 +181,14 @@ def _plot(per_seed: list[dict[str, Any]], path: Path) -> None:
         arr = np.array([s["corrected"][stack] for s in per_seed])  # [seeds, layers]
         xs = np.arange(arr.shape[1])
         ax.errorbar(xs, arr.mean(0), yerr=arr.std(0), marker="o", capsize=3, color=color, label=stack)
+        for row in arr:  # every seed's value
+            ax.scatter(xs, row, s=8, color=color, alpha=0.5)
         arr0 = np.array([s["step0_corrected"][stack] for s in per_seed])
         ax.plot(xs, arr0.mean(0), linestyle="--", color=color, alpha=0.7, label=f"{stack} at step 0")
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("layer within its stack")
     ax.set_ylabel("corrected NMI(top-1 expert; token id)")
-    ax.set_title("Expert-token specialisation, mean ± std over seeds", fontsize=9)
+    ax.set_title("Expert-token specialisation, mean ± std over seeds, points per seed", fontsize=9)
     ax.legend(fontsize=7)
     plots.save(fig, path)
 
@@ -168,6 +204,7 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
         "token_nmi": "nmi",
         "step0_corrected_nmi": "step0_corrected",
         "gain": "gain",
+        "tokens_measured": "tokens",
     }
     arms = {
         stack: arm_summary(
@@ -183,14 +220,16 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
         claim="encoder experts specialise more on token identity than decoder experts (ST-MoE)",
         method=(
             "per seed an MoE encoder-decoder (MoE in both stacks) trained with T5 span corruption; on held-out "
-            f"blocks, per layer, the corrected NMI(top-1 expert; token id) = NMI minus the mean of {N_SHUFFLE} "
-            "token-id shuffles, the same for the step-0 router and the gain; encoder vs decoder mean over layers "
-            "(per-layer values in the JSON)"
+            "blocks, text tokens only (sentinels, EOS and the decoder's start token left out) and as many encoder as "
+            "decoder tokens in every sequence (the encoder's subsampled, seeded; tokens_measured per layer); per "
+            f"layer the corrected NMI(top-1 expert; token id) = NMI minus the mean of {N_SHUFFLE} token-id shuffles, "
+            "the same for the step-0 router and the gain; encoder vs decoder mean over layers (per-layer values in "
+            "the JSON)"
         ),
         budget=budget,
         seeds=seeds,
         data=data_label(base),
         arms=arms,
-        numbers={"per_seed": per_seed, "steps": base.train.steps},
+        numbers={"per_seed": per_seed, "steps": base.train.steps, "budget_arms": budget_summary(outcomes)},
         plots=[str(plot)],
     )

@@ -187,10 +187,10 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     base, data = prepare(_base(budget))
     steps = base.train.steps
     moe0 = base.model.moe or MoEConfig()
-    experts = EXPERTS if budget == "full" else SMOKE_EXPERTS
+    experts = SMOKE_EXPERTS if budget == "smoke" else EXPERTS
     moe_arms = {f"E{e}": replace(base.model, moe=replace(moe0, num_experts=e, top_k=2)) for e in experts}
     twin = dense_twin(moe_arms["E8"], "iso_active")  # the same for every E: k and the expert width are fixed
-    budgets = budgets_for(steps, LADDER if budget == "full" else SMOKE_LADDER)
+    budgets = budgets_for(steps, SMOKE_LADDER if budget == "smoke" else LADDER)
     outcomes, ladders = train_all(base, moe_arms, twin, budgets, seeds, out, data, jobs)
     res = summarise(outcomes)
     for i, b in enumerate(budgets):  # the ladder's rungs as arms of the page's table

@@ -40,14 +40,19 @@ def save(fig: Any, path: Path, dpi: int = 110) -> None:
 
 
 def arm_bars(arms: dict[str, dict[str, Any]], metrics: list[str], path: Path, title: str = "") -> None:
-    """One panel per metric: a bar per arm, mean ± std over seeds (the default figure of a study
-    that compares arms on a few scalars). Loss panels zoom on the range the arms span."""
+    """One panel per metric: a bar per arm, mean ± std over seeds, and each seed's value as a point
+    on its bar (the default figure of a study that compares arms on a few scalars: a reader sees the
+    seeds, not only their mean). Loss panels zoom on the range the arms span."""
     fig, axes = subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1.5, 3.8), squeeze=False)
     names = list(arms)
     for ax, metric in zip(axes[0], metrics):
         means = [arms[a]["mean"].get(metric, float("nan")) for a in names]
         stds = [arms[a]["std"].get(metric, 0.0) for a in names]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue")
+        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.6)
+        for i, a in enumerate(names):
+            seeds = arms[a].get("per_seed", {}).get(metric, [])
+            offsets = [(j - (len(seeds) - 1) / 2) * 0.12 for j in range(len(seeds))]
+            ax.scatter([i + o for o in offsets], seeds, s=10, color="k", zorder=3, label="seeds" if i == 0 else None)
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
         finite = [m for m in means if m == m]

@@ -8,15 +8,16 @@ Why a module of its own: the runner (:mod:`moelab.studies.base`), the arm traine
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from moelab.registry import Registry
 from moelab.stats import VERDICTS
 
-BUDGETS = ("smoke", "full")
+BUDGETS = ("smoke", "full", "gpu")  # gpu: the full studies at GPU_TOKEN_FACTOR × the tokens, on CUDA
 
 # The twelve studies of issue 11 and issue 14's encoder-decoder study, one line each; those in STUDIES run.
 CATALOG: dict[str, str] = {
@@ -50,10 +51,28 @@ class Scored:
     reason: str
     detail: dict[str, Any]
     rule: dict[str, Any]
+    claim: str = ""  # the claim's sentence, for a further claim (the study's own is StudyResult.claim)
+    further: tuple[Scored, ...] = ()  # the study's further claims, each with its own verdict
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        if any(not f.claim for f in self.further):
+            raise ValueError("a further claim needs its sentence (Scored.claim)")
+
+    def with_claim(self, claim: str) -> Scored:
+        """This verdict as a further claim with the sentence ``claim``."""
+        return replace(self, claim=claim)
+
+    def claim_json(self) -> dict[str, Any]:
+        """A further claim as :attr:`StudyResult.further_claims` stores it."""
+        return {
+            "claim": self.claim,
+            "verdict": self.verdict,
+            "verdict_reason": self.reason,
+            "verdict_detail": self.detail,
+            "rule": self.rule,
+        }
 
 
 @dataclass
@@ -78,6 +97,9 @@ class StudyResult:
     verdict_detail: dict[str, Any] = field(default_factory=dict)  # every number behind the verdict
     rule: dict[str, Any] = field(default_factory=dict)  # the declared rule the verdict was computed by
     rescored: dict[str, Any] | None = None  # {"date", "previous_verdict", "previous_reason"} after --rescore
+    # A study that tests more than one claim: each further claim with its own rule and verdict
+    # (:meth:`Scored.claim_json`); the fields above hold the first (headline) claim.
+    further_claims: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def scored(cls, scored: Scored, **fields_: Any) -> StudyResult:
@@ -87,6 +109,7 @@ class StudyResult:
             verdict_reason=scored.reason,
             verdict_detail=scored.detail,
             rule=scored.rule,
+            further_claims=[f.claim_json() for f in scored.further],
             **fields_,
         )
 
@@ -94,6 +117,7 @@ class StudyResult:
         """Set the verdict fields from ``scored`` (in place; returns self)."""
         self.verdict, self.verdict_reason = scored.verdict, scored.reason
         self.verdict_detail, self.rule = scored.detail, scored.rule
+        self.further_claims = [f.claim_json() for f in scored.further]
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -112,6 +136,10 @@ SCORES: Registry[Callable[[dict[str, Any], dict[str, Any]], Scored]] = Registry(
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample sd; NaN for both when a value is not finite (a diverged run, a statistic with no
+    estimate): the page shows n/a rather than a number that hides the gap."""
+    if not all(math.isfinite(x) for x in xs):
+        return float("nan"), float("nan")
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 

@@ -108,6 +108,47 @@ class ArmClaim:
         return replace(self, rule=rule)
 
 
+@dataclass(frozen=True)
+class ThresholdClaim:
+    """"Arm ``arm``'s per-seed ``rule.metric`` lies beyond ``threshold``" (above it when
+    ``rule.lower_is_better`` is False): a claim about one measured quantity against a number fixed
+    before the run (e.g. "more than half of the final routing is learned by a quarter of training").
+
+    Scored like an :class:`ArmClaim` whose reference arm holds ``threshold`` in every seed: the t
+    interval and test on the per-seed ``value − threshold``, the same decision table."""
+
+    rule: Rule
+    arm: str
+    threshold: float
+    threshold_name: str = ""  # how the page names the threshold (default: the number)
+
+    @property
+    def reference(self) -> str:
+        return self.threshold_name or f"{self.threshold:g}"
+
+    def describe(self) -> str:
+        return f"{self.arm} vs {self.reference}: {self.rule.describe().replace(' (Holm)', '')}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.rule.to_json(),
+            "better": self.arm,
+            "than": [self.reference],
+            "threshold": self.threshold,
+            "description": self.describe(),
+        }
+
+    def score(self, arms: dict[str, dict[str, Any]], claim: str = "") -> Scored:
+        """The verdict on the stored per-seed numbers (inconclusive, with the reason, when missing)."""
+        try:
+            values = [float(x) for x in arms[self.arm]["per_seed"][self.rule.metric]]
+        except KeyError:
+            reason = f"cannot score: no per-seed {self.rule.metric!r} for arm {self.arm!r}"
+            return Scored("inconclusive", reason, {}, self.to_json(), claim=claim)
+        v = decide(self.rule, values, [self.threshold] * len(values), self.arm, self.reference)
+        return Scored(v.verdict, v.sentence, v.to_json(), self.to_json(), claim=claim)
+
+
 def comparisons(detail: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``Verdict.to_json()`` entries behind a verdict detail (none for a study's own statistic)."""
     if "comparisons" in detail:

@@ -12,8 +12,13 @@ training blocks; a block's domain is the majority label of its tokens):
   specialist's up to the router: equal active. Batch B, ``steps`` steps.
 - ``dense_general``: one specialist-sized dense model (the MoE's iso-active twin) on all data,
   batch B: the single-model reference.
-- D specialists, each the iso-active twin trained on its domain's blocks only with batch B/D for
-  the same steps, so the swarm's training tokens and FLOPs equal the MoE's and the general model's.
+- D specialists, branch-train-merge style (Li et al. 2022, BTM): one shared dense model (the
+  iso-active twin) is trained on all data with batch B for the first ``SEED_SHARE`` of the steps (the
+  "seed" phase); each specialist starts from its weights and trains on its domain's blocks only with
+  batch B/D for the remaining steps, at the learning rate scaled by sqrt(B/D ÷ B) (square-root
+  scaling for Adam: a smaller batch takes a smaller step). The swarm's training tokens and FLOPs
+  equal the MoE's and the general model's. (Until 2026-12-06 the specialists trained from scratch at
+  batch B/D with the general model's rate, and the general model beat even the oracle-routed swarm.)
   Scored three ways: ``swarm_classifier`` (a multinomial naive-Bayes classifier on token counts of
   the training blocks reads the request's first ``PROMPT`` tokens and picks one specialist),
   ``swarm_oracle`` (the true domain's specialist: the classifier's ceiling) and
@@ -67,7 +72,8 @@ from moelab.studies.base import (
     mean_std,
 )
 
-FULL_STEPS = 200
+FULL_STEPS = 1000  # past the MoE–dense crossover (≈600 steps)
+SEED_SHARE = 0.5  # the shared seed phase's share of the steps; the branches train the rest
 PROMPT = 32  # tokens of a request the classifier reads; losses count the positions after them
 MIN_SHARE = 0.05  # a domain gets a specialist when it holds this share of the training blocks
 ARMS = ("moe", "dense_general", "swarm_classifier", "swarm_oracle", "swarm_logit_avg", "swarm_prob_avg")
@@ -140,11 +146,31 @@ def _domain_data(data: PreparedData, idx: list[int]) -> PreparedData:
     return PreparedData(data.tokenizer, DataSplits(train=data.splits.train.subset(idx), val=data.splits.val), data.num_documents)
 
 
-def _train(base: RunConfig, name: str, model_cfg: ModelConfig, data: PreparedData, seed: int, out: Path, batch: int):
+def _train(
+    base: RunConfig, name: str, model_cfg: ModelConfig, data: PreparedData, seed: int, out: Path, batch: int,
+    steps: int | None = None, lr: float | None = None, init: nn.Module | None = None,
+):  # fmt: skip
+    """Train one model of the study (``steps``/``lr`` default to the base run's; ``init``: start from
+    that model's weights instead of a seeded random init)."""
     from moelab.experiment.run import train_run
+    from moelab.train.init import InitSource
 
-    run = replace(base, name=name, model=model_cfg, train=replace(base.train, seed=seed, batch_size=batch))
-    return train_run(run, out / name / f"seed{seed}", data=data)
+    steps = steps or base.train.steps
+    train = replace(
+        base.train, seed=seed, batch_size=batch, steps=steps, lr=lr or base.train.lr,
+        warmup_steps=min(base.train.warmup_steps, max(1, steps // 4)),
+    )  # fmt: skip
+    run = replace(base, name=name, model=model_cfg, train=train)
+    source = None
+    if init is not None:
+        source = InitSource(Path(f"{name}-seed-model"), model_cfg, dict(init.state_dict()), None, data.tokenizer)
+    return train_run(run, out / name / f"seed{seed}", data=data, init=source)
+
+
+def branch_lr(lr: float, batch: int, branch_batch: int) -> float:
+    """The learning rate of a branch trained at ``branch_batch`` rows where the seed model took
+    ``batch``: square-root scaling (Adam's rate ∝ sqrt(batch), Malladi et al. 2022)."""
+    return lr * math.sqrt(branch_batch / batch)
 
 
 def _score(
@@ -189,10 +215,13 @@ def _plot(arms: dict, domains: list[str], path: Path) -> None:
     names = list(arms)
     means = [arms[a]["mean"]["val_loss"] for a in names]
     stds = [arms[a]["std"]["val_loss"] for a in names]
-    ax1.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue")
+    ax1.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.6)
+    for i, a in enumerate(names):  # every seed
+        xs = arms[a]["per_seed"]["val_loss"]
+        ax1.scatter([i + (j - (len(xs) - 1) / 2) * 0.12 for j in range(len(xs))], xs, s=10, color="k", zorder=3)
     ax1.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax1.set_ylim(min(means) - 0.3, max(means) + 0.2)
-    ax1.set_ylabel("held-out loss (mean ± std over seeds)")
+    ax1.set_ylabel("held-out loss (mean ± std over seeds; points: seeds)")
     for i, a in enumerate(names):
         ax1.annotate(f"{arms[a]['mean']['fwd_flops_per_token'] / 1e6:.1f} MFLOP", (i, means[i]), fontsize=7,
                      ha="center", va="bottom", xytext=(0, 6), textcoords="offset points")  # fmt: skip
@@ -245,13 +274,21 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     per_domain: dict[str, dict[str, list[float]]] = {a: {} for a in ARMS}
     accuracy: list[float] = []
     tokens: dict[str, list[float]] = {a: [] for a in ("moe", "dense_general", "swarm")}
+    steps = base.train.steps
+    seed_steps = max(1, round(steps * SEED_SHARE))
+    spec_lr = branch_lr(base.train.lr, B, spec_batch)
     for seed in seeds:
         moe_tr = _train(base, "moe", moe_cfg, data, seed, out, B)
         gen_tr = _train(base, "dense_general", spec_cfg, data, seed, out, B)
-        spec_tr = {d: _train(base, f"specialist_{names[d]}", spec_cfg, domain_data[d], seed, out, spec_batch) for d in classes}
+        seed_tr = _train(base, "swarm_seed_model", spec_cfg, data, seed, out, B, steps=seed_steps)
+        spec_tr = {
+            d: _train(base, f"specialist_{names[d]}", spec_cfg, domain_data[d], seed, out, spec_batch,
+                      steps=steps - seed_steps, lr=spec_lr, init=seed_tr.model)
+            for d in classes
+        }  # fmt: skip
         tokens["moe"].append(float(moe_tr.tokens))
         tokens["dense_general"].append(float(gen_tr.tokens))
-        tokens["swarm"].append(float(sum(t.tokens for t in spec_tr.values())))
+        tokens["swarm"].append(float(seed_tr.tokens + sum(t.tokens for t in spec_tr.values())))
         loss, by_dom, acc = _score(
             val, val_domains, {"moe": moe_tr.model, "dense_general": gen_tr.model},
             {d: t.model for d, t in spec_tr.items()}, classifier,
@@ -299,7 +336,8 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
         ),
         method=(
             f"{D} domain specialists ({', '.join(names[d] for d in classes)}), each the MoE's iso-active dense twin "
-            f"trained on its domain's blocks with batch {spec_batch} for {base.train.steps} steps; an MoE with E={E}, "
+            f"branched from one shared seed model (all data, batch {B}, {seed_steps} steps) and trained on its domain's "
+            f"blocks with batch {spec_batch} at lr {spec_lr:.3g} (sqrt-scaled) for {steps - seed_steps} steps; an MoE with E={E}, "
             f"k={moe_cfg.moe.top_k} (total ≈ {D} specialists) and one general dense twin, batch {B}, same steps; "
             f"a naive-Bayes classifier reads each held-out block's first {PROMPT} tokens (accuracy "
             f"{acc_m:.3f} ± {acc_s:.2g}); loss on the remaining positions of {len(idx)} held-out blocks"
@@ -316,6 +354,8 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
             "training_tokens": tokens,
             "prompt_tokens": PROMPT,
             "steps": base.train.steps,
+            "seed_steps": seed_steps,
+            "specialist_lr": spec_lr,
         },
         plots=[str(plot)],
     )
