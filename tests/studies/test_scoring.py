@@ -189,6 +189,8 @@ def test_threshold_claim_tests_a_quantity_against_a_number_fixed_before_the_run(
     assert below.verdict == "not supported"
     missing = claim.score({})
     assert missing.verdict == "inconclusive" and "cannot score" in missing.reason
+    no_number = claim.score({"learned": {"per_seed": {"progress": [0.7, float("nan"), 0.6]}}})
+    assert no_number.verdict == "inconclusive" and "cannot score" in no_number.reason
     assert claim.to_json()["than"] == ["half way"] and claim.to_json()["threshold"] == 0.5
 
 

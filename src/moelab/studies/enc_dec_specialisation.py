@@ -148,7 +148,10 @@ def token_nmi_per_layer(run: TrainedRun) -> dict[str, Any]:
     trained = _top1_tokens(run.model, obs, n_enc)
     initial = _top1_tokens(initial_model_from_config(run.cfg).to(trainer.device), obs, n_enc)
     special = np.array([*tok.sentinel_ids(), tok.eos_id, tok.pad_id], dtype=np.int64)
-    enc0, dec0 = min(trained), max(trained)  # every layer of a stack routes the same tokens in the same order
+    enc_layers, dec_layers = [i for i in trained if i < n_enc], [i for i in trained if i >= n_enc]
+    if not enc_layers or not dec_layers:
+        raise ValueError("enc-dec-specialisation needs MoE layers in both stacks (moe.placement)")
+    enc0, dec0 = enc_layers[0], dec_layers[0]  # every layer of a stack routes the same tokens in the same order
     keep = dict(zip(STACKS, equal_text_tokens(*trained[enc0][1:], *trained[dec0][1:], special, seed=EVAL_SEED)))
     out: dict[str, Any] = {
         key: {s: [] for s in STACKS} for key in ("nmi", "corrected", "step0_corrected", "gain", "tokens")

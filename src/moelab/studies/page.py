@@ -177,9 +177,10 @@ def effect_figure(detail: dict[str, Any]) -> str:
 
 def budget_figure(arms: dict[str, dict[str, Any]], metric: str) -> str:
     """``metric``'s range over the arms (``lo–hi``, or one value), "n/a" when the page predates it."""
-    xs = [a["mean"][metric] for a in arms.values() if metric in a.get("mean", {})]
+    xs = [a["mean"][metric] for a in arms.values() if math.isfinite(a.get("mean", {}).get(metric, math.nan))]
     if not xs:
         return "n/a"
+
     def fmt(x: float) -> str:  # whole numbers (steps) in full, others to 3 digits
         return f"{x:.0f}" if x == int(x) and abs(x) < 1e6 else f"{x:.3g}"
 

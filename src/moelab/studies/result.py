@@ -17,7 +17,7 @@ from typing import Any
 from moelab.registry import Registry
 from moelab.stats import VERDICTS
 
-BUDGETS = ("smoke", "full", "gpu")  # gpu: the full studies at GPU_TOKEN_FACTOR × the tokens, on CUDA
+BUDGETS = ("smoke", "full", "gpu")  # gpu: the full studies at 20× the tokens, on CUDA (moelab.studies.arms)
 
 # The twelve studies of issue 11 and issue 14's encoder-decoder study, one line each; those in STUDIES run.
 CATALOG: dict[str, str] = {

@@ -142,10 +142,12 @@ class ThresholdClaim:
         """The verdict on the stored per-seed numbers (inconclusive, with the reason, when missing)."""
         try:
             values = [float(x) for x in arms[self.arm]["per_seed"][self.rule.metric]]
+            v = decide(self.rule, values, [self.threshold] * len(values), self.arm, self.reference)
         except KeyError:
             reason = f"cannot score: no per-seed {self.rule.metric!r} for arm {self.arm!r}"
             return Scored("inconclusive", reason, {}, self.to_json(), claim=claim)
-        v = decide(self.rule, values, [self.threshold] * len(values), self.arm, self.reference)
+        except ValueError as e:  # a non-finite value: no number to compare
+            return Scored("inconclusive", f"cannot score: {e}", {}, self.to_json(), claim=claim)
         return Scored(v.verdict, v.sentence, v.to_json(), self.to_json(), claim=claim)
 
 
