@@ -139,3 +139,34 @@ def test_train_arms_records_loss_by_label_and_page_shows_it(tmp_path):
     name = sorted(by)[0]
     if len(by[name]) <= 12:
         assert f"Validation loss by {name}" in page
+
+
+def test_pipeline_bootstrap_covers_the_true_alpha_and_widens_with_noise():
+    """A synthetic ladder on L(N) = 20·N^-0.3 + 2 and MoEs exactly on the sqrt rule (α = 0.5), observed
+    through noisy per-batch losses: the whole-pipeline interval contains 0.5, and more batch noise widens
+    it (the t interval over seeds alone would not see that noise when seeds agree)."""
+    import numpy as np
+
+    from moelab.studies.sqrt_rule import pipeline_bootstrap, seed_alpha
+
+    def law(n: float) -> float:
+        return 20 * n**-0.3 + 2
+
+    params = {f"dense_h{i}": {"active": n, "total": n} for i, n in enumerate([1e5, 2e5, 4e5, 8e5, 1.6e6])}
+    params |= {f"E{e}": {"active": 1e5, "total": 1e5 * e / 2} for e in (4, 8, 16)}
+    true = {arm: law(math.sqrt(p["active"] * p["total"])) for arm, p in params.items()}
+    assert seed_alpha(true, params) == pytest.approx(0.5, abs=1e-3)
+    widths = []
+    for noise in (0.002, 0.02):
+        rng = np.random.default_rng(1)
+        batches = {arm: [list(loss + noise * rng.standard_normal(16)) for _ in range(3)] for arm, loss in true.items()}
+        low, high, failed = pipeline_bootstrap(batches, params, n_boot=200)
+        assert low < 0.5 < high and failed < 100
+        widths.append(high - low)
+    assert widths[1] > 3 * widths[0]
+    from moelab.studies.sqrt_rule import RULE
+
+    tight = RULE.decide([0.48, 0.52, 0.5])
+    widened = RULE.decide([0.48, 0.52, 0.5], bootstrap=(0.2, 0.8))  # the fit's error reaches outside the band
+    assert tight[0] == "supported" and widened[0] == "inconclusive"
+    assert widened[2]["interval"]["low"] == 0.2 and widened[2]["t_interval"] == tight[2]["t_interval"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from moelab.stats import t_interval
@@ -79,15 +79,20 @@ class AlphaRule:
 
     def describe(self) -> str:
         return (
-            f"alpha within {self.target:g} ± {self.tolerance:g}: the {self.level:.0%} t interval of the mean "
-            "per-seed alpha inside that band (supported), outside it (not supported), else inconclusive"
+            f"alpha within {self.target:g} ± {self.tolerance:g}: the {self.level:.0%} interval of the mean "
+            "per-seed alpha (the t interval over seeds, widened to cover the whole-pipeline bootstrap interval "
+            "when the page has one) inside that band (supported), outside it (not supported), else inconclusive"
         )
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "metric": "alpha", "description": self.describe()}
 
-    def decide(self, alphas: Sequence[float]) -> tuple[str, str, dict[str, Any]]:
-        """``(verdict, sentence, detail)`` from the per-seed α values."""
+    def decide(
+        self, alphas: Sequence[float], bootstrap: tuple[float, float] | None = None
+    ) -> tuple[str, str, dict[str, Any]]:
+        """``(verdict, sentence, detail)`` from the per-seed α values; ``bootstrap`` (low, high): the
+        whole-pipeline bootstrap interval, which widens the t interval where it reaches further (the t
+        interval sees only seed-to-seed spread, not the ladder fit's own error)."""
         n = len(alphas)
         band = (self.target - self.tolerance, self.target + self.tolerance)
         detail: dict[str, Any] = {"alpha_per_seed": list(alphas), "n": n, "band": list(band)}
@@ -95,7 +100,12 @@ class AlphaRule:
             return "inconclusive", f"alpha from {n} seed(s): fewer than 2, no interval: inconclusive", detail
         mean = sum(alphas) / n
         iv = t_interval(alphas, self.level)
-        detail.update(mean=mean, interval=iv.to_json())
+        detail.update(mean=mean, t_interval=iv.to_json())
+        if bootstrap is not None:
+            detail["bootstrap_interval"] = {"low": bootstrap[0], "high": bootstrap[1], "level": self.level,
+                                            "method": "bootstrap over seeds and validation batches"}  # fmt: skip
+            iv = replace(iv, low=min(iv.low, bootstrap[0]), high=max(iv.high, bootstrap[1]), method="t ∪ bootstrap")
+        detail["interval"] = iv.to_json()
         if band[0] <= iv.low and iv.high <= band[1]:
             verdict = "supported"
         elif iv.high < band[0] or iv.low > band[1]:
@@ -103,7 +113,7 @@ class AlphaRule:
         else:
             verdict = "inconclusive"
         sentence = (
-            f"alpha = {mean:.3f} [{iv.low:.3f}, {iv.high:.3f}] ({self.level:.0%} t interval over {n} seeds; "
+            f"alpha = {mean:.3f} [{iv.low:.3f}, {iv.high:.3f}] ({self.level:.0%} {iv.method} interval over {n} seeds; "
             f"per seed {', '.join(f'{a:.3f}' for a in alphas)}) vs the band "
             f"[{band[0]:g}, {band[1]:g}]: {verdict}"
         )

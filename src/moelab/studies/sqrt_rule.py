@@ -12,8 +12,16 @@ loss is inverted to ``N_eq``, and α is the least-squares slope of ``log(N_eq/to
 over every (MoE, seed) point with its standard error. Points whose loss the fitted curve never
 reaches (below its floor c) have no N_eq and are counted in the JSON.
 
-Verdict (:data:`RULE`): the 95% t interval of the mean per-seed α against the band 0.5 ± 0.25:
-supported inside it, not supported outside it, else inconclusive.
+Verdict (:data:`RULE`): the 95% interval of the mean per-seed α against the band 0.5 ± 0.25:
+supported inside it, not supported outside it, else inconclusive. The interval is the t interval over
+seeds widened to cover the **whole-pipeline bootstrap** (:func:`pipeline_bootstrap`): the t interval
+sees only how α varies between seeds, not the error of each seed's ladder fit. Each replicate draws
+the seeds and the held-out batches with replacement (the same batches for every arm: paired), takes
+each arm's loss as the mean of its drawn per-batch losses, refits every seed's ladder, inverts the MoE
+losses and recomputes α: the percentile interval of the replicates' mean α.
+
+How far the ladder is from convergence is stated, not hidden: each run's tokens per parameter are on
+the page (the widest dense arm sees the fewest; compute-optimal training is ≈20).
 
 Full budget: tiny preset, 8 arms × 3 seeds at ``FULL_STEPS`` steps (the widest dense arm is the
 slowest): 35 minutes on one thread beside another study, ≈ 22 alone on 2 threads.
@@ -26,9 +34,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from moelab.config import ModelConfig, MoEConfig
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moelab.config import IGNORE_INDEX, ModelConfig, MoEConfig
+from moelab.experiment.run import TrainedRun
 from moelab.studies import plots
-from moelab.studies.base import SCORES, STUDIES, Scored, StudyResult, base_run, data_label, train_arms
+from moelab.studies.base import (
+    SCORES,
+    STUDIES,
+    Scored,
+    StudyResult,
+    base_run,
+    data_label,
+    summarise,
+    train_outcomes,
+)
 from moelab.studies.powerlaw import AlphaRule, equivalent_size, fit_alpha, fit_power_law
 
 FULL_STEPS = 150  # at --budget full: every arm and seed fit in minutes on 2 CPU cores
@@ -84,9 +106,69 @@ def alpha_points(arms: dict[str, Any], params: dict[str, dict[str, float]]) -> d
     return {"dense": dense, "moes": moes, "fits": fits, "points": points}
 
 
+N_BOOT = 1000  # replicates of the whole-pipeline bootstrap
+
+
+def seed_alpha(losses: dict[str, float], params: dict[str, dict[str, float]]) -> float | None:
+    """α of one seed from each arm's loss (``dense_h*`` the ladder, the rest MoEs): fit the ladder, invert
+    the MoE losses to N_eq, regress; None with fewer than 2 MoE losses inside the fit's range."""
+    dense = sorted((a for a in losses if a.startswith("dense_h")), key=lambda a: params[a]["total"])
+    fit = fit_power_law([params[d]["total"] for d in dense], [losses[d] for d in dense])
+    found = []
+    for arm, loss in losses.items():
+        if arm in dense:
+            continue
+        n_eq = equivalent_size(*fit, loss)
+        if n_eq is not None:
+            found.append((params[arm]["active"], params[arm]["total"], n_eq))
+    return fit_alpha(*map(list, zip(*found)))[0] if len(found) >= 2 else None
+
+
+def pipeline_bootstrap(
+    batch_losses: dict[str, list[list[float]]], params: dict[str, dict[str, float]], n_boot: int = N_BOOT,
+    level: float = 0.95, seed: int = 0,
+) -> tuple[float, float, int] | None:
+    """``(low, high, replicates without an α)``: the percentile interval of the mean α when the seeds and
+    the held-out batches are drawn again (``batch_losses[arm][seed][batch]``, the same batches in every
+    arm); None when fewer than half of the replicates give an α."""
+    arms = list(batch_losses)
+    losses = np.array([batch_losses[a] for a in arms], dtype=np.float64)  # [arms, seeds, batches]
+    _, n_seeds, n_batches = losses.shape
+    rng = np.random.default_rng(seed)
+    means, failed = [], 0
+    for _ in range(n_boot):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        batches = rng.integers(0, n_batches, n_batches)
+        arm_losses = losses[:, :, batches].mean(-1)  # [arms, seeds]
+        alphas = [seed_alpha(dict(zip(arms, arm_losses[:, s].tolist())), params) for s in seeds]
+        found = [a for a in alphas if a is not None]
+        if len(found) < len(alphas):
+            failed += 1
+            continue
+        means.append(float(np.mean(found)))
+    if len(means) < n_boot / 2:
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high), failed
+
+
+@torch.no_grad()
+def batch_losses(run: TrainedRun) -> dict[str, Any]:
+    """The probe: mean token loss of each held-out batch (the batches every arm is scored on)."""
+    model = run.model.eval()
+    out = []
+    for b in run.trainer.val_batches:
+        logits = model(b.input_ids.to(run.trainer.device)).logits.float()
+        labels = b.labels.to(logits.device)
+        out.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)))
+    return {"batch_losses": out}
+
+
 @SCORES.register("sqrt-rule")
 def score(arms: dict[str, Any], numbers: dict[str, Any]) -> Scored:
-    """:data:`RULE` on one alpha per seed, each from that seed's ladder fit and its MoEs' N_eq."""
+    """:data:`RULE` on one alpha per seed, each from that seed's ladder fit and its MoEs' N_eq; the
+    interval widened by the whole-pipeline bootstrap when the page has per-batch losses."""
     pts = alpha_points(arms, numbers["params"])
     alphas, skipped = [], []
     for i, seed_points in enumerate(pts["points"]):
@@ -95,7 +177,10 @@ def score(arms: dict[str, Any], numbers: dict[str, Any]) -> Scored:
             skipped.append(i)
             continue
         alphas.append(fit_alpha(*map(list, zip(*found)))[0])
-    verdict, sentence, detail = RULE.decide(alphas)
+    boot = pipeline_bootstrap(numbers["batch_losses"], numbers["params"]) if "batch_losses" in numbers else None
+    verdict, sentence, detail = RULE.decide(alphas, bootstrap=boot[:2] if boot else None)
+    if boot:
+        detail["bootstrap_replicates_without_alpha"] = boot[2]
     if skipped:
         sentence += (
             f"; seeds at index {skipped} had fewer than 2 MoE losses within their fit's range: no alpha"
@@ -118,7 +203,8 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     from moelab.experiment.run import prepare
 
     base, data = prepare(base)
-    res = train_arms(base, models, seeds, out, jobs=jobs, data=data)
+    outcomes = train_outcomes(base, models, seeds, out, probe=batch_losses, jobs=jobs, data=data)
+    res = summarise(outcomes, by_label=base.name != "smoke")
     vocab = data.tokenizer.vocab_size
     sizes = {arm: _params(cfg, vocab) for arm, cfg in models.items()}
     params = {arm: {"active": a, "total": t} for arm, (a, t) in sizes.items()}
@@ -138,6 +224,7 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
         "fits_per_seed": pts["fits"],
         "n_eq_points": [{"active": a, "total": t, "n_eq": n} for a, t, n in zip(pts_a, pts_t, pts_n)],
         "points_without_n_eq": missing,
+        "batch_losses": {arm: [o.probe["batch_losses"] for o in runs] for arm, runs in outcomes.items()},
     }
     if len(pts_n) >= 2:
         alpha, se = fit_alpha(pts_a, pts_t, pts_n)
@@ -160,7 +247,9 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
         claim="an MoE's dense-equivalent size is sqrt(active x total) (alpha = 0.5)",
         method=(
             f"dense ladder ffn_hidden={[w * h for w in WIDTHS]} fitted per seed as L = a*N^-b + c; "
-            f"MoE E={list(EXPERTS)}, k=2 inverted to N_eq; alpha from log(N_eq/T) = alpha*log(A/T), one per seed"
+            f"MoE E={list(EXPERTS)}, k=2 inverted to N_eq; alpha from log(N_eq/T) = alpha*log(A/T), one per seed; "
+            f"interval: t over seeds widened by a bootstrap of the whole pipeline ({N_BOOT} draws of seeds and "
+            "held-out batches, every fit and inversion redone); tokens per parameter of each run in the budget table"
         ),
         budget=budget,
         seeds=seeds,
