@@ -57,12 +57,11 @@ def ffn_weights(model: torch.nn.Module) -> dict[int, tuple[bool, list[Tensor]]]:
     return out
 
 
-def memory_needed(model: torch.nn.Module, n_values: int, halves: bool = False) -> int:
+def memory_needed(model: torch.nn.Module, n_values: int) -> int:
     """Bytes :func:`domain_gradients` holds at its peak: one summed gradient of the FFN weights per label
-    value (two with ``halves``), plus the step's own gradient and its flattened copy (activations are small
-    beside them)."""
+    value, plus the step's own gradient and its flattened copy (activations are small beside them)."""
     ffn_bytes = sum(w.numel() * w.element_size() for _, ws in ffn_weights(model).values() for w in ws)
-    return ((2 if halves else 1) * n_values + 2) * ffn_bytes
+    return (n_values + 2) * ffn_bytes
 
 
 def domain_gradients(
@@ -137,11 +136,16 @@ def split_half_reliability(half_a: Tensor, half_b: Tensor) -> float:
     return 2.0 * r / (1.0 + r)
 
 
+def pair_ceilings(reliability: np.ndarray) -> np.ndarray:
+    """``[D, D]`` noise ceilings ``sqrt(ρ_d ρ_d')``; NaN where a reliability is missing or not positive."""
+    rel = np.where(np.isfinite(reliability) & (reliability > 0), reliability, np.nan)
+    return np.sqrt(rel[:, None] * rel[None, :])
+
+
 def normalised_cosines(cos: np.ndarray, reliability: np.ndarray) -> np.ndarray:
     """``cos[d, d'] / sqrt(ρ_d ρ_d')``: cosines corrected for the attenuation noise causes; NaN where a
     reliability is missing or not positive."""
-    rel = np.where(np.isfinite(reliability) & (reliability > 0), reliability, np.nan)
-    return cos / np.sqrt(rel[:, None] * rel[None, :])
+    return cos / pair_ceilings(reliability)
 
 
 @dataclass
@@ -161,8 +165,7 @@ class CeilingSums:
     def add(self, cos: np.ndarray, reliability: np.ndarray, keep: np.ndarray | None = None) -> None:
         """Add the pairs of one ``[D, D]`` cosine matrix (``keep``: which pairs count at all)."""
         off = ~np.eye(cos.shape[0], dtype=bool) if keep is None else keep & ~np.eye(cos.shape[0], dtype=bool)
-        rel = np.where(np.isfinite(reliability) & (reliability > 0), reliability, np.nan)
-        ceiling = np.sqrt(rel[:, None] * rel[None, :])
+        ceiling = pair_ceilings(reliability)
         ok = off & np.isfinite(ceiling)
         self.cos += float(cos[ok].sum())
         self.ceiling += float(ceiling[ok].sum())

@@ -237,10 +237,11 @@ def budget_summary(outcomes: Mapping[str, list[RunOutcome]]) -> dict[str, dict[s
     """Each trained arm's :data:`BUDGET_METRICS` as an :func:`arm_summary`: for a study whose rows are
     not its runs (e.g. one row per label), stored as ``numbers["budget_arms"]`` so that its page and
     the index still state how far the runs were trained."""
-    return {
-        arm: arm_summary({m: [run_numbers(o)[m] for o in runs] for m in BUDGET_METRICS})
-        for arm, runs in outcomes.items()
-    }
+    out = {}
+    for arm, runs in outcomes.items():
+        numbers = [budget_numbers(o) for o in runs]
+        out[arm] = arm_summary({m: [n[m] for n in numbers] for m in BUDGET_METRICS})
+    return out
 
 
 def summarise(

@@ -12,9 +12,10 @@ inside each expert (over the experts both domains reach), and over the whole lay
 weights as one vector). Means over layers per seed.
 
 An expert's gradient sums fewer tokens than the dense FFN's, so noise alone pulls its cosines
-towards 0: raw cosines of the two arms are not comparable. Each arm's cosines are therefore
-divided by its own split-half noise ceiling (the gradients of the blocks in even and in odd batch rows, Spearman–Brown:
-:mod:`moelab.analysis.gradient_conflict`), per domain pair, per expert for the MoE; the verdict
+towards 0: raw cosines of the two arms are not comparable. Each arm's cosines are therefore set
+against its own split-half noise ceiling (the gradients of the blocks in even and in odd batch rows,
+Spearman–Brown: :mod:`moelab.analysis.gradient_conflict`), Σ cos / Σ ceiling over the domain pairs
+(and, for the MoE, over every expert's pairs); the verdict
 (:data:`CLAIM`) compares these normalised cosines: MoE experts vs dense FFN (higher = more agreement =
 less conflict), paired over seeds (both models of seed s train on seed s's data order and are probed
 on the same blocks), t interval and test. The raw cosines and the reliabilities are in the table.

@@ -39,6 +39,14 @@ def save(fig: Any, path: Path, dpi: int = 110) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def seed_points(ax: Any, per_bar: list[list[float]]) -> None:
+    """Each seed's value as a point on its bar (bar i at x = i), spread a little so that they do not hide
+    each other: a reader sees the seeds behind a mean ± std."""
+    for i, values in enumerate(per_bar):
+        xs = [i + (j - (len(values) - 1) / 2) * 0.12 for j in range(len(values))]
+        ax.scatter(xs, values, s=10, color="k", zorder=3)
+
+
 def arm_bars(arms: dict[str, dict[str, Any]], metrics: list[str], path: Path, title: str = "") -> None:
     """One panel per metric: a bar per arm, mean ± std over seeds, and each seed's value as a point
     on its bar (the default figure of a study that compares arms on a few scalars: a reader sees the
@@ -49,10 +57,7 @@ def arm_bars(arms: dict[str, dict[str, Any]], metrics: list[str], path: Path, ti
         means = [arms[a]["mean"].get(metric, float("nan")) for a in names]
         stds = [arms[a]["std"].get(metric, 0.0) for a in names]
         ax.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.6)
-        for i, a in enumerate(names):
-            seeds = arms[a].get("per_seed", {}).get(metric, [])
-            offsets = [(j - (len(seeds) - 1) / 2) * 0.12 for j in range(len(seeds))]
-            ax.scatter([i + o for o in offsets], seeds, s=10, color="k", zorder=3, label="seeds" if i == 0 else None)
+        seed_points(ax, [arms[a].get("per_seed", {}).get(metric, []) for a in names])
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
         finite = [m for m in means if m == m]

@@ -18,8 +18,8 @@ Arms (same prepared data, data order and seeds):
 - ``moefied_ft_k1``: the MoEfied model at k = 1 fine-tuned for ``FINE_TUNE_STEPS`` steps (every weight,
   the preset's balance loss and learning rate), started from the MoEfied weights (``train_run(init=)``).
 - ``scratch_k1``: an MoE with the same E experts of F/E neurons trained from scratch at k = 1 for
-  ``ceil((dense FLOPs + fine-tuning FLOPs) / FLOPs of a scratch step)`` steps (calc's training FLOPs,
-  attention included): equal total training compute. ``scratch_k1_same_steps`` and
+  ``floor((dense FLOPs + fine-tuning FLOPs) / FLOPs of a scratch step)`` steps (calc's training FLOPs,
+  attention included; rounded down: never more compute than the MoEfied arm): equal total training compute. ``scratch_k1_same_steps`` and
   ``scratch_k2_same_steps``: the same MoE for the dense model's steps (the comparison the study made
   before 2026-12-06, kept for reading).
 Every loss is ``convert.moefy.lm_loss`` on the same validation batches.
@@ -127,7 +127,7 @@ def _fine_tune(moefied, base, data, seed: int, steps: int, aux_coef: float, run_
 
     model = with_top_k(moefied, 1)
     cfg_model = replace(model.cfg, moe=replace(model.cfg.moe, aux_loss_coef=aux_coef))
-    source = InitSource(Path("moefied"), cfg_model, dict(model.state_dict()), None, data.tokenizer)
+    source = InitSource.of_model("moefied", cfg_model, model, data.tokenizer)
     train = replace(base.train, seed=seed, steps=steps, warmup_steps=max(1, steps // 10))
     cfg = replace(base, name=f"moefied_ft_k1-s{seed}", model=cfg_model, train=train)
     return train_run(cfg, run_dir, data=data, init=source)

@@ -89,20 +89,32 @@ def _plot(ladder: list[tuple[float, float]], moes: list[tuple[str, float, float]
     plots.save(fig, path, dpi=100)
 
 
+def seed_points(
+    losses: dict[str, float], params: dict[str, dict[str, float]]
+) -> tuple[tuple[float, float, float], dict[str, tuple[float, float, float | None]]]:
+    """One seed's dense ladder fit ``(a, b, c)`` (``dense_h*`` arms) and each MoE's ``(active, total,
+    N_eq)`` (N_eq None when its loss lies below the fitted floor), from each arm's loss."""
+    dense = sorted((a for a in losses if a.startswith("dense_h")), key=lambda a: params[a]["total"])
+    fit = fit_power_law([params[d]["total"] for d in dense], [losses[d] for d in dense])
+    moes = {
+        arm: (params[arm]["active"], params[arm]["total"], equivalent_size(*fit, loss))
+        for arm, loss in losses.items()
+        if arm not in dense
+    }
+    return fit, moes
+
+
 def alpha_points(arms: dict[str, Any], params: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Per seed: the dense ladder's fit ``(a, b, c)`` and each MoE's ``(active, total, N_eq)``
-    (None when its loss lies below the fitted floor). Pure: from the stored per-seed losses and sizes."""
+    (:func:`seed_points`). Pure: from the stored per-seed losses and sizes."""
     dense = sorted((a for a in arms if a.startswith("dense_h")), key=lambda a: params[a]["total"])
     moes = [a for a in arms if a not in dense]
     n_seeds = len(arms[dense[0]]["per_seed"]["val_loss"])
     fits, points = [], []
     for i in range(n_seeds):
-        fit = fit_power_law(
-            [params[d]["total"] for d in dense], [arms[d]["per_seed"]["val_loss"][i] for d in dense]
-        )
+        fit, moe_points = seed_points({a: arms[a]["per_seed"]["val_loss"][i] for a in arms}, params)
         fits.append(list(fit))
-        points.append({m: (params[m]["active"], params[m]["total"],
-                           equivalent_size(*fit, arms[m]["per_seed"]["val_loss"][i])) for m in moes})  # fmt: skip
+        points.append(moe_points)
     return {"dense": dense, "moes": moes, "fits": fits, "points": points}
 
 
@@ -110,17 +122,9 @@ N_BOOT = 1000  # replicates of the whole-pipeline bootstrap
 
 
 def seed_alpha(losses: dict[str, float], params: dict[str, dict[str, float]]) -> float | None:
-    """α of one seed from each arm's loss (``dense_h*`` the ladder, the rest MoEs): fit the ladder, invert
-    the MoE losses to N_eq, regress; None with fewer than 2 MoE losses inside the fit's range."""
-    dense = sorted((a for a in losses if a.startswith("dense_h")), key=lambda a: params[a]["total"])
-    fit = fit_power_law([params[d]["total"] for d in dense], [losses[d] for d in dense])
-    found = []
-    for arm, loss in losses.items():
-        if arm in dense:
-            continue
-        n_eq = equivalent_size(*fit, loss)
-        if n_eq is not None:
-            found.append((params[arm]["active"], params[arm]["total"], n_eq))
+    """α of one seed from each arm's loss (:func:`seed_points`, then the regression of
+    log(N_eq/T) on log(A/T)); None with fewer than 2 MoE losses inside the fit's range."""
+    found = [p for p in seed_points(losses, params)[1].values() if p[2] is not None]
     return fit_alpha(*map(list, zip(*found)))[0] if len(found) >= 2 else None
 
 
@@ -169,14 +173,14 @@ def batch_losses(run: TrainedRun) -> dict[str, Any]:
 def score(arms: dict[str, Any], numbers: dict[str, Any]) -> Scored:
     """:data:`RULE` on one alpha per seed, each from that seed's ladder fit and its MoEs' N_eq; the
     interval widened by the whole-pipeline bootstrap when the page has per-batch losses."""
-    pts = alpha_points(arms, numbers["params"])
+    n_seeds = len(next(iter(arms.values()))["per_seed"]["val_loss"])
     alphas, skipped = [], []
-    for i, seed_points in enumerate(pts["points"]):
-        found = [(a, t, n) for a, t, n in seed_points.values() if n is not None]
-        if len(found) < 2:
+    for i in range(n_seeds):
+        alpha = seed_alpha({a: arms[a]["per_seed"]["val_loss"][i] for a in arms}, numbers["params"])
+        if alpha is None:
             skipped.append(i)
-            continue
-        alphas.append(fit_alpha(*map(list, zip(*found)))[0])
+        else:
+            alphas.append(alpha)
     boot = pipeline_bootstrap(numbers["batch_losses"], numbers["params"]) if "batch_losses" in numbers else None
     verdict, sentence, detail = RULE.decide(alphas, bootstrap=boot[:2] if boot else None)
     if boot:
@@ -210,8 +214,8 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     params = {arm: {"active": a, "total": t} for arm, (a, t) in sizes.items()}
     pts = alpha_points(res, params)
     pts_a, pts_t, pts_n, missing = [], [], [], 0
-    for seed_points in pts["points"]:
-        for arm, (act, tot, n_eq) in seed_points.items():
+    for moe_points in pts["points"]:
+        for arm, (act, tot, n_eq) in moe_points.items():
             res[arm]["per_seed"].setdefault("n_eq_found", []).append(float(n_eq is not None))
             if n_eq is None:
                 missing += 1

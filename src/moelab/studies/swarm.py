@@ -161,9 +161,7 @@ def _train(
         warmup_steps=min(base.train.warmup_steps, max(1, steps // 4)),
     )  # fmt: skip
     run = replace(base, name=name, model=model_cfg, train=train)
-    source = None
-    if init is not None:
-        source = InitSource(Path(f"{name}-seed-model"), model_cfg, dict(init.state_dict()), None, data.tokenizer)
+    source = None if init is None else InitSource.of_model(f"{name}-seed-model", model_cfg, init, data.tokenizer)
     return train_run(run, out / name / f"seed{seed}", data=data, init=source)
 
 
@@ -216,9 +214,7 @@ def _plot(arms: dict, domains: list[str], path: Path) -> None:
     means = [arms[a]["mean"]["val_loss"] for a in names]
     stds = [arms[a]["std"]["val_loss"] for a in names]
     ax1.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.6)
-    for i, a in enumerate(names):  # every seed
-        xs = arms[a]["per_seed"]["val_loss"]
-        ax1.scatter([i + (j - (len(xs) - 1) / 2) * 0.12 for j in range(len(xs))], xs, s=10, color="k", zorder=3)
+    plots.seed_points(ax1, [arms[a]["per_seed"]["val_loss"] for a in names])
     ax1.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax1.set_ylim(min(means) - 0.3, max(means) + 0.2)
     ax1.set_ylabel("held-out loss (mean ± std over seeds; points: seeds)")

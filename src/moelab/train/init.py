@@ -58,6 +58,13 @@ class InitSource:
     run_cfg: RunConfig | None  # the source's run config (checkpoints only)
     tokenizer: Tokenizer | None  # the source's tokenizer.json, when it has one
 
+    @classmethod
+    def of_model(cls, name: str, model_cfg: ModelConfig, model: nn.Module, tokenizer: Tokenizer | None) -> InitSource:
+        """A model in memory as a run's starting weights (a study's warm start: a MoEfied model, a shared
+        seed model); ``name`` stands for its path in messages. ``model_cfg`` may differ from the model's
+        own config in fields that keep the weights' shapes."""
+        return cls(Path(name), model_cfg, dict(model.state_dict()), None, tokenizer)
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the source's token embedding (its weights' dtype; routers are fp32 in every load)."""
