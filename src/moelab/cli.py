@@ -584,9 +584,59 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-from", choices=["disk", "memory"], default="disk",
                    help="experts read from the checkpoint file (memory-mapped) or copied to CPU memory")
     p.add_argument("--calibration", metavar="FILE", help="text whose routing counts seed lfu/pinned (default: the prompts)")
-    p.add_argument("--json", action="store_true", help="print results (and offload statistics) as JSON")
+    p.add_argument("--draft", metavar="prompt-lookup|CKPT",
+                   help="speculative decoding (greedy, one prompt; output unchanged): 'prompt-lookup' drafts by copying "
+                        "n-grams from the context, a checkpoint folder drafts with that model (same tokenizer, e.g. "
+                        "the dense twin)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="draft tokens verified per pass (default 4)")
+    p.add_argument("--json", action="store_true", help="print results (and offload/speculation statistics) as JSON")
     _add_dtype_arg(p)
     _add_allow_large_arg(p)
+
+
+def _check_draft_args(args: argparse.Namespace, n_prompts: int) -> None:
+    """--draft's limits, in one line each, before anything is loaded."""
+    if args.draft is None:
+        return
+    if n_prompts != 1:
+        raise UserError(f"--draft decodes one prompt at a time; {n_prompts} were given: pass one --prompt")
+    if args.temperature != 0:
+        raise UserError(f"--draft is greedy; --temperature {args.temperature} was given: drop it (or --draft)")
+    if args.fast:
+        raise UserError("--draft and --fast do not combine: speculation verifies drafts with the model's own forward")
+    if args.offload:
+        raise UserError("--draft and --offload do not combine yet: decode with one of them")
+    if args.draft_tokens < 1:
+        raise UserError(f"--draft-tokens {args.draft_tokens} is invalid: give an integer >= 1")
+
+
+def _speculative(args: argparse.Namespace, model, tok, prompt: str, ids: list[int], params) -> int:
+    """``generate --draft``: one greedy completion through :func:`moelab.infer.speculative.speculative_generate`,
+    with the draft's acceptance rate and the tokens each pass of the model yielded."""
+    import json
+
+    from moelab.infer.speculative import ModelDraft, PromptLookupDraft, speculative_generate
+
+    if args.draft == "prompt-lookup":
+        draft = PromptLookupDraft()
+    else:
+        draft_model, _ = load_checkpoint_for_inference(args.draft, args.device, args.dtype)
+        draft = ModelDraft(draft_model)
+    on_text = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
+    if on_text is not None:
+        print(prompt, end="", flush=True)
+    result, stats = speculative_generate(
+        model, ids, draft, params, args.draft_tokens, tok, on_text=on_text, cache=args.cache
+    )
+    if args.json:
+        completion = dict(prompt=prompt, text=result.text, finish_reason=result.finish_reason,
+                          prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)  # fmt: skip
+        print(json.dumps({"completions": [completion], "speculative": stats.as_dict()}, indent=2))
+    else:
+        print()
+        print(f"speculative: {stats.accepted}/{stats.drafted} draft tokens accepted ({stats.acceptance_rate:.0%}), "
+              f"{stats.tokens_per_pass:.2f} tokens per pass of the model", file=sys.stderr)  # fmt: skip
+    return 0
 
 
 def sampling_from_args(args: argparse.Namespace, row: int = 0):
@@ -621,6 +671,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT or --prompt-file FILE")
     params = [sampling_from_args(args, i) for i in range(len(prompts))]
+    _check_draft_args(args, len(prompts))
     # offloading: load on the CPU, take the experts out, then move the rest to the device
     _check_disk_offload_dtype(args)
     model, tok = load_checkpoint_for_inference(args.checkpoint, "cpu" if args.offload else args.device, args.dtype)
@@ -639,6 +690,8 @@ def _run_generate(args: argparse.Namespace) -> int:
             source=source if args.offload_from == "disk" and source.is_file() else None, device=args.device, counts=counts,
         )
         model.to(args.device)
+    if args.draft is not None:
+        return _speculative(args, model, tok, prompts[0], ids[0], params[0])
     decoder = None  # generate's default: the model's own forward with a KV cache
     if args.fast:
         from moelab.infer.fast_decode import FastDecoder

@@ -156,3 +156,37 @@ def test_generate_fast_runs_in_the_detected_dtype(in_code_checkpoint, capsys) ->
     assert cli.main(["generate", "ckpt", "--prompt", "Hi", "--max-tokens", "4", "--ignore-eos", "--fast"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Hi") and len(out.splitlines()) == 1  # streamed, as without --fast (one decode loop)
+
+
+def test_generate_with_a_draft_prints_plain_greedy_output_and_the_acceptance(in_code_checkpoint, capsys) -> None:
+    """--draft prompt-lookup and --draft CKPT (here the same in-code model: every draft accepted) give the
+    plain command's completion, with the speculation's statistics."""
+    argv = ["generate", "ckpt", "--prompt", "abcabcabc", "--max-tokens", "12", "--ignore-eos", "--json"]
+    assert cli.main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["completions"]
+    for draft in ("prompt-lookup", "draft-ckpt"):
+        assert cli.main([*argv, "--draft", draft, "--draft-tokens", "3"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["completions"] == plain
+        s = data["speculative"]
+        assert s["tokens"] == 12 and s["passes"] == 11 - s["accepted"]
+    assert s["acceptance_rate"] == 1.0
+    assert cli.main([*argv[:-1], "--draft", "prompt-lookup"]) == 0  # streamed, statistics on stderr
+    out, err = capsys.readouterr()
+    assert out == "abcabcabc" + plain[0]["text"] + "\n" and "draft tokens accepted" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt", "y"], "one prompt"),
+        (["--temperature", "0.5"], "greedy"),
+        (["--fast"], "--fast"),
+        (["--offload"], "--offload"),
+        (["--draft-tokens", "0"], "--draft-tokens"),
+    ],
+)
+def test_generate_draft_limits_are_one_line_errors(in_code_checkpoint, capsys, extra, message) -> None:
+    assert cli.main(["generate", "ckpt", "--prompt", "x", "--draft", "prompt-lookup", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -117,7 +117,7 @@ def sample_token(logits_V: Tensor, params: SamplingParams, generator: torch.Gene
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class _Row:
+class RowState:
     """Decode state of one row: tokens, text emitted so far, stop handling."""
 
     def __init__(self, prompt_len: int, params: SamplingParams, tokenizer: TokenizerLike | None) -> None:
@@ -285,7 +285,7 @@ def generate(
     lengths = check_prompts(prompts, cfg)
     model.eval()
     device = next(model.parameters()).device
-    rows = [_Row(n, p, tokenizer) for n, p in zip(lengths, per_row)]
+    rows = [RowState(n, p, tokenizer) for n, p in zip(lengths, per_row)]
     budget = [min(p.max_new_tokens, cfg.max_seq_len - n) for n, p in zip(lengths, per_row)]
     steps = max(budget)
 

@@ -79,6 +79,15 @@ class LayerCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (speculative decoding drops the keys of rejected draft tokens).
+        Static: only the fill mark moves (the stale entries are overwritten by the next ``update``)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if not self.is_static and self.k is not None and self.v is not None:
+            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+        self.length = length
+
     @property
     def latent(self) -> Tensor | None:
         """MLA: the cached KV latent ``[B, 1, L, r]`` (the first stream, filled part)."""
@@ -130,6 +139,11 @@ class KVCache(list):
     @property
     def length(self) -> int:
         return self[0].length if self else 0
+
+    def truncate(self, length: int) -> None:
+        """Keep every layer's first ``length`` positions (:meth:`LayerCache.truncate`)."""
+        for c in self:
+            c.truncate(length)
 
     @property
     def nbytes(self) -> int:
