@@ -86,6 +86,21 @@ def test_disk_tier_is_identical_and_counts_the_same(attention: str, reference, t
     assert not any(n.endswith("experts.w_up") for n, _ in model.named_parameters())
 
 
+@pytest.mark.parametrize("disk", [False, True])
+def test_fetch_returns_the_stored_expert_and_leaves_cache_and_counters_alone(disk: bool, tmp_path) -> None:
+    """LayerExpertCache.fetch (what the hybrid-inference study times per tier) does a miss's work only."""
+    model = _model()
+    w_up, w_down = (model.blocks[1].ffn.experts.w_up[5].clone(), model.blocks[1].ffn.experts.w_down[5].clone())
+    source = export_experts(model, tmp_path / "experts.safetensors") if disk else None
+    off = Offloader(model, "25%", "lru", source=source)
+    cache = off.caches[1]
+    slots, stats = dict(cache.slots), off.stats.as_dict()
+    up, down = cache.fetch(5)
+    torch.testing.assert_close(up, w_up, rtol=0, atol=0)
+    torch.testing.assert_close(down, w_down, rtol=0, atol=0)
+    assert cache.slots == slots and off.stats.as_dict() == stats
+
+
 def test_full_pinned_cache_never_misses_and_lru_misses_each_expert_once() -> None:
     model = _model()
     counts = {i: [1.0] * 8 for i in range(3)}

@@ -48,6 +48,9 @@ def test_hybrid_inference_smoke(tmp_path):
         assert arm["mean"]["decode_tok_s"] > 0 and arm["mean"]["predicted_tok_s"] > 0
         if name in hybrid.OFFLOADED:
             assert 0.0 <= arm["mean"]["hit_rate"] <= 1.0 and arm["mean"]["bytes_moved_per_token"] >= 0
+            assert arm["mean"]["tier_bandwidth_gbs"] > 0  # measured per tier, not assumed
+        ratio = [m / p - 1 for m, p in zip(arm["per_seed"]["decode_tok_s"], arm["per_seed"]["predicted_tok_s"])]
+        assert arm["per_seed"]["prediction_error"] == pytest.approx(ratio)
     n = d["numbers"]
     assert n["measured_bandwidth_gbs"] > 0
     pred = n["prediction"]

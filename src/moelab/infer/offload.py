@@ -133,6 +133,12 @@ class LayerExpertCache:
         moved = tuple(t.to(self.device, copy=True) for t in payload)
         return (self.prepare(moved) if self.prepare is not None else moved), None
 
+    def fetch(self, expert: int) -> Payload:
+        """A miss's work without touching the cache or its counters: ``expert`` read from the store, copied to
+        the device and prepared for its kernel. Why public: a benchmark times it to measure the bandwidth a
+        tier really delivers (``moelab study hybrid-inference``)."""
+        return self._copy(expert, None)[0]
+
     def _insert(self, expert: int, entry: tuple[Payload, object], protected: set[int]) -> bool:
         if len(self.slots) >= self.capacity:
             victim = self.policy.victim(self.slots.keys(), protected | {expert})
