@@ -88,9 +88,9 @@ def test_greedy_output_equals_plain_decoding_with_every_draft(arch: dict, k: int
             assert got.token_ids == want.token_ids, type(draft).__name__
             assert got.finish_reason == want.finish_reason == "length"
             assert stats.tokens == 15 and stats.accepted <= stats.drafted
-            assert stats.passes == 15 - 1 - stats.accepted  # the prefill gives the first token
+            assert stats.passes == 15 - stats.accepted  # each pass: its accepted tokens + 1
         _, stats = speculative_generate(model, prompt, ModelDraft(model), params, draft_tokens=k, tokenizer=TOK)
-        assert stats.acceptance_rate == 1.0 and stats.passes == -(-14 // (k + 1))
+        assert stats.acceptance_rate == 1.0 and stats.passes == 1 + -(-14 // (k + 1))  # the prefill, then k + 1 a pass
 
 
 def test_budget_edges_eos_and_stop_strings_end_where_plain_decoding_ends() -> None:

@@ -158,7 +158,7 @@ class SpeculativeStats:
     """What the draft bought: ``accepted / drafted`` is the acceptance rate; ``tokens / passes`` the
     tokens each pass of the model yields (1 without speculation)."""
 
-    passes: int = 0  # passes of the verified model after the prefill
+    passes: int = 0  # passes of the verified model, the prefill included (plain decoding: one per token)
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens the model agreed with (kept)
     tokens: int = 0  # tokens generated (completion plus a final EOS)
@@ -251,6 +251,7 @@ def speculative_generate(
         row.finish("length")
     else:
         pending = int(torch.argmax(target.feed(context)[-1]))  # the prefill
+        stats.passes += 1
         context.append(pending)
         emit([pending])
     while not row.done:
