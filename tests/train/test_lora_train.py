@@ -126,8 +126,9 @@ def bf16_base(base, tmp_path):
 
 @pytest.fixture
 def two_threads():
-    """Set before the base model trains. The numbers below were measured on 2 torch threads; a float sum's order (so the last bits of a
-    30-step run) depends on the thread count, and a pytest-xdist worker gets one."""
+    """2 torch threads, set before the base model trains: the numbers below were measured on 2, a float
+    sum's order (so the last bits of a 30-step run) depends on the thread count, and a pytest-xdist
+    worker gets one."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
