@@ -77,6 +77,12 @@ def test_swarm_smoke_has_equal_budgets_and_costs(tmp_path):
     spec_run = tmp_path / "runs" / "swarm" / f"specialist_{n['domains'][0]}" / "seed0"
     records = [json.loads(line) for line in (spec_run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records if "step" in r) == n["steps"] - n["seed_steps"]
+    # the page's budget table: the swarm's steps run along one specialist's path, its tokens are all of them
+    budget = n["budget_arms"]
+    assert set(budget) == {"moe", "dense_general", "swarm"}
+    assert budget["swarm"]["mean"]["steps"] == budget["moe"]["mean"]["steps"] == n["steps"]
+    assert budget["swarm"]["per_seed"]["tokens"] == tokens["swarm"] and budget["moe"]["per_seed"]["tokens"] == tokens["moe"]
+    assert budget["swarm"]["mean"]["params_total"] == D * budget["dense_general"]["mean"]["params_total"]
 
 
 def test_branch_learning_rate_scales_with_the_square_root_of_the_batch():

@@ -60,6 +60,7 @@ from moelab.data.prepare import PreparedData
 from moelab.model.twins import dense_twin
 from moelab.stats import Rule
 from moelab.studies import plots
+from moelab.studies.arms import BUDGET_METRICS, budget_numbers
 from moelab.studies.base import (
     SCORES,
     STUDIES,
@@ -163,6 +164,30 @@ def _train(
     run = replace(base, name=name, model=model_cfg, train=train)
     source = None if init is None else InitSource.of_model(f"{name}-seed-model", model_cfg, init, data.tokenizer)
     return train_run(run, out / name / f"seed{seed}", data=data, init=source)
+
+
+def swarm_budget(moe, general, seed_model, specialists: list) -> dict[str, dict[str, float]]:
+    """One seed's training budget per trained system (each argument a finished run's record): the MoE,
+    the general dense model, and the swarm as a whole (seed model then the specialists: steps along one
+    specialist's path, tokens and FLOPs of all, active parameters of one specialist, total of all)."""
+    parts = [budget_numbers(r) for r in (seed_model, *specialists)]
+    spec = parts[1]
+    swarm = {
+        "steps": parts[0]["steps"] + spec["steps"],
+        "tokens": sum(p["tokens"] for p in parts),
+        "train_flops": sum(p["train_flops"] for p in parts),
+        "params_active": spec["params_active"],
+        "params_total": spec["params_total"] * len(specialists),
+    }
+    swarm["tokens_per_active_param"] = swarm["tokens"] / max(swarm["params_active"], 1.0)
+    return {"moe": budget_numbers(moe), "dense_general": budget_numbers(general), "swarm": swarm}
+
+
+def budget_arms(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """:func:`swarm_budget` of every seed as ``numbers["budget_arms"]`` (the page's budget table and the index)."""
+    return {
+        arm: arm_summary({m: [b[arm][m] for b in per_seed] for m in BUDGET_METRICS}) for arm in per_seed[0]
+    }
 
 
 def branch_lr(lr: float, batch: int, branch_batch: int) -> float:
@@ -270,6 +295,7 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     per_domain: dict[str, dict[str, list[float]]] = {a: {} for a in ARMS}
     accuracy: list[float] = []
     tokens: dict[str, list[float]] = {a: [] for a in ("moe", "dense_general", "swarm")}
+    budgets: list[dict[str, dict[str, float]]] = []
     steps = base.train.steps
     seed_steps = max(1, round(steps * SEED_SHARE))
     spec_lr = branch_lr(base.train.lr, B, spec_batch)
@@ -285,6 +311,7 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
         tokens["moe"].append(float(moe_tr.tokens))
         tokens["dense_general"].append(float(gen_tr.tokens))
         tokens["swarm"].append(float(seed_tr.tokens + sum(t.tokens for t in spec_tr.values())))
+        budgets.append(swarm_budget(moe_tr, gen_tr, seed_tr, list(spec_tr.values())))
         loss, by_dom, acc = _score(
             val, val_domains, {"moe": moe_tr.model, "dense_general": gen_tr.model},
             {d: t.model for d, t in spec_tr.items()}, classifier,
@@ -352,6 +379,7 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
             "steps": base.train.steps,
             "seed_steps": seed_steps,
             "specialist_lr": spec_lr,
+            "budget_arms": budget_arms(budgets),
         },
         plots=[str(plot)],
     )
