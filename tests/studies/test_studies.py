@@ -72,6 +72,9 @@ def _iso_flop(d: dict, docs) -> None:
     assert d["arms"][f"dense_{steps}steps"]["mean"]["train_flops"] == pytest.approx(
         d["arms"]["E8"]["mean"]["train_flops"], rel=0.02
     )
+    for b in d["numbers"]["budgets"]:  # every rung states its budget as a run's row does
+        rung = d["arms"][f"dense_{b}steps"]["mean"]
+        assert rung["steps"] == b and rung["tokens_per_active_param"] == rung["tokens"] / rung["params_active"]
     m = d["numbers"]["multiplier"]["E8"]
     assert len(m["per_seed"]) == 2 and len(m["fits"]) == 2
     assert d["verdict_reason"].startswith("dense needs ")

@@ -32,7 +32,8 @@ from moelab.data.prepare import PreparedData
 from moelab.experiment.ladder import BudgetPoint, LadderJob, train_ladder_job
 from moelab.experiment.run import prepare
 from moelab.experiment.runs import RunOutcome, RunSpec, map_on_data, run_one
-from moelab.model.twins import dense_twin
+from moelab.model.transformer import Transformer
+from moelab.model.twins import count_params, dense_twin
 from moelab.stats import Multiplier, Rule, compute_multiplier, decide
 from moelab.studies import plots
 from moelab.studies.base import (
@@ -182,6 +183,21 @@ def train_all(
     return outcomes, points
 
 
+def rung_numbers(steps: int, points: list[BudgetPoint], counts) -> dict[str, list[float]]:
+    """One ladder rung's per-seed numbers: its final loss and the budget columns a run's row has
+    (:data:`moelab.studies.arms.BUDGET_METRICS`), the twin's parameter ``counts`` for every rung."""
+    tokens = [float(p.tokens) for p in points]
+    return {
+        "val_loss": [p.val_loss for p in points],
+        "steps": [float(steps)] * len(points),
+        "tokens": tokens,
+        "train_flops": [p.flops for p in points],
+        "params_active": [float(counts.active)] * len(points),
+        "params_total": [float(counts.total)] * len(points),
+        "tokens_per_active_param": [t / max(counts.active, 1) for t in tokens],
+    }
+
+
 @STUDIES.register("iso-flop")
 def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     base, data = prepare(_base(budget))
@@ -193,12 +209,9 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
     budgets = budgets_for(steps, SMOKE_LADDER if budget == "smoke" else LADDER)
     outcomes, ladders = train_all(base, moe_arms, twin, budgets, seeds, out, data, jobs)
     res = summarise(outcomes)
-    for i, b in enumerate(budgets):  # the ladder's rungs as arms of the page's table
-        res[f"dense_{b}steps"] = arm_summary({
-            "val_loss": [ladders[s][i].val_loss for s in seeds],
-            "tokens": [float(ladders[s][i].tokens) for s in seeds],
-            "train_flops": [ladders[s][i].flops for s in seeds],
-        })  # fmt: skip
+    twin_counts = count_params(Transformer(replace(twin, vocab_size=data.tokenizer.vocab_size)))
+    for i, b in enumerate(budgets):  # the ladder's rungs as arms of the page's table, with their budget
+        res[f"dense_{b}steps"] = arm_summary(rung_numbers(b, [ladders[s][i] for s in seeds], twin_counts))
     numbers: dict[str, Any] = {
         "seeds": seeds,
         "headline": HEADLINE,
