@@ -37,8 +37,9 @@ def test_unknown_budget_is_a_user_error():
 
 
 def test_hybrid_inference_smoke(tmp_path):
-    run_study("hybrid-inference", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs")
+    run_study("hybrid-inference", "smoke", 3, out=tmp_path / "runs", docs=tmp_path / "docs", jobs=2)
     d = json.loads((tmp_path / "docs" / "hybrid-inference.json").read_text())
+    assert (d["jobs"], d["threads"]) == (1, 1)  # timed alone on the smoke budget's thread, whatever --jobs said
     assert d["budget"] == "smoke" and d["seeds"] == [0, 1, 2]
     assert d["verdict"] in VERDICTS and d["verdict_reason"]
     assert set(d["arms"]) == set(hybrid.ARMS)

@@ -114,7 +114,9 @@ def run_study(
     kwargs = {"jobs": jobs} if "jobs" in inspect.signature(study).parameters else {}
     start = time.perf_counter()
     res = study(budget=budget, seeds=list(range(seeds)), out=folder, **kwargs)
-    res.wall_s, res.threads, res.jobs = round(time.perf_counter() - start, 1), threads_per_job(jobs), jobs
+    res.wall_s = round(time.perf_counter() - start, 1)
+    if res.jobs is None:  # a study that ran otherwise (hybrid-inference times alone) has said so itself
+        res.threads, res.jobs = threads_per_job(jobs), jobs
     res.command = command or f"moelab study {name} --budget {budget} --seeds {seeds}"
     write_study(res, Path(docs))
     return res
