@@ -30,6 +30,7 @@ from moelab.convert.load import load_model
 from moelab.infer.generate import SamplingParams, generate
 from moelab.infer.speculative import ModelDraft, PromptLookupDraft, speculative_generate
 from moelab.outputs import atomic_write_text
+from moelab.studies.hybrid_inference import memory_bandwidth_gbs
 
 CORPUS = next(
     (p / "shared" / "corpus" for p in Path(__file__).resolve().parents if (p / "shared" / "corpus").is_dir()),
@@ -58,17 +59,6 @@ class NoDraft:
 
     def propose(self, context, k: int) -> list[int]:
         return []
-
-
-def read_bandwidth_gbs(megabytes: int = 512, reps: int = 7) -> float:
-    x = torch.ones(megabytes * 2**20 // 4)
-    x.sum()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times) / 1e9
 
 
 def main() -> None:
@@ -118,14 +108,14 @@ def main() -> None:
                 tokens += len(speculative_generate(model, p, drafts[arm](), params, args.draft_tokens)[0].token_ids)
         return tokens / (time.perf_counter() - t0)
 
-    bandwidth = [read_bandwidth_gbs()]
+    bandwidth = [memory_bandwidth_gbs(512, reps=7)]
     tok_s: dict[str, dict[str, list[float]]] = {k: {a: [] for a in arms} for k in prompts}
     for r in range(args.rounds):
         order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for kind, kind_prompts in prompts.items():
             for arm in order:
                 tok_s[kind][arm].append(decode_all(arm, kind_prompts))
-        bandwidth.append(read_bandwidth_gbs())
+        bandwidth.append(memory_bandwidth_gbs(512, reps=7))
 
     result: dict = {
         "ckpt": args.ckpt, "draft_ckpt": args.draft_ckpt, "draft_tokens": args.draft_tokens,

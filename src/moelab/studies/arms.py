@@ -233,15 +233,17 @@ def run_numbers(o: RunOutcome) -> dict[str, float]:
     return vals
 
 
+def summarise_budgets(per_arm: Mapping[str, Sequence[Mapping[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Each arm's :data:`BUDGET_METRICS`, one :func:`budget_numbers`-shaped dict per seed, as an
+    :func:`arm_summary` (``numbers["budget_arms"]``)."""
+    return {arm: arm_summary({m: [n[m] for n in per] for m in BUDGET_METRICS}) for arm, per in per_arm.items()}
+
+
 def budget_summary(outcomes: Mapping[str, list[RunOutcome]]) -> dict[str, dict[str, Any]]:
     """Each trained arm's :data:`BUDGET_METRICS` as an :func:`arm_summary`: for a study whose rows are
     not its runs (e.g. one row per label), stored as ``numbers["budget_arms"]`` so that its page and
     the index still state how far the runs were trained."""
-    out = {}
-    for arm, runs in outcomes.items():
-        numbers = [budget_numbers(o) for o in runs]
-        out[arm] = arm_summary({m: [n[m] for n in numbers] for m in BUDGET_METRICS})
-    return out
+    return summarise_budgets({arm: [budget_numbers(o) for o in runs] for arm, runs in outcomes.items()})
 
 
 def summarise(

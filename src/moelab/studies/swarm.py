@@ -60,7 +60,7 @@ from moelab.data.prepare import PreparedData
 from moelab.model.twins import dense_twin
 from moelab.stats import Rule
 from moelab.studies import plots
-from moelab.studies.arms import BUDGET_METRICS, budget_numbers
+from moelab.studies.arms import budget_numbers, summarise_budgets
 from moelab.studies.base import (
     SCORES,
     STUDIES,
@@ -181,13 +181,6 @@ def swarm_budget(moe, general, seed_model, specialists: list) -> dict[str, dict[
     }
     swarm["tokens_per_active_param"] = swarm["tokens"] / max(swarm["params_active"], 1.0)
     return {"moe": budget_numbers(moe), "dense_general": budget_numbers(general), "swarm": swarm}
-
-
-def budget_arms(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
-    """:func:`swarm_budget` of every seed as ``numbers["budget_arms"]`` (the page's budget table and the index)."""
-    return {
-        arm: arm_summary({m: [b[arm][m] for b in per_seed] for m in BUDGET_METRICS}) for arm in per_seed[0]
-    }
 
 
 def branch_lr(lr: float, batch: int, branch_batch: int) -> float:
@@ -379,7 +372,7 @@ def run(budget: str, seeds: list[int], out: Path, jobs: int = 1) -> StudyResult:
             "steps": base.train.steps,
             "seed_steps": seed_steps,
             "specialist_lr": spec_lr,
-            "budget_arms": budget_arms(budgets),
+            "budget_arms": summarise_budgets({arm: [b[arm] for b in budgets] for arm in budgets[0]}),
         },
         plots=[str(plot)],
     )
