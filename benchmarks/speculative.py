@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from moelab.convert.load import load_model
+from moelab.hardware import measure_read_bandwidth
 from moelab.infer.generate import SamplingParams, generate
 from moelab.infer.speculative import ModelDraft, PromptLookupDraft, speculative_generate
 from moelab.outputs import atomic_write_text
-from moelab.studies.hybrid_inference import memory_bandwidth_gbs
 
 CORPUS = next(
     (p / "shared" / "corpus" for p in Path(__file__).resolve().parents if (p / "shared" / "corpus").is_dir()),
@@ -108,14 +108,14 @@ def main() -> None:
                 tokens += len(speculative_generate(model, p, drafts[arm](), params, args.draft_tokens)[0].token_ids)
         return tokens / (time.perf_counter() - t0)
 
-    bandwidth = [memory_bandwidth_gbs(512, reps=7)]
+    bandwidth = [measure_read_bandwidth(0.5, 7, statistic="median", dtype=torch.float32)]
     tok_s: dict[str, dict[str, list[float]]] = {k: {a: [] for a in arms} for k in prompts}
     for r in range(args.rounds):
         order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for kind, kind_prompts in prompts.items():
             for arm in order:
                 tok_s[kind][arm].append(decode_all(arm, kind_prompts))
-        bandwidth.append(memory_bandwidth_gbs(512, reps=7))
+        bandwidth.append(measure_read_bandwidth(0.5, 7, statistic="median", dtype=torch.float32))
 
     result: dict = {
         "ckpt": args.ckpt, "draft_ckpt": args.draft_ckpt, "draft_tokens": args.draft_tokens,

@@ -85,6 +85,7 @@ from moelab.calc import (
 )
 from moelab.config import ModelConfig, MoEConfig
 from moelab.errors import UserError
+from moelab.hardware import measure_read_bandwidth
 from moelab.infer.expert_store import export_experts
 from moelab.infer.fast_decode import FastDecoder, cast_for_decode, decode_dtype
 from moelab.infer.offload import Offloader
@@ -204,18 +205,10 @@ def predictions(hw: Hardware = HARDWARE) -> dict[str, Any]:
 
 
 def memory_bandwidth_gbs(megabytes: int, reps: int = 10) -> float:
-    """This machine's read bandwidth (GB/s): the median of ``reps`` timings of summing an fp32
-    tensor of ``megabytes`` (far larger than the caches, so RAM is measured, not cache). The
-    median, not the best: on this VM single passes came out both well below and well above the
-    steady ≈33 GB/s."""
-    x = torch.ones(megabytes * 2**20 // 4)
-    x.sum()  # first touch
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+    """This machine's read bandwidth (GB/s): the median of ``reps`` sums over an fp32 tensor of
+    ``megabytes`` (:func:`moelab.hardware.measure_read_bandwidth`). The median, not the best: on this
+    VM single passes came out both well below and well above the steady ≈33 GB/s."""
+    return measure_read_bandwidth(megabytes / 1024, reps, statistic="median", dtype=torch.float32)
 
 
 def tier_bandwidth_gbs(offloader: Offloader, reps: int = 1) -> float:
