@@ -57,7 +57,7 @@ def assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 SHAPES = [(1, 32), (17, 64), (48, 128), (130, 256), (3072, 96)]  # N not a multiple of 16, N = 1, wide
-ROWS = [1, 2, 3, 8, 9, 33]
+ROWS = [1, 2, 3, 5, 8, 9, 33]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -81,6 +81,77 @@ def test_int4_equals_formula(lib, n, k, group, m, dtype):
     y = qmatmul.q4_matmul(x, qmatmul.lane_major_rows(pack_nibbles(q)), group, sz, n)
     assert y.shape == (m, n) and y.dtype == dtype
     assert_matches(y, F.linear(x.float(), w))
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_few_rows_equal_each_row_alone(lib, m, dtype):
+    """Where the few-row kernels share one read of the weights between rows with the single-row
+    arithmetic (integer dot products for int8, and for int4 with fp32 rows or two bf16 rows; four
+    chains per row for bf16 weights up to four rows), each row equals that row multiplied alone,
+    bitwise: batching decode rows changes no token."""
+    torch.manual_seed(m)
+    n, k = 70, 256
+    x = torch.randn(m, k).to(dtype)
+    rows = lambda f: torch.cat([f(x[i : i + 1]) for i in range(m)])  # noqa: E731
+    checked = 0
+    if lib.moelab_native_vnni():
+        q, scales, _ = int8_case(n, k, dtype)
+        f8 = lambda a: qmatmul.q8_matmul(a, qmatmul.interleave_rows(q), scales, n)  # noqa: E731
+        assert torch.equal(f8(x), rows(f8))
+        checked += 1
+        if dtype == torch.float32 or m == 2 or not lib.moelab_native_bf16_dot():
+            q4, sz, _ = int4_case(n, k, 64, dtype)
+            f4 = lambda a: qmatmul.q4_matmul(a, qmatmul.lane_major_rows(pack_nibbles(q4)), 64, sz, n)  # noqa: E731
+            assert torch.equal(f4(x), rows(f4))
+            checked += 1
+    if lib.moelab_native_bf16_dot() and dtype == torch.bfloat16 and m <= 4:
+        packed = qmatmul.bf16_pack(torch.randn(n, k).to(torch.bfloat16))
+        fb = lambda a: qmatmul.bf16_matmul(a, packed, n)  # noqa: E731
+        assert torch.equal(fb(x), rows(fb))
+        checked += 1
+    if not checked:
+        pytest.skip("this build has no few-row path that shares the single-row arithmetic")
+
+
+@pytest.mark.parametrize("n,k,group", [(17, 64, 32), (48, 128, 64), (130, 256, 128)])
+def test_dequantize_bf16_equals_formula(lib, n, k, group):
+    """The plain bf16 weight a prefill GEMM multiplies by: the formula's ŵ rounded once to bf16."""
+    q, scales, w = int8_case(n, k, torch.bfloat16)
+    got = qmatmul.dequantize_bf16(8, qmatmul.interleave_rows(q), scales, n, k)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, w.to(torch.bfloat16))  # q · s: one product, one rounding
+    q4, sz, w4 = int4_case(n, k, group, torch.bfloat16)
+    got4 = qmatmul.dequantize_bf16(4, qmatmul.lane_major_rows(pack_nibbles(q4)), sz, n, k, group)
+    # (q − 8) · s + z may be one fused multiply-add in C: within one bf16 rounding of the formula
+    torch.testing.assert_close(got4.float(), w4, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [qmatmul.GEMM_ROWS - 1, qmatmul.GEMM_ROWS, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_rows_go_through_gemm_and_match_decode_rows(m, dtype):
+    """From GEMM_ROWS rows on, bf16 products run PyTorch's GEMM on the unpacked/dequantized weight: the
+    same product as the few-row kernels row by row, to the rounding of bf16 weights and outputs."""
+    if build.library() is None:
+        pytest.skip(f"native kernels unavailable: {build.unavailable_reason()}")
+    torch.manual_seed(m)
+    n, k = 40, 128
+    x = torch.randn(m, k).to(dtype)
+    w = torch.randn(n, k)
+    q, scales, w8 = int8_case(n, k, dtype)
+    q4, sz, w4 = int4_case(n, k, 32, dtype)
+    cases = [
+        (lambda a: qmatmul.q8_matmul(a, qmatmul.interleave_rows(q), scales, n), w8),
+        (lambda a: qmatmul.q4_matmul(a, qmatmul.lane_major_rows(pack_nibbles(q4)), 32, sz, n), w4),
+    ]
+    if dtype == torch.bfloat16:
+        cases.append((lambda a: qmatmul.bf16_matmul(a, qmatmul.bf16_pack(w.to(dtype)), n), w.to(dtype).float()))
+    else:
+        cases.append((lambda a: qmatmul.f32_matmul(a, qmatmul.f32_pack(w), n), w))
+    for f, ref in cases:
+        together = f(x)
+        by_eights = torch.cat([f(x[i : i + 8]) for i in range(0, m, 8)])  # the few-row kernels
+        assert_matches(together, F.linear(x.float(), ref))
+        assert_matches(together, by_eights.float())
 
 
 @pytest.mark.parametrize("m", [1, 4, 17])
@@ -224,7 +295,7 @@ def test_quantized_layer_switches_layouts_and_saves_plain(bits, monkeypatch):
     try:
         fallback = mod(x)
         assert mod.layout.startswith("aten-")
-        torch.testing.assert_close(fallback, native, atol=1e-5, rtol=1e-5)
+        assert_matches(fallback, native)  # integer limbs (VNNI) vs PyTorch's fp32 sums: fp32 rounding of the output's scale
         assert all(torch.equal(v, plain[k]) for k, v in mod.state_dict().items())
     finally:
         monkeypatch.undo()

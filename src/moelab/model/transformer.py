@@ -106,6 +106,24 @@ class Attention(nn.Module):
         is_causal: bool,
         cache: LayerCache | None = None,
     ) -> Tensor:
+        q, k, v = self.queries_keys_values(x_BSD, rope, cache)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask_B1SL,
+            is_causal=is_causal and mask_B1SL is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.output(out)
+
+    def queries_keys_values(
+        self, x_BSD: Tensor, rope: tuple[Tensor, Tensor] | None, cache: LayerCache | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected, normed and rotated ``q [B, H, S, hd]``, and ``k, v [B, G, L, hd]`` with the
+        cache's earlier positions in front (L = S without a cache). Split from :meth:`forward` so a
+        decoder can run its own attention between this and :meth:`output`."""
         B, S, _ = x_BSD.shape
         q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
         if self.qk_norm == "proj":
@@ -120,16 +138,12 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask_B1SL,
-            is_causal=is_causal and mask_B1SL is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        return q, k, v
+
+    def output(self, out_BHSd: Tensor) -> Tensor:
+        """The heads' outputs ``[B, H, S, hd]`` → ``[B, S, D]`` through the output projection."""
+        B, _, S, _ = out_BHSd.shape
+        return self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):

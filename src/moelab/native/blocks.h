@@ -240,7 +240,7 @@ static inline __attribute__((always_inline)) void q4_block_bf16dot_m(const uint8
                                                                     int Np, int b, const uint32_t* xp, const float* xsum,
                                                                     const int M, float* out) {
     enum { P_MAX = 4 };
-    const int P = M == 1 ? 4 : M == 2 ? 2 : 1;
+    const int P = M <= 2 ? 4 : M <= 4 ? 2 : 1; /* 8 or more independent chains */
     const int groups = K / group;
     __m512 y[8];
     for (int m = 0; m < M; m++) y[m] = _mm512_setzero_ps();
@@ -332,24 +332,29 @@ static UNUSED __m512 bf16_block_vec(const uint32_t* blk, int K, const uint32_t* 
 }
 
 #if MOELAB_BF16DOT
-/* One bf16 block times M <= 8 bf16 rows of x (pairs): one load of the weights feeds every row. */
+/* One bf16 block times M <= 8 bf16 rows of x (pairs): one load of the weights feeds every row.
+ * P consecutive pairs per iteration, each with its own accumulator per row, so M * P (8 to 16)
+ * independent dot-product chains hide the instruction's latency. M and P are constants once
+ * inlined (the switch below): the loops unroll and every accumulator stays in a register
+ * (indexing them with a run-time j % P spilled them to the stack: M = 2 ran 3x slower than M = 1). */
 static inline __attribute__((always_inline)) void bf16_block_rows_m(const uint32_t* blk, int K, const uint32_t* xp,
                                                                    const int M, float* out) {
     enum { P_MAX = 4 };
-    const int P = M == 1 ? 4 : M == 2 ? 2 : 1;
+    const int P = M <= 4 ? 4 : 2; /* K / 2 is a multiple of 4 */
+    const int64_t half = K / 2;
     __m512 acc[8][P_MAX];
     for (int m = 0; m < M; m++)
         for (int p = 0; p < P; p++) acc[m][p] = _mm512_setzero_ps();
-    for (int j = 0; j < K / 2; j++) {
-        __m512bh w = (__m512bh)_mm512_loadu_si512((const void*)(blk + (int64_t)j * BLOCK));
-        for (int m = 0; m < M; m++)
-            acc[m][j % P] = _mm512_dpbf16_ps(acc[m][j % P], w, (__m512bh)_mm512_set1_epi32((int)xp[(int64_t)m * (K / 2) + j]));
-    }
-    for (int m = 0; m < M; m++) {
-        __m512 sum = acc[m][0];
-        for (int p = 1; p < P; p++) sum = _mm512_add_ps(sum, acc[m][p]);
-        _mm512_storeu_ps(out + m * BLOCK, sum);
-    }
+    for (int64_t j = 0; j < half; j += P)
+        for (int p = 0; p < P; p++) {
+            const __m512bh w = (__m512bh)_mm512_loadu_si512((const void*)(blk + (j + p) * BLOCK));
+            for (int m = 0; m < M; m++)
+                acc[m][p] = _mm512_dpbf16_ps(acc[m][p], w, (__m512bh)_mm512_set1_epi32((int)xp[m * half + j + p]));
+        }
+    for (int m = 0; m < M; m++) /* with P = 4, the chains and their sum are bf16_block_vec's: rows equal it bitwise */
+        _mm512_storeu_ps(out + m * BLOCK, P == 4 ? _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                                 _mm512_add_ps(acc[m][2], acc[m][3]))
+                                                 : _mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
 static UNUSED void bf16_block_rows(const uint32_t* blk, int K, const uint32_t* xp, int M, float* out) {
@@ -488,6 +493,42 @@ static UNUSED __m512 q8_block_vnni(const int8_t* blk, int K, const limbs_t* l) {
     return l->n == 2 ? q8_block_vnni_n(blk, K, l, 2) : q8_block_vnni_n(blk, K, l, 3);
 }
 
+/* One int8 block times M <= 4 rows of x, row m as NL limbs l[m]: one load and one transpose of the
+ * weights feed every row. Each row's integer sums and their scaling are those of q8_block_vnni,
+ * so every row equals its single-row result bitwise. M and NL are constants once inlined. */
+static inline __attribute__((always_inline)) void q8_block_vnni_rows_m(const int8_t* blk, int K, const limbs_t* l,
+                                                                      const int M, const int NL, float* out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i c[4][LIMBS];
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < NL; i++) c[m][i] = _mm512_setzero_si512();
+    for (int k = 0; k < K; k += 4) {
+        const __m512i u = _mm512_xor_si512(rows_to_lanes(blk + (int64_t)k * BLOCK), flip);
+        for (int m = 0; m < M; m++)
+            for (int i = 0; i < NL; i++)
+                c[m][i] = _mm512_dpbusd_epi32(c[m][i], u, _mm512_set1_epi32(((const int32_t*)(l[m].a + (int64_t)i * K))[k / 4]));
+    }
+    for (int m = 0; m < M; m++) {
+        for (int i = 0; i < NL; i++) c[m][i] = _mm512_sub_epi32(c[m][i], _mm512_set1_epi32(128 * l[m].sum[i]));
+        _mm512_storeu_ps(out + m * BLOCK, limb_total(c[m], NL, &l[m]));
+    }
+}
+
+/* One int8 block times M rows of x (limbs l[0..M), all with the same number of limbs), four rows at a time. */
+static UNUSED void q8_block_vnni_rows(const int8_t* blk, int K, const limbs_t* l, int M, float* out) {
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        const int mc = M - m0 < 4 ? M - m0 : 4;
+        const limbs_t* lm = l + m0;
+        float* o = out + m0 * BLOCK;
+        switch (mc * 4 + lm->n) {
+#define CASE(m, n) \
+    case m * 4 + n: q8_block_vnni_rows_m(blk, K, lm, m, n, o); break;
+            CASE(1, 2) CASE(2, 2) CASE(3, 2) CASE(4, 2) CASE(1, 3) CASE(2, 3) CASE(3, 3) CASE(4, 3)
+#undef CASE
+        }
+    }
+}
+
 /* One int4 block times one row of x (as NL limbs), group by group, with scales and zeros. Low and
  * high nibbles accumulate separately (two chains per limb); with two limbs the group's sums
  * merge exactly in int32 (a1·128 + a2 stays far below 2^31), so the group costs one conversion. */
@@ -531,6 +572,69 @@ static UNUSED __m512 q4_block_vnni(const uint8_t* blk, int K, int group, const v
                                    const limbs_t* l, const float* xsum) {
     return l->n == 2 ? q4_block_vnni_n(blk, K, group, sz, Np, b, bf16, l, xsum, 2)
                      : q4_block_vnni_n(blk, K, group, sz, Np, b, bf16, l, xsum, 3);
+}
+
+/* One int4 block times M <= 4 rows of x (row m as NL limbs l[m], group sums xsum[m * groups + g]):
+ * one load and one nibble split of the weights feed every row. Each row's operations are those of
+ * q4_block_vnni_n, so every row equals its single-row result bitwise. */
+static inline __attribute__((always_inline)) void q4_block_vnni_rows_m(const uint8_t* blk, int K, int group,
+                                                                      const void* sz, int Np, int b, int bf16,
+                                                                      const limbs_t* l, const float* xsum, const int M,
+                                                                      const int NL, float* out) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const int C = K / 8, groups = K / group;
+    __m512 y[4], y2[4];
+    for (int m = 0; m < M; m++) y[m] = y2[m] = _mm512_setzero_ps();
+    for (int g0 = 0; g0 < K; g0 += group) {
+        __m512i c[4][LIMBS][2];
+        for (int m = 0; m < M; m++)
+            for (int i = 0; i < NL; i++) c[m][i][0] = c[m][i][1] = _mm512_setzero_si512();
+        for (int k = g0; k < g0 + group; k += 8) {
+            const __m512i w = _mm512_loadu_si512((const void*)(blk + (int64_t)(k / 2) * BLOCK));
+            const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+            for (int m = 0; m < M; m++)
+                for (int i = 0; i < NL; i++) {
+                    c[m][i][0] = _mm512_dpbusd_epi32(c[m][i][0], lo, _mm512_set1_epi32(l[m].even[i * C + k / 8]));
+                    c[m][i][1] = _mm512_dpbusd_epi32(c[m][i][1], hi, _mm512_set1_epi32(l[m].odd[i * C + k / 8]));
+                }
+        }
+        __m512 s, z;
+        load_scales_zeros(sz, ((int64_t)(g0 / group) * Np + (int64_t)b * BLOCK) * 2, bf16, &s, &z);
+        for (int m = 0; m < M; m++) {
+            __m512 total;
+            if (NL == 2) {
+                __m512i merged = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(c[m][0][0], c[m][0][1]), 7),
+                                                  _mm512_add_epi32(c[m][1][0], c[m][1][1]));
+                total = _mm512_mul_ps(_mm512_cvtepi32_ps(merged), _mm512_set1_ps(l[m].scale[1]));
+            } else {
+                __m512i sums[LIMBS];
+                for (int i = 0; i < NL; i++) sums[i] = _mm512_add_epi32(c[m][i][0], c[m][i][1]);
+                total = limb_total(sums, NL, &l[m]);
+            }
+            const float sx = xsum[m * groups + g0 / group];
+            y[m] = _mm512_fmadd_ps(s, _mm512_sub_ps(total, _mm512_set1_ps(8.0f * sx)), y[m]);
+            y2[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx), y2[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) _mm512_storeu_ps(out + m * BLOCK, _mm512_add_ps(y[m], y2[m]));
+}
+
+/* One int4 block times M rows of x (limbs l[0..M), all with the same number of limbs), four rows at a time. */
+static UNUSED void q4_block_vnni_rows(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, int bf16,
+                                      const limbs_t* l, const float* xsum, int M, float* out) {
+    const int groups = K / group;
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        const int mc = M - m0 < 4 ? M - m0 : 4;
+        const limbs_t* lm = l + m0;
+        const float* sm = xsum + (int64_t)m0 * groups;
+        float* o = out + m0 * BLOCK;
+        switch (mc * 4 + lm->n) {
+#define CASE(m, n) \
+    case m * 4 + n: q4_block_vnni_rows_m(blk, K, group, sz, Np, b, bf16, lm, sm, m, n, o); break;
+            CASE(1, 2) CASE(2, 2) CASE(3, 2) CASE(4, 2) CASE(1, 3) CASE(2, 3) CASE(3, 3) CASE(4, 3)
+#undef CASE
+        }
+    }
 }
 #endif
 

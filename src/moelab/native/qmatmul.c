@@ -26,7 +26,7 @@
 
 #include "blocks.h"
 
-int moelab_native_version(void) { return 5; }
+int moelab_native_version(void) { return 6; }
 int moelab_native_simd_bits(void) { return MOELAB_AVX512 ? 512 : 0; }
 int moelab_native_bf16_dot(void) { return MOELAB_BF16DOT; }
 int moelab_native_vnni(void) { return MOELAB_VNNI; }
@@ -57,9 +57,13 @@ int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* 
     const int nblocks = (N + BLOCK - 1) / BLOCK;
     float* xf = to_f32(x, (int64_t)M * K, bf16);
     if (!xf) return -1;
-    limbs_t limbs = {0};
-    const int use_vnni = MOELAB_VNNI && M == 1 && K % 8 == 0;
-    if (use_vnni && !limbs_of(xf, K, bf16, &limbs)) {
+    /* Up to 8 rows: each row split into limbs once, every block read once for all rows (VNNI). */
+    limbs_t limbs[8] = {{0}};
+    const int use_vnni = MOELAB_VNNI && M <= 8 && K % 8 == 0;
+    int have = 0;
+    while (use_vnni && have < M && limbs_of(xf + (int64_t)have * K, K, bf16, &limbs[have])) have++;
+    if (use_vnni && have < M) {
+        for (int m = 0; m < have; m++) limbs_free(&limbs[m]);
         free(xf);
         return -1;
     }
@@ -73,8 +77,10 @@ int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* 
             if (failed) continue;
             const int8_t* blk = qb + (int64_t)b * K * BLOCK;
 #if MOELAB_VNNI
-            if (use_vnni)
-                _mm512_store_ps(t.out, q8_block_vnni(blk, K, &limbs));
+            if (use_vnni && M == 1)
+                _mm512_store_ps(t.out, q8_block_vnni(blk, K, &limbs[0]));
+            else if (use_vnni)
+                q8_block_vnni_rows(blk, K, limbs, M, t.out);
             else
 #endif
 #if MOELAB_AVX512
@@ -96,7 +102,7 @@ int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* 
         }
         scratch_free(&t);
     }
-    limbs_free(&limbs);
+    for (int m = 0; m < have; m++) limbs_free(&limbs[m]);
     free(xf);
     return failed ? -1 : 0;
 }
@@ -115,9 +121,14 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
     }
     if (small)
         for (int m = 0; m < M; m++) group_sums(xf + (int64_t)m * K, K, group, xsum + m * groups);
-    limbs_t limbs = {0};
-    const int use_vnni = MOELAB_VNNI && M == 1 && K % 8 == 0;
-    if (use_vnni && !limbs_of(xf, K, bf16, &limbs)) {
+    /* Integer dot products for one or two rows (for more, bf16 rows go through the bf16 dot
+     * products below: the nibbles' conversion is shared by more rows than the limbs' extra products). */
+    limbs_t limbs[8] = {{0}};
+    const int use_vnni = MOELAB_VNNI && small && K % 8 == 0 && (M <= 2 || !(MOELAB_BF16DOT && bf16));
+    int have = 0;
+    while (use_vnni && have < M && limbs_of(xf + (int64_t)have * K, K, bf16, &limbs[have])) have++;
+    if (use_vnni && have < M) {
+        for (int m = 0; m < have; m++) limbs_free(&limbs[m]);
         free(xsum);
         free(xf);
         return -1;
@@ -132,8 +143,10 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
             if (failed) continue;
             const uint8_t* blk = qb + (int64_t)b * (K / 2) * BLOCK;
 #if MOELAB_VNNI
-            if (use_vnni)
-                _mm512_store_ps(t.out, q4_block_vnni(blk, K, group, scales_zeros, Np, b, bf16, &limbs, xsum));
+            if (use_vnni && M == 1)
+                _mm512_store_ps(t.out, q4_block_vnni(blk, K, group, scales_zeros, Np, b, bf16, &limbs[0], xsum));
+            else if (use_vnni)
+                q4_block_vnni_rows(blk, K, group, scales_zeros, Np, b, bf16, limbs, xsum, M, t.out);
             else
 #endif
 #if MOELAB_BF16DOT
@@ -156,9 +169,39 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
         }
         scratch_free(&t);
     }
-    limbs_free(&limbs);
+    for (int m = 0; m < have; m++) limbs_free(&limbs[m]);
     free(xsum);
     free(xf);
+    return failed ? -1 : 0;
+}
+
+/* w [N, K] bf16, row-major = the dequantized weights of an int8 (bits 8: q * scale, scales [N]) or
+ * int4 (bits 4: (q - 8) * scale + zero, scales_zeros [K/group, Np, 2]) layout, each rounded once to
+ * bf16: what a GEMM multiplies many rows of x by (prefill), where reading the weights once per row
+ * block no longer decides the time. `bf16`: the scales' dtype. Returns 0, or -1 when out of memory. */
+int moelab_dequant_bf16(int bits, const void* qb, int group, const void* scales, int bf16, uint16_t* w, int N, int Np,
+                        int K, int threads) {
+    const int nblocks = (N + BLOCK - 1) / BLOCK;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|| : failed)
+    {
+        float* t = (float*)aligned_alloc(64, (size_t)K * BLOCK * 4 + 64);
+        failed = !t;
+#pragma omp for schedule(static)
+        for (int b = 0; b < nblocks; b++) {
+            if (failed) continue;
+            if (bits == 8)
+                q8_dequant_block((const int8_t*)qb + (int64_t)b * K * BLOCK, K, t);
+            else
+                q4_dequant_block((const uint8_t*)qb + (int64_t)b * (K / 2) * BLOCK, K, group, scales, Np, b, bf16, t);
+            for (int r = 0; r < BLOCK && b * BLOCK + r < N; r++) {
+                const float s = bits == 8 ? load_el(scales, b * BLOCK + r, bf16) : 1.0f;
+                uint16_t* row = w + (int64_t)(b * BLOCK + r) * K;
+                for (int k = 0; k < K; k++) row[k] = f32_to_bf16(t[(int64_t)k * BLOCK + r] * s);
+            }
+        }
+        free(t);
+    }
     return failed ? -1 : 0;
 }
 

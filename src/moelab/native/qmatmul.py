@@ -12,11 +12,17 @@ Legend: M rows of x, K inputs, N outputs, Np = N rounded up to 16, C bytes per p
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.native.build import library
 
 BLOCK = 16
+GEMM_ROWS = 16
+"""From this many rows of x on (prefill, not decode), a bf16 or fp32 product unpacks (bf16/fp32
+weights) or dequantizes to bf16 (int8/int4, :func:`dequantize_bf16`) the weight once and runs
+PyTorch's GEMM (oneDNN), which tiles for the caches and reaches the matmul peak; the kernels here
+read each weight block once for at most 8 rows and were built for decode (docs/inference.md, "Prefill")."""
 
 
 def interleave_rows(plain_NC: Tensor) -> Tensor:
@@ -74,6 +80,8 @@ def q8_matmul(x_MK: Tensor, packed: Tensor, scales_N: Tensor, n: int) -> Tensor:
 
 def _q8_kernel(x_MK: Tensor, packed: Tensor, scales_N: Tensor, n: int, bf16: int) -> Tensor:
     m, k = x_MK.shape
+    if bf16 and m >= GEMM_ROWS:
+        return F.linear(x_MK, dequantize_bf16(8, packed, scales_N, n, k))
     y = x_MK.new_empty(m, n)
     if m == 0:
         return y
@@ -97,6 +105,8 @@ def q4_matmul(x_MK: Tensor, packed: Tensor, group_size: int, scales_zeros_GN2: T
 
 def _q4_kernel(x_MK: Tensor, packed: Tensor, group_size: int, scales_zeros_GN2: Tensor, n: int, bf16: int) -> Tensor:
     m, k = x_MK.shape
+    if bf16 and m >= GEMM_ROWS:
+        return F.linear(x_MK, dequantize_bf16(4, packed, scales_zeros_GN2, n, k, group_size))
     y = x_MK.new_empty(m, n)
     if m == 0:
         return y
@@ -107,6 +117,20 @@ def _q4_kernel(x_MK: Tensor, packed: Tensor, group_size: int, scales_zeros_GN2: 
     if rc != 0:
         raise MemoryError("native int4 matmul could not allocate its scratch buffers")
     return y
+
+
+def dequantize_bf16(bits: int, packed: Tensor, scales: Tensor, n: int, k: int, group_size: int = 0) -> Tensor:
+    """The plain bf16 weight ``ŵ [n, k]`` of a native int8 (``scales [N]``) or int4 (``scales_zeros
+    [K/group, Np, 2]``) layout, each value rounded once to bf16 (``q · scale``; ``(q − 8) · scale + zero``).
+    Arguments as :func:`q8_matmul` / :func:`q4_matmul` take them (checked there)."""
+    w = torch.empty(n, k, dtype=torch.bfloat16)
+    rc = library().moelab_dequant_bf16(  # type: ignore[union-attr]
+        bits, packed.data_ptr(), group_size, scales.data_ptr(), int(scales.dtype == torch.bfloat16), w.data_ptr(),
+        n, packed.shape[0], k, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("native dequantization could not allocate its scratch buffers")
+    return w
 
 
 def bf16_pack(w_NK: Tensor) -> Tensor:
@@ -149,6 +173,8 @@ def _float_matmul(
 def _float_kernel(entry: str, name: str):
     def kernel(x_MK: Tensor, packed: Tensor, n: int) -> Tensor:
         m, k = x_MK.shape
+        if m >= GEMM_ROWS:  # the plain weight back (one copy), then PyTorch's GEMM
+            return F.linear(x_MK, deinterleave_rows(packed, n).view(x_MK.dtype))
         y = x_MK.new_empty(m, n)
         if m == 0:
             return y
