@@ -46,6 +46,8 @@ from moelab.infer.packed import packed_bytes
 from moelab.outputs import atomic_write_text
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
+PEERS = ("llama.cpp",)
+PEER_WEIGHTS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's type for each moelab dtype
 
 
 def mixtral_shaped() -> ModelConfig:
@@ -101,6 +103,11 @@ class DecodeBenchResult:
                 ("moelab int8 / moelab bf16 (MoE)", dec("moe", "moelab", "int8"), dec("moe", "moelab", "bf16")),
                 ("moelab int4 / moelab bf16 (MoE)", dec("moe", "moelab", "int4"), dec("moe", "moelab", "bf16")),
             ] + [(f"MoE / dense twin, moelab {d}", dec("moe", "moelab", d), dec("dense", "moelab", d)) for d in DTYPES]
+            pairs += [
+                (f"moelab {d} / llama.cpp {PEER_WEIGHTS[d]} ({label})", dec(m, "moelab", d), dec(m, "llama.cpp", d))
+                for d in DTYPES
+                for m, label in (("moe", "MoE"), ("dense", "dense"))
+            ]
             out += [(f"{name}, batch {b}", paired_ratio(a, c)) for name, a, c in pairs if a and c]
         return out
 
@@ -275,6 +282,7 @@ def run_decode_bench(
     hf_dtypes: tuple[str, ...] = ("fp32", "bf16"),
     rounds: int = 3,
     log=print,
+    peer: str | None = None,
 ) -> DecodeBenchResult:
     """Build every (model, impl, dtype) variant first, then, once per round (the order rotating
     each round): all moelab variants of one batch size with their decode steps interleaved in
@@ -284,6 +292,12 @@ def run_decode_bench(
     Why interleaved: on a shared CPU the speed drifts by 20–40% within minutes (here the memory
     bandwidth a VM gets jumps by up to 50% every few seconds); measuring each variant in its own
     stretch of time turns that drift into fake ratios.
+
+    ``peer="llama.cpp"``: each model is also written as GGUF (:mod:`moelab.convert.gguf`; bf16, q8_0, q4_0
+    or f32 for moelab's bf16, int8, int4, fp32) and timed in llama.cpp (:mod:`moelab.infer.llama_cpp_peer`)
+    with the run's thread count, one unit per (model, dtype, batch) like transformers'. llama.cpp's
+    weights are moelab's fp32 weights quantized by llama.cpp's own formats (q4_0: blocks of 32 with one
+    f16 scale; moelab's int4: groups of ``group`` with a bf16 scale and zero).
     """
     from moelab.native.build import describe as native_kernels
 
@@ -307,6 +321,8 @@ def run_decode_bench(
                 for b in batches:
                     fn = partial(time_transformers, hf, b, prompt, new, vocab)
                     units.append(([(name, "transformers", dtype, b)], [hf], lambda fn=fn: [fn()]))
+        if peer == "llama.cpp":
+            units += llama_cpp_units(moe, dense, dtypes, batches, prompt, new, Path(tmp), log)
         samples: dict[Key, list[tuple[float, float]]] = {k: [] for keys, _, _ in units for k in keys}
         for r in range(rounds):
             res.bandwidth_gbs.append(measure_read_bandwidth())  # the bound of this round's figures
@@ -318,21 +334,49 @@ def run_decode_bench(
                     log(f"  round {r + 1}/{rounds} {key[0]:5s} {key[1]:12s} {key[2]:4s} batch {key[3]}: "
                         f"prefill {pre:7.0f} tok/s, decode {dec:6.1f} tok/s")  # fmt: skip
         rss = rss_mib()
-        order = sorted(samples, key=lambda k: (k[3], DTYPES.index(k[2]), k[1] != "moelab", k[0]))
+        impls = ("moelab", "llama.cpp", "transformers")
+        order = sorted(samples, key=lambda k: (k[3], DTYPES.index(k[2]), impls.index(k[1]), k[0]))
         model_of = {k: m for keys, models, _ in units for k, m in zip(keys, models)}
         for key in order:
             pre = statistics.median(s[0] for s in samples[key])
             dec = statistics.median(s[1] for s in samples[key])
-            row = Row(*key, pre, dec, weights_mib(model_of[key]), rss, [s[1] for s in samples[key]])
+            mib = model_of[key].file_mib if key[1] == "llama.cpp" else weights_mib(model_of[key])
+            row = Row(*key, pre, dec, mib, rss, [s[1] for s in samples[key]])
             if key[1] == "moelab":
                 row.bytes_per_token = read_per_token(model_of[key], key[3], prompt + new // 2)
                 row.of_bound = statistics.median(
                     row.bytes_per_token * tok_s / (bw * 1e9) for tok_s, bw in zip(row.decode_rounds, res.bandwidth_gbs)
                 )
             res.rows.append(row)
+    for _, models, _ in units:
+        for m in models:
+            if hasattr(m, "close"):
+                m.close()  # llama.cpp contexts: freed before their files' folder goes
     del units, built
     gc.collect()
     return res
+
+
+def llama_cpp_units(
+    moe: nn.Module, dense: nn.Module, dtypes: tuple[str, ...], batches: tuple[int, ...], prompt: int, new: int,
+    folder: Path, log=print,
+) -> list:
+    """Timing units for llama.cpp (see :func:`run_decode_bench`): each model exported once per dtype,
+    one context per batch size."""
+    from moelab.convert.gguf import export_gguf
+    from moelab.infer.llama_cpp_peer import LlamaCppModel, time_llama_cpp
+
+    units = []
+    threads = torch.get_num_threads()
+    for name, base in (("moe", moe), ("dense", dense)):
+        for dtype in dtypes:
+            path = export_gguf(base, folder / f"{name}-{PEER_WEIGHTS[dtype]}.gguf", PEER_WEIGHTS[dtype])
+            log(f"  wrote {path.name} ({path.stat().st_size / 2**20:.0f} MiB) for llama.cpp")
+            for b in batches:
+                peer = LlamaCppModel(path, b, prompt + new + 2, threads)
+                fn = partial(time_llama_cpp, peer, b, prompt, new, base.cfg.vocab_size)
+                units.append(([(name, "llama.cpp", dtype, b)], [peer], lambda fn=fn: [fn()]))
+    return units
 
 
 RESULT_KEYS = frozenset({"prompt", "new_tokens", "host", "rows"})  # DecodeBenchResult.to_json()

@@ -1111,7 +1111,9 @@ def _add_bench_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new", type=int, help="decoded tokens per row (default 64; --quick 16)")
     p.add_argument("--group", type=int, default=32, help="int4 group size (default 32)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--peer", choices=["llama.cpp"],
+                   help="also time llama.cpp on the same weights (GGUF bf16/q8_0/q4_0/f32); needs pip install -e \".[peer]\"")
+    p.add_argument("--threads", type=int, help="torch threads, and llama.cpp's with --peer (default: torch's choice)")
     p.add_argument("--rounds", type=int, help="timed rounds per candidate, interleaved; rows are medians (default 3; --quick 1)")
     p.add_argument("--out", default="benchmarks/results", metavar="DIR",
                    help="where decode.json and decode.md go (--quick: decode-quick.json/.md)")
@@ -1119,7 +1121,8 @@ def _add_bench_decode_args(p: argparse.ArgumentParser) -> None:
                    help="replace an earlier decode.json/.md in --out (only files bench-decode wrote)")
 
 
-@command("bench-decode", "decode/prefill tok/s of the fast path (MoE, dense twin, fp32/bf16/int8/int4) vs transformers",
+@command("bench-decode", "decode/prefill tok/s of the fast path (MoE, dense twin, fp32/bf16/int8/int4) vs transformers "
+         "and llama.cpp",
          _add_bench_decode_args)
 def _run_bench_decode(args: argparse.Namespace) -> int:
     import torch
@@ -1139,6 +1142,13 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
         raise UserError(f"--rounds {rounds}: needs at least 1 round")
     stem = "decode-quick" if args.quick else "decode"
     check_results(args.out, stem, args.overwrite)  # an earlier result is refused now, not after the timing
+    peer = args.peer
+    if peer == "llama.cpp":
+        from moelab.infer.llama_cpp_peer import INSTALL, llama_cpp_version
+
+        if llama_cpp_version() is None:
+            print(f"notice: llama-cpp-python is not installed ({INSTALL}): the llama.cpp rows are skipped")
+            peer = None
 
     def check_length(cfg) -> None:
         if prompt < 1 or new < 1 or prompt + new + 1 > cfg.max_seq_len:
@@ -1162,7 +1172,7 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
     res = run_decode_bench(
         moe, dense, dtypes=dtypes, batches=tuple(args.batches or (1, 8)), prompt=prompt, new=new, group=args.group,
         hf_dtypes=() if args.no_hf else tuple(d for d in dtypes if d in ("fp32", "bf16")) or ("bf16",),
-        rounds=rounds,
+        rounds=rounds, peer=peer,
     )  # fmt: skip
     js, md = write_results(res, args.out, stem=stem, overwrite=args.overwrite)
     print(res.to_markdown())

@@ -145,6 +145,27 @@ def test_bench_decode_tiny_run_writes_rows_and_ratios(tmp_path) -> None:
     assert "| moe | transformers | bf16 | 2 |" in md.read_text()
 
 
+def test_bench_decode_with_llama_cpp_peer_writes_its_rows_and_ratios(tmp_path) -> None:
+    """Plumbing only: llama.cpp rows for every (model, dtype, batch) and the moelab / llama.cpp ratios."""
+    pytest.importorskip("llama_cpp", reason='llama.cpp peer not installed (pip install -e ".[peer]")')
+    from moelab.bench_decode import run_decode_bench, write_results
+    from moelab.model.twins import dense_twin
+
+    torch.manual_seed(0)
+    cfg = tiny_config(d_model=64, vocab_size=300, moe=tiny_moe(expert_hidden=64))
+    moe, dense = Transformer(cfg).eval(), Transformer(dense_twin(cfg, "iso_active")).eval()
+    res = run_decode_bench(
+        moe, dense, dtypes=("bf16", "int8"), batches=(1, 2), prompt=4, new=2, rounds=1, hf_dtypes=(), log=lambda _: None,
+        peer="llama.cpp",
+    )  # fmt: skip
+    peers = [r for r in res.rows if r.impl == "llama.cpp"]
+    assert len(peers) == 2 * 2 * 2 and all(r.decode_tok_s > 0 and r.weights_mib > 0 for r in peers)
+    ratios = dict(res.ratios())
+    assert "moelab int8 / llama.cpp q8_0 (MoE), batch 2" in ratios and "moelab bf16 / llama.cpp bf16 (dense), batch 1" in ratios
+    _, md = write_results(res, tmp_path)
+    assert "| moe | llama.cpp | int8 | 2 |" in md.read_text()
+
+
 def test_bench_decode_cli_rejects_too_long_runs_before_building(capsys) -> None:
     from moelab.cli import main
 
@@ -196,3 +217,63 @@ def test_bf16_decode_copy_keeps_fp32_routers() -> None:
     for block, orig in zip(fast.blocks, model.blocks):
         assert block.ffn.router.gate.weight.dtype == torch.float32
         assert torch.equal(block.ffn.router.gate.weight, orig.ffn.router.gate.weight)
+
+
+def _module_attention(block, x_B1D, rope, mask, cache):
+    return block.attn(block.attn_norm(x_B1D), rope, mask, False, cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_batched_one_query_attention_equals_the_module(dtype, padded, monkeypatch) -> None:
+    """Batched steps attend one query per row through ``_one_query_attention``: the module itself for
+    fp32 models (bitwise), fp32 attention math between the module's own projections for bf16 ones
+    (equal to the module's bf16 attention to bf16 rounding)."""
+    from moelab.infer import fast_decode
+
+    model = _model("moe", seed=2)
+    if dtype == torch.bfloat16:
+        model = cast_for_decode(model, dtype, pack=False)
+    torch.manual_seed(4)
+    B, P, N = 3, 5, 4
+    seq = torch.randint(0, 90, (B, P + N))
+    mask = torch.ones(B, P, dtype=torch.long)
+    if padded:
+        mask[2, :3] = 0
+
+    def run() -> list[torch.Tensor]:
+        dec = FastDecoder(model, B, P + N)
+        out = [dec.prefill(seq[:, :P], mask)]
+        out += [dec.step(seq[:, t : t + 1]) for t in range(P, P + N - 1)]
+        return [o.float() for o in out]
+
+    ours = run()
+    monkeypatch.setattr(fast_decode, "_one_query_attention", _module_attention)
+    module = run()
+    for a, b in zip(ours, module):
+        if dtype == torch.float32:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0.05 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_steps_equal_each_row_decoded_alone(dtype) -> None:
+    """A batch of rows that share experts (each expert's weights read once for all its rows, the
+    native few-row kernels) gives each row the logits it gets decoded alone (batch 1: the fused
+    single-row steps), to rounding."""
+    model = cast_for_decode(_model("moe", seed=5), dtype)
+    torch.manual_seed(6)
+    B, P, N = 4, 6, 5
+    seq = torch.randint(0, 90, (B, P + N))
+
+    def decode(rows: torch.Tensor) -> torch.Tensor:
+        dec = FastDecoder(model, rows.shape[0], P + N)
+        out = [dec.prefill(rows[:, :P])] + [dec.step(rows[:, t : t + 1]) for t in range(P, P + N - 1)]
+        return torch.stack(out, 1).float()  # [rows, N, V]
+
+    together = decode(seq)
+    alone = torch.cat([decode(seq[i : i + 1]) for i in range(B)])
+    atol = 1e-4 if dtype == torch.float32 else 0.05 * alone.abs().max().item()
+    torch.testing.assert_close(together, alone, rtol=0, atol=atol)
+    assert (together.argmax(-1) == alone.argmax(-1)).float().mean() > 0.9
