@@ -126,11 +126,12 @@ def test_dequantize_bf16_equals_formula(lib, n, k, group):
     torch.testing.assert_close(got4.float(), w4, rtol=2**-8, atol=1e-6)
 
 
-@pytest.mark.parametrize("m", [qmatmul.GEMM_ROWS - 1, qmatmul.GEMM_ROWS, 40])
+@pytest.mark.parametrize("m", [12, qmatmul.GEMM_ROWS - 1, qmatmul.GEMM_ROWS, qmatmul.GEMM_ROWS + 5])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_rows_go_through_gemm_and_match_decode_rows(m, dtype):
-    """From GEMM_ROWS rows on, bf16 products run PyTorch's GEMM on the unpacked/dequantized weight: the
-    same product as the few-row kernels row by row, to the rounding of bf16 weights and outputs."""
+    """From GEMM_ROWS rows on, int8 products with bf16 rows run PyTorch's GEMM on the dequantized weight;
+    int4, bf16 and fp32 stay native (int4 and bf16 eight rows at a time): each the same product as the
+    few-row kernels eight rows at a time, to the rounding of bf16 weights and outputs."""
     if build.library() is None:
         pytest.skip(f"native kernels unavailable: {build.unavailable_reason()}")
     torch.manual_seed(m)

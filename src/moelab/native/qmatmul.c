@@ -114,12 +114,14 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
     float* xf = to_f32(x, (int64_t)M * K, bf16);
     if (!xf) return -1;
     const int small = M <= 8;
-    float* xsum = (float*)malloc((size_t)(small ? M : 1) * groups * sizeof(float));
+    const int dot_rows = MOELAB_BF16DOT && bf16; /* bf16 rows, eight at a time, through bf16 dot products */
+    const int sums = small || dot_rows;
+    float* xsum = (float*)malloc((size_t)(sums ? M : 1) * groups * sizeof(float));
     if (!xsum) {
         free(xf);
         return -1;
     }
-    if (small)
+    if (sums)
         for (int m = 0; m < M; m++) group_sums(xf + (int64_t)m * K, K, group, xsum + m * groups);
     /* Integer dot products for one or two rows (for more, bf16 rows go through the bf16 dot
      * products below: the nibbles' conversion is shared by more rows than the limbs' extra products). */
@@ -150,8 +152,10 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
             else
 #endif
 #if MOELAB_BF16DOT
-            if (bf16 && small)
-                q4_block_bf16dot(blk, K, group, scales_zeros, Np, b, (const uint32_t*)x, xsum, M, t.out);
+            if (dot_rows) /* more than 8 rows: the block stays in L1 from one group of eight to the next */
+                for (int m0 = 0; m0 < M; m0 += 8)
+                    q4_block_bf16dot(blk, K, group, scales_zeros, Np, b, (const uint32_t*)x + (int64_t)m0 * (K / 2),
+                                     xsum + (int64_t)m0 * groups, M - m0 < 8 ? M - m0 : 8, t.out + m0 * BLOCK);
             else
 #endif
 #if MOELAB_AVX512
