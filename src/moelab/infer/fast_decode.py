@@ -57,7 +57,7 @@ from moelab.infer.fused import attention_step, block_step
 from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, generate
 from moelab.infer.packed import pack_for_decode
 from moelab.model.kv_cache import make_cache
-from moelab.model.transformer import Attention
+from moelab.model.transformer import Attention, LayerCache
 from moelab.moe.routers.base import DecodeSpec, Router, softmax_topk_weights
 
 
@@ -199,7 +199,9 @@ class FastDecoder:
         return y_TD.view(B, 1, D)
 
 
-def _one_query_attention(block: nn.Module, x_B1D: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache) -> Tensor:
+def _one_query_attention(
+    block: nn.Module, x_B1D: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: LayerCache
+) -> Tensor:
     """The block's attention for one new token per row, with fp32 attention math for bf16 models.
 
     Why: for a single query, PyTorch's CPU ``scaled_dot_product_attention`` is 4–6× slower in bf16
