@@ -46,7 +46,6 @@ from moelab.infer.packed import packed_bytes
 from moelab.outputs import atomic_write_text
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
-PEERS = ("llama.cpp",)
 PEER_WEIGHTS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's type for each moelab dtype
 
 
@@ -194,6 +193,11 @@ def variant(base: nn.Module, dtype: str, group: int) -> nn.Module:
     return m
 
 
+def prompt_ids(batch: int, prompt: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """The random prompts ``[B, P]`` every engine is timed on (the same ids for the same seed)."""
+    return torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def time_moelab(model: nn.Module, batch: int, prompt: int, new: int, seed: int = 0) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of one model on the fast path: one prefill of ``prompt`` tokens
@@ -216,8 +220,7 @@ def time_moelab_interleaved(
     step in a chunk it decodes as it would alone (the smaller quantized models keep part of their
     working set in the 32 MB L3 from step to step, and single-step interleaving took that away).
     """
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, models[0].cfg.vocab_size, (batch, prompt), generator=g)
+    ids = prompt_ids(batch, prompt, models[0].cfg.vocab_size, seed)
     decoders, logits, prefill = [], [], []
     for m in models:
         dec = FastDecoder(m, batch, prompt + new + 1)
@@ -238,8 +241,7 @@ def time_moelab_interleaved(
 
 @torch.no_grad()
 def time_transformers(hf_model, batch: int, prompt: int, new: int, vocab: int, seed: int = 0) -> tuple[float, float]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, prompt), generator=g)
+    ids = prompt_ids(batch, prompt, vocab, seed)
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
 
     def run(n: int) -> float:
@@ -374,7 +376,7 @@ def llama_cpp_units(
             log(f"  wrote {path.name} ({path.stat().st_size / 2**20:.0f} MiB) for llama.cpp")
             for b in batches:
                 peer = LlamaCppModel(path, b, prompt + new + 2, threads)
-                fn = partial(time_llama_cpp, peer, b, prompt, new, base.cfg.vocab_size)
+                fn = partial(time_llama_cpp, peer, prompt_ids(b, prompt, base.cfg.vocab_size).tolist(), new)
                 units.append(([(name, "llama.cpp", dtype, b)], [peer], lambda fn=fn: [fn()]))
     return units
 

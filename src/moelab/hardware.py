@@ -59,7 +59,7 @@ def measure_read_bandwidth(
     steady rate; the hybrid-inference study's and the speculative benchmark's)."""
     if statistic not in ("best", "median"):
         raise ValueError(f"statistic must be 'best' or 'median', got {statistic!r}")
-    x = torch.ones(int(gib * 2**30) // torch.finfo(dtype).bits * 8, dtype=dtype)
+    x = torch.ones(int(gib * 2**30) // (torch.finfo(dtype).bits // 8), dtype=dtype)
     x.sum()  # first touch
     times = []
     for _ in range(repeats):

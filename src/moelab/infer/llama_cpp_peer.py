@@ -131,16 +131,13 @@ class LlamaCppModel:
         return out
 
 
-def time_llama_cpp(model: LlamaCppModel, batch: int, prompt: int, new: int, vocab: int, seed: int = 0) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s): the prompt of every row in one pass, a warm-up step, then ``new``
-    greedy steps of all rows together. Prompts are the same random ids moelab's timing uses (same seed)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, prompt), generator=g).tolist()
+def time_llama_cpp(model: LlamaCppModel, ids_BP: list[list[int]], new: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s): the prompts ``ids_BP`` (one per sequence) in one pass, a warm-up
+    step, then ``new`` greedy steps of all rows together."""
+    batch, prompt = len(ids_BP), len(ids_BP[0])
     model.clear()
     t0 = time.perf_counter()
-    logits = model.decode(ids, 0)
+    logits = model.decode(ids_BP, 0)
     prefill = batch * prompt / (time.perf_counter() - t0)
     nxt = [[int(t)] for t in logits.argmax(-1)]
     logits = model.decode(nxt, prompt)  # warm-up step

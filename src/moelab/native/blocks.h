@@ -459,6 +459,20 @@ static UNUSED int limbs_of(const float* xf, int K, int bf16, limbs_t* l) {
     return 1;
 }
 
+/* The limbs of each of the M <= 8 rows of xf [M, K] into l[0..M): 1, or 0 when out of memory (nothing
+ * left allocated). */
+static UNUSED int rows_limbs_of(const float* xf, int M, int K, int bf16, limbs_t* l) {
+    int have = 0;
+    while (have < M && limbs_of(xf + (int64_t)have * K, K, bf16, &l[have])) have++;
+    if (have == M) return 1;
+    for (int m = 0; m < have; m++) limbs_free(&l[m]);
+    return 0;
+}
+
+static UNUSED void rows_limbs_free(limbs_t* l, int M) {
+    for (int m = 0; m < M; m++) limbs_free(&l[m]);
+}
+
 #if MOELAB_VNNI
 /* [4 inputs][16 rows] bytes → [16 rows][4 inputs]: one 32-bit lane per row, as dpbusd reads it. */
 static inline __m512i rows_to_lanes(const void* p) {

@@ -60,10 +60,7 @@ int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* 
     /* Up to 8 rows: each row split into limbs once, every block read once for all rows (VNNI). */
     limbs_t limbs[8] = {{0}};
     const int use_vnni = MOELAB_VNNI && M <= 8 && K % 8 == 0;
-    int have = 0;
-    while (use_vnni && have < M && limbs_of(xf + (int64_t)have * K, K, bf16, &limbs[have])) have++;
-    if (use_vnni && have < M) {
-        for (int m = 0; m < have; m++) limbs_free(&limbs[m]);
+    if (use_vnni && !rows_limbs_of(xf, M, K, bf16, limbs)) {
         free(xf);
         return -1;
     }
@@ -102,7 +99,7 @@ int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* 
         }
         scratch_free(&t);
     }
-    for (int m = 0; m < have; m++) limbs_free(&limbs[m]);
+    if (use_vnni) rows_limbs_free(limbs, M);
     free(xf);
     return failed ? -1 : 0;
 }
@@ -127,10 +124,7 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
      * products below: the nibbles' conversion is shared by more rows than the limbs' extra products). */
     limbs_t limbs[8] = {{0}};
     const int use_vnni = MOELAB_VNNI && small && K % 8 == 0 && (M <= 2 || !(MOELAB_BF16DOT && bf16));
-    int have = 0;
-    while (use_vnni && have < M && limbs_of(xf + (int64_t)have * K, K, bf16, &limbs[have])) have++;
-    if (use_vnni && have < M) {
-        for (int m = 0; m < have; m++) limbs_free(&limbs[m]);
+    if (use_vnni && !rows_limbs_of(xf, M, K, bf16, limbs)) {
         free(xsum);
         free(xf);
         return -1;
@@ -173,7 +167,7 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
         }
         scratch_free(&t);
     }
-    for (int m = 0; m < have; m++) limbs_free(&limbs[m]);
+    if (use_vnni) rows_limbs_free(limbs, M);
     free(xsum);
     free(xf);
     return failed ? -1 : 0;
