@@ -155,8 +155,9 @@ def export_gguf(model: torch.nn.Module, path: str | Path, weights: str = "bf16")
 def _write_header(gguf: Any, writer: Any, cfg: Any, weights: str) -> None:
     moe = cfg.moe
     writer.add_name(f"moelab {'moe' if moe else 'dense'} {cfg.d_model}d{cfg.n_layers}L")
+    F = gguf.LlamaFileType
     writer.add_file_type(
-        {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[weights]  # llama.cpp's LLAMA_FTYPE_* numbers
+        {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}[weights]
     )
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)
