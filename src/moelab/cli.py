@@ -837,6 +837,7 @@ def run_config_from_args(args: argparse.Namespace, default_preset: str = "tiny")
     from moelab.model.memory_guard import require_training_fits
     from moelab.moe.validate import check_model_config
     from moelab.objectives import build_objective
+    from moelab.train.master_weights import MASTER_PRECISION, MASTER_WEIGHT_BYTES
 
     cfg = load_run_config(args.config) if args.config else run_preset(args.preset or default_preset)
     overrides = list(args.overrides)
@@ -852,7 +853,10 @@ def run_config_from_args(args: argparse.Namespace, default_preset: str = "tiny")
 
         model = EncoderDecoderConfig.from_model(model)
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    require_training_fits(model, tokens, 4 if cfg.train.precision == "fp32" else 2, cfg.train.device)
+    weight_bytes = MASTER_WEIGHT_BYTES if cfg.train.precision == MASTER_PRECISION else 4
+    require_training_fits(
+        model, tokens, 4 if cfg.train.precision == "fp32" else 2, cfg.train.device, weight_bytes=weight_bytes
+    )
     return cfg
 
 

@@ -430,7 +430,7 @@ def preset(name: str) -> ModelConfig:
 # ----------------------------------------------------------------------------- data, training, runs
 
 OBJECTIVE_NAMES = ("causal", "prefix", "mlm", "span")  # = moelab.objectives.OBJECTIVES (tested)
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "bf16-master", "auto")  # bf16-master: moelab.train.master_weights
 TOKENIZERS = ("bpe", "bytes")
 
 
@@ -535,7 +535,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
-    precision: str = "auto"  # fp32 | bf16 | auto (bf16 autocast where moelab.hardware.bf16_is_fast)
+    # fp32 | bf16 (autocast over fp32 weights) | bf16-master (bf16 weights, fp32 master copy in the optimizer)
+    # | auto (bf16 autocast where moelab.hardware.bf16_is_fast)
+    precision: str = "auto"
     objective: str = "causal"  # causal | prefix | mlm | span (moelab.objectives; span trains an encoder-decoder)
     eval_every: int = 100  # steps; 0 = only at the end
     eval_batches: int = 8
@@ -564,6 +566,12 @@ class TrainConfig:
         _require(self.eps > 0, "train.eps", self.eps, "must be > 0")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
         _one_of("train.precision", self.precision, PRECISIONS)
+        _require(
+            not (self.precision == "bf16-master" and self.lora.enabled),
+            "train.precision", self.precision,
+            "bf16-master trains every weight from an fp32 master copy; a LoRA run (train.lora.rank > 0) trains "
+            "fp32 adapters over a frozen base: use train.precision=bf16 with train.lora.base_dtype=bf16",
+        )
         _one_of("train.objective", self.objective, OBJECTIVE_NAMES)
         _one_of("train.schedule", self.schedule, SCHEDULE_NAMES)
         _one_of("train.decay_shape", self.decay_shape, DECAY_SHAPES)

@@ -145,9 +145,14 @@ def to_markdown(result: dict, command: str = "moelab bench") -> str:
                 )
             lines.append("")
     if "model" in result:
+        lines += ["### Training step (AdamW), tokens/s", ""]
+        if any(rec["dtype"] == "bf16-master" for rec in result["model"]):
+            lines += [
+                "`bfloat16`: autocast over fp32 weights; `bf16-master`: bf16 weights under the same autocast, AdamW",
+                "over fp32 master copies (`train.precision=bf16-master`).",
+                "",
+            ]
         lines += [
-            "### Training step (AdamW), tokens/s",
-            "",
             "| preset | dtype | batch×seq | MoE (auto) | dense twin | MoE/dense time |",
             "|---|---|---|--:|--:|--:|",
         ]

@@ -3,7 +3,8 @@
 Quick (``--quick``, under 2 minutes on 2 idle CPU cores): both issue shapes at T=512,
 forward+backward only, 2 rounds, fp32 and bf16, every backend (``loop`` at E=8 only) and
 transformers' Mixtral block, the ``tiny`` preset's training step. Full: T=4096 with forward-only too, a sweep over E at fixed
-active FLOPs (k=2, h=1024), ``tiny`` and ``small`` training steps, and ``--skew``.
+active FLOPs (k=2, h=1024), ``tiny`` and ``small`` training steps, and ``--skew``. In bf16 each training step
+runs twice: autocast over fp32 weights, and bf16 weights with fp32 masters (dtype ``bf16-master``).
 """
 
 from __future__ import annotations
@@ -137,5 +138,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
             for name, dt in dtypes.items():
                 log(f"model {preset_name} {name}")
                 models.append(bench_model(preset_name, batch, seq, dt, device, opts.n_repeats))
+                if dt == torch.bfloat16:  # beside autocast: bf16 weights, AdamW over fp32 masters
+                    log(f"model {preset_name} bf16-master")
+                    models.append(bench_model(preset_name, batch, seq, dt, device, opts.n_repeats, master=True))
         result["model"] = models
     return result

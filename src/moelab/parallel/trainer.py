@@ -60,6 +60,11 @@ class DistributedTrainer(Trainer):
     ) -> None:
         if cfg.train.lora.enabled:
             raise UserError("train.lora is not supported under torchrun yet: fine-tune with LoRA in one process")
+        if cfg.train.precision == "bf16-master":
+            raise UserError(
+                "train.precision=bf16-master is not supported under torchrun yet: use train.precision=bf16 "
+                "(autocast over fp32 weights), or train with bf16-master in one process"
+            )
         super().__init__(cfg, run_dir, data=data, init=init)  # every rank loads the full weights; _install shards
         tc = self.cfg.train
         if not objective_step.is_plain_causal(self.objective):

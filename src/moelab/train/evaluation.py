@@ -59,8 +59,9 @@ class EvalResult:
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
-    """Whether to autocast to bf16: ``bf16`` yes, ``fp32`` no, ``auto`` where bf16 is fast."""
-    return precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
+    """Whether to autocast to bf16: ``bf16`` and ``bf16-master`` (bf16 weights: autocast casts the rest)
+    yes, ``fp32`` no, ``auto`` where bf16 is fast."""
+    return precision in ("bf16", "bf16-master") or (precision == "auto" and bf16_is_fast(device))
 
 
 def autocast(device: torch.device, bf16: bool):

@@ -152,12 +152,14 @@ def require_init_training_fits(source: InitSource, cfg: RunConfig) -> None:
     (16 bytes a parameter) is refused here, its LoRA fine-tune in bf16 (≈2 bytes a parameter) is not."""
     from moelab.model.lora import base_dtype, lora_counts
     from moelab.model.memory_guard import require_training_fits
+    from moelab.train.master_weights import MASTER_PRECISION, MASTER_WEIGHT_BYTES
 
     tc = cfg.train
     dtype = base_dtype(tc.lora)
-    lowp = dtype != torch.float32 or tc.precision != "fp32"
+    lowp = dtype != torch.float32 or tc.precision != "fp32"  # bf16 activations (bf16, bf16-master, auto)
     adapters, trainable = lora_counts(cfg.model, tc.lora) if tc.lora.enabled else (0, None)
+    weight_bytes = MASTER_WEIGHT_BYTES if tc.precision == MASTER_PRECISION else dtype.itemsize
     require_training_fits(
         cfg.model, tc.batch_size * cfg.data.seq_len, 2 if lowp else 4, tc.device,
-        weight_bytes=dtype.itemsize, adapters=adapters, trainable=trainable, held=source.nbytes,
+        weight_bytes=weight_bytes, adapters=adapters, trainable=trainable, held=source.nbytes,
     )  # fmt: skip

@@ -11,6 +11,8 @@ function of the step, so resuming needs only the step number.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -37,13 +39,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``model``'s parameters (:func:`param_groups`). Under ``train.precision=bf16-master`` the
+    trainer builds :class:`moelab.train.master_weights.MasterWeightAdamW` instead, with the same groups
+    and options over fp32 masters."""
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=fused_supported(model) or None,
+        param_groups(model, cfg.weight_decay), **adamw_options(cfg, fused_supported(model))
     )
+
+
+def adamw_options(cfg: TrainConfig, fused: bool) -> dict[str, Any]:
+    """AdamW's keyword arguments for ``cfg``: lr, betas, eps, and the fused kernel where ``fused``."""
+    return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": fused or None}
 
 
 def fused_supported(model: nn.Module) -> bool:

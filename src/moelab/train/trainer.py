@@ -4,7 +4,10 @@ Per step: for each micro-batch, forward (with ``return_routing=True`` when the m
 layers) under optional bf16 autocast, ``out.total_loss`` (LM loss + weighted aux/z losses)
 divided by ``grad_accum``, backward; then :class:`RoutingStats` of the step go to
 ``Balancer.update`` (between backward and the optimizer step, DESIGN.md), gradients are
-clipped and AdamW steps with the warmup+cosine learning rate of that step.
+clipped and AdamW steps with the warmup+cosine learning rate of that step. Under
+``train.precision=bf16-master`` the weights are bf16 and AdamW steps fp32 masters
+(:mod:`moelab.train.master_weights`): gradients move to the masters after each micro-batch,
+clipping reads the fp32 gradients, and checkpoints hold the masters.
 
 A non-finite loss or gradient norm skips the step (no update, data still consumed, counted);
 ``train.max_bad_steps`` in a row stop the run with a :class:`TrainingDiverged` error that says
@@ -49,7 +52,13 @@ from moelab.train import objective_step
 from moelab.train.evaluation import EvalResult, autocast, evaluate, evaluate_with_objective, resolve_precision
 from moelab.train.init import InitSource, init_model
 from moelab.train.logging import MetricsLogger, Progress, read_metrics
-from moelab.train.optim import build_optimizer, lr_at, set_lr
+from moelab.train.master_weights import (
+    MasterWeightAdamW,
+    build_training_optimizer,
+    checkpoint_weights,
+    grads_to_clip,
+)
+from moelab.train.optim import lr_at, set_lr
 from moelab.train.resume_config import ConfigChange, check_resume_config
 from moelab.train.run_folder import check_run_folder, start_run_folder
 
@@ -95,7 +104,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = self._build_model(init)
         self.objective_rng = torch.Generator().manual_seed(tc.seed)  # masks, spans, prefixes
-        self.optimizer = build_optimizer(self.model, tc)
+        self.optimizer = build_training_optimizer(self.model, tc)  # bf16-master: casts the weights to bf16
         self.balancer = Balancer(self.model)
         self.health = RouterHealth(cfg.model.moe) if cfg.model.moe is not None else None
         self.train_split = repeated_subset(data.splits.train, cfg.data.train_fraction)
@@ -148,14 +157,15 @@ class Trainer:
             self.objective_rng.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
 
     def save(self) -> Path:
-        path = save_checkpoint(
-            self.run_dir / "checkpoints" / checkpoint_name(self.step),
-            self.model,
-            self.cfg,
-            self.data.tokenizer,
-            self.optimizer,
-            self.train_state(),
-        )
+        with checkpoint_weights(self.optimizer):  # bf16-master: the fp32 masters are the checkpoint's weights
+            path = save_checkpoint(
+                self.run_dir / "checkpoints" / checkpoint_name(self.step),
+                self.model,
+                self.cfg,
+                self.data.tokenizer,
+                self.optimizer,
+                self.train_state(),
+            )
         prune_checkpoints(self.run_dir, self.cfg.train.keep_last, newest=path)
         return path
 
@@ -174,7 +184,9 @@ class Trainer:
         ckpt = self.checkpoint_to_resume(allow_config_change)
         if ckpt is None:
             return False
-        self._load_train_state(load_training_state(ckpt, self.model, self.optimizer))
+        with checkpoint_weights(self.optimizer):  # bf16-master: the saved fp32 weights go into the masters
+            state = load_training_state(ckpt, self.model, self.optimizer)
+        self._load_train_state(state)
         return True
 
     def open_run(self, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False) -> bool:
@@ -202,6 +214,8 @@ class Trainer:
         loss = out.total_loss
         if torch.isfinite(loss):
             (loss * scale).backward()
+            if isinstance(self.optimizer, MasterWeightAdamW):  # sum the micro-batches' gradients in fp32
+                self.optimizer.accumulate_grads()
         return loss.detach(), out
 
     def train_step(self) -> dict[str, Any]:
@@ -228,7 +242,7 @@ class Trainer:
         bad = None if finite else LOSS
         if finite:
             self.balancer.update(routing)
-            params = [p for p in self.model.parameters() if p.grad is not None]
+            params = grads_to_clip(self.optimizer, self.model)  # bf16-master: the fp32 master gradients
             if tc.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
             else:
