@@ -78,7 +78,7 @@ def test_int8_equals_formula(lib, n, k, m, dtype):
 def test_int4_equals_formula(lib, n, k, group, m, dtype):
     q, sz, w = int4_case(n, k, group, dtype)
     x = torch.randn(m, k).to(dtype)
-    y = qmatmul.q4_matmul(x, qmatmul.lane_major_rows(pack_nibbles(q)), group, sz, n)
+    y = qmatmul.q4_matmul(x, qmatmul.lane_major_rows(pack_nibbles(q)), group, qmatmul.block_major_scales(sz), n)
     assert y.shape == (m, n) and y.dtype == dtype
     assert_matches(y, F.linear(x.float(), w))
 
@@ -102,7 +102,7 @@ def test_few_rows_equal_each_row_alone(lib, m, dtype):
         checked += 1
         if dtype == torch.float32 or m == 2 or not lib.moelab_native_bf16_dot():
             q4, sz, _ = int4_case(n, k, 64, dtype)
-            f4 = lambda a: qmatmul.q4_matmul(a, qmatmul.lane_major_rows(pack_nibbles(q4)), 64, sz, n)  # noqa: E731
+            f4 = lambda a: qmatmul.q4_matmul(a, qmatmul.lane_major_rows(pack_nibbles(q4)), 64, qmatmul.block_major_scales(sz), n)  # noqa: E731
             assert torch.equal(f4(x), rows(f4))
             checked += 1
     if lib.moelab_native_bf16_dot() and dtype == torch.bfloat16 and m <= 4:
@@ -121,7 +121,7 @@ def test_dequantize_bf16_equals_formula(lib, n, k, group):
     got = qmatmul.dequantize_bf16(8, qmatmul.interleave_rows(q), scales, n, k)
     assert got.dtype == torch.bfloat16 and torch.equal(got, w.to(torch.bfloat16))  # q · s: one product, one rounding
     q4, sz, w4 = int4_case(n, k, group, torch.bfloat16)
-    got4 = qmatmul.dequantize_bf16(4, qmatmul.lane_major_rows(pack_nibbles(q4)), sz, n, k, group)
+    got4 = qmatmul.dequantize_bf16(4, qmatmul.lane_major_rows(pack_nibbles(q4)), qmatmul.block_major_scales(sz), n, k, group)
     # (q − 8) · s + z may be one fused multiply-add in C: within one bf16 rounding of the formula
     torch.testing.assert_close(got4.float(), w4, rtol=2**-8, atol=1e-6)
 
@@ -142,7 +142,7 @@ def test_prefill_rows_go_through_gemm_and_match_decode_rows(m, dtype):
     q4, sz, w4 = int4_case(n, k, 32, dtype)
     cases = [
         (lambda a: qmatmul.q8_matmul(a, qmatmul.interleave_rows(q), scales, n), w8),
-        (lambda a: qmatmul.q4_matmul(a, qmatmul.lane_major_rows(pack_nibbles(q4)), 32, sz, n), w4),
+        (lambda a: qmatmul.q4_matmul(a, qmatmul.lane_major_rows(pack_nibbles(q4)), 32, qmatmul.block_major_scales(sz), n), w4),
     ]
     if dtype == torch.bfloat16:
         cases.append((lambda a: qmatmul.bf16_matmul(a, qmatmul.bf16_pack(w.to(dtype)), n), w.to(dtype).float()))
@@ -165,7 +165,7 @@ def test_equal_to_pytorch_kernels_fp32(lib, m):
     ours = qmatmul.q8_matmul(x, qmatmul.interleave_rows(q8), s8, 96)
     assert_matches(ours, torch.ops.aten._weight_int8pack_mm(x, q8, s8))
     q4, sz, _ = int4_case(96, 128, 32, torch.float32)
-    ours = qmatmul.q4_matmul(x, qmatmul.lane_major_rows(pack_nibbles(q4)), 32, sz, 96)
+    ours = qmatmul.q4_matmul(x, qmatmul.lane_major_rows(pack_nibbles(q4)), 32, qmatmul.block_major_scales(sz), 96)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32), 2)
     theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
     assert_matches(ours, theirs)
@@ -194,7 +194,7 @@ def test_results_do_not_depend_on_the_thread_count(lib):
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             out.append((qmatmul.q8_matmul(x, qmatmul.interleave_rows(q), s, 200),
-                        qmatmul.q4_matmul(x[:1], qmatmul.lane_major_rows(pack_nibbles(q4)), 64, sz, 200)))  # fmt: skip
+                        qmatmul.q4_matmul(x[:1], qmatmul.lane_major_rows(pack_nibbles(q4)), 64, qmatmul.block_major_scales(sz), 200)))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     for a, b in out[1:]:
@@ -230,7 +230,7 @@ def test_bad_arguments_are_refused_before_c(lib):
         qmatmul.q8_matmul(torch.randn(1, 64), packed, s, 40)
     q4, sz, _ = int4_case(16, 64, 32, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
-        qmatmul.q4_matmul(torch.randn(1, 64), qmatmul.lane_major_rows(pack_nibbles(q4)), 64, sz, 16)
+        qmatmul.q4_matmul(torch.randn(1, 64), qmatmul.lane_major_rows(pack_nibbles(q4)), 64, qmatmul.block_major_scales(sz), 16)
 
 
 def test_no_compiler_falls_back_to_pytorch_kernels(tmp_path, monkeypatch):

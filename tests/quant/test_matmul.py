@@ -105,3 +105,28 @@ def test_missing_kernel_is_a_user_error():
         kernels.kernel_for(4, "meta")
     with pytest.raises(UserError, match="_weight_int8pack_mm"):
         kernels.require_op("_weight_int8pack_mm", torch.device("meta"))
+
+
+def test_int4_scales_follow_the_kernel_layout_and_save_plain():
+    """The native kernel keeps int4 scales block-major in memory; every way out (state dict,
+    dequantized weight, another kernel's layout) sees PyTorch's group-major order again."""
+    from moelab.quant import kernels
+
+    mod = QuantLinear.from_weight(torch.randn(40, 128), 4, 32)  # 3 row blocks × 4 groups: the orders differ
+    stored = mod.scales_zeros.clone()
+    weight = mod.dequantized_weight()
+    x = torch.randn(3, 128)
+    y = mod(x)  # packs for the CPU kernel
+    if mod.layout == "native-int4":
+        assert not torch.equal(mod.scales_zeros, stored)  # the kernel's own order, same shape
+        assert mod.scales_zeros.shape == stored.shape
+    assert torch.equal(mod.plain_scales(), stored)
+    assert torch.equal(mod.state_dict()["scales_zeros"], stored)
+    assert torch.equal(mod.dequantized_weight(), weight)
+    aten = kernels.kernel_named("aten-int4-cpu")
+    other = QuantLinear.from_weight(torch.zeros(40, 128), 4, 32)
+    other.load_state_dict(mod.state_dict())
+    assert other.layout is None and torch.equal(other.scales_zeros, stored)
+    y_aten = kernels.matmul(aten, x, aten.pack(mod.plain_qweight()), aten.pack_scales(mod.plain_scales()), 40, 32)
+    torch.testing.assert_close(y_aten, y, atol=1e-4, rtol=1e-4)  # PyTorch's kernel reads the plain order
+    torch.testing.assert_close(y, F.linear(x, reference_weight(mod)), atol=1e-4, rtol=1e-4)

@@ -271,7 +271,9 @@ class QuantExpertRunner(ExpertRunner):
     def prepare(self, payload: Payload) -> Payload:
         """Weights in their stored form, read from a checkpoint → the device kernel's layout."""
         uq, us, dq, ds = payload
-        return (self.up.kernel_layout(uq, self.device), us, self.down.kernel_layout(dq, self.device), ds)
+        up, down, device = self.up, self.down, self.device
+        return (up.kernel_layout(uq, device), up.kernel_scales(us, device),
+                down.kernel_layout(dq, device), down.kernel_scales(ds, device))  # fmt: skip
 
     def __call__(self, payload: Payload, x_nD: Tensor) -> Tensor:
         uq, us, dq, ds = payload

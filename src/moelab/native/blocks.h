@@ -76,10 +76,18 @@ static void q8_dequant_block(const int8_t* blk, int K, float* w) {
  * 8j + 2t (low nibble) and 8j + 2t + 1 (high nibble); one 32-bit lane = 8 inputs of one row. */
 static inline uint8_t q4_byte(const uint8_t* blk, int k, int r) { return blk[((k / 8) * BLOCK + r) * 4 + (k / 2) % 4]; }
 
-/* w[k*16 + r] = (q - 8) * scale + zero of row 16b+r at input k, group k/group. */
-static void q4_dequant_block(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, int bf16, float* w) {
+/* int4 scales and zeros are block-major, [Np/16][K/group][16 rows][2] (scale, zero) in the
+ * activation dtype: the kernels read one block's pairs as one contiguous run beside its weights
+ * (group-major [K/group][Np][2], PyTorch's layout, had a mat-vec read K/group strided streams at
+ * once: 15-25% slower from memory). A block's own run: */
+static inline const void* q4_block_scales(const void* sz, int64_t b, int groups, int bf16) {
+    return (const char*)sz + b * groups * BLOCK * 2 * (bf16 ? 2 : 4);
+}
+
+/* w[k*16 + r] = (q - 8) * scale + zero of row r of the block at input k; sz: the block's scales. */
+static void q4_dequant_block(const uint8_t* blk, int K, int group, const void* sz, int bf16, float* w) {
     for (int k = 0; k < K; k += 2) {
-        int64_t base = ((int64_t)(k / group) * Np + (int64_t)b * BLOCK) * 2;
+        int64_t base = (int64_t)(k / group) * BLOCK * 2;
         for (int r = 0; r < BLOCK; r++) {
             float s = load_el(sz, base + 2 * r, bf16), z = load_el(sz, base + 2 * r + 1, bf16);
             uint8_t byte = q4_byte(blk, k, r);
@@ -174,7 +182,7 @@ static inline void load_scales_zeros(const void* sz, int64_t base, int bf16, __m
 }
 
 /* One int4 block times one x row, group by group: sum (q - 8) x, then scale it and add zero * sum x. */
-static __m512 q4_block_vec(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, int bf16,
+static __m512 q4_block_vec(const uint8_t* blk, int K, int group, const void* sz, int bf16,
                            const float* xf, const float* xsum) {
     const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
     __m512 y = _mm512_setzero_ps();
@@ -197,7 +205,7 @@ static __m512 q4_block_vec(const uint8_t* blk, int K, int group, const void* sz,
             }
         }
         __m512 s, z;
-        load_scales_zeros(sz, ((int64_t)(g0 / group) * Np + (int64_t)b * BLOCK) * 2, bf16, &s, &z);
+        load_scales_zeros(sz, (int64_t)(g0 / group) * BLOCK * 2, bf16, &s, &z);
         __m512 dot = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
         y = _mm512_fmadd_ps(s, dot, y);
         y = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[g0 / group]), y);
@@ -237,8 +245,8 @@ static inline __m512i q4_lane_bf16(__m512i v, int lane) {
 /* One int4 block times M <= 8 bf16 rows of x (x as uint32 pairs), group by group. Inlined per M
  * (see q4_bf16dot) so the row loops unroll; P accumulators per row hide the dot's latency. */
 static inline __attribute__((always_inline)) void q4_block_bf16dot_m(const uint8_t* blk, int K, int group, const void* sz,
-                                                                    int Np, int b, const uint32_t* xp, const float* xsum,
-                                                                    const int M, float* out) {
+                                                                    const uint32_t* xp, const float* xsum, const int M,
+                                                                    float* out) {
     enum { P_MAX = 4 };
     const int P = M <= 2 ? 4 : M <= 4 ? 2 : 1; /* 8 or more independent chains */
     const int groups = K / group;
@@ -259,7 +267,7 @@ static inline __attribute__((always_inline)) void q4_block_bf16dot_m(const uint8
             }
         }
         __m512 s, z;
-        load_scales_zeros(sz, ((int64_t)g * Np + (int64_t)b * BLOCK) * 2, 1, &s, &z);
+        load_scales_zeros(sz, (int64_t)g * BLOCK * 2, 1, &s, &z);
         for (int m = 0; m < M; m++) {
             __m512 sum = acc[m][0];
             for (int p = 1; p < P; p++) sum = _mm512_add_ps(sum, acc[m][p]);
@@ -272,11 +280,11 @@ static inline __attribute__((always_inline)) void q4_block_bf16dot_m(const uint8
     for (int m = 0; m < M; m++) _mm512_storeu_ps(out + m * BLOCK, y[m]);
 }
 
-static void q4_block_bf16dot(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, const uint32_t* xp,
+static void q4_block_bf16dot(const uint8_t* blk, int K, int group, const void* sz, const uint32_t* xp,
                              const float* xsum, int M, float* out) {
     switch (M) {
 #define CASE(m) \
-    case m: q4_block_bf16dot_m(blk, K, group, sz, Np, b, xp, xsum, m, out); break;
+    case m: q4_block_bf16dot_m(blk, K, group, sz, xp, xsum, m, out); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
     }
@@ -547,7 +555,7 @@ static UNUSED void q8_block_vnni_rows(const int8_t* blk, int K, const limbs_t* l
  * high nibbles accumulate separately (two chains per limb); with two limbs the group's sums
  * merge exactly in int32 (a1·128 + a2 stays far below 2^31), so the group costs one conversion. */
 static inline __attribute__((always_inline)) __m512 q4_block_vnni_n(const uint8_t* blk, int K, int group, const void* sz,
-                                                                   int Np, int b, int bf16, const limbs_t* l,
+                                                                   int bf16, const limbs_t* l,
                                                                    const float* xsum, const int NL) {
     const __m512i low = _mm512_set1_epi8(0x0f);
     const int C = K / 8;
@@ -574,7 +582,7 @@ static inline __attribute__((always_inline)) __m512 q4_block_vnni_n(const uint8_
             total = limb_total(sums, NL, l);
         }
         __m512 s, z;
-        load_scales_zeros(sz, ((int64_t)(g0 / group) * Np + (int64_t)b * BLOCK) * 2, bf16, &s, &z);
+        load_scales_zeros(sz, (int64_t)(g0 / group) * BLOCK * 2, bf16, &s, &z);
         const float sx = xsum[g0 / group];
         y = _mm512_fmadd_ps(s, _mm512_sub_ps(total, _mm512_set1_ps(8.0f * sx)), y); /* scale · sum (q - 8) x */
         y2 = _mm512_fmadd_ps(z, _mm512_set1_ps(sx), y2);
@@ -582,17 +590,17 @@ static inline __attribute__((always_inline)) __m512 q4_block_vnni_n(const uint8_
     return _mm512_add_ps(y, y2);
 }
 
-static UNUSED __m512 q4_block_vnni(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, int bf16,
+static UNUSED __m512 q4_block_vnni(const uint8_t* blk, int K, int group, const void* sz, int bf16,
                                    const limbs_t* l, const float* xsum) {
-    return l->n == 2 ? q4_block_vnni_n(blk, K, group, sz, Np, b, bf16, l, xsum, 2)
-                     : q4_block_vnni_n(blk, K, group, sz, Np, b, bf16, l, xsum, 3);
+    return l->n == 2 ? q4_block_vnni_n(blk, K, group, sz, bf16, l, xsum, 2)
+                     : q4_block_vnni_n(blk, K, group, sz, bf16, l, xsum, 3);
 }
 
 /* One int4 block times M <= 4 rows of x (row m as NL limbs l[m], group sums xsum[m * groups + g]):
  * one load and one nibble split of the weights feed every row. Each row's operations are those of
  * q4_block_vnni_n, so every row equals its single-row result bitwise. */
 static inline __attribute__((always_inline)) void q4_block_vnni_rows_m(const uint8_t* blk, int K, int group,
-                                                                      const void* sz, int Np, int b, int bf16,
+                                                                      const void* sz, int bf16,
                                                                       const limbs_t* l, const float* xsum, const int M,
                                                                       const int NL, float* out) {
     const __m512i low = _mm512_set1_epi8(0x0f);
@@ -613,7 +621,7 @@ static inline __attribute__((always_inline)) void q4_block_vnni_rows_m(const uin
                 }
         }
         __m512 s, z;
-        load_scales_zeros(sz, ((int64_t)(g0 / group) * Np + (int64_t)b * BLOCK) * 2, bf16, &s, &z);
+        load_scales_zeros(sz, (int64_t)(g0 / group) * BLOCK * 2, bf16, &s, &z);
         for (int m = 0; m < M; m++) {
             __m512 total;
             if (NL == 2) {
@@ -634,7 +642,7 @@ static inline __attribute__((always_inline)) void q4_block_vnni_rows_m(const uin
 }
 
 /* One int4 block times M rows of x (limbs l[0..M), all with the same number of limbs), four rows at a time. */
-static UNUSED void q4_block_vnni_rows(const uint8_t* blk, int K, int group, const void* sz, int Np, int b, int bf16,
+static UNUSED void q4_block_vnni_rows(const uint8_t* blk, int K, int group, const void* sz, int bf16,
                                       const limbs_t* l, const float* xsum, int M, float* out) {
     const int groups = K / group;
     for (int m0 = 0; m0 < M; m0 += 4) {
@@ -644,7 +652,7 @@ static UNUSED void q4_block_vnni_rows(const uint8_t* blk, int K, int group, cons
         float* o = out + m0 * BLOCK;
         switch (mc * 4 + lm->n) {
 #define CASE(m, n) \
-    case m * 4 + n: q4_block_vnni_rows_m(blk, K, group, sz, Np, b, bf16, lm, sm, m, n, o); break;
+    case m * 4 + n: q4_block_vnni_rows_m(blk, K, group, sz, bf16, lm, sm, m, n, o); break;
             CASE(1, 2) CASE(2, 2) CASE(3, 2) CASE(4, 2) CASE(1, 3) CASE(2, 3) CASE(3, 3) CASE(4, 3)
 #undef CASE
         }

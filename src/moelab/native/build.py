@@ -31,7 +31,7 @@ from moelab.hardware import cpu_flags
 HERE = Path(__file__).parent
 SOURCES = (HERE / "qmatmul.c", HERE / "decode.c", HERE / "attention.c")  # compiled into one library
 HEADERS = (HERE / "blocks.h", HERE / "steps.h")
-VERSION = 6  # must equal moelab_native_version() in qmatmul.c
+VERSION = 7  # must equal moelab_native_version() in qmatmul.c
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 LIBS = ("-lm",)
 ENV_SWITCH = "MOELAB_NATIVE"  # "0" turns the kernels off

@@ -12,8 +12,9 @@
  *   int8: qb [N/16, K, 16] int8,           w[n, k] = qb[n/16, k, n%16] * scales[n]
  *   int4: qb [N/16, K/8, 16, 4] uint8, lane-major: row r's 32-bit lane in chunk j holds its
  *         inputs 8j..8j+7 as nibble pairs (byte t: input 8j+2t low nibble, 8j+2t+1 high),
- *         w[n, k] = (q[n, k] - 8) * scale[k/group, n] + zero[k/group, n],
- *         scales_zeros [K/group, Npad, 2] (scale, zero): the layout PyTorch's int4 kernels use.
+ *         w[n, k] = (q[n, k] - 8) * scale + zero of row n and group k/group,
+ *         scales_zeros [N/16, K/group, 16, 2] (scale, zero): block-major, each block's pairs
+ *         in one run (see q4_block_scales in blocks.h).
  * Activations x [M, K], scales and outputs y [M, N] share one dtype: bf16 or fp32 (flag).
  * Accumulation is fp32; outputs are rounded once (to nearest even, as torch does).
  *
@@ -26,7 +27,7 @@
 
 #include "blocks.h"
 
-int moelab_native_version(void) { return 6; }
+int moelab_native_version(void) { return 7; }
 int moelab_native_simd_bits(void) { return MOELAB_AVX512 ? 512 : 0; }
 int moelab_native_bf16_dot(void) { return MOELAB_BF16DOT; }
 int moelab_native_vnni(void) { return MOELAB_VNNI; }
@@ -138,27 +139,28 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
         for (int b = 0; b < nblocks; b++) {
             if (failed) continue;
             const uint8_t* blk = qb + (int64_t)b * (K / 2) * BLOCK;
+            const void* sz = q4_block_scales(scales_zeros, b, groups, bf16);
 #if MOELAB_VNNI
             if (use_vnni && M == 1)
-                _mm512_store_ps(t.out, q4_block_vnni(blk, K, group, scales_zeros, Np, b, bf16, &limbs[0], xsum));
+                _mm512_store_ps(t.out, q4_block_vnni(blk, K, group, sz, bf16, &limbs[0], xsum));
             else if (use_vnni)
-                q4_block_vnni_rows(blk, K, group, scales_zeros, Np, b, bf16, limbs, xsum, M, t.out);
+                q4_block_vnni_rows(blk, K, group, sz, bf16, limbs, xsum, M, t.out);
             else
 #endif
 #if MOELAB_BF16DOT
             if (dot_rows) /* more than 8 rows: the block stays in L1 from one group of eight to the next */
                 for (int m0 = 0; m0 < M; m0 += 8)
-                    q4_block_bf16dot(blk, K, group, scales_zeros, Np, b, (const uint32_t*)x + (int64_t)m0 * (K / 2),
+                    q4_block_bf16dot(blk, K, group, sz, (const uint32_t*)x + (int64_t)m0 * (K / 2),
                                      xsum + (int64_t)m0 * groups, M - m0 < 8 ? M - m0 : 8, t.out + m0 * BLOCK);
             else
 #endif
 #if MOELAB_AVX512
             if (M == 1)
-                _mm512_store_ps(t.out, q4_block_vec(blk, K, group, scales_zeros, Np, b, bf16, xf, xsum));
+                _mm512_store_ps(t.out, q4_block_vec(blk, K, group, sz, bf16, xf, xsum));
             else
 #endif
             {
-                q4_dequant_block(blk, K, group, scales_zeros, Np, b, bf16, t.w);
+                q4_dequant_block(blk, K, group, sz, bf16, t.w);
                 block_gemm(t.w, K, xf, M, t.out);
             }
             for (int m = 0; m < M; m++)
@@ -174,7 +176,7 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
 }
 
 /* w [N, K] bf16, row-major = the dequantized weights of an int8 (bits 8: q * scale, scales [N]) or
- * int4 (bits 4: (q - 8) * scale + zero, scales_zeros [K/group, Np, 2]) layout, each rounded once to
+ * int4 (bits 4: (q - 8) * scale + zero, scales_zeros [Np/16, K/group, 16, 2]) layout, each rounded once to
  * bf16: what a GEMM multiplies many rows of x by (prefill), where reading the weights once per row
  * block no longer decides the time. `bf16`: the scales' dtype. Returns 0, or -1 when out of memory. */
 int moelab_dequant_bf16(int bits, const void* qb, int group, const void* scales, int bf16, uint16_t* w, int N, int Np,
@@ -191,7 +193,8 @@ int moelab_dequant_bf16(int bits, const void* qb, int group, const void* scales,
             if (bits == 8)
                 q8_dequant_block((const int8_t*)qb + (int64_t)b * K * BLOCK, K, t);
             else
-                q4_dequant_block((const uint8_t*)qb + (int64_t)b * (K / 2) * BLOCK, K, group, scales, Np, b, bf16, t);
+                q4_dequant_block((const uint8_t*)qb + (int64_t)b * (K / 2) * BLOCK, K, group,
+                                 q4_block_scales(scales, b, K / group, bf16), bf16, t);
             for (int r = 0; r < BLOCK && b * BLOCK + r < N; r++) {
                 const float s = bits == 8 ? load_el(scales, b * BLOCK + r, bf16) : 1.0f;
                 uint16_t* row = w + (int64_t)(b * BLOCK + r) * K;

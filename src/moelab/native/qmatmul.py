@@ -64,6 +64,23 @@ def from_lane_major(packed: Tensor, n: int) -> Tensor:
     return blocks.reshape(n_padded, c)[:n].contiguous()
 
 
+def block_major_scales(scales_zeros_GN2: Tensor) -> Tensor:
+    """int4 ``(scale, zero)`` pairs from PyTorch's group-major ``[K/group, Np, 2]`` to the native
+    kernels' block-major order ``[Np/16, K/group, 16, 2]``, kept in the shape ``[K/group, Np, 2]``
+    (so buffers keep their shape and ``.to(dtype)`` keeps the order): a 16-row block's pairs lie in
+    one run, read beside its weights instead of from K/group strided places."""
+    g, n_padded, two = scales_zeros_GN2.shape
+    blocks = scales_zeros_GN2.reshape(g, n_padded // BLOCK, BLOCK, two).permute(1, 0, 2, 3)
+    return blocks.contiguous().reshape(g, n_padded, two)
+
+
+def group_major_scales(block_major: Tensor) -> Tensor:
+    """Inverse of :func:`block_major_scales`."""
+    g, n_padded, two = block_major.shape
+    blocks = block_major.reshape(n_padded // BLOCK, g, BLOCK, two).permute(1, 0, 2, 3)
+    return blocks.contiguous().reshape(g, n_padded, two)
+
+
 def _check(x_MK: Tensor, scales: Tensor, k: int) -> int:
     """The C code trusts its arguments: shapes, dtypes and contiguity are checked here."""
     if x_MK.device.type != "cpu" or x_MK.dtype not in (torch.bfloat16, torch.float32) or x_MK.dtype != scales.dtype:
@@ -98,7 +115,7 @@ def _q8_kernel(x_MK: Tensor, packed: Tensor, scales_N: Tensor, n: int, bf16: int
 
 def q4_matmul(x_MK: Tensor, packed: Tensor, group_size: int, scales_zeros_GN2: Tensor, n: int) -> Tensor:
     """``x · ((q − 8) · scale + zero)ᵀ → [M, n]``; ``packed`` is :func:`lane_major_rows` of the
-    plain nibble pairs ``[Np, K/2]``, ``scales_zeros`` ``[K/group, Np, 2]``."""
+    plain nibble pairs ``[Np, K/2]``, ``scales_zeros`` ``[K/group, Np, 2]`` in :func:`block_major_scales` order."""
     bf16 = _check(x_MK, scales_zeros_GN2, 2 * packed.shape[1])
     k = x_MK.shape[1]
     if k % group_size or scales_zeros_GN2.shape != (k // group_size, packed.shape[0], 2) or packed.shape[0] < n:
@@ -122,7 +139,7 @@ def _q4_kernel(x_MK: Tensor, packed: Tensor, group_size: int, scales_zeros_GN2: 
 
 def dequantize_bf16(bits: int, packed: Tensor, scales: Tensor, n: int, k: int, group_size: int = 0) -> Tensor:
     """The plain bf16 weight ``ŵ [n, k]`` of a native int8 (``scales [N]``) or int4 (``scales_zeros
-    [K/group, Np, 2]``) layout, each value rounded once to bf16 (``q · scale``; ``(q − 8) · scale + zero``).
+    [K/group, Np, 2]``, block-major) layout, each value rounded once to bf16 (``q · scale``; ``(q − 8) · scale + zero``).
     Arguments as :func:`q8_matmul` / :func:`q4_matmul` take them (checked there)."""
     w = torch.empty(n, k, dtype=torch.bfloat16)
     rc = library().moelab_dequant_bf16(  # type: ignore[union-attr]

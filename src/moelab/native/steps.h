@@ -18,7 +18,7 @@ enum { ROUTE_RENORMALIZE = 0, ROUTE_PROBS = 1, ROUTE_SOFTMAX_AFTER_TOPK = 2 };
 typedef struct {
     int kind, n, np, k, group;
     const void* w;
-    const void* scales; /* int8: [n]; int4: [k/group, np, 2]; in the activation dtype. bf16: unused */
+    const void* scales; /* int8: [n]; int4: [np/16, k/group, 16, 2]; in the activation dtype. bf16: unused */
 } moelab_mat_t;
 
 /* An input vector in every form the block kernels read. */
@@ -52,15 +52,15 @@ static void mat_block(const moelab_mat_t* m, int b, const vec_t* x, int bf16, fl
         const uint8_t* blk = (const uint8_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK;
 #if MOELAB_VNNI
         if (x->limbs)
-            _mm512_store_ps(acc, q4_block_vnni(blk, m->k, m->group, m->scales, m->np, b, bf16, x->limbs, x->gsum));
+            _mm512_store_ps(acc, q4_block_vnni(blk, m->k, m->group, q4_block_scales(m->scales, b, m->k / m->group, bf16), bf16, x->limbs, x->gsum));
         else
 #endif
 #if MOELAB_BF16DOT
         if (bf16)
-            q4_block_bf16dot(blk, m->k, m->group, m->scales, m->np, b, x->pairs, x->gsum, 1, acc);
+            q4_block_bf16dot(blk, m->k, m->group, q4_block_scales(m->scales, b, m->k / m->group, bf16), x->pairs, x->gsum, 1, acc);
         else
 #endif
-            _mm512_store_ps(acc, q4_block_vec(blk, m->k, m->group, m->scales, m->np, b, bf16, x->f32, x->gsum));
+            _mm512_store_ps(acc, q4_block_vec(blk, m->k, m->group, q4_block_scales(m->scales, b, m->k / m->group, bf16), bf16, x->f32, x->gsum));
     }
 #else
     {
@@ -69,8 +69,8 @@ static void mat_block(const moelab_mat_t* m, int b, const vec_t* x, int bf16, fl
     else if (m->kind == KIND_INT8)
         q8_dequant_block((const int8_t*)m->w + (int64_t)b * m->k * BLOCK, m->k, scratch);
     else
-        q4_dequant_block((const uint8_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, m->group, m->scales, m->np, b,
-                         bf16, scratch);
+        q4_dequant_block((const uint8_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, m->group,
+                         q4_block_scales(m->scales, b, m->k / m->group, bf16), bf16, scratch);
     block_gemm(scratch, m->k, x->f32, 1, acc);
     }
 #endif

@@ -57,13 +57,19 @@ def require_op(op: str, device: torch.device) -> None:
         )
 
 
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
 @dataclass(frozen=True)
 class WeightKernel:
     """How one layout of quantized weights is made from the stored form and multiplied by.
 
     ``name`` is what :class:`moelab.quant.linear.QuantLinear` records as its in-memory layout.
     The stored (plain) forms: int8 ``q [N, Kp]``; int4 nibble pairs ``[Np, Kp/2]`` (see
-    ``moelab.quant.linear``). ``matmul(x [M, Kp], packed, scales, n, group) → [M, n]``.
+    ``moelab.quant.linear``), with int8 ``scales [N]`` or int4 ``scales_zeros [Kp/group, Np, 2]``;
+    a kernel may keep the scales in its own order too (same shape: ``pack_scales`` / ``unpack_scales``).
+    ``matmul(x [M, Kp], packed, scales, n, group) → [M, n]``.
     """
 
     name: str
@@ -73,6 +79,8 @@ class WeightKernel:
     matmul: Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
     dtypes: tuple[torch.dtype, ...]  # activation dtypes the kernel takes
     ops: tuple[str, ...] = ()  # aten ops it needs (checked when chosen)
+    pack_scales: Callable[[Tensor], Tensor] = _identity  # stored scales → this kernel's order (same shape)
+    unpack_scales: Callable[[Tensor], Tensor] = _identity
 
 
 KERNELS: Registry[WeightKernel] = Registry("weight-only kernel")
@@ -125,10 +133,6 @@ def _pack_cuda(plain: Tensor) -> Tensor:  # untested: no GPU in development
     return aten._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).contiguous(), 2)
 
 
-def _identity(t: Tensor) -> Tensor:
-    return t
-
-
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _register(WeightKernel("aten-int8", 8, _identity, lambda p, g, n, k: p, _aten_int8_matmul, _FLOATS, ("_weight_int8pack_mm",)))
 _register(
@@ -168,7 +172,7 @@ _register(
 _register(
     WeightKernel(
         "native-int4", 4, native.lane_major_rows, lambda packed, group, n, k: native.from_lane_major(packed, n),
-        _native_int4_matmul, _NATIVE,
+        _native_int4_matmul, _NATIVE, pack_scales=native.block_major_scales, unpack_scales=native.group_major_scales,
     )
 )
 

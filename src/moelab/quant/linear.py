@@ -6,10 +6,11 @@ Buffers (what ``state_dict`` holds; safetensors-friendly, device-independent):
   byte j, 2j+1 in the high one) and ``scales_zeros`` ``[Kp/group, Np, 2]``.
 - ``bias`` ``[N]`` when the layer had one.
 
-In memory ``qweight`` is kept in the layout of the kernel that runs on its device (the layouts
-are private to each kernel, see ``moelab.quant.kernels``; ``layout`` names it, None = plain): a
-state-dict hook turns it back into the plain form on save, a load pre-hook makes it plain on
-load, and the first call on a device packs (or repacks) it.
+In memory ``qweight`` (and, for a kernel that orders them its own way, ``scales_zeros``) is kept
+in the layout of the kernel that runs on its device (the layouts are private to each kernel, see
+``moelab.quant.kernels``; ``layout`` names it, None = plain): a state-dict hook turns both back
+into the plain form on save, a load pre-hook makes them plain on load, and the first call on a
+device packs (or repacks) them.
 Floating buffers follow ``model.to(dtype)``; the kernel runs in the scales' dtype (x is cast to
 it and the output cast back to x's dtype).
 
@@ -115,17 +116,29 @@ class QuantLinear(nn.Module):
         kernel = kernels.kernel_named(self.layout)
         return kernel.unpack(self.qweight, self.group_size, self.rows, self.k_padded)
 
+    def plain_scales(self) -> Tensor:
+        """int8 ``scales [N]``, or int4 ``scales_zeros [Kp/group, Np, 2]`` in the stored (PyTorch's) order."""
+        if self.bits == 8:
+            return self.scales
+        return self.scales_zeros if self.layout is None else kernels.kernel_named(self.layout).unpack_scales(self.scales_zeros)
+
     def kernel_layout(self, plain: Tensor, device: torch.device) -> Tensor:
         """A stored-form weight of this layer's shape → the layout of ``device``'s kernel (for
         offloaded copies, which arrive plain from a checkpoint)."""
         return kernels.kernel_for(self.bits, torch.device(device).type).pack(plain.to(device))
 
+    def kernel_scales(self, plain: Tensor, device: torch.device) -> Tensor:
+        """Stored-form scales of this layer's shape → the order of ``device``'s kernel (offloaded copies)."""
+        return kernels.kernel_for(self.bits, torch.device(device).type).pack_scales(plain.to(device))
+
     def pack_for(self, device: torch.device) -> Tensor:
-        """The weight in ``device``'s kernel layout, packing (once) if it is not yet."""
+        """The weight in ``device``'s kernel layout, packing (once) if it is not yet; int4 scales follow."""
         kernel = kernels.kernel_for(self.bits, device.type)
         if self.layout != kernel.name:
-            plain = self.plain_qweight()
+            plain, plain_scales = self.plain_qweight(), self.plain_scales()
             self.qweight = kernel.pack(plain.to(device))
+            if self.bits == 4:
+                self.scales_zeros = kernel.pack_scales(plain_scales.to(device))
             self.layout = kernel.name
         return self.qweight
 
@@ -135,7 +148,7 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             return dequantize_int8(self.plain_qweight(), self.scales)[:n, :k]
         q_NK = unpack_nibbles(self.plain_qweight())
-        return dequantize_int4(q_NK, self.scales_zeros, self.group_size)[:n, :k]
+        return dequantize_int4(q_NK, self.plain_scales(), self.group_size)[:n, :k]
 
     # ------------------------------------------------------------------ forward
 
@@ -182,13 +195,16 @@ class QuantLinear(nn.Module):
 
 def _plain_state_dict_hook(module: QuantLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """Save the stored form, not a kernel's private layout."""
-    key = prefix + "qweight"
-    if key in state_dict and module.layout is not None:
-        state_dict[key] = module.plain_qweight().detach()
+    if module.layout is None:
+        return
+    for name, plain in (("qweight", module.plain_qweight), ("scales_zeros", module.plain_scales)):
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = plain().detach()
 
 
 def _plain_load_hook(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
-    """Loaded weights are in the stored form: the module's qweight becomes plain too (packed on first use)."""
+    """Loaded weights are in the stored form: the module's qweight (and scales, copied in place) become
+    plain too, packed again on first use."""
     key = prefix + "qweight"
     if key in state_dict:
         module.qweight = torch.empty(module.plain_shape, dtype=module.qweight.dtype, device=module.qweight.device)
