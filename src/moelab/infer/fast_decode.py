@@ -25,7 +25,10 @@ modules and the same arithmetic but:
 - at batch 1, each half of a block whose weights are in a native layout (fp32, bf16, int8,
   int4) runs as one native call, pre-norm and residual included (:mod:`moelab.infer.fused`):
   the attention half, and the dense FFN or whole MoE block with its router. Those equal the
-  modules to rounding, not bitwise; ``fused=False`` keeps the modules.
+  modules to rounding, not bitwise; ``fused=False`` keeps the modules;
+- at batch > 1, an MoE block's routed experts (after the module's own router) run as one native
+  call (:func:`moelab.infer.fused.fused_expert_rows`): each chosen expert's weights read once for
+  all its rows, through the kernels the modules' matmuls use for that many rows.
 
 It is one of :func:`moelab.infer.generate`'s decode backends (``decoder=FastDecoder``; the other is the
 model's forward, ``ModuleDecoder``): the sampling loop, streaming and cancelling are that function's.
@@ -53,12 +56,13 @@ from torch.nn import functional as F
 
 from moelab.errors import UserError
 from moelab.hardware import bf16_is_fast
-from moelab.infer.fused import attention_step, block_step
+from moelab.infer.fused import attention_step, block_step, fused_expert_rows
 from moelab.infer.generate import Completion, SamplingParams, TokenizerLike, generate
 from moelab.infer.packed import pack_for_decode
 from moelab.model.kv_cache import make_cache
 from moelab.model.transformer import Attention, LayerCache
 from moelab.moe.routers.base import DecodeSpec, Router, softmax_topk_weights
+from moelab.native.build import library as native_library
 
 
 def decode_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -118,6 +122,8 @@ class FastDecoder:
             block_step(b, act_dtype, spec) if use_fused else None for b, spec in zip(model.blocks, self.specs)
         ]
         self.attn_steps = [attention_step(b, cfg, act_dtype) if use_fused else None for b in model.blocks]
+        rows = fused and batch > 1 and self.device.type == "cpu" and native_library() is not None
+        self.expert_rows = [fused_expert_rows(b.ffn.experts, act_dtype) if rows and b.is_moe else None for b in model.blocks]
         self.valid_BM = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.ones_B1 = torch.ones(batch, 1, dtype=torch.long, device=self.device)
@@ -175,7 +181,12 @@ class FastDecoder:
         x_TD = h_B1D.reshape(B, D)
         if B > 1:
             decision = ffn.route(x_TD, (B, 1), tokens_B1.reshape(-1), self.ones_B1.reshape(-1).bool())
-            y_TD = ffn.dispatch(x_TD, decision, ffn.experts)
+            rows = self.expert_rows[layer]
+            if rows is not None:
+                kept = decision.kept
+                y_TD = rows(x_TD, decision.token[kept], decision.expert[kept], decision.weight[kept].to(x_TD.dtype))
+            else:
+                y_TD = ffn.dispatch(x_TD, decision, ffn.experts)
         else:
             spec = self.specs[layer]
             if spec is not None:

@@ -37,6 +37,7 @@ from moelab.native.fused import (
     KIND_INT4,
     KIND_INT8,
     FusedAttention,
+    FusedExpertRows,
     FusedFFN,
     FusedMoE,
     Mat,
@@ -122,6 +123,18 @@ def fused_moe(ffn: nn.Module, act_dtype: torch.dtype, spec: DecodeSpec) -> Fused
     return FusedMoE(ups, downs, gate.weight.detach(), spec.top_k, spec.weights, act_dtype == torch.bfloat16, keep)
 
 
+def fused_expert_rows(experts: nn.Module, act_dtype: torch.dtype) -> FusedExpertRows | None:
+    """An MoE block's routed SwiGLU experts for several tokens at once (batched decode) as one native
+    call taking the module router's decision, or None (see module doc)."""
+    if getattr(experts, "activation", None) != "swiglu":
+        return None
+    mats = _expert_mats(experts, act_dtype)
+    if mats is None:
+        return None
+    ups, downs, keep = mats
+    return FusedExpertRows(ups, downs, act_dtype == torch.bfloat16, keep)
+
+
 def norm_of(norm: nn.Module, act_dtype: torch.dtype) -> Norm | None:
     """An RMSNorm with a weight in the activation dtype and an explicit eps, as a :class:`Norm`."""
     if type(norm) is not nn.RMSNorm or norm.weight is None or norm.eps is None or norm.weight.dtype != act_dtype:
@@ -202,4 +215,6 @@ def block_step(block: nn.Module, act_dtype: torch.dtype, spec: DecodeSpec | None
     return unfused_norm
 
 
-__all__ = ["attention_step", "block_step", "fused_attention", "fused_ffn", "fused_moe", "native_mat", "norm_of"]
+__all__ = [
+    "attention_step", "block_step", "fused_attention", "fused_expert_rows", "fused_ffn", "fused_moe", "native_mat", "norm_of",
+]  # fmt: skip

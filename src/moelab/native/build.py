@@ -31,7 +31,7 @@ from moelab.hardware import cpu_flags
 HERE = Path(__file__).parent
 SOURCES = (HERE / "qmatmul.c", HERE / "decode.c", HERE / "attention.c")  # compiled into one library
 HEADERS = (HERE / "blocks.h", HERE / "steps.h")
-VERSION = 7  # must equal moelab_native_version() in qmatmul.c
+VERSION = 8  # must equal moelab_native_version() in qmatmul.c
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 LIBS = ("-lm",)
 ENV_SWITCH = "MOELAB_NATIVE"  # "0" turns the kernels off
@@ -83,12 +83,13 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moelab_q4_matmul.argtypes = [p, p, i, p, p, i, i, i, i, i, i]
     lib.moelab_bf16_matmul.argtypes = [p, p, p, i, i, i, i]
     lib.moelab_f32_matmul.argtypes = [p, p, p, i, i, i, i]
-    lib.moelab_dequant_bf16.argtypes = [i, p, i, p, i, p, i, i, i, i]
+    lib.moelab_dequant_bf16.argtypes = [i, p, i, p, i, p, i, i, i]
     lib.moelab_ffn_vec.argtypes = [p, p, p, p, i, i]
     lib.moelab_moe_vec.argtypes = [p, p, p, i, i, i, p, p, p, p, i, i]
     f = ctypes.c_float
     lib.moelab_ffn_res.argtypes = [p, p, p, f, p, i, i]
     lib.moelab_moe_res.argtypes = [p, p, p, i, i, i, p, p, p, f, p, p, p, i, i]
+    lib.moelab_moe_rows.argtypes = [p, p, i, i, i, p, p, p, p, p, i, i]
     lib.moelab_attn_res.argtypes = [p, p, p, p, p, p, i, i, i, i]
     return lib
 

@@ -234,3 +234,154 @@ int moelab_moe_res(const moelab_mat_t* up, const moelab_mat_t* down, const float
     free(yf);
     return rc;
 }
+
+/* ------------------------------------------------------------------ several tokens
+ * The routed experts of an MoE block for T tokens whose routing the caller decided (the module's
+ * router: any routing rule, capacity drops already removed), in one call and one OpenMP region:
+ * each chosen expert's weights are read once for all of its rows (the multi-row kernels of
+ * mat_block_rows), SwiGLU as in experts_vec, and each token's terms summed in ascending expert order
+ * as the module's combine adds them: term = expert output times its weight (rounded to the
+ * activation dtype), rounded after each add.
+ *
+ * x [T, d] and y [T, d] in the activation dtype (y = 0 for a token without assignment); the A
+ * assignments are token[a], expert[a], weight[a] (fp32 holding the activation dtype's value).
+ * Returns 0, -1 (memory), -2 (bad arguments). */
+int moelab_moe_rows(const moelab_mat_t* up, const moelab_mat_t* down, int num_experts, int T, int A, const int* token,
+                    const int* expert, const float* weight, const void* x, void* y, int bf16, int threads) {
+    if (T < 1 || A < 0 || num_experts < 1) return -2;
+    for (int a = 0; a < A; a++)
+        if (token[a] < 0 || token[a] >= T || expert[a] < 0 || expert[a] >= num_experts) return -2;
+    const int d = up[0].k, f = down[0].k, ug = group_of(&up[0]), dg = group_of(&down[0]);
+    /* assignments grouped by expert, in assignment order within an expert: order[start[e] .. start[e+1]) */
+    int* start = (int*)calloc((size_t)num_experts + 1, sizeof(int));
+    int* order = (int*)malloc(sizeof(int) * (size_t)(A + 1));
+    int* row_of = (int*)malloc(sizeof(int) * (size_t)(A + 1)); /* assignment -> its row among its expert's */
+    int* active = (int*)malloc(sizeof(int) * (size_t)num_experts);
+    float* yf = (float*)malloc(sizeof(float) * (size_t)T * d);
+    if (!start || !order || !row_of || !active || !yf) {
+        free(start), free(order), free(row_of), free(active), free(yf);
+        return -1;
+    }
+    for (int a = 0; a < A; a++) start[expert[a] + 1]++;
+    for (int e = 0; e < num_experts; e++) start[e + 1] += start[e];
+    int n_active = 0;
+    for (int e = 0; e < num_experts; e++)
+        if (start[e + 1] > start[e]) active[n_active++] = e;
+    {
+        int* fill = (int*)calloc((size_t)num_experts, sizeof(int));
+        if (!fill) {
+            free(start), free(order), free(row_of), free(active), free(yf);
+            return -1;
+        }
+        for (int a = 0; a < A; a++) {
+            const int e = expert[a];
+            row_of[a] = fill[e];
+            order[start[e] + fill[e]++] = a;
+        }
+        free(fill);
+    }
+    rows_t* xin = (rows_t*)calloc((size_t)(n_active > 0 ? n_active : 1), sizeof(rows_t)); /* each expert's rows of x */
+    rows_t* act = (rows_t*)calloc((size_t)(n_active > 0 ? n_active : 1), sizeof(rows_t)); /* and of its activation */
+    float** h = (float**)calloc((size_t)(n_active > 0 ? n_active : 1), sizeof(float*));   /* [n, 2f] up outputs */
+    float** o = (float**)calloc((size_t)(n_active > 0 ? n_active : 1), sizeof(float*));   /* [n, d] down outputs */
+    int* up_first = (int*)malloc(sizeof(int) * (size_t)(n_active + 1)); /* prefix sums of blocks per expert */
+    int* down_first = (int*)malloc(sizeof(int) * (size_t)(n_active + 1));
+    int ok = xin && act && h && o && up_first && down_first;
+    const int up_blocks = blocks_of(&up[0]), down_blocks = blocks_of(&down[0]);
+    for (int j = 0; ok && j < n_active; j++) {
+        const int e = active[j], n = start[e + 1] - start[e];
+        ok = rows_alloc(&xin[j], n, d, ug, is_quant(&up[e])) && rows_alloc(&act[j], n, f, dg, is_quant(&down[e]));
+        h[j] = (float*)malloc(sizeof(float) * (size_t)n * (up_blocks * BLOCK));
+        o[j] = (float*)malloc(sizeof(float) * (size_t)n * (down_blocks * BLOCK));
+        ok = ok && h[j] && o[j];
+        if (ok) {
+            for (int i = 0; i < n; i++) {
+                const int t = token[order[start[e] + i]];
+                for (int c = 0; c < d; c++) xin[j].f32[(int64_t)i * d + c] = load_el(x, (int64_t)t * d + c, bf16);
+            }
+            rows_fill(&xin[j], bf16);
+        }
+    }
+    if (ok) {
+        up_first[0] = down_first[0] = 0;
+        for (int j = 0; j < n_active; j++) {
+            up_first[j + 1] = up_first[j] + up_blocks;
+            down_first[j + 1] = down_first[j] + down_blocks;
+        }
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|| : failed)
+    {
+        float* scratch = (float*)aligned_alloc(64, (size_t)(d > f ? d : f) * BLOCK * 4);
+        float* out = (float*)aligned_alloc(64, (size_t)(T > FEW_ROWS ? T : FEW_ROWS) * BLOCK * 4 + 64);
+        const int mine = ok && scratch && out;
+        /* up projections: (expert, block) pairs */
+#pragma omp for schedule(static)
+        for (int t = 0; t < (ok ? up_first[n_active] : 0); t++) {
+            if (!mine) continue;
+            int j = 0;
+            while (up_first[j + 1] <= t) j++;
+            const int b = t - up_first[j], e = active[j], n = xin[j].M;
+            mat_block_rows(&up[e], b, &xin[j], bf16, scratch, out);
+            for (int m = 0; m < n; m++)
+                for (int r = 0; r < BLOCK; r++) h[j][(int64_t)m * up_blocks * BLOCK + b * BLOCK + r] = out[m * BLOCK + r];
+        }
+        /* SwiGLU per expert row: silu(gate) rounded, times up, rounded; then the down inputs' forms */
+#pragma omp for schedule(static)
+        for (int j = 0; j < (ok ? n_active : 0); j++) {
+            if (!mine) continue;
+            for (int m = 0; m < act[j].M; m++) {
+                const float* hm = h[j] + (int64_t)m * up_blocks * BLOCK;
+                for (int c = 0; c < f; c++)
+                    act[j].f32[(int64_t)m * f + c] = round_act(round_act(silu(hm[c]), bf16) * hm[f + c], bf16);
+            }
+            rows_fill(&act[j], bf16);
+        }
+        /* down projections */
+#pragma omp for schedule(static)
+        for (int t = 0; t < (ok ? down_first[n_active] : 0); t++) {
+            if (!mine) continue;
+            int j = 0;
+            while (down_first[j + 1] <= t) j++;
+            const int b = t - down_first[j], e = active[j], n = act[j].M;
+            mat_block_rows(&down[e], b, &act[j], bf16, scratch, out);
+            for (int m = 0; m < n; m++)
+                for (int r = 0; r < BLOCK; r++) o[j][(int64_t)m * down_blocks * BLOCK + b * BLOCK + r] = out[m * BLOCK + r];
+        }
+        /* each token's terms, ascending expert */
+#pragma omp for schedule(static)
+        for (int t = 0; t < (ok ? T : 0); t++) {
+            if (!mine) continue;
+            float* acc = yf + (int64_t)t * d;
+            int first = 1;
+            for (int j = 0; j < n_active; j++) {
+                const int e = active[j];
+                for (int i = start[e]; i < start[e + 1]; i++) {
+                    const int a = order[i];
+                    if (token[a] != t) continue;
+                    const float* om = o[j] + (int64_t)row_of[a] * down_blocks * BLOCK;
+                    for (int c = 0; c < d; c++) {
+                        const float term = round_act(om[c] * weight[a], bf16);
+                        acc[c] = first ? term : round_act(acc[c] + term, bf16);
+                    }
+                    first = 0;
+                }
+            }
+            if (first)
+                for (int c = 0; c < d; c++) acc[c] = 0.f;
+            for (int c = 0; c < d; c++) store_el(y, (int64_t)t * d + c, acc[c], bf16);
+        }
+        failed = !mine;
+        free(scratch);
+        free(out);
+    }
+    for (int j = 0; j < n_active; j++) {
+        if (xin) rows_free(&xin[j]);
+        if (act) rows_free(&act[j]);
+        if (h) free(h[j]);
+        if (o) free(o[j]);
+    }
+    free(xin), free(act), free(h), free(o), free(up_first), free(down_first);
+    free(start), free(order), free(row_of), free(active), free(yf);
+    return failed ? -1 : 0;
+}

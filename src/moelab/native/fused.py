@@ -162,6 +162,38 @@ class FusedMoE:
         return list(self._weights)
 
 
+class FusedExpertRows:
+    """The routed experts of an MoE block for several tokens through ``moelab_moe_rows``, given the
+    routing decision as assignments: each chosen expert's weights are read once for all of its
+    rows (batched decode, where a step's tokens share experts)."""
+
+    def __init__(self, ups: list[Mat], downs: list[Mat], bf16: bool, keep: tuple[Tensor, ...]) -> None:
+        self.num_experts = len(ups)
+        self.ups, self.downs = (Mat * self.num_experts)(*ups), (Mat * self.num_experts)(*downs)
+        self.bf16, self._keep = bf16, keep
+        self.d = ups[0].k
+        self._lib = library()
+
+    def __call__(self, x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor) -> Tensor:
+        """``y_t = Σ_a weight_a · expert_a(x_t)`` over the assignments ``a`` of token t (ascending
+        expert), ``[T, D] → [T, D]``; ``weight_A`` holds values of the activation dtype."""
+        want = torch.bfloat16 if self.bf16 else torch.float32
+        if x_TD.dtype != want or x_TD.dim() != 2 or x_TD.shape[1] != self.d or x_TD.device.type != "cpu":
+            raise ValueError(f"fused expert rows take CPU {want} tokens [T, {self.d}], got {x_TD.dtype} {tuple(x_TD.shape)}")
+        x_TD = x_TD.contiguous()
+        token = token_A.to(torch.int32).contiguous()
+        expert = expert_A.to(torch.int32).contiguous()
+        weight = weight_A.to(torch.float32).contiguous()
+        y = torch.empty_like(x_TD)
+        with _named("moelab::moe_rows"):
+            rc = self._lib.moelab_moe_rows(  # type: ignore[union-attr]
+                self.ups, self.downs, self.num_experts, x_TD.shape[0], token.numel(), token.data_ptr(),
+                expert.data_ptr(), weight.data_ptr(), x_TD.data_ptr(), y.data_ptr(), int(self.bf16), torch.get_num_threads(),
+            )  # fmt: skip
+        _check_status(rc, "expert rows")
+        return y
+
+
 class AttnT(ctypes.Structure):
     """``moelab_attn_t``."""
 

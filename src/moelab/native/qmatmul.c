@@ -27,7 +27,7 @@
 
 #include "blocks.h"
 
-int moelab_native_version(void) { return 7; }
+int moelab_native_version(void) { return 8; }
 int moelab_native_simd_bits(void) { return MOELAB_AVX512 ? 512 : 0; }
 int moelab_native_bf16_dot(void) { return MOELAB_BF16DOT; }
 int moelab_native_vnni(void) { return MOELAB_VNNI; }
@@ -179,8 +179,8 @@ int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* sc
  * int4 (bits 4: (q - 8) * scale + zero, scales_zeros [Np/16, K/group, 16, 2]) layout, each rounded once to
  * bf16: what a GEMM multiplies many rows of x by (prefill), where reading the weights once per row
  * block no longer decides the time. `bf16`: the scales' dtype. Returns 0, or -1 when out of memory. */
-int moelab_dequant_bf16(int bits, const void* qb, int group, const void* scales, int bf16, uint16_t* w, int N, int Np,
-                        int K, int threads) {
+int moelab_dequant_bf16(int bits, const void* qb, int group, const void* scales, int bf16, uint16_t* w, int N, int K,
+                        int threads) {
     const int nblocks = (N + BLOCK - 1) / BLOCK;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)

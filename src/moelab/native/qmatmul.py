@@ -144,7 +144,7 @@ def dequantize_bf16(bits: int, packed: Tensor, scales: Tensor, n: int, k: int, g
     w = torch.empty(n, k, dtype=torch.bfloat16)
     rc = library().moelab_dequant_bf16(  # type: ignore[union-attr]
         bits, packed.data_ptr(), group_size, scales.data_ptr(), int(scales.dtype == torch.bfloat16), w.data_ptr(),
-        n, packed.shape[0], k, torch.get_num_threads(),
+        n, k, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("native dequantization could not allocate its scratch buffers")
