@@ -244,9 +244,9 @@ static inline __m512i q4_lane_bf16(__m512i v, int lane) {
 
 /* One int4 block times M <= 8 bf16 rows of x (x as uint32 pairs), group by group. Inlined per M
  * (see q4_bf16dot) so the row loops unroll; P accumulators per row hide the dot's latency. */
-static inline __attribute__((always_inline)) void q4_block_bf16dot_m(const uint8_t* blk, int K, int group, const void* sz,
-                                                                    const uint32_t* xp, const float* xsum, const int M,
-                                                                    float* out) {
+static inline __attribute__((always_inline)) void q4_block_bf16dot_m(const uint8_t* blk, const uint32_t* pre, int K,
+                                                                    int group, const void* sz, const uint32_t* xp,
+                                                                    const float* xsum, const int M, float* out) {
     enum { P_MAX = 4 };
     const int P = M <= 2 ? 4 : M <= 4 ? 2 : 1; /* 8 or more independent chains */
     const int groups = K / group;
@@ -257,9 +257,10 @@ static inline __attribute__((always_inline)) void q4_block_bf16dot_m(const uint8
         for (int m = 0; m < M; m++)
             for (int p = 0; p < P; p++) acc[m][p] = _mm512_setzero_ps();
         for (int k = g * group; k < (g + 1) * group; k += 8) {
-            __m512i v = _mm512_loadu_si512((const void*)(blk + (int64_t)(k / 2) * BLOCK));
+            const __m512i v = pre ? _mm512_setzero_si512() : _mm512_loadu_si512((const void*)(blk + (int64_t)(k / 2) * BLOCK));
             for (int lane = 0; lane < 4; lane++) {
-                __m512bh w = (__m512bh)q4_lane_bf16(v, lane);
+                const __m512bh w = (__m512bh)(pre ? _mm512_loadu_si512((const void*)(pre + (int64_t)(k / 2 + lane) * BLOCK))
+                                                  : q4_lane_bf16(v, lane));
                 for (int m = 0; m < M; m++) {
                     __m512bh xx = (__m512bh)_mm512_set1_epi32((int)xp[(int64_t)m * (K / 2) + k / 2 + lane]);
                     acc[m][lane % P] = _mm512_dpbf16_ps(acc[m][lane % P], w, xx);
@@ -280,13 +281,22 @@ static inline __attribute__((always_inline)) void q4_block_bf16dot_m(const uint8
     for (int m = 0; m < M; m++) _mm512_storeu_ps(out + m * BLOCK, y[m]);
 }
 
-static void q4_block_bf16dot(const uint8_t* blk, int K, int group, const void* sz, const uint32_t* xp,
+/* `pre`: the block's nibbles already as q4_lane_bf16 pairs ([K/2][16], q4_block_to_bf16_pairs), or NULL. */
+static void q4_block_bf16dot(const uint8_t* blk, const uint32_t* pre, int K, int group, const void* sz, const uint32_t* xp,
                              const float* xsum, int M, float* out) {
     switch (M) {
 #define CASE(m) \
-    case m: q4_block_bf16dot_m(blk, K, group, sz, xp, xsum, m, out); break;
+    case m: q4_block_bf16dot_m(blk, pre, K, group, sz, xp, xsum, m, out); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
+    }
+}
+
+/* An int4 block's nibbles converted once into the bf16 pairs the dot products read, for many rows. */
+static UNUSED void q4_block_to_bf16_pairs(const uint8_t* blk, int K, uint32_t* pairs) {
+    for (int k = 0; k < K; k += 8) {
+        const __m512i v = _mm512_loadu_si512((const void*)(blk + (int64_t)(k / 2) * BLOCK));
+        for (int lane = 0; lane < 4; lane++) _mm512_storeu_si512((void*)(pairs + (int64_t)(k / 2 + lane) * BLOCK), q4_lane_bf16(v, lane));
     }
 }
 #else
@@ -372,6 +382,27 @@ static UNUSED void bf16_block_rows(const uint32_t* blk, int K, const uint32_t* x
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
     }
+}
+
+/* An int8 block's integers in the bf16 pair layout above ([K/2][16] uint32, K % 2 == 0): an integer of
+ * at most 7 bits is exact in bf16 (the top half of its fp32), so many bf16 rows multiply it through
+ * bf16_block_rows with no rounding; the row scales are applied to the sums, as on every int8 path. */
+static UNUSED void q8_block_to_bf16_pairs(const int8_t* blk, int K, uint32_t* pairs) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (int j = 0; j < K / 2; j++) {
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + (int64_t)(2 * j) * BLOCK))));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + (int64_t)(2 * j + 1) * BLOCK))));
+        const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(lo), 16), _mm512_and_si512(_mm512_castps_si512(hi), high));
+        _mm512_storeu_si512((void*)(pairs + (int64_t)j * BLOCK), pair);
+    }
+}
+
+/* One int8 block times M > 8 bf16 rows (pairs xp [M, K/2]), K % 8 == 0: the block converted once into
+ * `pairs` (K/2 x 16 uint32 of scratch), then eight rows at a time through the bf16 dot products. */
+static UNUSED void q8_block_bf16_rows(const int8_t* blk, int K, const uint32_t* xp, int M, uint32_t* pairs, float* out) {
+    q8_block_to_bf16_pairs(blk, K, pairs);
+    for (int m0 = 0; m0 < M; m0 += 8)
+        bf16_block_rows(pairs, K, xp + (int64_t)m0 * (K / 2), M - m0 < 8 ? M - m0 : 8, out + m0 * BLOCK);
 }
 #endif
 #endif

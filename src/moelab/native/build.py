@@ -83,7 +83,6 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moelab_q4_matmul.argtypes = [p, p, i, p, p, i, i, i, i, i, i]
     lib.moelab_bf16_matmul.argtypes = [p, p, p, i, i, i, i]
     lib.moelab_f32_matmul.argtypes = [p, p, p, i, i, i, i]
-    lib.moelab_dequant_bf16.argtypes = [i, p, i, p, i, p, i, i, i]
     lib.moelab_ffn_vec.argtypes = [p, p, p, p, i, i]
     lib.moelab_moe_vec.argtypes = [p, p, p, i, i, i, p, p, p, p, i, i]
     f = ctypes.c_float

@@ -12,20 +12,17 @@ Legend: M rows of x, K inputs, N outputs, Np = N rounded up to 16, C bytes per p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.native.build import library
 
 BLOCK = 16
-GEMM_ROWS = 96
-"""From this many rows of x on (prefill, not decode), an int8 product with bf16 x dequantizes the weight to
-bf16 once (:func:`dequantize_bf16`) and runs PyTorch's GEMM (oneDNN), which tiles for the caches; the
-kernels here read each weight block once for at most 8 rows at a time and were built for decode.
-Measured on this box (a 3072×768 matrix, 2 threads, the dequantization included): int8 1.56 vs 1.73 ms
-at 64 rows, 3.12 vs 2.41 at 128, 12.1 vs 7.1 at 512. int4 (bf16 dot products eight rows at a time:
-2.15 vs 3.41 at 128, 8.8 vs 8.4 at 512), bf16 and fp32 weights (unpacking them for oneDNN: no faster
-at 8 to 512 rows) stay in the native kernels at every row count."""
+"""Output rows per interleaved block. Every row count runs in the native kernels: one row and two to eight
+rows share each read of a block (decode); more rows go eight at a time through bf16 dot products with the
+block in L1 (prefill; int8 and int4 blocks converted to bf16 pairs once, exactly). Measured on this box, a
+3072×768 int8 matrix with bf16 rows, 2 threads: 1.71 ms at 128 rows and 6.64 at 512, where dequantizing to
+bf16 and running PyTorch's GEMM (the route before) took 2.68 and 7.11, and the same matrix in bf16 1.76 and
+6.54."""
 
 
 def interleave_rows(plain_NC: Tensor) -> Tensor:
@@ -100,8 +97,6 @@ def q8_matmul(x_MK: Tensor, packed: Tensor, scales_N: Tensor, n: int) -> Tensor:
 
 def _q8_kernel(x_MK: Tensor, packed: Tensor, scales_N: Tensor, n: int, bf16: int) -> Tensor:
     m, k = x_MK.shape
-    if bf16 and m >= GEMM_ROWS:
-        return F.linear(x_MK, dequantize_bf16(8, packed, scales_N, n, k))
     y = x_MK.new_empty(m, n)
     if m == 0:
         return y
@@ -135,20 +130,6 @@ def _q4_kernel(x_MK: Tensor, packed: Tensor, group_size: int, scales_zeros_GN2: 
     if rc != 0:
         raise MemoryError("native int4 matmul could not allocate its scratch buffers")
     return y
-
-
-def dequantize_bf16(bits: int, packed: Tensor, scales: Tensor, n: int, k: int, group_size: int = 0) -> Tensor:
-    """The plain bf16 weight ``ŵ [n, k]`` of a native int8 (``scales [N]``) or int4 (``scales_zeros
-    [K/group, Np, 2]``, block-major) layout, each value rounded once to bf16 (``q · scale``; ``(q − 8) · scale + zero``).
-    Arguments as :func:`q8_matmul` / :func:`q4_matmul` take them (checked there)."""
-    w = torch.empty(n, k, dtype=torch.bfloat16)
-    rc = library().moelab_dequant_bf16(  # type: ignore[union-attr]
-        bits, packed.data_ptr(), group_size, scales.data_ptr(), int(scales.dtype == torch.bfloat16), w.data_ptr(),
-        n, k, torch.get_num_threads(),
-    )  # fmt: skip
-    if rc != 0:
-        raise MemoryError("native dequantization could not allocate its scratch buffers")
-    return w
 
 
 def bf16_pack(w_NK: Tensor) -> Tensor:

@@ -57,7 +57,7 @@ static void mat_block(const moelab_mat_t* m, int b, const vec_t* x, int bf16, fl
 #endif
 #if MOELAB_BF16DOT
         if (bf16)
-            q4_block_bf16dot(blk, m->k, m->group, q4_block_scales(m->scales, b, m->k / m->group, bf16), x->pairs, x->gsum, 1, acc);
+            q4_block_bf16dot(blk, NULL, m->k, m->group, q4_block_scales(m->scales, b, m->k / m->group, bf16), x->pairs, x->gsum, 1, acc);
         else
 #endif
             _mm512_store_ps(acc, q4_block_vec(blk, m->k, m->group, q4_block_scales(m->scales, b, m->k / m->group, bf16), bf16, x->f32, x->gsum));
@@ -204,6 +204,11 @@ static UNUSED void mat_block_rows(const moelab_mat_t* mt, int b, const rows_t* x
             q8_block_vnni_rows(blk, K, x->limbs, M, out);
         else
 #endif
+#if MOELAB_BF16DOT
+        if (bf16 && !small && K % 8 == 0)
+            q8_block_bf16_rows(blk, K, (const uint32_t*)x->raw, M, (uint32_t*)scratch, out);
+        else
+#endif
 #if MOELAB_AVX512
         if (M == 1)
             _mm512_storeu_ps(out, q8_block_vec(blk, K, x->f32));
@@ -230,11 +235,16 @@ static UNUSED void mat_block_rows(const moelab_mat_t* mt, int b, const rows_t* x
         else
 #endif
 #if MOELAB_BF16DOT
-        if (dot_rows)
+        if (dot_rows) {
+            const uint32_t* pre = NULL;
+            if (M > 16) { /* the nibbles converted once for every eight rows (6-8% from 128 rows on) */
+                q4_block_to_bf16_pairs(blk, K, (uint32_t*)scratch);
+                pre = (const uint32_t*)scratch;
+            }
             for (int m0 = 0; m0 < M; m0 += 8)
-                q4_block_bf16dot(blk, K, mt->group, sz, (const uint32_t*)x->raw + (int64_t)m0 * (K / 2),
+                q4_block_bf16dot(blk, pre, K, mt->group, sz, (const uint32_t*)x->raw + (int64_t)m0 * (K / 2),
                                  x->gsum + (int64_t)m0 * groups, M - m0 < 8 ? M - m0 : 8, out + m0 * BLOCK);
-        else
+        } else
 #endif
 #if MOELAB_AVX512
         if (M == 1)
