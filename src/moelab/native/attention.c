@@ -107,20 +107,20 @@ int moelab_attn_res(const moelab_attn_t* a, void* x, const float* cos, const flo
     const int d = a->q.k, H = a->n_heads, G = a->n_kv_heads, Dh = a->head_dim, L = pos + 1;
     const int nq = H * Dh, nk = G * Dh;
     if (pos < 0 || pos >= max_len || H % G || Dh % 2 || Dh > 1024 || a->o.k != nq) return -2;
-    vecbuf_t hb, ob;
-    int ok = vecbuf_alloc(&hb, d, group_of(&a->q), is_quant(&a->q) || is_quant(&a->k) || is_quant(&a->v));
-    ok = vecbuf_alloc(&ob, nq, group_of(&a->o), is_quant(&a->o)) && ok;
+    rows_t hb, ob;
+    int ok = rows_alloc(&hb, 1, d, group_of(&a->q), is_quant(&a->q) || is_quant(&a->k) || is_quant(&a->v));
+    ok = rows_alloc(&ob, 1, nq, group_of(&a->o), is_quant(&a->o)) && ok;
     float* qkv = (float*)malloc(sizeof(float) * (size_t)(nq + 2 * nk));
     float* scores = (float*)malloc(sizeof(float) * (size_t)H * L);
     if (!ok || !qkv || !scores) {
-        vecbuf_free(&hb);
-        vecbuf_free(&ob);
+        rows_free(&hb);
+        rows_free(&ob);
         free(qkv);
         free(scores);
         return -1;
     }
     rms_norm(x, a->norm_w, a->eps, d, bf16, hb.f32);
-    vecbuf_fill(&hb, d, group_of(&a->q), bf16);
+    rows_fill(&hb, bf16);
     const moelab_mat_t* mats[3] = {&a->q, &a->k, &a->v};
     const int nb[3] = {(nq + BLOCK - 1) / BLOCK, (nk + BLOCK - 1) / BLOCK, (nk + BLOCK - 1) / BLOCK};
     const int offset[3] = {0, nq, nq + nk}, rows[3] = {nq, nk, nk};
@@ -129,6 +129,7 @@ int moelab_attn_res(const moelab_attn_t* a, void* x, const float* cos, const flo
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
     {
+        /* one row: only builds without AVX-512 dequantize a block (see mat_block_rows) */
         float* scratch = MOELAB_AVX512 ? NULL : (float*)aligned_alloc(64, (size_t)(d > nq ? d : nq) * BLOCK * 4);
         const int mine = MOELAB_AVX512 || scratch != NULL;
         float out[BLOCK] __attribute__((aligned(64)));
@@ -137,7 +138,7 @@ int moelab_attn_res(const moelab_attn_t* a, void* x, const float* cos, const flo
             if (!mine) continue;
             int m = t < nb[0] ? 0 : t < nb[0] + nb[1] ? 1 : 2;
             int b = t - (m == 0 ? 0 : m == 1 ? nb[0] : nb[0] + nb[1]);
-            mat_block(mats[m], b, &hb.v, bf16, scratch, out);
+            mat_block_rows(mats[m], b, &hb, bf16, scratch, out);
             for (int r = 0; r < BLOCK && b * BLOCK + r < rows[m]; r++) qkv[offset[m] + b * BLOCK + r] = out[r];
         }
 #pragma omp single
@@ -177,12 +178,12 @@ int moelab_attn_res(const moelab_attn_t* a, void* x, const float* cos, const flo
             for (int i = 0; i < Dh; i++) ob.f32[hh * Dh + i] = round_act(acc[i], bf16);
         }
 #pragma omp single
-        vecbuf_fill(&ob, nq, group_of(&a->o), bf16);
+        rows_fill(&ob, bf16);
         /* output projection and the residual sum */
 #pragma omp for schedule(static)
         for (int b = 0; b < (d + BLOCK - 1) / BLOCK; b++) {
             if (!mine) continue;
-            mat_block(&a->o, b, &ob.v, bf16, scratch, out);
+            mat_block_rows(&a->o, b, &ob, bf16, scratch, out);
             for (int r = 0; r < BLOCK && b * BLOCK + r < d; r++) {
                 int n = b * BLOCK + r;
                 store_el(x, n, round_act(load_el(x, n, bf16) + out[r], bf16), bf16);
@@ -191,8 +192,8 @@ int moelab_attn_res(const moelab_attn_t* a, void* x, const float* cos, const flo
         failed = !mine;
         free(scratch);
     }
-    vecbuf_free(&hb);
-    vecbuf_free(&ob);
+    rows_free(&hb);
+    rows_free(&ob);
     free(qkv);
     free(scores);
     return failed ? -1 : 0;

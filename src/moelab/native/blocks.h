@@ -49,13 +49,6 @@ static inline void store_el(void* p, int64_t i, float v, int bf16) {
         ((float*)p)[i] = v;
 }
 
-static float* to_f32(const void* x, int64_t n, int bf16) {
-    float* out = (float*)aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64));
-    if (!out) return NULL;
-    for (int64_t i = 0; i < n; i++) out[i] = load_el(x, i, bf16);
-    return out;
-}
-
 /* out[g] = sum of x over inputs g*group .. (g+1)*group - 1, for the k/group groups of x [k]. */
 static UNUSED void group_sums(const float* x, int k, int group, float* out) {
     for (int g = 0; g < k / group; g++) {

@@ -31,20 +31,20 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
                        const void* x, void* y, int bf16, int threads) {
     if (n_sel < 1 || n_sel > 64) return -2;
     const int d = up[0]->k, f = down[0]->k, ug = group_of(up[0]), dg = group_of(down[0]); /* all experts share one kind */
-    vecbuf_t xb, ab[64]; /* the token, and each expert's activation (the down projection's input) */
-    int prep_ok = vecbuf_alloc(&xb, d, ug, is_quant(up[0]));
-    for (int i = 0; i < n_sel; i++) prep_ok = vecbuf_alloc(&ab[i], f, dg, is_quant(down[0])) && prep_ok;
+    rows_t xb, ab[64]; /* the token, and each expert's activation (the down projection's input) */
+    int prep_ok = rows_alloc(&xb, 1, d, ug, is_quant(up[0]));
+    for (int i = 0; i < n_sel; i++) prep_ok = rows_alloc(&ab[i], 1, f, dg, is_quant(down[0])) && prep_ok;
     float* h = (float*)malloc(sizeof(float) * (size_t)n_sel * 2 * f + 64);
     float* outs = (float*)malloc(sizeof(float) * (size_t)n_sel * d + 64);
     prep_ok = prep_ok && h && outs;
     if (prep_ok) {
-        for (int i = 0; i < d; i++) xb.f32[i] = load_el(x, i, bf16);
-        vecbuf_fill(&xb, d, ug, bf16);
+        rows_set(&xb, x, bf16);
     }
     const int up_blocks = blocks_of(up[0]), down_blocks = blocks_of(down[0]);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
     {
+        /* one row: only builds without AVX-512 dequantize a block (see mat_block_rows) */
         float* scratch = MOELAB_AVX512 ? NULL : (float*)aligned_alloc(64, (size_t)(d > f ? d : f) * BLOCK * 4);
         int ok = prep_ok && (MOELAB_AVX512 || scratch);
         float out[BLOCK] __attribute__((aligned(64)));
@@ -53,7 +53,7 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         for (int t = 0; t < n_sel * up_blocks; t++) {
             if (!ok) continue;
             int i = t / up_blocks, b = t % up_blocks;
-            mat_block(up[i], b, &xb.v, bf16, scratch, out);
+            mat_block_rows(up[i], b, &xb, bf16, scratch, out);
             for (int r = 0; r < BLOCK && b * BLOCK + r < 2 * f; r++) h[(int64_t)i * 2 * f + b * BLOCK + r] = out[r];
         }
         /* SwiGLU: silu(gate) rounded, times up, rounded */
@@ -66,14 +66,14 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < n_sel; i++)
-            if (ok) vecbuf_fill(&ab[i], f, dg, bf16);
+            if (ok) rows_fill(&ab[i], bf16);
         /* down projections: each thread streams one expert's matrix (a static split of the
          * (expert, block) pairs), then the weighted sum over experts in order */
 #pragma omp for schedule(static)
         for (int t = 0; t < n_sel * down_blocks; t++) {
             if (!ok) continue;
             int i = t / down_blocks, b = t % down_blocks;
-            mat_block(down[i], b, &ab[i].v, bf16, scratch, out);
+            mat_block_rows(down[i], b, &ab[i], bf16, scratch, out);
             for (int r = 0; r < BLOCK && b * BLOCK + r < d; r++) outs[(int64_t)i * d + b * BLOCK + r] = out[r];
         }
 #pragma omp for schedule(static)
@@ -90,8 +90,8 @@ static int experts_vec(const moelab_mat_t* const* up, const moelab_mat_t* const*
         failed = !ok;
         free(scratch);
     }
-    vecbuf_free(&xb);
-    for (int i = 0; i < n_sel; i++) vecbuf_free(&ab[i]);
+    rows_free(&xb);
+    for (int i = 0; i < n_sel; i++) rows_free(&ab[i]);
     free(h);
     free(outs);
     return failed ? -1 : 0;

@@ -23,9 +23,11 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 
 #include "blocks.h"
+#include "steps.h"
 
 int moelab_native_version(void) { return 8; }
 int moelab_native_simd_bits(void) { return MOELAB_AVX512 ? 512 : 0; }
@@ -35,212 +37,82 @@ int moelab_native_max_threads(void) { return omp_get_max_threads(); }
 
 /* ------------------------------------------------------------------ entry points */
 
-/* Per thread: a K x 16 fp32 block of dequantized weights and M x 16 sums (the large-M path). */
-typedef struct {
-    float* w;
-    float* out;
-} scratch_t;
-
-static int scratch_alloc(scratch_t* t, int K, int M) {
-    t->w = (float*)aligned_alloc(64, (size_t)K * BLOCK * 4);
-    t->out = (float*)aligned_alloc(64, (size_t)(M > 1 ? M : 1) * BLOCK * 4 + 64);
-    return t->w && t->out;
+/* Rows 16b.. of y [M, N] from a block's results, already in the activation dtype's values (exact). */
+static void store_block(const float* out, int M, int N, int b, int bf16, void* y) {
+    const int live = N - b * BLOCK < BLOCK ? N - b * BLOCK : BLOCK;
+    for (int m = 0; m < M; m++) {
+        const float* o = out + m * BLOCK;
+        const int64_t at = (int64_t)m * N + b * BLOCK;
+        if (!bf16) {
+            memcpy((float*)y + at, o, sizeof(float) * (size_t)live);
+            continue;
+        }
+#if MOELAB_AVX512
+        if (live == BLOCK) {
+            const __m512i u = _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(o)), 16);
+            _mm256_storeu_si256((__m256i*)((uint16_t*)y + at), _mm512_cvtepi32_epi16(u));
+            continue;
+        }
+#endif
+        for (int r = 0; r < live; r++) {
+            uint32_t bits;
+            memcpy(&bits, o + r, 4);
+            ((uint16_t*)y)[at + r] = (uint16_t)(bits >> 16);
+        }
+    }
 }
 
-static void scratch_free(scratch_t* t) {
-    free(t->w);
-    free(t->out);
-}
-
-/* y[M, N] = x[M, K] · (q * scales)ᵀ; returns 0, or -1 when out of memory. */
-int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* y, int M, int N, int K, int bf16,
-                     int threads) {
-    const int nblocks = (N + BLOCK - 1) / BLOCK;
-    float* xf = to_f32(x, (int64_t)M * K, bf16);
-    if (!xf) return -1;
-    /* Up to 8 rows: each row split into limbs once, every block read once for all rows (VNNI). */
-    limbs_t limbs[8] = {{0}};
-    const int use_vnni = MOELAB_VNNI && M <= 8 && K % 8 == 0;
-    if (use_vnni && !rows_limbs_of(xf, M, K, bf16, limbs)) {
-        free(xf);
+/* y[M, N] = x[M, K] · ŵᵀ for the weight `mt`, through mat_block_rows (one kernel choice per row count for
+ * the whole library); x and y in the activation dtype. Returns 0, or -1 when out of memory. */
+static int matmul_rows(const moelab_mat_t* mt, const void* x, void* y, int M, int bf16, int threads) {
+    const int K = mt->k, N = mt->n, nblocks = blocks_of(mt);
+    rows_t xr;
+    if (!rows_alloc(&xr, M, K, group_of(mt), is_quant(mt))) {
+        rows_free(&xr);
         return -1;
     }
+    rows_set(&xr, x, bf16);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
     {
-        scratch_t t;
-        failed = !scratch_alloc(&t, K, M);
+        float* scratch = (float*)aligned_alloc(64, (size_t)K * BLOCK * 4 + 64);
+        float* out = (float*)aligned_alloc(64, (size_t)M * BLOCK * 4 + 64);
+        failed = !scratch || !out;
 #pragma omp for schedule(static)
         for (int b = 0; b < nblocks; b++) {
             if (failed) continue;
-            const int8_t* blk = qb + (int64_t)b * K * BLOCK;
-#if MOELAB_VNNI
-            if (use_vnni && M == 1)
-                _mm512_store_ps(t.out, q8_block_vnni(blk, K, &limbs[0]));
-            else if (use_vnni)
-                q8_block_vnni_rows(blk, K, limbs, M, t.out);
-            else
-#endif
-#if MOELAB_BF16DOT
-            if (bf16 && M > 8 && K % 8 == 0)
-                q8_block_bf16_rows(blk, K, (const uint32_t*)x, M, (uint32_t*)t.w, t.out);
-            else
-#endif
-#if MOELAB_AVX512
-            if (M == 1)
-                _mm512_store_ps(t.out, q8_block_vec(blk, K, xf));
-            else if (M <= 8)
-                q8_block_rows(blk, K, xf, M, t.out);
-            else
-#endif
-            {
-                q8_dequant_block(blk, K, t.w);
-                block_gemm(t.w, K, xf, M, t.out);
-            }
-            for (int m = 0; m < M; m++)
-                for (int r = 0; r < BLOCK && b * BLOCK + r < N; r++) {
-                    int n = b * BLOCK + r;
-                    store_el(y, (int64_t)m * N + n, t.out[m * BLOCK + r] * load_el(scales, n, bf16), bf16);
-                }
+            mat_block_rows(mt, b, &xr, bf16, scratch, out);
+            store_block(out, M, N, b, bf16, y);
         }
-        scratch_free(&t);
+        free(scratch);
+        free(out);
     }
-    if (use_vnni) rows_limbs_free(limbs, M);
-    free(xf);
+    rows_free(&xr);
     return failed ? -1 : 0;
+}
+
+/* y[M, N] = x[M, K] · (q * scales)ᵀ (int8, qb [N/16, K, 16]). */
+int moelab_q8_matmul(const void* x, const int8_t* qb, const void* scales, void* y, int M, int N, int K, int bf16,
+                     int threads) {
+    const moelab_mat_t mt = {KIND_INT8, N, (N + BLOCK - 1) / BLOCK * BLOCK, K, 0, qb, scales};
+    return matmul_rows(&mt, x, y, M, bf16, threads);
 }
 
 /* y[M, N] = x[M, K] · ((q - 8) * scale + zero)ᵀ over groups of `group` inputs; Np = padded N. */
 int moelab_q4_matmul(const void* x, const uint8_t* qb, int group, const void* scales_zeros, void* y, int M, int N,
                      int Np, int K, int bf16, int threads) {
-    const int nblocks = Np / BLOCK, groups = K / group;
-    float* xf = to_f32(x, (int64_t)M * K, bf16);
-    if (!xf) return -1;
-    const int small = M <= 8;
-    const int dot_rows = MOELAB_BF16DOT && bf16; /* bf16 rows, eight at a time, through bf16 dot products */
-    const int sums = small || dot_rows;
-    float* xsum = (float*)malloc((size_t)(sums ? M : 1) * groups * sizeof(float));
-    if (!xsum) {
-        free(xf);
-        return -1;
-    }
-    if (sums)
-        for (int m = 0; m < M; m++) group_sums(xf + (int64_t)m * K, K, group, xsum + m * groups);
-    /* Integer dot products for one or two rows (for more, bf16 rows go through the bf16 dot
-     * products below: the nibbles' conversion is shared by more rows than the limbs' extra products). */
-    limbs_t limbs[8] = {{0}};
-    const int use_vnni = MOELAB_VNNI && small && K % 8 == 0 && (M <= 2 || !(MOELAB_BF16DOT && bf16));
-    if (use_vnni && !rows_limbs_of(xf, M, K, bf16, limbs)) {
-        free(xsum);
-        free(xf);
-        return -1;
-    }
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(|| : failed)
-    {
-        scratch_t t;
-        failed = !scratch_alloc(&t, K, M);
-#pragma omp for schedule(static)
-        for (int b = 0; b < nblocks; b++) {
-            if (failed) continue;
-            const uint8_t* blk = qb + (int64_t)b * (K / 2) * BLOCK;
-            const void* sz = q4_block_scales(scales_zeros, b, groups, bf16);
-#if MOELAB_VNNI
-            if (use_vnni && M == 1)
-                _mm512_store_ps(t.out, q4_block_vnni(blk, K, group, sz, bf16, &limbs[0], xsum));
-            else if (use_vnni)
-                q4_block_vnni_rows(blk, K, group, sz, bf16, limbs, xsum, M, t.out);
-            else
-#endif
-#if MOELAB_BF16DOT
-            if (dot_rows) { /* more than 8 rows: the nibbles converted once, reused from L1 by every group of eight */
-                const uint32_t* pre = NULL;
-                if (M > 16) { /* converting once pays from three groups of eight: 6-8% at 128-512 rows */
-                    q4_block_to_bf16_pairs(blk, K, (uint32_t*)t.w);
-                    pre = (const uint32_t*)t.w;
-                }
-                for (int m0 = 0; m0 < M; m0 += 8)
-                    q4_block_bf16dot(blk, pre, K, group, sz, (const uint32_t*)x + (int64_t)m0 * (K / 2),
-                                     xsum + (int64_t)m0 * groups, M - m0 < 8 ? M - m0 : 8, t.out + m0 * BLOCK);
-            } else
-#endif
-#if MOELAB_AVX512
-            if (M == 1)
-                _mm512_store_ps(t.out, q4_block_vec(blk, K, group, sz, bf16, xf, xsum));
-            else
-#endif
-            {
-                q4_dequant_block(blk, K, group, sz, bf16, t.w);
-                block_gemm(t.w, K, xf, M, t.out);
-            }
-            for (int m = 0; m < M; m++)
-                for (int r = 0; r < BLOCK && b * BLOCK + r < N; r++)
-                    store_el(y, (int64_t)m * N + b * BLOCK + r, t.out[m * BLOCK + r], bf16);
-        }
-        scratch_free(&t);
-    }
-    if (use_vnni) rows_limbs_free(limbs, M);
-    free(xsum);
-    free(xf);
-    return failed ? -1 : 0;
+    const moelab_mat_t mt = {KIND_INT4, N, Np, K, group, qb, scales_zeros};
+    return matmul_rows(&mt, x, y, M, bf16, threads);
 }
 
 /* y[M, N] = x[M, K] · wᵀ for bf16 x and bf16 weights in the pair layout (K % 8 == 0); y bf16. */
 int moelab_bf16_matmul(const uint16_t* x, const uint32_t* wb, uint16_t* y, int M, int N, int K, int threads) {
-    const int nblocks = (N + BLOCK - 1) / BLOCK;
-    float* xf = to_f32(x, (int64_t)M * K, 1);
-    if (!xf) return -1;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(|| : failed)
-    {
-        scratch_t t;
-        failed = !scratch_alloc(&t, K, M);
-#pragma omp for schedule(static)
-        for (int b = 0; b < nblocks; b++) {
-            if (failed) continue;
-            const uint32_t* blk = wb + (int64_t)b * (K / 2) * BLOCK;
-#if MOELAB_AVX512
-            if (M == 1)
-                _mm512_store_ps(t.out, bf16_block_vec(blk, K, (const uint32_t*)x, xf));
-            else
-#endif
-#if MOELAB_BF16DOT
-            if (M > 1)  /* eight rows at a time: the block (K x 16 bf16) stays in L1 between them */
-                for (int m0 = 0; m0 < M; m0 += 8)
-                    bf16_block_rows(blk, K, (const uint32_t*)x + (int64_t)m0 * (K / 2), M - m0 < 8 ? M - m0 : 8,
-                                    t.out + m0 * BLOCK);
-            else
-#endif
-            {
-                bf16_dequant_block(blk, K, t.w);
-                block_gemm(t.w, K, xf, M, t.out);
-            }
-            for (int m = 0; m < M; m++)
-                for (int r = 0; r < BLOCK && b * BLOCK + r < N; r++)
-                    y[(int64_t)m * N + b * BLOCK + r] = f32_to_bf16(t.out[m * BLOCK + r]);
-        }
-        scratch_free(&t);
-    }
-    free(xf);
-    return failed ? -1 : 0;
+    const moelab_mat_t mt = {KIND_BF16, N, (N + BLOCK - 1) / BLOCK * BLOCK, K, 0, wb, NULL};
+    return matmul_rows(&mt, x, y, M, 1, threads);
 }
 
 /* y[M, N] = x[M, K] · wᵀ for fp32 x and fp32 weights in the 16-row layout ([N/16, K, 16]; K % 4 == 0). */
 int moelab_f32_matmul(const float* x, const float* wb, float* y, int M, int N, int K, int threads) {
-    const int nblocks = (N + BLOCK - 1) / BLOCK;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(|| : failed)
-    {
-        float* out = (float*)aligned_alloc(64, (size_t)M * BLOCK * 4 + 64);
-        failed = !out;
-#pragma omp for schedule(static)
-        for (int b = 0; b < nblocks; b++) {
-            if (failed) continue;
-            block_gemm(wb + (int64_t)b * K * BLOCK, K, x, M, out);
-            for (int m = 0; m < M; m++)
-                for (int r = 0; r < BLOCK && b * BLOCK + r < N; r++) y[(int64_t)m * N + b * BLOCK + r] = out[m * BLOCK + r];
-        }
-        free(out);
-    }
-    return failed ? -1 : 0;
+    const moelab_mat_t mt = {KIND_F32, N, (N + BLOCK - 1) / BLOCK * BLOCK, K, 0, wb, NULL};
+    return matmul_rows(&mt, x, y, M, 0, threads);
 }

@@ -21,114 +21,18 @@ typedef struct {
     const void* scales; /* int8: [n]; int4: [np/16, k/group, 16, 2]; in the activation dtype. bf16: unused */
 } moelab_mat_t;
 
-/* An input vector in every form the block kernels read. */
-typedef struct {
-    const float* f32;      /* [k] */
-    const uint32_t* pairs; /* [k/2] bf16 pairs (bf16 activations only) */
-    const float* gsum;     /* [k/group] sums of groups (int4 only) */
-    const limbs_t* limbs;  /* integer limbs (int8/int4 with VNNI), or NULL */
-} vec_t;
-
 static inline float round_act(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
-
-/* The 16 outputs of block b of m times x, scaled (int8) and rounded to the activation dtype. */
-static void mat_block(const moelab_mat_t* m, int b, const vec_t* x, int bf16, float* scratch, float* out) {
-    float acc[BLOCK] __attribute__((aligned(64)));
-    if (m->kind == KIND_F32) {
-        block_gemm((const float*)m->w + (int64_t)b * m->k * BLOCK, m->k, x->f32, 1, acc);
-    } else
-#if MOELAB_AVX512
-    if (m->kind == KIND_BF16) {
-        _mm512_store_ps(acc, bf16_block_vec((const uint32_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, x->pairs, x->f32));
-    } else if (m->kind == KIND_INT8) {
-        const int8_t* blk = (const int8_t*)m->w + (int64_t)b * m->k * BLOCK;
-#if MOELAB_VNNI
-        if (x->limbs)
-            _mm512_store_ps(acc, q8_block_vnni(blk, m->k, x->limbs));
-        else
-#endif
-            _mm512_store_ps(acc, q8_block_vec(blk, m->k, x->f32));
-    } else {
-        const uint8_t* blk = (const uint8_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK;
-#if MOELAB_VNNI
-        if (x->limbs)
-            _mm512_store_ps(acc, q4_block_vnni(blk, m->k, m->group, q4_block_scales(m->scales, b, m->k / m->group, bf16), bf16, x->limbs, x->gsum));
-        else
-#endif
-#if MOELAB_BF16DOT
-        if (bf16)
-            q4_block_bf16dot(blk, NULL, m->k, m->group, q4_block_scales(m->scales, b, m->k / m->group, bf16), x->pairs, x->gsum, 1, acc);
-        else
-#endif
-            _mm512_store_ps(acc, q4_block_vec(blk, m->k, m->group, q4_block_scales(m->scales, b, m->k / m->group, bf16), bf16, x->f32, x->gsum));
-    }
-#else
-    {
-    if (m->kind == KIND_BF16)
-        bf16_dequant_block((const uint32_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, scratch);
-    else if (m->kind == KIND_INT8)
-        q8_dequant_block((const int8_t*)m->w + (int64_t)b * m->k * BLOCK, m->k, scratch);
-    else
-        q4_dequant_block((const uint8_t*)m->w + (int64_t)b * (m->k / 2) * BLOCK, m->k, m->group,
-                         q4_block_scales(m->scales, b, m->k / m->group, bf16), bf16, scratch);
-    block_gemm(scratch, m->k, x->f32, 1, acc);
-    }
-#endif
-    (void)scratch;
-    for (int r = 0; r < BLOCK; r++) {
-        int n = b * BLOCK + r;
-        float v = acc[r];
-        if (m->kind == KIND_INT8 && n < m->n) v *= load_el(m->scales, n, bf16);
-        out[r] = round_act(v, bf16);
-    }
-}
-
 static inline int blocks_of(const moelab_mat_t* m) { return (m->n + BLOCK - 1) / BLOCK; }
-
-/* An input vector's buffers: fp32 values, bf16 pairs, int4 group sums, integer limbs. */
-typedef struct {
-    float* f32;
-    uint16_t* raw;
-    float* gsum;
-    limbs_t limbs;
-    int use_limbs;
-    vec_t v;
-} vecbuf_t;
-
-/* Allocate for k inputs; `quant` asks for limbs (int8/int4 weights), `group` > 0 for group sums. */
-static int vecbuf_alloc(vecbuf_t* b, int k, int group, int quant) {
-    b->f32 = (float*)aligned_alloc(64, (size_t)((k + 15) / 16 * 64));
-    b->raw = (uint16_t*)aligned_alloc(64, (size_t)((k + 31) / 32 * 64));
-    b->gsum = (float*)malloc(sizeof(float) * (size_t)(group > 0 ? k / group + 1 : 1));
-    b->limbs = (limbs_t){0};
-    b->use_limbs = MOELAB_VNNI && quant && k % 8 == 0;
-    int ok = b->f32 && b->raw && b->gsum;
-    if (b->use_limbs) ok = ok && limbs_alloc(&b->limbs, k);
-    return ok;
-}
-
-static void vecbuf_free(vecbuf_t* b) {
-    free(b->f32);
-    free(b->raw);
-    free(b->gsum);
-    limbs_free(&b->limbs);
-}
-
-/* After b->f32 holds the (already rounded) values: fill the other forms and b->v. */
-static void vecbuf_fill(vecbuf_t* b, int k, int group, int bf16) {
-    for (int i = 0; i < k; i++) b->raw[i] = f32_to_bf16(b->f32[i]);
-    if (group > 0) group_sums(b->f32, k, group, b->gsum);
-    if (b->use_limbs) split_limbs(b->f32, k, bf16 ? 2 : LIMBS, &b->limbs);
-    b->v = (vec_t){b->f32, (const uint32_t*)b->raw, b->gsum, b->use_limbs ? &b->limbs : NULL};
-}
-
 static inline int is_quant(const moelab_mat_t* m) { return m->kind == KIND_INT8 || m->kind == KIND_INT4; }
 static inline int group_of(const moelab_mat_t* m) { return m->kind == KIND_INT4 ? m->group : 0; }
 
-/* ------------------------------------------------------------------ several rows
- * M rows of one matrix's input in every form the multi-row kernels read, and one block of the
- * product for all of them, through the same kernels as the matmul entry points of qmatmul.c for
- * the same M (so each row's result equals what moelab_*_matmul gives for those rows). */
+
+
+/* ------------------------------------------------------------------ rows of an input
+ * M rows (one token, a few, or a prefill's) of one matrix's input in every form the block kernels read,
+ * and one 16-row block of the product for all of them: every product in the library (the matmul
+ * entry points of qmatmul.c, the fused steps) goes through mat_block_rows, so the same rows give the
+ * same result whichever entry point they come through. */
 
 #define FEW_ROWS 8 /* up to this many rows share one read of a block (VNNI limbs, sums) */
 
@@ -161,17 +65,71 @@ static UNUSED void rows_free(rows_t* x) {
     for (int m = 0; x->use_limbs && m < x->M; m++) limbs_free(&x->limbs[m]);
 }
 
-/* After x->f32 holds the (already rounded) rows: the other forms. */
-static UNUSED void rows_fill(rows_t* x, int bf16) {
+/* The sums and limbs of the rows, from x->f32. */
+static UNUSED void rows_derive(rows_t* x, int bf16) {
     const int M = x->M, k = x->k;
-    for (int64_t i = 0; i < (int64_t)M * k; i++) x->raw[i] = f32_to_bf16(x->f32[i]);
     if (x->group > 0)
         for (int m = 0; m < M; m++) group_sums(x->f32 + (int64_t)m * k, k, x->group, x->gsum + (int64_t)m * (k / x->group));
     for (int m = 0; x->use_limbs && m < M; m++) split_limbs(x->f32 + (int64_t)m * k, k, bf16 ? 2 : LIMBS, &x->limbs[m]);
 }
 
+/* After x->f32 holds the (already rounded) rows: the other forms (bf16 pairs only for bf16 activations,
+ * the only ones that read them). */
+static UNUSED void rows_fill(rows_t* x, int bf16) {
+    if (bf16)
+        for (int64_t i = 0; i < (int64_t)x->M * x->k; i++) x->raw[i] = f32_to_bf16(x->f32[i]);
+    rows_derive(x, bf16);
+}
+
+/* Every form of the rows of src [M, k] (bf16 or fp32). */
+static UNUSED void rows_set(rows_t* x, const void* src, int bf16) {
+    const int64_t n = (int64_t)x->M * x->k;
+    for (int64_t i = 0; i < n; i++) x->f32[i] = load_el(src, i, bf16);
+    if (bf16) memcpy(x->raw, src, (size_t)n * 2);
+    rows_derive(x, bf16);
+}
+
 /* out[m*16 + r] = row m times output row 16b + r of `m`, int8 scales applied, rounded to the activation
- * dtype. `scratch`: k x 16 floats (generic builds, and paths that dequantize a block). */
+ * dtype. `scratch`: k x 16 floats for the paths that convert or dequantize a block (more than one row, or
+ * any build without AVX-512); one row on an AVX-512 build never reads it (NULL is fine there). */
+#if MOELAB_AVX512
+/* f32_to_bf16 then back, on 16 lanes, bit for bit (round to nearest even; NaN to the quiet 0x7fc0). */
+static inline __m512 round16_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc00000)));
+}
+#endif
+
+/* The sums of block b for M rows → int8 scales applied (rows below n), rounded to the activation dtype. */
+static void block_epilogue(const moelab_mat_t* mt, int b, int M, int bf16, float* out) {
+#if MOELAB_AVX512
+    const int live = mt->n - b * BLOCK;
+    const __mmask16 mask = live >= BLOCK ? (__mmask16)0xffff : (__mmask16)((1u << (live > 0 ? live : 0)) - 1);
+    __m512 scale = _mm512_set1_ps(1.0f);
+    if (mt->kind == KIND_INT8)
+        scale = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                           _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t*)mt->scales + b * BLOCK)), 16))
+                     : _mm512_maskz_loadu_ps(mask, (const float*)mt->scales + b * BLOCK);
+    for (int m = 0; m < M; m++) {
+        __m512 v = _mm512_loadu_ps(out + m * BLOCK);
+        if (mt->kind == KIND_INT8) v = _mm512_mask_mul_ps(v, mask, v, scale);
+        _mm512_storeu_ps(out + m * BLOCK, bf16 ? round16_bf16(v) : v);
+    }
+#else
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < BLOCK; r++) {
+            const int n = b * BLOCK + r;
+            float v = out[m * BLOCK + r];
+            if (mt->kind == KIND_INT8 && n < mt->n) v *= load_el(mt->scales, n, bf16);
+            out[m * BLOCK + r] = round_act(v, bf16);
+        }
+#endif
+}
+
 static UNUSED void mat_block_rows(const moelab_mat_t* mt, int b, const rows_t* x, int bf16, float* scratch, float* out) {
     const int M = x->M, K = mt->k;
     const int small = M <= FEW_ROWS;
@@ -256,17 +214,11 @@ static UNUSED void mat_block_rows(const moelab_mat_t* mt, int b, const rows_t* x
             block_gemm(scratch, K, x->f32, M, out);
         }
     }
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < BLOCK; r++) {
-            const int n = b * BLOCK + r;
-            float v = out[m * BLOCK + r];
-            if (mt->kind == KIND_INT8 && n < mt->n) v *= load_el(mt->scales, n, bf16);
-            out[m * BLOCK + r] = round_act(v, bf16);
-        }
+    block_epilogue(mt, b, M, bf16, out);
 }
 
 /* out[i] = x[i] * rsqrt(mean(x^2) + eps) * w[i], rounded to the activation dtype (w NULL: no scale). */
-static void rms_norm(const void* x, const void* w, float eps, int d, int bf16, float* out) {
+static UNUSED void rms_norm(const void* x, const void* w, float eps, int d, int bf16, float* out) {
     float ss = 0.f;
     for (int i = 0; i < d; i++) {
         float v = load_el(x, i, bf16);
