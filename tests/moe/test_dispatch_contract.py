@@ -142,6 +142,14 @@ def test_backend_equals_loop_fp32(backend: str, case: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_backend_equals_loop_with_experts_wider_than_the_model(backend: str, bf16: bool) -> None:
+    """F > D: grouped_mm weights the output rows (F < D, the other cases, weights the activation inside)."""
+    got, want = run(backend, "dropped", D=16, F=40, bf16=bf16), run("loop", "dropped", D=16, F=40, bf16=bf16)
+    assert_match(got, want, BF16_RTOL if bf16 else FP32_RTOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_equals_loop_non_contiguous_input(backend: str) -> None:
     assert_match(run(backend, "dropped", non_contiguous=True), run("loop", "dropped"), FP32_RTOL)
 

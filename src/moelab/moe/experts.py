@@ -140,11 +140,15 @@ class Experts(nn.Module):
             return False
         return device.type == "cpu" or dtype == torch.bfloat16
 
-    def forward_grouped(self, x_RD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        """Rows grouped by expert → ``[R, D]`` with two ``F.grouped_mm`` calls.
+    def forward_grouped(self, x_RD: Tensor, tokens_per_expert_E: Tensor, weight_R: Tensor | None = None) -> Tensor:
+        """Rows grouped by expert → ``[R, D]`` with two ``F.grouped_mm`` calls; with ``weight_R`` each row's
+        output is multiplied by its weight (the combine weight).
 
         Inputs and weights are cast to the compute dtype (autocast's, where on) because
-        ``grouped_mm`` is not autocast-aware; offsets are int32 cumulative row counts.
+        ``grouped_mm`` is not autocast-aware; offsets are int32 cumulative row counts. Why the weight
+        goes in here: the down projection is linear, so ``w · down(a) = down(w · a)``, and weighting the
+        activation ``[R, F]`` instead of the output ``[R, D]`` multiplies F instead of D values per row
+        and saves no ``[R, D]`` output for the weight's gradient (the activation is saved anyway).
         """
         dtype = compute_dtype(x_RD)
         offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
@@ -154,7 +158,10 @@ class Experts(nn.Module):
         rows = tokens_per_expert_E.tolist() if self.adapted else []
         if self.lora_up is not None:
             h_RH = h_RH + self.lora_up.grouped(x_RD, rows).to(dtype)
-        a_RF = activate_lean(h_RH, self.activation).contiguous()
+        a_RF = activate_lean(h_RH, self.activation)
+        if weight_R is not None:
+            a_RF = a_RF * weight_R.unsqueeze(-1).to(a_RF.dtype)
+        a_RF = a_RF.contiguous()
         y_RD = F.grouped_mm(a_RF, w_down_EFD, offs=offs_E)
         return y_RD + self.lora_down.grouped(a_RF, rows).to(dtype) if self.lora_down is not None else y_RD
 

@@ -14,19 +14,23 @@ from torch import Tensor
 
 from moelab.moe.decision import RoutingDecision
 from moelab.moe.dispatch.base import DISPATCHERS
-from moelab.moe.dispatch.grouping import combine, group_by_expert
+from moelab.moe.dispatch.grouping import add_rows, combine, group_by_expert
 from moelab.moe.experts import Experts, compute_dtype
 
 
 @DISPATCHERS.register("grouped_mm")
 def grouped_mm_dispatch(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor:
-    """``[T, D] → [T, D]``; equal to ``loop``."""
+    """``[T, D] → [T, D]``; equal to ``loop``. Where the experts are narrower than the model (F < D, as in
+    fine-grained MoE) the combine weight multiplies each row's activation before the down projection
+    (linear, so the same sum): F values a row instead of D, and no ``[R, D]`` output kept for the weight's
+    gradient; E64k8/h256 (F=256, D=512) forward+backward 1.06× (paired, bf16 weights and autocast)."""
     grouping = group_by_expert(decision)
     if grouping.num_rows == 0:
         return x_TD.new_zeros(x_TD.shape)
     x_RD = x_TD.index_select(0, grouping.token_R)
-    if experts.grouped_mm_supported(compute_dtype(x_TD), x_TD.device):
-        out_RD = experts.forward_grouped(x_RD, grouping.tokens_per_expert_E)
-    else:
-        out_RD = experts(x_RD, grouping.tokens_per_expert_E.tolist())
-    return combine(out_RD, grouping, decision, x_TD.shape[0])
+    if not experts.grouped_mm_supported(compute_dtype(x_TD), x_TD.device):
+        return combine(experts(x_RD, grouping.tokens_per_expert_E.tolist()), grouping, decision, x_TD.shape[0])
+    if experts.hidden < experts.d_model:  # fine-grained experts: weight the [R, F] activation, not the [R, D] output
+        out_RD = experts.forward_grouped(x_RD, grouping.tokens_per_expert_E, decision.weight[grouping.assignment_R])
+        return add_rows(out_RD, grouping, x_TD.shape[0])
+    return combine(experts.forward_grouped(x_RD, grouping.tokens_per_expert_E), grouping, decision, x_TD.shape[0])

@@ -69,5 +69,10 @@ def combine(out_RD: Tensor, grouping: Grouping, decision: RoutingDecision, num_t
     The combine weight carries gradient to the router; dropped assignments have no row.
     """
     weight_R1 = decision.weight[grouping.assignment_R].unsqueeze(-1).to(out_RD.dtype)
+    return add_rows(out_RD * weight_R1, grouping, num_tokens)
+
+
+def add_rows(out_RD: Tensor, grouping: Grouping, num_tokens: int) -> Tensor:
+    """``y_t = Σ_{rows r of token t} out_r`` for rows already weighted: ``[R, D] → [T, D]``."""
     y_TD = out_RD.new_zeros(num_tokens, out_RD.shape[-1])
-    return y_TD.index_add(0, grouping.token_R, out_RD * weight_R1)
+    return y_TD.index_add(0, grouping.token_R, out_RD)
