@@ -173,3 +173,16 @@ def test_layernorm_and_gelu_variant_runs() -> None:
     model = Transformer(tiny_config(norm="layernorm", activation="gelu", moe=tiny_moe()))
     out = model(torch.randint(0, 97, (2, 5)), labels=torch.randint(0, 97, (2, 5)))
     assert torch.isfinite(out.total_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_frequencies_stay_fp32_through_a_dtype_cast(dtype: torch.dtype) -> None:
+    """``model.to(bf16)`` casts every floating buffer; RoPE's frequencies rounded to 8 bits would turn
+    position 1000's cos by up to 0.43. They come back fp32 and equal to a fresh model's."""
+    fresh = RotaryEmbedding(64, 10000.0)
+    cast = RotaryEmbedding(64, 10000.0).to(dtype)
+    assert cast.inv_freq.dtype == torch.float32 and torch.equal(cast.inv_freq, fresh.inv_freq)
+    pos = torch.tensor([[0, 1, 1000, 4000]])
+    assert all(torch.equal(a, b) for a, b in zip(cast(pos), fresh(pos)))
+    model = Transformer(tiny_config()).to(dtype)
+    assert model.rope.inv_freq.dtype == torch.float32

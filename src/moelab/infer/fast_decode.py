@@ -82,9 +82,6 @@ def cast_for_decode(model: nn.Module, dtype: torch.dtype, pack: bool = True, bac
     out = copy.deepcopy(model).to(dtype)
     for router, original in zip(_routers(out), _routers(model)):
         router.float().load_state_dict(original.state_dict())  # router math stays fp32, from the fp32 weights
-    rope = getattr(out, "rope", None)
-    if rope is not None:
-        rope.inv_freq = model.rope.inv_freq.detach().clone().float()  # type: ignore[union-attr]
     if pack and (dtype == torch.bfloat16 or (dtype == torch.float32 and backend != "onednn")):
         pack_for_decode(out, backend=backend)
     return out.eval()

@@ -21,6 +21,14 @@ class RotaryEmbedding(nn.Module):
     def _inv_freq(self) -> Tensor:
         return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """``model.to(bf16)`` / ``.half()`` would round the frequencies to 8 bits (a cos off by 0.43 at
+        position 1000): whatever a cast does to the module, ``inv_freq`` comes back fp32 and exact."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        return self
+
     def reset_buffers(self) -> None:
         """Recompute ``inv_freq`` (fp32, on its device): checkpoints do not store it, so a model built
         on the meta device and then allocated gets it from here (``moelab.model.materialize``)."""
