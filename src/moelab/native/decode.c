@@ -235,6 +235,21 @@ int moelab_moe_res(const moelab_mat_t* up, const moelab_mat_t* down, const float
     return rc;
 }
 
+/* One projection of every active expert j (mats[active[j]]) on its rows in[j], into outs[j] [n_j, blocks * 16]:
+ * the (expert, block) pairs split over the threads. Called inside a parallel region (an orphaned omp for). */
+static void project_experts(const moelab_mat_t* mats, const int* active, int n_active, const rows_t* in, float** outs,
+                            int bf16, int mine, float* scratch, float* out) {
+    const int blocks = blocks_of(&mats[0]); /* every expert has the same shape */
+#pragma omp for schedule(static)
+    for (int t = 0; t < n_active * blocks; t++) {
+        if (!mine) continue;
+        const int j = t / blocks, b = t % blocks;
+        mat_block_rows(&mats[active[j]], b, &in[j], bf16, scratch, out);
+        for (int m = 0; m < in[j].M; m++)
+            for (int r = 0; r < BLOCK; r++) outs[j][(int64_t)m * blocks * BLOCK + b * BLOCK + r] = out[m * BLOCK + r];
+    }
+}
+
 /* ------------------------------------------------------------------ several tokens
  * The routed experts of an MoE block for T tokens whose routing the caller decided (the module's
  * router: any routing rule, capacity drops already removed), in one call and one OpenMP region:
@@ -284,9 +299,7 @@ int moelab_moe_rows(const moelab_mat_t* up, const moelab_mat_t* down, int num_ex
     rows_t* act = (rows_t*)calloc((size_t)(n_active > 0 ? n_active : 1), sizeof(rows_t)); /* and of its activation */
     float** h = (float**)calloc((size_t)(n_active > 0 ? n_active : 1), sizeof(float*));   /* [n, 2f] up outputs */
     float** o = (float**)calloc((size_t)(n_active > 0 ? n_active : 1), sizeof(float*));   /* [n, d] down outputs */
-    int* up_first = (int*)malloc(sizeof(int) * (size_t)(n_active + 1)); /* prefix sums of blocks per expert */
-    int* down_first = (int*)malloc(sizeof(int) * (size_t)(n_active + 1));
-    int ok = xin && act && h && o && up_first && down_first;
+    int ok = xin && act && h && o;
     const int up_blocks = blocks_of(&up[0]), down_blocks = blocks_of(&down[0]);
     for (int j = 0; ok && j < n_active; j++) {
         const int e = active[j], n = start[e + 1] - start[e];
@@ -302,33 +315,17 @@ int moelab_moe_rows(const moelab_mat_t* up, const moelab_mat_t* down, int num_ex
             rows_fill(&xin[j], bf16);
         }
     }
-    if (ok) {
-        up_first[0] = down_first[0] = 0;
-        for (int j = 0; j < n_active; j++) {
-            up_first[j + 1] = up_first[j] + up_blocks;
-            down_first[j + 1] = down_first[j] + down_blocks;
-        }
-    }
+    const int n_run = ok ? n_active : 0; /* nothing runs after a failed allocation */
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
     {
         float* scratch = (float*)aligned_alloc(64, (size_t)(d > f ? d : f) * BLOCK * 4);
         float* out = (float*)aligned_alloc(64, (size_t)(T > FEW_ROWS ? T : FEW_ROWS) * BLOCK * 4 + 64);
         const int mine = ok && scratch && out;
-        /* up projections: (expert, block) pairs */
-#pragma omp for schedule(static)
-        for (int t = 0; t < (ok ? up_first[n_active] : 0); t++) {
-            if (!mine) continue;
-            int j = 0;
-            while (up_first[j + 1] <= t) j++;
-            const int b = t - up_first[j], e = active[j], n = xin[j].M;
-            mat_block_rows(&up[e], b, &xin[j], bf16, scratch, out);
-            for (int m = 0; m < n; m++)
-                for (int r = 0; r < BLOCK; r++) h[j][(int64_t)m * up_blocks * BLOCK + b * BLOCK + r] = out[m * BLOCK + r];
-        }
+        project_experts(up, active, n_run, xin, h, bf16, mine, scratch, out);
         /* SwiGLU per expert row: silu(gate) rounded, times up, rounded; then the down inputs' forms */
 #pragma omp for schedule(static)
-        for (int j = 0; j < (ok ? n_active : 0); j++) {
+        for (int j = 0; j < n_run; j++) {
             if (!mine) continue;
             for (int m = 0; m < act[j].M; m++) {
                 const float* hm = h[j] + (int64_t)m * up_blocks * BLOCK;
@@ -337,17 +334,7 @@ int moelab_moe_rows(const moelab_mat_t* up, const moelab_mat_t* down, int num_ex
             }
             rows_fill(&act[j], bf16);
         }
-        /* down projections */
-#pragma omp for schedule(static)
-        for (int t = 0; t < (ok ? down_first[n_active] : 0); t++) {
-            if (!mine) continue;
-            int j = 0;
-            while (down_first[j + 1] <= t) j++;
-            const int b = t - down_first[j], e = active[j], n = act[j].M;
-            mat_block_rows(&down[e], b, &act[j], bf16, scratch, out);
-            for (int m = 0; m < n; m++)
-                for (int r = 0; r < BLOCK; r++) o[j][(int64_t)m * down_blocks * BLOCK + b * BLOCK + r] = out[m * BLOCK + r];
-        }
+        project_experts(down, active, n_run, act, o, bf16, mine, scratch, out);
         /* each token's terms, ascending expert */
 #pragma omp for schedule(static)
         for (int t = 0; t < (ok ? T : 0); t++) {
@@ -381,7 +368,7 @@ int moelab_moe_rows(const moelab_mat_t* up, const moelab_mat_t* down, int num_ex
         if (h) free(h[j]);
         if (o) free(o[j]);
     }
-    free(xin), free(act), free(h), free(o), free(up_first), free(down_first);
+    free(xin), free(act), free(h), free(o);
     free(start), free(order), free(row_of), free(active), free(yf);
     return failed ? -1 : 0;
 }
