@@ -62,7 +62,6 @@ from moelab.infer.packed import pack_for_decode
 from moelab.model.kv_cache import make_cache
 from moelab.model.transformer import Attention, LayerCache
 from moelab.moe.routers.base import DecodeSpec, Router, softmax_topk_weights
-from moelab.native.build import library as native_library
 
 
 def decode_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -119,7 +118,7 @@ class FastDecoder:
             block_step(b, act_dtype, spec) if use_fused else None for b, spec in zip(model.blocks, self.specs)
         ]
         self.attn_steps = [attention_step(b, cfg, act_dtype) if use_fused else None for b in model.blocks]
-        rows = fused and batch > 1 and self.device.type == "cpu" and native_library() is not None
+        rows = fused and batch > 1 and self.device.type == "cpu"
         self.expert_rows = [fused_expert_rows(b.ffn.experts, act_dtype) if rows and b.is_moe else None for b in model.blocks]
         self.valid_BM = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)

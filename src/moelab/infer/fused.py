@@ -126,7 +126,9 @@ def fused_moe(ffn: nn.Module, act_dtype: torch.dtype, spec: DecodeSpec) -> Fused
 def fused_expert_rows(experts: nn.Module, act_dtype: torch.dtype) -> FusedExpertRows | None:
     """An MoE block's routed SwiGLU experts for several tokens at once (batched decode) as one native
     call taking the module router's decision, or None (see module doc)."""
-    if getattr(experts, "activation", None) != "swiglu":
+    from moelab.native.build import library
+
+    if library() is None or getattr(experts, "activation", None) != "swiglu":
         return None
     mats = _expert_mats(experts, act_dtype)
     if mats is None:

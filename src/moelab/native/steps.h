@@ -26,8 +26,6 @@ static inline int blocks_of(const moelab_mat_t* m) { return (m->n + BLOCK - 1) /
 static inline int is_quant(const moelab_mat_t* m) { return m->kind == KIND_INT8 || m->kind == KIND_INT4; }
 static inline int group_of(const moelab_mat_t* m) { return m->kind == KIND_INT4 ? m->group : 0; }
 
-
-
 /* ------------------------------------------------------------------ rows of an input
  * M rows (one token, a few, or a prefill's) of one matrix's input in every form the block kernels read,
  * and one 16-row block of the product for all of them: every product in the library (the matmul
@@ -89,9 +87,6 @@ static UNUSED void rows_set(rows_t* x, const void* src, int bf16) {
     rows_derive(x, bf16);
 }
 
-/* out[m*16 + r] = row m times output row 16b + r of `m`, int8 scales applied, rounded to the activation
- * dtype. `scratch`: k x 16 floats for the paths that convert or dequantize a block (more than one row, or
- * any build without AVX-512); one row on an AVX-512 build never reads it (NULL is fine there). */
 #if MOELAB_AVX512
 /* f32_to_bf16 then back, on 16 lanes, bit for bit (round to nearest even; NaN to the quiet 0x7fc0). */
 static inline __m512 round16_bf16(__m512 v) {
@@ -130,6 +125,9 @@ static void block_epilogue(const moelab_mat_t* mt, int b, int M, int bf16, float
 #endif
 }
 
+/* out[m*16 + r] = row m times output row 16b + r of `m`, int8 scales applied, rounded to the activation
+ * dtype. `scratch`: k x 16 floats for the paths that convert or dequantize a block (more than one row, or
+ * any build without AVX-512); one row on an AVX-512 build never reads it (NULL is fine there). */
 static UNUSED void mat_block_rows(const moelab_mat_t* mt, int b, const rows_t* x, int bf16, float* scratch, float* out) {
     const int M = x->M, K = mt->k;
     const int small = M <= FEW_ROWS;
